@@ -1,0 +1,274 @@
+"""Text → AST. Lark parses with grammar/rnnc.lark; a Transformer builds rnnc.ast nodes.
+
+Every Lark failure becomes an RnncSyntaxError with the file, line, column, a caret excerpt
+and a hint naming what was expected, so malformed text never escapes as a Lark exception.
+"""
+from __future__ import annotations
+
+import functools
+import keyword
+
+import lark
+from lark import Token, Transformer, v_args
+
+from . import ast
+from .errors import Loc, RnncSyntaxError
+from .resources import grammar_file
+
+#: Words that cannot name a value, function or cell (Python keywords and the language's own).
+RESERVED = frozenset(keyword.kwlist) | {"cell", "param", "state", "let", "dim", "def", "import"}
+
+_TOKEN_NAMES = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": 'a "path"',
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
+    "COMMA": "','", "COLON": "':'", "EQUAL": "'='", "SEMICOLON": "';'", "TILDE": "'~'",
+    "__ANON_0": "'->'", "$END": "end of file",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _lark() -> lark.Lark:
+    return lark.Lark(grammar_file().read_text(), parser="lalr", propagate_positions=True,
+                     maybe_placeholders=True)
+
+
+def parse_module(text: str, filename: str = "<string>") -> ast.Module:
+    """Parse the text of one .rnn file into an ast.Module (syntax only, no type checking)."""
+    lines = text.splitlines()
+    try:
+        tree = _lark().parse(text)
+    except lark.exceptions.UnexpectedInput as e:
+        raise _syntax_error(e, filename, lines) from None
+    except RecursionError:
+        raise RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
+                              "split it into several `let` bindings") from None
+    try:
+        return _Build(filename, lines).transform(tree)
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, RnncSyntaxError):
+            raise e.orig_exc from None
+        raise
+    except RecursionError:
+        raise RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
+                              "split it into several `let` bindings") from None
+
+
+def _loc(filename: str, lines: list[str], line: int, column: int) -> Loc:
+    src = lines[line - 1] if 0 < line <= len(lines) else ""
+    return Loc(filename, line, column, src)
+
+
+def _describe(names) -> str:
+    shown = sorted({_TOKEN_NAMES.get(n, repr(n.lower()) if n.isalpha() else n) for n in names})
+    return ", ".join(shown[:8]) + (" ..." if len(shown) > 8 else "")
+
+
+def _syntax_error(e: lark.exceptions.UnexpectedInput, filename: str, lines: list[str]) -> RnncSyntaxError:
+    line = getattr(e, "line", None) or 0
+    column = getattr(e, "column", None) or 0
+    if line <= 0:  # end of file
+        line = max(len(lines), 1)
+        column = len(lines[-1]) + 1 if lines else 1
+    loc = _loc(filename, lines, line, column)
+    if isinstance(e, lark.exceptions.UnexpectedCharacters):
+        char = e.char if hasattr(e, "char") else "?"
+        return RnncSyntaxError(f"unexpected character {char!r}", loc,
+                               "remove it; comments start with '#'")
+    if isinstance(e, lark.exceptions.UnexpectedEOF):
+        return RnncSyntaxError("unexpected end of file", loc,
+                               f"expected {_describe(e.expected)}; is a '}}' or ')' missing?")
+    token = getattr(e, "token", None)
+    expected = getattr(e, "expected", None) or getattr(e, "accepts", None) or set()
+    if token is not None and token.type == "$END":
+        return RnncSyntaxError("unexpected end of file", loc,
+                               f"expected {_describe(expected)}; is a '}}' or ')' missing?")
+    shown = str(token) if token is not None else "?"
+    return RnncSyntaxError(f"unexpected {shown!r}", loc, f"expected {_describe(expected)}")
+
+
+@v_args(meta=True)
+class _Build(Transformer):
+    """Lark tree → rnnc.ast. Each method receives the rule's children after transformation."""
+
+    def __init__(self, filename: str, lines: list[str]) -> None:
+        super().__init__()
+        self.filename = filename
+        self.lines = lines
+
+    # -- helpers --
+    def _at(self, meta_or_token) -> Loc:
+        line = getattr(meta_or_token, "line", 1) or 1
+        column = getattr(meta_or_token, "column", 1) or 1
+        return _loc(self.filename, self.lines, line, column)
+
+    def _name(self, token: Token) -> str:
+        name = str(token)
+        if name in RESERVED:
+            raise RnncSyntaxError(f"'{name}' is a reserved word and cannot be used as a name",
+                                  self._at(token), "pick another name")
+        return name
+
+    # -- file structure --
+    def start(self, meta, items):
+        module = ast.Module(self.filename, "\n".join(self.lines))
+        for item in items:
+            if isinstance(item, ast.Import):
+                module.imports.append(item)
+            elif isinstance(item, ast.Def):
+                module.defs.append(item)
+            elif isinstance(item, ast.Cell):
+                module.cells.append(item)
+        return module
+
+    def import_stmt(self, meta, children):
+        (tok,) = children
+        if tok.type == "STRING":
+            return ast.Import(str(tok)[1:-1], True, self._at(tok))
+        return ast.Import(str(tok), False, self._at(tok))
+
+    def def_stmt(self, meta, children):
+        name, params, body = children
+        lets, returns = body
+        return ast.Def(self._name(name), params or [], lets, returns, self._at(name))
+
+    def def_expr(self, meta, children):
+        return [], [children[0]]
+
+    def def_block(self, meta, children):
+        lets = [c for c in children if isinstance(c, ast.Let)]
+        returns = [c for c in children if not isinstance(c, ast.Let) and c is not None]
+        return lets, returns
+
+    def cell(self, meta, children):
+        name, inputs, outputs, *body = children
+        body = [s for s in body if s is not None and not isinstance(s, Token)]
+        return ast.Cell(self._name(name), inputs or [], outputs or [], body, self._at(name))
+
+    def ports(self, meta, children):
+        return list(children)
+
+    def port(self, meta, children):
+        name, shape = children
+        return ast.Port(self._name(name), shape, self._at(name))
+
+    def names(self, meta, children):
+        return [self._name(t) for t in children]
+
+    # -- statements --
+    def dim_stmt(self, meta, children):
+        name, default = children
+        return ast.DimDecl(self._name(name), default, self._at(name))
+
+    def param_stmt(self, meta, children):
+        name, shape, init = children
+        return ast.ParamDecl(self._name(name), shape, init, self._at(name))
+
+    def init_random(self, meta, children):
+        dist, args = children
+        pos, kw = args if args is not None else ([], {})
+        return ast.RandomInit(str(dist), pos, kw, self._at(dist))
+
+    def init_value(self, meta, children):
+        return children[0]
+
+    def state_stmt(self, meta, children):
+        name, shape, init = children
+        return ast.StateDecl(self._name(name), shape, init, self._at(name))
+
+    def let_stmt(self, meta, children):
+        names, value = children
+        return ast.Let(names, value, self._at(meta))
+
+    def assign_stmt(self, meta, children):
+        name, value = children
+        return ast.Assign(self._name(name), value, self._at(name))
+
+    # -- shapes --
+    def shape(self, meta, children):
+        return [c for c in children if c is not None]
+
+    def dim_int(self, meta, children):
+        return ast.DimNum(int(children[0]), self._at(children[0]))
+
+    def dim_name(self, meta, children):
+        return ast.DimName(self._name(children[0]), self._at(children[0]))
+
+    def _dim_bin(op):
+        def build(self, meta, children):
+            return ast.DimBin(op, children[0], children[1], self._at(meta))
+        return build
+
+    dim_add = _dim_bin("+")
+    dim_sub = _dim_bin("-")
+    dim_mul = _dim_bin("*")
+    dim_floordiv = _dim_bin("//")
+
+    # -- expressions --
+    def number(self, meta, children):
+        text = str(children[0])
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+        return ast.Number(value, text, self._at(children[0]))
+
+    def name(self, meta, children):
+        return ast.Name(self._name(children[0]), self._at(children[0]))
+
+    def call(self, meta, children):
+        func, args = children
+        pos, kw = args if args is not None else ([], {})
+        return ast.Call(self._name(func), pos, kw, self._at(func))
+
+    def args(self, meta, children):
+        pos, kw = [], {}
+        for child in children:
+            if isinstance(child, tuple):
+                key, value, loc = child
+                if key in kw:
+                    raise RnncSyntaxError(f"keyword argument '{key}' given twice", loc,
+                                          "give each keyword once")
+                kw[key] = value
+            elif kw:
+                raise RnncSyntaxError("positional argument after a keyword argument",
+                                      child.loc, "put positional arguments first")
+            else:
+                pos.append(child)
+        return pos, kw
+
+    def kwarg(self, meta, children):
+        name, value = children
+        return (self._name(name), value, self._at(name))
+
+    def _binop(op):
+        def build(self, meta, children):
+            return ast.BinOp(op, children[0], children[1], self._at(meta))
+        return build
+
+    add, sub, mul, div = _binop("+"), _binop("-"), _binop("*"), _binop("/")
+    floordiv, mod, matmul, pow = _binop("//"), _binop("%"), _binop("@"), _binop("**")
+    lt, le, gt, ge = _binop("<"), _binop("<="), _binop(">"), _binop(">=")
+    eq, ne, and_, or_ = _binop("=="), _binop("!="), _binop("and"), _binop("or")
+
+    def neg(self, meta, children):
+        return ast.UnaryOp("-", children[0], self._at(meta))
+
+    def not_(self, meta, children):
+        return ast.UnaryOp("not", children[0], self._at(meta))
+
+    def literal(self, meta, children):
+        return ast.Literal(list(children), self._at(meta))
+
+    def index(self, meta, children):
+        value, items = children
+        return ast.Index(value, items, self._at(meta))
+
+    def subscripts(self, meta, children):
+        return list(children)
+
+    def slice(self, meta, children):
+        lo, hi = children
+        return ast.Slice(lo, hi, self._at(meta))
+
+    def newaxis(self, meta, children):
+        return ast.NewAxis(self._at(meta))
+
+    def ellipsis(self, meta, children):
+        return ast.EllipsisItem(self._at(meta))
