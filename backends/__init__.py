@@ -1,0 +1,1 @@
+"""Lowering targets. Each backend turns an analysed cell into Python source text."""

@@ -1,0 +1,358 @@
+"""The sequential loop backend: emits a standalone PyTorch module for one cell.
+
+The emitted forward computes constants once, then every state-independent value for all time
+steps at once (one big matmul for an input projection), then steps through time with only the
+state-dependent ops inside the Python loop. Per-step inputs are taken with one `unbind` and
+outputs collected with one `stack`, so autograd sees O(T) small ops, not O(T) full-size
+index/scatter pairs. This backend defines rnnc's semantics; the others must agree with it.
+"""
+from __future__ import annotations
+
+import keyword
+
+from rnnc import dims as D
+from rnnc.analysis import Report
+from rnnc.errors import UnsupportedError
+from rnnc.ir import Cell, Graph
+
+from .prelude import PRELUDE
+from .torch_expr import ATOM, Operand, TorchExpr, pyint, shape_text
+
+#: Attribute names the generated module (or nn.Module) already uses: no param may take them.
+MODULE_ATTRS = frozenset({
+    "DIMS", "INPUTS", "OUTPUTS", "STATES", "DEFAULTS", "REQUIRED", "SPEC", "dims", "step", "forward",
+    "reset_parameters", "extra_repr", "source", "backend", "training", "parameters", "buffers", "modules",
+    "children", "state_dict", "load_state_dict", "to", "cuda", "cpu", "float", "double", "half", "bfloat16",
+    "train", "eval", "apply", "register_buffer", "register_parameter", "zero_grad", "type", "requires_grad_",
+    "named_parameters", "named_buffers", "named_modules", "named_children", "add_module", "get_parameter",
+    "get_submodule", "get_buffer", "share_memory", "dump_patches", "call_super_init", "compile",
+})
+
+
+def class_name(cell: Cell) -> str:
+    return "".join(part.capitalize() for part in cell.name.split("_") if part) + "Cell"
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def __call__(self, text: str = "") -> None:
+        self.lines.append(("    " * self.depth + text) if text else "")
+
+    def indent(self, n: int = 1) -> None:
+        self.depth += n
+
+    def dedent(self, n: int = 1) -> None:
+        self.depth -= n
+
+
+class _Renderer:
+    """Emits the statements of one group of nodes, inlining single-use temporaries."""
+
+    def __init__(self, graph: Graph, stages: dict[int, str], roots: set[int]) -> None:
+        self.graph = graph
+        self.stages = stages
+        self.expr = TorchExpr(graph)
+        self.names: dict[int, str] = {}
+        self.inline: dict[int, Operand] = {}
+        self.step_ref: dict[int, str] = {}  # hoisted node -> its per-step slice expression
+        self.roots = roots
+        self.used_names: set[str] = set()
+
+    def batched(self, nid: int) -> bool:
+        return self.stages.get(nid, "const") != "const"
+
+    def name(self, nid: int) -> str:
+        if nid in self.names:
+            return self.names[nid]
+        node = self.graph[nid]
+        prefix = {"input": "x_", "param": "p_", "state": "s_"}.get(node.op)
+        base = (prefix + node.name) if prefix else (f"v_{node.name}" if node.name else f"t{nid}")
+        name, k = base, 2
+        while name in self.used_names:
+            name, k = f"{base}_{k}", k + 1
+        self.used_names.add(name)
+        self.names[nid] = name
+        return name
+
+    def operand(self, nid: int, stage: str) -> Operand:
+        node = self.graph[nid]
+        if nid in self.inline:
+            return self.inline[nid]
+        batched = self.batched(nid)
+        if stage == "loop" and self.stages.get(nid) == "hoist":
+            return Operand(self.step_ref[nid], ATOM, True, len(node.shape), False)
+        return Operand(self.name(nid), ATOM, batched, len(node.shape), node.scalar)
+
+    def emit(self, out: _Lines, nids: list[int], stage: str) -> None:
+        users = {n: [u for u in self.graph.users(n) if u in self.stages] for n in nids}
+        for nid in nids:
+            node = self.graph[nid]
+            if node.op in ("input", "param", "state", "item"):
+                continue
+            args = [self.operand(a, stage) for a in node.args]
+            text, prec = self.expr.render(nid, args, self.batched(nid))
+            if node.op == "split":
+                items = sorted(users[nid], key=lambda u: self.graph[u].attrs["index"])
+                names = [self.name(u) for u in items]
+                out(f"{', '.join(names)}{',' if len(names) == 1 else ''} = {text}")
+                continue
+            simple = not node.args and node.op in ("const", "dim")
+            single = (len(users[nid]) == 1 and self.stages.get(users[nid][0]) == stage
+                      and self.graph[users[nid][0]].op != "split")
+            if nid not in self.roots and (simple or (node.name is None and single)):
+                self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar)
+                continue
+            out(f"{self.name(nid)} = {text}")
+
+
+def emit_module(cell: Cell, report: Report) -> str:
+    """The full source of a standalone module defining the cell's nn.Module class."""
+    for p in cell.params:
+        if p.name in MODULE_ATTRS or keyword.iskeyword(p.name) or p.name.startswith("_"):
+            raise UnsupportedError(f"param name '{p.name}' is reserved by torch.nn.Module", p.loc,
+                                   "rename the param")
+    stages = report.stages
+    graph = cell.graph
+    roots = {o.node for o in cell.outputs} | {s.node_out for s in cell.states} | {s.init for s in cell.states}
+    r = _Renderer(graph, stages, roots)
+    cls = class_name(cell)
+    dim_names = list(cell.dims)
+    param_dims = sorted({n for p in cell.params for d in p.shape for n in D.free_names(d)})
+    input_dims = {d.name for p in cell.inputs for d in p.shape if d.is_Symbol}
+    needed = sorted({n for s in cell.states for d in s.shape for n in D.free_names(d)}
+                    | {n for p in cell.outputs for d in p.shape for n in D.free_names(d)}
+                    | {n for p in cell.inputs for d in p.shape for n in D.free_names(d)}
+                    | set(param_dims) | {n for nid in stages for n in _node_dims(graph, nid)})
+    defaults = {d.name: int(d.default) for d in cell.dims.values() if d.default is not None}
+
+    L = _Lines()
+    L('"""' + f"{cls}: generated by rnnc from {cell.file} (cell {cell.name}, backend loop).")
+    L()
+    L("Standalone: imports only torch. Regenerate with `rnnc compile` rather than editing.")
+    L()
+    for line in str(report).splitlines():
+        L(line.replace("\\", "/"))
+    L('"""')
+    L("import math")
+    L()
+    L("import torch")
+    L("import torch.nn as nn")
+    L("import torch.nn.functional as F")
+    for line in PRELUDE.strip("\n").splitlines():
+        L(line)
+    L()
+    L()
+    L(f"class {cls}(nn.Module):")
+    L.indent()
+    L(f'"""One step of `{cell.name}`, run over sequences shaped [B, T, *extra, *declared]."""')
+    L()
+    L(f"DIMS = {tuple(dim_names)!r}")
+    L(f"DEFAULTS = {defaults!r}")
+    L(f"REQUIRED = {tuple(param_dims)!r}")
+    L(f"INPUTS = {tuple(p.name for p in cell.inputs)!r}")
+    L(f"OUTPUTS = {tuple(p.name for p in cell.outputs)!r}")
+    L(f"STATES = {tuple(s.name for s in cell.states)!r}")
+    L()
+    _emit_init(L, cell)
+    _emit_reset(L, cell)
+    _emit_forward(L, cell, r, stages, input_dims, needed)
+    _emit_step(L, cell)
+    L("def extra_repr(self):")
+    L("    return ', '.join(f'{k}={v}' for k, v in self.dims.items())")
+    L.dedent()
+    L()
+    L()
+    L(f"Cell = {cls}")
+    return "\n".join(L.lines) + "\n"
+
+
+def _node_dims(graph: Graph, nid: int) -> set[str]:
+    node = graph[nid]
+    names = {n for d in node.shape for n in D.free_names(d)}
+    if node.op == "dim":
+        names.add(node.attrs["name"])
+    return names
+
+
+def _emit_init(L: _Lines, cell: Cell) -> None:
+    L("def __init__(self, *, device=None, dtype=None, **dims):")
+    L.indent()
+    L("super().__init__()")
+    L("for key in dims:")
+    L("    if key not in self.DIMS:")
+    L("        raise TypeError(f\"unknown dim {key!r}; this cell's dims are {', '.join(self.DIMS) or 'none'}\")")
+    L("self.dims = dict(self.DEFAULTS)")
+    L("for key, value in dims.items():")
+    L("    if value is None:")
+    L("        continue")
+    L("    if isinstance(value, bool) or not isinstance(value, int) or value < 1:")
+    L("        raise ValueError(f'dim {key} must be a positive integer, got {value!r}')")
+    L("    self.dims[key] = value")
+    L("_need_dims(self.dims, self.REQUIRED, 'the params need them')")
+    for name in sorted({n for p in cell.params for d in p.shape for n in D.free_names(d)}):
+        L(f"d_{name} = self.dims[{name!r}]")
+    for p in cell.params:
+        L(f"self.{p.name} = nn.Parameter(torch.empty({shape_text(p.shape)}, device=device, dtype=dtype))")
+    L("self.reset_parameters()")
+    L.dedent()
+    L()
+
+
+def _emit_reset(L: _Lines, cell: Cell) -> None:
+    L("def reset_parameters(self):")
+    L.indent()
+    if not cell.params:
+        L("pass")
+        L.dedent()
+        L()
+        return
+    g = cell.init_graph
+    stages = {n: "const" for n in g.ids()}
+    L("with torch.no_grad():")
+    L.indent()
+    used = sorted({n for nid in g.ids() for n in _node_dims(g, nid)})
+    for name in used:
+        L(f"d_{name} = self.dims[{name!r}]")
+    for p in cell.params:
+        kind, *args = p.init
+        L(f"cdt, dev = self.{p.name}.dtype, self.{p.name}.device")
+        r = _Renderer(g, stages, set(args))
+        r.used_names = {"cdt", "dev"}
+        for nid in args:
+            r.names[nid] = f"{p.name}_{kind}_{args.index(nid)}"
+        r.emit(L, sorted(g.ancestors(args)), "const")
+        vals = [r.operand(a, "const") for a in args]
+        if kind == "uniform":
+            L(f"nn.init.uniform_(self.{p.name}, float({vals[0].text}), float({vals[1].text}))")
+        elif kind == "normal":
+            L(f"nn.init.normal_(self.{p.name}, float({vals[0].text}), float({vals[1].text}))")
+        else:
+            L(f"self.{p.name}.copy_({vals[0].text})")
+    L.dedent(2)
+    L()
+
+
+def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], input_dims: set[str],
+                  needed: list[str]) -> None:
+    names = [p.name for p in cell.inputs]
+    ranks = tuple(len(p.shape) for p in cell.inputs)
+    L("def forward(self, *args, state=None, **kwargs):")
+    L.indent()
+    L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states)."""')
+    args = [f"in_{n}" for n in names]
+    if names:
+        L(f"{', '.join(args)}{',' if len(args) == 1 else ''} = _gather_inputs(self.INPUTS, args, kwargs)")
+        L(f"lead = _batch_shape(self.INPUTS, ({', '.join(args)},), {ranks!r}, 2)")
+        L("B, T, extra = lead[0], lead[1], lead[2:]")
+        L("if T == 0:")
+        L("    raise ValueError('empty sequence: inputs have T = 0 time steps')")
+    else:
+        L("raise TypeError('a cell without inputs cannot be run')")
+        L.dedent()
+        L()
+        return
+    L("_check_state_keys(state, self.STATES)")
+    L("dims, origin = dict(self.dims), {k: 'set when the cell was built' for k in self.dims}")
+    for p, a in zip(cell.inputs, args):
+        for i, d in enumerate(p.shape):
+            if d.is_Symbol:
+                axis = i - len(p.shape)
+                L(f"_bind(dims, origin, {d.name!r}, {a}.shape[{axis}], \"input '{p.name}' axis {axis}\")")
+    if needed:
+        L(f"_need_dims(dims, {tuple(needed)!r}, 'they cannot be inferred from the inputs')")
+        L(", ".join(f"d_{n}" for n in needed) + ("," if len(needed) == 1 else "")
+          + " = " + ", ".join(f"dims[{n!r}]" for n in needed))
+    for p, a in zip(cell.inputs, args):
+        text = ", ".join(D.fmt(d) for d in p.shape)
+        L(f"_check_shape({p.name!r}, {a}, {shape_text(p.shape)}, {text!r}, 2)")
+    dtypes = ", ".join([f"{a}.dtype" for a in args] + [f"self.{p.name}.dtype" for p in cell.params])
+    L(f"cdt = _compute_dtype(({dtypes},))")
+    L(f"odt = _output_dtype(({', '.join(a + '.dtype' for a in args)},), cdt)")
+    L(f"dev = {args[0]}.device")
+    L("N = B * math.prod(extra)")
+    live = sorted(stages)
+    for p in cell.params:
+        if p.node in stages:
+            L(f"{r.name(p.node)} = self.{p.name}.to(cdt)")
+    for p, a in zip(cell.inputs, args):
+        if p.node in stages:
+            L(f"{r.name(p.node)} = {a}.reshape(-1, *{a}.shape[{a}.dim() - {len(p.shape)}:]).to(cdt)"
+              if p.shape else f"{r.name(p.node)} = {a}.reshape(-1).to(cdt)")
+    const = [n for n in live if stages[n] == "const"]
+    hoist = [n for n in live if stages[n] == "hoist"]
+    loop = [n for n in live if stages[n] == "loop"]
+    if const:
+        L("# constants: params and literals only, computed once")
+        r.emit(L, const, "const")
+    if hoist:
+        L("# state-independent values, for all B*T*extra rows at once")
+        r.emit(L, hoist, "hoist")
+    into_loop = sorted({a for n in loop for a in cell.graph[n].args if stages.get(a) == "hoist"}
+                       | {s.node_out for s in cell.states if stages.get(s.node_out) == "hoist"})
+    if into_loop:
+        L("# per-step views of the hoisted values the recurrence reads")
+        for nid in into_loop:
+            steps = f"{r.name(nid)}_steps"
+            L(f"{steps} = _steps({r.operand(nid, 'hoist').text}, B, T)")
+            r.step_ref[nid] = f"{steps}[t]"
+    for s in cell.states:
+        init = r.operand(s.init, "const")
+        L(f"{r.name(s.node_in)} = _initial(state, {s.name!r}, {init.text}, B, extra, {shape_text(s.shape)}, cdt)")
+    loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
+    for o in loop_outs:
+        L(f"out_{o.name} = []")
+    L("for t in range(T):")
+    L.indent()
+    r.emit(L, loop, "loop")
+    for o in loop_outs:
+        L(f"out_{o.name}.append({r.operand(o.node, 'loop').text})")
+    if cell.states:
+        lhs = [r.name(s.node_in) for s in cell.states]
+        rhs = [_next_state(r, s.node_out, s.shape, stages) for s in cell.states]
+        L(f"{', '.join(lhs)} = {', '.join(rhs)}")
+    if not loop and not cell.states and not loop_outs:
+        L("pass")
+    L.dedent()
+    results = []
+    for o in cell.outputs:
+        stage = stages.get(o.node)
+        if stage == "loop":
+            results.append(f"_unsteps(out_{o.name}, B, extra).to(odt)")
+        elif stage == "hoist":
+            results.append(f"{r.operand(o.node, 'hoist').text}.reshape(B, T, *extra, *{shape_text(o.shape)}).to(odt)")
+        else:
+            results.append(f"{r.operand(o.node, 'const').text}.expand(B, T, *extra, *{shape_text(o.shape)}).to(odt)")
+    final = ", ".join(f"{s.name!r}: {r.name(s.node_in)}.reshape(B, *extra, *{shape_text(s.shape)})"
+                      for s in cell.states)
+    L(f"final = {{{final}}}")
+    if len(results) == 1:
+        L(f"return {results[0]}, final")
+    else:
+        L(f"return ({', '.join(results)}{',' if not results else ''}), final")
+    L.dedent()
+    L()
+
+
+def _next_state(r: _Renderer, nid: int, shape: D.Shape, stages: dict[int, str]) -> str:
+    stage = stages.get(nid, "const")
+    if stage == "const":
+        return f"{r.operand(nid, 'const').text}.expand(N, *{shape_text(shape)})"
+    return r.operand(nid, "loop").text
+
+
+def _emit_step(L: _Lines, cell: Cell) -> None:
+    L("def step(self, *args, state=None, **kwargs):")
+    L.indent()
+    L('"""One time step: inputs [B, *extra, ...] -> (outputs [B, *extra, ...], new state dict)."""')
+    L("inputs = _gather_inputs(self.INPUTS, args, kwargs)")
+    L("_batch_shape(self.INPUTS, inputs, " + repr(tuple(len(p.shape) for p in cell.inputs)) + ", 1)")
+    L("outputs, final = self.forward(*[x.unsqueeze(1) for x in inputs], state=state)")
+    if len(cell.outputs) == 1:
+        L("return outputs.squeeze(1), final")
+    else:
+        L("return tuple(y.squeeze(1) for y in outputs), final")
+    L.dedent()
+    L()

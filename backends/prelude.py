@@ -1,0 +1,114 @@
+"""Run-time helpers pasted at the top of every generated module (which must not import rnnc)."""
+
+PRELUDE = '''
+def _gather_inputs(names, args, kwargs):
+    """Inputs passed positionally in declaration order or by name."""
+    if len(args) > len(names):
+        raise TypeError(f"expected at most {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+    values = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(f"unknown input {key!r}; the inputs are {', '.join(names)}")
+        if key in values:
+            raise TypeError(f"input {key!r} given twice")
+        values[key] = value
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise TypeError(f"missing input {missing[0]!r}; the inputs are {', '.join(names)}")
+    return [values[n] for n in names]
+
+
+def _batch_shape(names, inputs, ranks, lead):
+    """The shared leading [B, T, *extra] (lead=2) or [B, *extra] (lead=1) of all inputs."""
+    common = None
+    for name, x, rank in zip(names, inputs, ranks):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input {name!r} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < lead + rank:
+            want = "[B, T, *extra" if lead == 2 else "[B, *extra"
+            raise ValueError(f"input {name!r} must have shape {want}, +{rank} declared axes], "
+                             f"got {list(x.shape)} (rank {x.dim()} < {lead + rank})")
+        outer = tuple(x.shape[:x.dim() - rank])
+        if common is None:
+            common, first = outer, name
+        elif outer != common:
+            raise ValueError(f"inputs {first!r} and {name!r} disagree on their leading axes: "
+                             f"{list(common)} vs {list(outer)}")
+    return common
+
+
+def _bind(dims, origin, dim, size, source):
+    """Bind a dim to the size an input shows, or check it against an earlier binding."""
+    if dim in dims and dims[dim] != size:
+        raise ValueError(f"{source} has size {size} for dim {dim}, but {dim} = {dims[dim]} ({origin[dim]})")
+    if dim not in dims:
+        dims[dim] = size
+        origin[dim] = f"from {source}"
+
+
+def _check_shape(name, x, expected, text, lead):
+    got = tuple(x.shape[x.dim() - len(expected):])
+    if got != tuple(expected):
+        head = "B, T, *extra" if lead == 2 else "B, *extra"
+        raise ValueError(f"input {name!r} must have shape [{head}, {text}] = [{head}, "
+                         f"{', '.join(map(str, expected))}], got {list(x.shape)}")
+
+
+def _check_state_keys(state, names):
+    if state is None:
+        return
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of tensors keyed by state name ({', '.join(names)}), got {type(state).__name__}")
+    for key in state:
+        if key not in names:
+            raise ValueError(f"unknown state {key!r}; the states are {', '.join(names) or 'none'}")
+
+
+def _need_dims(dims, names, where):
+    missing = [n for n in names if n not in dims]
+    if missing:
+        raise ValueError(f"dim {missing[0]} is not bound: pass {missing[0]}=... when building the cell ({where})")
+
+
+def _compute_dtype(dtypes):
+    """float32 at least (float64 stays float64): half-precision inputs are upcast."""
+    out = torch.float32
+    for dt in dtypes:
+        if dt.is_floating_point:
+            out = torch.promote_types(out, dt)
+    return out
+
+
+def _output_dtype(dtypes, cdt):
+    """Outputs come back in the (promoted) floating dtype of the inputs."""
+    floats = [dt for dt in dtypes if dt.is_floating_point]
+    if not floats:
+        return cdt
+    out = floats[0]
+    for dt in floats[1:]:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def _steps(x, B, T):
+    """[B*T*E, *s] rows in (B, T, E) order -> T tensors of [B*E, *s] (one copy, then views)."""
+    s = x.shape[1:]
+    return x.reshape(B, T, -1, *s).transpose(0, 1).reshape(T, -1, *s).unbind(0)
+
+
+def _unsteps(xs, B, extra):
+    """T tensors of [B*E, *s] -> [B, T, *extra, *s]."""
+    y = torch.stack(xs, 0)
+    return y.reshape(y.shape[0], B, *extra, *y.shape[2:]).movedim(0, 1)
+
+
+def _initial(state, name, default, B, extra, shape, cdt):
+    """The initial value of a state as [B*E, *shape]: given in `state`, or the spec's default."""
+    given = None if state is None else state.get(name)
+    if given is None:
+        return default.expand(B * math.prod(extra), *shape)
+    want = (B, *extra, *shape)
+    if tuple(given.shape) != want:
+        raise ValueError(f"initial state {name!r} must have shape {list(want)}, got {list(given.shape)}")
+    return given.reshape(-1, *shape).to(cdt)
+'''

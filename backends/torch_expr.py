@@ -1,0 +1,272 @@
+"""IR node → PyTorch expression text, shared by every backend that emits PyTorch.
+
+Values are emitted with at most one leading batch axis: a *batched* value (one that depends on
+inputs or states) is `[rows, *shape]`; a constant one (params, literals) is just `[*shape]` and
+broadcasts from the right. The per-step semantics are numpy's, so where a batched operand has
+fewer per-step axes than the result it is padded with `[:, None]` after its batch axis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rnnc import dims as D
+from rnnc.ir import Graph, Node
+
+# Python operator precedence, for parenthesising only where needed.
+ATOM, POW, UNARY, MUL, ADD, CMP, NOT = 100, 90, 80, 70, 60, 50, 40
+
+TORCH_UNARY = {
+    "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "relu": "torch.relu", "exp": "torch.exp",
+    "log": "torch.log", "softplus": "F.softplus", "silu": "F.silu", "logsigmoid": "F.logsigmoid",
+    "abs": "torch.abs", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt", "sin": "torch.sin",
+    "cos": "torch.cos", "gelu": "F.gelu", "elu": "F.elu", "sign": "torch.sign", "log1p": "torch.log1p",
+    "expm1": "torch.expm1", "square": "torch.square",
+}
+MATH_UNARY = {"sqrt": "math.sqrt", "exp": "math.exp", "log": "math.log", "sin": "math.sin", "cos": "math.cos",
+              "tanh": "math.tanh", "log1p": "math.log1p", "expm1": "math.expm1", "abs": "abs"}
+BINARY = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "floordiv": ("//", MUL),
+          "mod": ("%", MUL), "lt": ("<", CMP), "le": ("<=", CMP), "gt": (">", CMP), "ge": (">=", CMP),
+          "eq": ("==", CMP), "ne": ("!=", CMP)}
+REDUCE = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
+
+
+@dataclass
+class Operand:
+    text: str
+    prec: int
+    batched: bool
+    rank: int
+    scalar: bool  # a Python number, not a tensor
+
+    def at(self, prec: int) -> str:
+        return self.text if self.prec >= prec else f"({self.text})"
+
+
+def pyint(d: D.Dim) -> str:
+    """A dim expression as Python over the generated code's `d_<name>` locals."""
+    return D.to_python(d, _DimNames())
+
+
+class _DimNames(dict):
+    def __missing__(self, key: str) -> str:
+        return f"d_{key}"
+
+
+def shape_text(shape: D.Shape) -> str:
+    return "(" + "".join(pyint(d) + ", " for d in shape).rstrip(" ") + ")" if shape else "()"
+
+
+def fits(node: Node) -> bool:
+    return node.op in MATH_UNARY or node.scalar
+
+
+class TorchExpr:
+    """Renders one node given its operands. `rows` names the batch size where one is needed."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+
+    def render(self, nid: int, args: list[Operand], batched: bool) -> tuple[str, int]:
+        node = self.graph[nid]
+        method = getattr(self, "_" + node.op, None)
+        if node.op in TORCH_UNARY:
+            return self._unary(node, args, batched)
+        if node.op in BINARY:
+            return self._binary(node, args, batched)
+        assert method is not None, node.op
+        return method(node, args, batched)
+
+    # -- helpers --
+    @staticmethod
+    def tensor(a: Operand) -> str:
+        return f"torch.as_tensor({a.text}, dtype=cdt, device=dev)" if a.scalar else a.text
+
+    @staticmethod
+    def pad(a: Operand, rank: int) -> Operand:
+        """Pad a batched operand's per-step axes on the left to `rank`."""
+        if not a.batched or a.rank >= rank:
+            return a
+        return Operand(f"{a.at(ATOM)}[:{', None' * (rank - a.rank)}]", ATOM, True, rank, False)
+
+    def _axis(self, ax: int, batched: bool) -> int:
+        return ax + (1 if batched else 0)
+
+    # -- leaves --
+    def _const(self, node: Node, args, batched):
+        v = node.attrs["value"]
+        return repr(float(v)) if isinstance(v, float) else repr(int(v)), (ATOM if v >= 0 else UNARY)
+
+    def _dim(self, node: Node, args, batched):
+        return f"d_{node.attrs['name']}", ATOM
+
+    def _literal(self, node: Node, args, batched):
+        return f"torch.tensor({node.attrs['value']!r}, dtype=cdt, device=dev)", ATOM
+
+    def _eye(self, node: Node, args, batched):
+        return f"torch.eye({pyint(node.attrs['n'])}, dtype=cdt, device=dev)", ATOM
+
+    def _full(self, node: Node, args, batched):
+        return f"torch.full({shape_text(node.shape)}, {float(node.attrs['value'])!r}, dtype=cdt, device=dev)", ATOM
+
+    def _arange(self, node: Node, args, batched):
+        lo, hi = pyint(node.attrs["lo"]), pyint(node.attrs["hi"])
+        return f"torch.arange({lo}, {hi}, dtype=cdt, device=dev)", ATOM
+
+    # -- elementwise --
+    def _unary(self, node: Node, args, batched):
+        (a,) = args
+        if node.scalar:
+            if node.op == "square":
+                return f"{a.at(POW + 1)} ** 2", POW
+            return f"{MATH_UNARY[node.op]}({a.text})", ATOM
+        return f"{TORCH_UNARY[node.op]}({self.tensor(a)})", ATOM
+
+    def _neg(self, node: Node, args, batched):
+        return f"-{args[0].at(UNARY)}", UNARY
+
+    def _not(self, node: Node, args, batched):
+        return f"torch.logical_not({args[0].text})", ATOM
+
+    def _binary(self, node: Node, args, batched):
+        rank = len(node.shape)
+        a, b = (self.pad(x, rank) for x in args)
+        sym, prec = BINARY[node.op]
+        if a.scalar and b.scalar and not node.scalar:  # e.g. a comparison of two numbers
+            a = Operand(self.tensor(a), ATOM, False, 0, False)
+        right = prec + 1 if node.op in ("sub", "div", "floordiv", "mod") or prec == CMP else prec
+        return f"{a.at(prec)} {sym} {b.at(right)}", prec
+
+    def _pow(self, node: Node, args, batched):
+        rank = len(node.shape)
+        a, b = (self.pad(x, rank) for x in args)
+        return f"{a.at(POW + 1)} ** {b.at(UNARY)}", POW
+
+    def _minimum(self, node: Node, args, batched):
+        return self._minmax(node, args, "min")
+
+    def _maximum(self, node: Node, args, batched):
+        return self._minmax(node, args, "max")
+
+    def _minmax(self, node: Node, args, which: str):
+        rank = len(node.shape)
+        a, b = (self.pad(x, rank) for x in args)
+        if node.scalar:
+            return f"{which}({a.text}, {b.text})", ATOM
+        if b.scalar:
+            return f"torch.clamp({a.text}, {which}={b.text})", ATOM
+        if a.scalar:
+            return f"torch.clamp({b.text}, {which}={a.text})", ATOM
+        return f"torch.{which}imum({a.text}, {b.text})", ATOM
+
+    def _and(self, node: Node, args, batched):
+        rank = len(node.shape)
+        a, b = (self.pad(x, rank) for x in args)
+        return f"torch.logical_and({a.text}, {b.text})", ATOM
+
+    def _or(self, node: Node, args, batched):
+        rank = len(node.shape)
+        a, b = (self.pad(x, rank) for x in args)
+        return f"torch.logical_or({a.text}, {b.text})", ATOM
+
+    def _where(self, node: Node, args, batched):
+        rank = len(node.shape)
+        c, a, b = (self.pad(x, rank) for x in args)
+        if a.scalar and b.scalar:
+            a = Operand(self.tensor(a), ATOM, False, 0, False)
+        return f"torch.where({c.text}, {a.text}, {b.text})", ATOM
+
+    def _broadcast(self, node: Node, args, batched):
+        (a,) = args
+        shape = shape_text(node.shape)
+        if a.scalar:
+            if batched:  # pragma: no cover - a scalar is never batched
+                raise AssertionError
+            return f"torch.full({shape}, {a.text}, dtype=cdt, device=dev)", ATOM
+        if not a.batched:
+            return f"{a.at(ATOM)}.expand{shape}", ATOM
+        a = self.pad(a, len(node.shape))
+        return f"{a.at(ATOM)}.expand(-1, {', '.join(pyint(d) for d in node.shape)})", ATOM
+
+    # -- linear algebra --
+    def _matmul(self, node: Node, args, batched):
+        a, b = args
+        ta, tb = self.tensor(a), self.tensor(b)
+        if a.rank == 1 and b.rank == 1:
+            if not a.batched and not b.batched:
+                return f"{a.at(MUL + 1)} @ {b.at(MUL + 1)}", MUL
+            return f"({a.at(MUL)} * {b.at(MUL + 1)}).sum(-1)", ATOM
+        if a.rank == 2 and b.rank == 1:
+            if not a.batched:
+                return f"F.linear({tb}, {ta})", ATOM
+            if b.batched:
+                return f"({a.at(MUL)} @ {b.at(ATOM)}.unsqueeze(-1)).squeeze(-1)", ATOM
+            return f"{a.at(MUL)} @ {b.at(MUL + 1)}", MUL
+        if a.rank == 1 and b.rank == 2 and a.batched and b.batched:
+            return f"({a.at(ATOM)}.unsqueeze(-2) @ {b.at(MUL + 1)}).squeeze(-2)", ATOM
+        return f"{a.at(MUL)} @ {b.at(MUL + 1)}", MUL
+
+    def _outer(self, node: Node, args, batched):
+        a, b = args
+        return f"{a.at(ATOM)}.unsqueeze(-1) * {b.at(ATOM)}.unsqueeze(-2)", MUL
+
+    def _transpose(self, node: Node, args, batched):
+        return f"{args[0].at(ATOM)}.transpose(-1, -2)", ATOM
+
+    # -- reductions and normalisations --
+    def _reduce(self, node: Node, args, batched):
+        (a,) = args
+        fn, ax = node.attrs["fn"], node.attrs["axis"]
+        if a.rank == 0:
+            return a.text, a.prec
+        off = 1 if a.batched else 0
+        dims = (self._axis(ax, a.batched),) if ax is not None else tuple(range(off, off + a.rank))
+        dim = str(dims[0]) if len(dims) == 1 else repr(dims)
+        x = a.at(ATOM)
+        if fn in REDUCE:
+            return f"{x}.{REDUCE[fn]}({'' if not a.batched and ax is None else 'dim=' + dim})", ATOM
+        if fn == "logsumexp":
+            return f"torch.logsumexp({a.text}, dim={dim})", ATOM
+        # prod: one axis at a time
+        if len(dims) == 1:
+            return f"{x}.prod(dim={dim})", ATOM
+        return (f"{x}.flatten({off}).prod(dim=-1)" if a.batched else f"{x}.prod()"), ATOM
+
+    def _softmax(self, node: Node, args, batched):
+        (a,) = args
+        return f"torch.softmax({a.text}, dim={self._axis(node.attrs['axis'], a.batched)})", ATOM
+
+    def _normalize(self, node: Node, args, batched):
+        (a,) = args
+        return f"F.normalize({a.text}, dim={self._axis(node.attrs['axis'], a.batched)})", ATOM
+
+    # -- shape ops --
+    def _concat(self, node: Node, args, batched):
+        rows = next((a for a in args if a.batched), None)
+        parts = []
+        for a in args:
+            if rows is not None and not a.batched:
+                parts.append(f"{a.at(ATOM)}.expand({rows.at(ATOM)}.shape[0], *{a.at(ATOM)}.shape)")
+            else:
+                parts.append(a.text)
+        ax = self._axis(node.attrs["axis"], batched)
+        return f"torch.cat([{', '.join(parts)}], dim={ax})", ATOM
+
+    def _split(self, node: Node, args, batched):
+        (a,) = args
+        sizes = ", ".join(pyint(s) for s in node.attrs["sizes"])
+        return f"torch.split({a.text}, [{sizes}], dim={self._axis(node.attrs['axis'], a.batched)})", ATOM
+
+    def _index(self, node: Node, args, batched):
+        (a,) = args
+        parts = [":"] if a.batched else []
+        for item in node.attrs["items"]:
+            kind = item[0]
+            if kind == "int":
+                parts.append(pyint(item[1]))
+            elif kind == "slice":
+                parts.append(f"{pyint(item[1])}:{pyint(item[2])}")
+            elif kind == "new":
+                parts.append("None")
+            else:
+                parts.append("...")
+        return f"{a.at(ATOM)}[{', '.join(parts)}]", ATOM

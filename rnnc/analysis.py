@@ -1,0 +1,98 @@
+"""Analyses over a cell's IR: time dependence (what can be hoisted) and per-state reads.
+
+Stages:
+  const  depends on params and constants only: computed once per call, before the loop;
+  hoist  depends on inputs but on no state: computed for all time steps at once;
+  loop   depends on a state: computed step by step inside the recurrence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import dims as D
+from .ir import Cell, format_cell, format_node
+
+STAGES = ("const", "hoist", "loop")
+
+
+def stages(cell: Cell) -> dict[int, str]:
+    """The stage of every live node (node ids are already in topological order)."""
+    live = cell.live()
+    out: dict[int, str] = {}
+    for nid in sorted(live):
+        node = cell.graph[nid]
+        if node.op == "state":
+            out[nid] = "loop"
+        elif node.op == "input":
+            out[nid] = "hoist"
+        elif not node.args:
+            out[nid] = "const"
+        else:
+            out[nid] = max((out[a] for a in node.args), key=STAGES.index)
+    return out
+
+
+def state_reads(cell: Cell) -> dict[str, list[str]]:
+    """For each state, the states whose previous value its next value depends on."""
+    by_node = {s.node_in: s.name for s in cell.states}
+    return {s.name: [by_node[n] for n in sorted(cell.graph.ancestors([s.node_out])) if n in by_node]
+            for s in cell.states}
+
+
+@dataclass
+class Report:
+    """What analysis found for one cell and which lowering was chosen."""
+
+    cell: Cell
+    stages: dict[int, str]
+    reads: dict[str, list[str]]
+    backend: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        c = self.cell
+        shape = lambda s: [D.fmt(d) for d in s]  # noqa: E731
+        counts = {st: sum(1 for v in self.stages.values() if v == st) for st in STAGES}
+        hoisted = [format_node(c.graph, n) for n, st in sorted(self.stages.items())
+                   if st == "hoist" and c.graph[n].op != "input"]
+        return {
+            "cell": c.name,
+            "file": c.file,
+            "dims": {d.name: (int(d.default) if d.default is not None else None) for d in c.dims.values()},
+            "inputs": {p.name: shape(p.shape) for p in c.inputs},
+            "outputs": {p.name: shape(p.shape) for p in c.outputs},
+            "params": {p.name: shape(p.shape) for p in c.params},
+            "states": {s.name: {"shape": shape(s.shape), "reads": self.reads[s.name],
+                                "stage": self.stages.get(s.node_out, "const")} for s in c.states},
+            "ops": counts,
+            "hoisted": hoisted,
+            "backend": self.backend,
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        d = self.to_dict()
+        c = self.cell
+        lines = [f"cell {c.name} ({c.file})"]
+        lines.append("  inputs:  " + ", ".join(f"{k}: [{', '.join(v)}]" for k, v in d["inputs"].items()))
+        lines.append("  outputs: " + ", ".join(f"{k}: [{', '.join(v)}]" for k, v in d["outputs"].items()))
+        if d["params"]:
+            lines.append("  params:  " + ", ".join(f"{k}: [{', '.join(v)}]" for k, v in d["params"].items()))
+        for name, s in d["states"].items():
+            reads = ", ".join(s["reads"]) or "no state"
+            lines.append(f"  state {name}: [{', '.join(s['shape'])}]  next value reads {reads}")
+        ops = d["ops"]
+        lines.append(f"  ops: {ops['const']} constant, {ops['hoist']} hoisted over all time steps, "
+                     f"{ops['loop']} in the recurrence")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        lines.append(f"  backend: {self.backend}")
+        return "\n".join(lines)
+
+    def listing(self) -> str:
+        """The IR, each line tagged with its stage."""
+        return format_cell(self.cell, self.stages)
+
+
+def analyze_cell(cell: Cell, backend: str = "loop") -> Report:
+    return Report(cell, stages(cell), state_reads(cell), backend)

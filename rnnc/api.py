@@ -1,0 +1,117 @@
+"""The public API: parse, load, library, analyze, compile, build (and graph_dot, backends_for)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from .analysis import Report, analyze_cell
+from .errors import BuildError, SpecNotFoundError
+from .program import Program, parse_program
+from .resources import specs_dir
+
+Spec = Union[Program, str, Path]
+
+BACKENDS = ("loop",)
+
+
+def parse(text: str, filename: str = "<string>") -> Program:
+    """Parse and type-check .rnn source text; raises RnncError (with line, column, excerpt)."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse() takes the source text as a str, got {type(text).__name__}")
+    return parse_program(text, filename)
+
+
+def library() -> list[str]:
+    """Names of the cells in the spec library."""
+    return sorted(p.stem for p in specs_dir().glob("*.rnn"))
+
+
+def load(spec: Union[str, Path]) -> Program:
+    """A library name (`"gla"`) or a path to a .rnn file."""
+    path = Path(spec)
+    if isinstance(spec, Path) or str(spec).endswith(".rnn") or "/" in str(spec) or "\\" in str(spec):
+        if not path.is_file():
+            raise SpecNotFoundError(f"no such spec file: {spec}", hint="check the path")
+    else:
+        path = specs_dir() / f"{spec}.rnn"
+        if not path.is_file():
+            names = ", ".join(library())
+            raise SpecNotFoundError(f"no library spec named '{spec}'", hint=f"the library has: {names}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecNotFoundError(f"cannot read {path}: {e}", hint="check the file") from None
+    return parse_program(text, str(path))
+
+
+def _program(spec: Spec) -> Program:
+    if isinstance(spec, Program):
+        return spec
+    if isinstance(spec, str) and ("{" in spec or "\n" in spec):
+        return parse(spec)
+    if isinstance(spec, (str, Path)):
+        return load(spec)
+    raise TypeError(f"a spec is a Program, a library name, a path or source text, got {type(spec).__name__}")
+
+
+def backends_for(spec: Spec, cell: str | None = None) -> list[str]:
+    """The backends that can lower this cell."""
+    _program(spec).cell(cell)
+    return list(BACKENDS)
+
+
+def _pick_backend(backend: str) -> str:
+    if backend == "auto":
+        return "loop"
+    if backend not in BACKENDS:
+        raise BuildError(f"unknown backend '{backend}'", hint=f"choose one of: auto, {', '.join(BACKENDS)}")
+    return backend
+
+
+def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Report:
+    """What analysis finds in the cell, and the lowering `backend` resolves to."""
+    return analyze_cell(_program(spec).cell(cell), _pick_backend(backend))
+
+
+def compile(spec: Spec, cell: str | None = None, backend: str = "loop") -> str:  # noqa: A001
+    """Source of a standalone Python module (imports only torch) implementing the cell."""
+    from rnnc.backends.loop import emit_module
+
+    report = analyze(spec, cell, backend)
+    return emit_module(report.cell, report)
+
+
+def graph_dot(spec: Spec, cell: str | None = None) -> str:
+    """Graphviz DOT text of the cell's IR."""
+    from .graphviz import to_dot
+
+    return to_dot(_program(spec).cell(cell))
+
+
+def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=None, dtype=None, **dims):
+    """A torch.nn.Module running the cell; dims (e.g. H=64) bind sizes the spec leaves symbolic."""
+    from .runtime import load_source
+
+    prog = _program(spec)
+    ir = prog.cell(cell)
+    for key, value in dims.items():
+        if key not in ir.dims:
+            raise BuildError(f"cell '{ir.name}' has no dim '{key}'",
+                             hint=f"its dims are: {', '.join(ir.dims) or 'none'}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BuildError(f"dim {key} must be a positive integer, got {value!r}", ir.dims[key].loc,
+                             f"pass e.g. {key}=16")
+    report = analyze_cell(ir, _pick_backend(backend))
+    from rnnc.backends.loop import emit_module
+
+    source = emit_module(ir, report)
+    module = load_source(source, ir.name)
+    bound = {k: v for k, v in dims.items()}
+    missing = [d for d in module.Cell.REQUIRED if d not in bound and d not in module.Cell.DEFAULTS]
+    if missing:
+        raise BuildError(f"dim {missing[0]} of cell '{ir.name}' is not bound", ir.dims[missing[0]].loc,
+                         f"the params' shapes need it: pass {missing[0]}=... to build")
+    instance = module.Cell(device=device, dtype=dtype, **bound)
+    instance.source = source
+    instance.backend = report.backend
+    return instance

@@ -1,0 +1,697 @@
+"""The `rnnc` command line.
+
+    rnnc compile SPEC [-o OUT.py] [--backend NAME] [-D NAME=INT ...]
+    rnnc check SPEC [SPEC ...]
+    rnnc analyze SPEC [--json]
+    rnnc graph SPEC [-o graph.dot|graph.svg]
+    rnnc list
+    rnnc bench SPEC [-D NAME=INT ...] [--batch 8] [--length 128] [--repeat 5]
+
+SPEC is a library name (see `rnnc list`) or a path to a `.rnn` file; `--cell NAME` picks a cell
+when the file has several.
+
+Exit codes: 0 success, 1 an error in the user's program or arguments (printed compiler-style,
+`file:line:col: error: ...`), 2 bad command-line usage, 70 an internal error in rnnc (set
+RNNC_DEBUG=1 to see its traceback), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+#: Size given to a dim that neither -D nor the spec binds (bench only).
+DEFAULT_DIM = 16
+#: Output formats `rnnc graph` can produce through Graphviz's `dot`.
+_DOT_FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
+
+
+class CliError(Exception):
+    """A user error found by the CLI itself (bad path, bad -D, unknown name): one line + hint."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"rnnc: error: {self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------
+# argument parsing
+# ---------------------------------------------------------------------------------------
+
+def _dim_binding(text: str) -> tuple[str, int]:
+    """argparse type for -D NAME=INT."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name.isidentifier() or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=INT (e.g. -D H=64), got {text!r}")
+    try:
+        size = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"dim {name} must be a whole number, got {value!r} (e.g. -D {name}=64)") from None
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"dim {name} must not be negative, got {size}")
+    return name, size
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors print usage + message and exit 2 (the argparse default)."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("rnnc")
+    except Exception:  # not installed as a distribution (plain source checkout)
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rnnc",
+        description="rnnc: a compiler for recurrent neural-network cells "
+                    "(.rnn specs -> PyTorch modules).",
+        epilog="SPEC is a library name (see `rnnc list`) or a path to a .rnn file. "
+               "Set RNNC_DEBUG=1 to see tracebacks of internal errors.",
+    )
+    parser.add_argument("--version", action="version", version=f"rnnc {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+        if many:
+            p.add_argument("specs", nargs="+", metavar="SPEC",
+                           help="library name or path to a .rnn file")
+        else:
+            p.add_argument("spec", metavar="SPEC", help="library name or path to a .rnn file")
+        p.add_argument("--cell", metavar="NAME",
+                       help="the cell to use when the file defines several")
+
+    def dim_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-D", dest="dims", action="append", type=_dim_binding, default=[],
+                       metavar="NAME=INT", help="bind a dim, e.g. -D H=64 (repeatable)")
+
+    p = sub.add_parser("compile", help="write the standalone Python module of a cell",
+                       description="Write the standalone module (it needs only torch/triton) "
+                                   "and print the analysis summary.")
+    spec_args(p)
+    p.add_argument("-o", "--output", metavar="OUT.py",
+                   help="file to write (default: the source goes to stdout, the summary to stderr)")
+    p.add_argument("--backend", metavar="NAME", default=None,
+                   help="lowering to emit (default: the compiler's choice; e.g. loop)")
+    dim_args(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("check", help="parse and type-check specs",
+                       description="Parse and type-check every cell; errors are printed "
+                                   "as file:line:col: error: ... and exit with 1.")
+    spec_args(p, many=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("analyze", help="print what the analyses found",
+                       description="Print the analysis report of a cell (per state: "
+                                   "dependence, linearity, structure; chosen lowering).")
+    spec_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("graph", help="write the IR graph (Graphviz DOT or SVG)",
+                       description="Write the IR graph of a cell as Graphviz DOT (.dot/.gv), "
+                                   "or render it with Graphviz's `dot` (.svg/.png/.pdf).")
+    spec_args(p)
+    p.add_argument("-o", "--output", metavar="graph.dot|graph.svg",
+                   help="file to write (default: DOT text to stdout)")
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("list", help="list the spec library",
+                       description="List the cells of the spec library with their titles.")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("bench", help="time every backend that can run a cell",
+                       description="Build the cell with each applicable backend, feed random "
+                                   "inputs and time forward and forward+backward.")
+    spec_args(p)
+    dim_args(p)
+    p.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="batch size (8)")
+    p.add_argument("--length", type=_positive_int, default=128, metavar="T",
+                   help="sequence length (128)")
+    p.add_argument("--repeat", type=_positive_int, default=5, metavar="N",
+                   help="timed runs per measurement; the median is shown (5)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="input dtype (float32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the inputs (0)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+def _rnnc():
+    import rnnc
+    return rnnc
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (spec.endswith(".rnn") or os.sep in spec or (os.altsep or "\0") in spec
+            or spec.startswith("."))
+
+
+def _load(spec: str):
+    """rnnc.load with the CLI's own one-line errors for paths and unknown library names."""
+    rnnc = _rnnc()
+    if not spec:
+        raise CliError("empty SPEC", "give a library name (see `rnnc list`) or a .rnn path")
+    path = Path(spec)
+    if _looks_like_path(spec):
+        if not path.exists():
+            raise CliError(f"no such file: {spec}",
+                           "give a path to a .rnn file, or a library name (see `rnnc list`)")
+        if path.is_dir():
+            raise CliError(f"{spec} is a directory, not a .rnn file")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise CliError(f"cannot read {spec}: {e.strerror or e}") from None
+    elif not path.is_file():
+        try:
+            names = list(rnnc.library())
+        except Exception:
+            names = None
+        if names is not None and spec not in names:
+            close = difflib.get_close_matches(spec, names, n=3)
+            hint = (f"did you mean {', '.join(close)}? " if close else "") + \
+                "`rnnc list` shows the library; a file path must exist (or end in .rnn)"
+            raise CliError(f"unknown spec '{spec}': not a library name and no such file", hint)
+    return rnnc.load(spec)
+
+
+def _dims(args: argparse.Namespace) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for name, size in getattr(args, "dims", []) or []:
+        if name in dims and dims[name] != size:
+            raise CliError(f"dim {name} given twice with different sizes ({dims[name]} and {size})")
+        dims[name] = size
+    return dims
+
+
+def _accepts_kwargs(func: Callable, names: Sequence[str]) -> bool:
+    """Whether `func` takes these keyword arguments (by name or through **kwargs)."""
+    import inspect
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(n in params for n in names)
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _out(text: str = "", file=None) -> None:
+    stream = sys.stdout if file is None else file
+    stream.write(text if text.endswith("\n") or not text else text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text if text.endswith("\n") else text + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    rnnc = _rnnc()
+    dims = _dims(args)
+    prog = _load(args.spec)
+    kwargs: dict[str, Any] = {"cell": args.cell}
+    if args.backend is not None:
+        kwargs["backend"] = args.backend
+    if dims:
+        if not _accepts_kwargs(rnnc.compile, list(dims)):
+            raise CliError("this version of rnnc.compile does not take dims (-D)",
+                           "leave out -D; the module binds dims when it is built")
+        kwargs.update(dims)
+    source = rnnc.compile(prog, **kwargs)
+    summary = str(rnnc.analyze(prog, cell=args.cell)).rstrip("\n")
+    if args.output:
+        _write_text(args.output, source if source.endswith("\n") else source + "\n")
+        _out(summary)
+        _out(f"wrote {args.output}")
+    else:
+        _out(source)
+        sys.stdout.flush()
+        _err(summary)
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    rnnc = _rnnc()
+    status = EXIT_OK
+    for spec in args.specs:
+        try:
+            prog = _load(spec)
+            names = [args.cell] if args.cell else list(prog.cells)
+            for name in names:
+                rnnc.analyze(prog, cell=name)
+        except (rnnc.RnncError, CliError) as e:
+            _err(_format_user_error(e))
+            status = EXIT_ERROR
+            continue
+        _out(f"{spec}: ok (cells: {', '.join(names) if names else 'none'})")
+    return status
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    rnnc = _rnnc()
+    prog = _load(args.spec)
+    report = rnnc.analyze(prog, cell=args.cell)
+    if args.json:
+        _out(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _out(str(report))
+    return EXIT_OK
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    rnnc = _rnnc()
+    out = args.output
+    fmt = None
+    if out:
+        suffix = Path(out).suffix.lower()
+        if suffix in _DOT_FORMATS:
+            fmt = _DOT_FORMATS[suffix]
+        elif suffix not in (".dot", ".gv"):
+            raise CliError(f"cannot tell the graph format from '{out}'",
+                           "name the output .dot or .gv (Graphviz text) or .svg/.png/.pdf")
+        if fmt and shutil.which("dot") is None:
+            raise CliError(f"writing {suffix} needs Graphviz's `dot` program, which is not on PATH",
+                           "install graphviz (e.g. `apt-get install graphviz`), "
+                           "or write a .dot file and render it elsewhere")
+    prog = _load(args.spec)
+    dot = rnnc.graph_dot(prog, cell=args.cell)
+    if not out:
+        _out(dot)
+        return EXIT_OK
+    if fmt is None:
+        _write_text(out, dot if dot.endswith("\n") else dot + "\n")
+    else:
+        try:
+            proc = subprocess.run(["dot", f"-T{fmt}"], input=dot.encode("utf-8"),
+                                  capture_output=True, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise CliError(f"running Graphviz `dot` failed: {e}",
+                           "write a .dot file instead and render it yourself") from None
+        if proc.returncode != 0:
+            msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise CliError(f"Graphviz `dot -T{fmt}` failed: {msg[0] if msg else proc.returncode}",
+                           "write a .dot file instead")
+        _write_bytes(out, proc.stdout)
+    _out(f"wrote {out}")
+    return EXIT_OK
+
+
+def _spec_title(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                stripped = line.strip()
+                if not stripped:
+                    continue
+                if stripped.startswith("#"):
+                    return stripped.lstrip("#").strip()
+                return ""
+    except OSError:
+        pass
+    return ""
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rnnc = _rnnc()
+    from rnnc.resources import specs_dir
+    names = list(rnnc.library())
+    folder = specs_dir()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        title = _spec_title(folder / f"{name}.rnn")
+        _out(f"{name:<{width}}  {title}".rstrip())
+    return EXIT_OK
+
+
+# -- bench ------------------------------------------------------------------------------
+
+_DIM_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+            ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
+
+
+def eval_dim(text: str | int, env: dict[str, int], default: int | None = None) -> int:
+    """Evaluate a dim expression like "4*H" or "K + 1" with `env` (never `eval`).
+
+    Integers, dim names, + - * //, unary minus and parentheses are allowed. A name missing from
+    `env` takes `default` (and is recorded in `env`) or is an error when default is None.
+    """
+    if isinstance(text, bool):
+        raise CliError(f"bad dim expression {text!r}")
+    if isinstance(text, int):
+        return text
+    text = str(text).strip()
+    if len(text) > 200:
+        raise CliError(f"dim expression too long: {text[:40]}...")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise CliError(f"bad dim expression {text!r}") from None
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in env:
+                if default is None:
+                    raise CliError(f"dim {node.id} is not bound", f"give it with -D {node.id}=INT")
+                env[node.id] = default
+            return env[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _DIM_OPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.FloorDiv) and right == 0:
+                raise CliError(f"division by zero in dim expression {text!r}")
+            return _DIM_OPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value = ev(node.operand)
+            return -value if isinstance(node.op, ast.USub) else value
+        raise CliError(f"bad dim expression {text!r}",
+                       "dims are integers, names, + - * // and parentheses")
+
+    return ev(tree)
+
+
+def _dim_names(text: str | int) -> list[str]:
+    if not isinstance(text, str):
+        return []
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        return []
+    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
+
+
+def _shape_of(entry: Any) -> list:
+    """A port entry of report.to_dict(): a list of dims, or a dict with a 'shape' list."""
+    if isinstance(entry, dict):
+        entry = entry.get("shape", [])
+    if isinstance(entry, str):  # "[K, V]" or "K, V"
+        inner = entry.strip().strip("[]").strip()
+        return [s.strip() for s in inner.split(",") if s.strip()] if inner else []
+    return list(entry or [])
+
+
+def _ports(section: Any) -> dict[str, list]:
+    """{name: shape} from a report section given as a dict or as a list of {name, shape}."""
+    if isinstance(section, dict):
+        return {str(k): _shape_of(v) for k, v in section.items()}
+    ports: dict[str, list] = {}
+    for item in section or []:
+        if isinstance(item, dict) and "name" in item:
+            ports[str(item["name"])] = _shape_of(item)
+    return ports
+
+
+def _report_dims(section: Any) -> dict[str, int | None]:
+    """{dim: default or bound size or None} from the report's "dims" entry, whatever its form."""
+    result: dict[str, int | None] = {}
+    items: list[tuple[str, Any]] = []
+    if isinstance(section, dict):
+        items = [(str(k), v) for k, v in section.items()]
+    elif isinstance(section, (list, tuple)):
+        for item in section:
+            if isinstance(item, str):
+                items.append((item, None))
+            elif isinstance(item, dict) and "name" in item:
+                items.append((str(item["name"]), item))
+    for name, value in items:
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("value", "size", "default") if
+                          isinstance(value.get(k), int) and not isinstance(value.get(k), bool)),
+                         None)
+        result[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return result
+
+
+def bench_dims(info: dict, given: dict[str, int], default: int = DEFAULT_DIM
+               ) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Resolve every dim of a cell and the per-step shape of each input.
+
+    `info` is `rnnc.analyze(...).to_dict()`. Dims come from -D, then the spec's defaults, then
+    `default`. Returns (dims, {input name: concrete per-step shape}).
+    """
+    env = dict(given)
+    for name, value in _report_dims(info.get("dims")).items():
+        if name not in env and value is not None:
+            env[name] = value
+    names: list[str] = [n for n in _report_dims(info.get("dims"))]
+    for key in ("inputs", "outputs", "states", "params"):
+        for shape in _ports(info.get(key)).values():
+            for d in shape:
+                for n in _dim_names(d):
+                    if n not in names:
+                        names.append(n)
+    for n in names:
+        env.setdefault(n, default)
+    shapes = {}
+    for name, shape in _ports(info.get("inputs")).items():
+        sizes = [eval_dim(d, env, default) for d in shape]
+        bad = [s for s in sizes if s < 0]
+        if bad:
+            raise CliError(f"input {name} would have a negative size {sizes}",
+                           "check the -D values")
+        shapes[name] = sizes
+    return env, shapes
+
+
+def _tensors(obj: Any):
+    import torch
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _time(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up (first-call compilation, caches)
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return _median(times) * 1e3
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    rnnc = _rnnc()
+    import torch
+    given = _dims(args)
+    prog = _load(args.spec)
+    info = rnnc.analyze(prog, cell=args.cell).to_dict()
+    dims, shapes = bench_dims(info, given)
+    backends = list(rnnc.backends_for(prog, cell=args.cell))
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise CliError(f"unknown device {args.device!r}", "use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CliError("--device cuda given but no CUDA GPU is available")
+    dtype = getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = {name: (torch.randn(args.batch, args.length, *shape, generator=gen) * 0.5)
+              .to(device=device, dtype=dtype) for name, shape in shapes.items()}
+
+    cell_name = info.get("cell") or args.cell or args.spec
+    dim_text = ", ".join(f"{k}={v}" for k, v in dims.items()) or "none"
+    _out(f"bench {cell_name}: B={args.batch} T={args.length} dims: {dim_text}; "
+         f"{device.type} {args.dtype}; median of {args.repeat}")
+    rows: list[tuple[str, str, str, str]] = []
+    failed = False
+    base = None
+    for backend in backends:
+        try:
+            cell = rnnc.build(prog, cell=args.cell, backend=backend, **dims)
+            cell = cell.to(device)
+            xs = list(inputs.values())
+
+            def forward():
+                with torch.no_grad():
+                    return cell(*xs)
+
+            leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
+
+            def forward_backward():
+                for leaf in leaves:
+                    leaf.grad = None
+                cell.zero_grad(set_to_none=True)
+                result = cell(*leaves)
+                loss = sum(t.float().sum() for t in _tensors(result) if t.requires_grad)
+                if isinstance(loss, torch.Tensor):
+                    loss.backward()
+                return result
+
+            fwd = _time(forward, args.repeat, sync)
+            fwd_bwd = _time(forward_backward, args.repeat, sync)
+        except rnnc.RnncError as e:
+            failed = True
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            rows.append((backend, "-", "-", first))
+            continue
+        except Exception as e:  # a backend crashing is reported but does not stop the others
+            failed = True
+            rows.append((backend, "-", "-", f"internal error: {type(e).__name__}: {e}"))
+            if os.environ.get("RNNC_DEBUG"):
+                traceback.print_exc()
+            continue
+        if base is None:
+            base = fwd_bwd
+        rel = f"{base / fwd_bwd:.2f}x" if fwd_bwd > 0 else "-"
+        rows.append((backend, f"{fwd:.3f}", f"{fwd_bwd:.3f}", rel))
+
+    header = ("backend", "forward ms", "fwd+bwd ms", f"speed vs {backends[0]}" if backends else "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    _out(f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]:>{widths[2]}}  {header[3]}")
+    for r in rows:
+        _out(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
+    if not backends:
+        _err("rnnc: error: no backend can run this cell")
+        return EXIT_ERROR
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------
+
+def _format_user_error(e: BaseException) -> str:
+    text = str(e)
+    if isinstance(e, CliError):
+        return text
+    if getattr(e, "loc", None) is None and not text.startswith("rnnc:"):
+        text = f"rnnc: {text}" if text.startswith("error:") else f"rnnc: error: {text}"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the rnnc command line; returns the exit code (never raises for user errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as e:  # --help, --version, usage errors
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
+
+    try:
+        import rnnc
+        user_errors: tuple[type[BaseException], ...] = (CliError, rnnc.RnncError)
+    except ImportError as e:
+        _err(f"rnnc: error: cannot import rnnc or one of its dependencies: {e}\n"
+             "  hint: install it with `pip install -c ci/constraints.txt .`")
+        return EXIT_ERROR
+    except Exception:
+        user_errors = (CliError,)
+
+    try:
+        return int(args.func(args) or 0)
+    except user_errors as e:
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
+        _err(_format_user_error(e))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("rnnc: interrupted")
+        return 130
+    except BrokenPipeError:
+        # `rnnc compile lstm | head`: the reader went away; not an error.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except Exception:
+            pass
+        return EXIT_OK
+    except Exception as e:
+        if os.environ.get("RNNC_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        _err(f"rnnc: internal error: {type(e).__name__}: {e}\n"
+             "  this is a bug in rnnc, not in your spec; please report it with the command "
+             "and the .rnn file\n  (set RNNC_DEBUG=1 to see the traceback)")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

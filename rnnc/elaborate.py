@@ -1,0 +1,641 @@
+"""AST → IR: resolves names, inlines defs, type-checks shapes, and records state flow.
+
+One `Elaborator` turns one `ast.Cell` into an `ir.Cell`. It walks the body in order, so a
+state read before its assignment is the previous step's value and after it the new one, and
+it enforces the language's rules: states assigned at most once (and at least once), outputs
+exactly once, lets immutable, shapes that fit.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Union
+
+import sympy
+
+from . import ast, ops
+from . import dims as D
+from .errors import (ArityError, DimError, Loc, RnncError, ShapeError, StateError, TypeError_,
+                     UnknownNameError, UnsupportedError)
+from .ir import Cell, DimInfo, Graph, Node, Param, Port, State
+
+Value = Union[int, tuple]  # a node id, or a tuple of node ids (split / multi-value def)
+
+CONSTRUCTORS = {"eye", "zeros", "ones", "arange"}
+OTHER_BUILTINS = {"where", "clamp", "outer", "transpose", "softmax", "normalize", "concat", "split"}
+BUILTINS = ops.UNARY | ops.REDUCE | {"minimum", "maximum"} | CONSTRUCTORS | OTHER_BUILTINS
+DISTRIBUTIONS = {"uniform": ("lo", "hi"), "normal": ("mean", "std")}
+
+
+@dataclass
+class DefInfo:
+    node: ast.Def
+    file: str
+
+
+class Scope:
+    """Names visible in a cell body or a def body, plus what they mean."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # "cell", "def f", "state init", "param init"
+        self.values: dict[str, Value] = {}
+        self.where: dict[str, Loc | None] = {}
+
+    def bind(self, name: str, value: Value, loc: Loc | None) -> None:
+        self.values[name] = value
+        self.where[name] = loc
+
+
+class Elaborator:
+    def __init__(self, cell: ast.Cell, defs: dict[str, DefInfo], file: str) -> None:
+        self.ast = cell
+        self.defs = defs
+        self.file = file
+        self.graph = Graph()
+        self.init_graph = Graph()
+        self.dims: dict[str, DimInfo] = {}
+        self._dim_nodes: dict[tuple[int, str], int] = {}
+        self._inline_stack: list[str] = []
+        self.cell_scope = Scope("cell")
+        self.kinds: dict[str, str] = {}  # cell-level name -> input/param/state/output
+
+    # ---- entry point ------------------------------------------------------------------
+
+    def run(self) -> Cell:
+        c = self.ast
+        self._declare_dims(c)
+        inputs = [self._input(p) for p in c.inputs]
+        params = [self._param(s) for s in c.body if isinstance(s, ast.ParamDecl)]
+        states = [self._state(s) for s in c.body if isinstance(s, ast.StateDecl)]
+        self._declare_outputs(c.outputs, states)
+        assigned: dict[str, Loc] = {}
+        for stmt in c.body:
+            if isinstance(stmt, ast.Let):
+                self._let(stmt, self.cell_scope, self.graph)
+            elif isinstance(stmt, ast.Assign):
+                self._assign(stmt, assigned)
+        for s in states:
+            if s.name not in assigned:
+                raise StateError(f"state '{s.name}' is never assigned", s.loc,
+                                 "assign it in the body, or make a value that never changes a param or a let")
+            s.node_out = self._fit(self.cell_scope.values[s.name], s.shape, f"state '{s.name}'", assigned[s.name])
+            self.graph.add_carry(s.node_out, s.node_in)
+        outputs = []
+        for p in c.outputs:
+            if p.name not in assigned:
+                raise StateError(f"output '{p.name}' is never assigned", p.loc, f"add `{p.name} = ...` to the body")
+            node = self._fit(self.cell_scope.values[p.name], self._shape(p.shape), f"output '{p.name}'", assigned[p.name])
+            outputs.append(Port(p.name, self._shape(p.shape), node, p.loc))
+        return Cell(c.name, self.file, self.dims, inputs, outputs, params, states, self.graph,
+                    self.init_graph, c.loc)
+
+    # ---- declarations -----------------------------------------------------------------
+
+    def _declare_dims(self, c: ast.Cell) -> None:
+        for s in c.body:
+            if isinstance(s, ast.DimDecl):
+                if s.name in self.dims:
+                    raise DimError(f"dim '{s.name}' is declared twice", s.loc,
+                                   f"the first declaration is at line {self.dims[s.name].loc.line}")
+                default = None
+                if s.default is not None:
+                    default = self._dim(s.default)
+                    if not (default.is_Integer and default > 0):
+                        raise DimError(f"the default of dim '{s.name}' must be a positive integer, got {D.fmt(default)}",
+                                       s.loc, "write e.g. `dim N = 16`")
+                self.dims[s.name] = DimInfo(s.name, default, s.loc)
+        shapes = [p.shape for p in c.inputs + c.outputs]
+        shapes += [s.shape for s in c.body if isinstance(s, (ast.ParamDecl, ast.StateDecl))]
+        for shape in shapes:
+            for d in shape:
+                self._collect_dim_names(d)
+
+    def _collect_dim_names(self, d: ast.DimExpr) -> None:
+        if isinstance(d, ast.DimName):
+            self.dims.setdefault(d.name, DimInfo(d.name, None, d.loc))
+        elif isinstance(d, ast.DimBin):
+            self._collect_dim_names(d.left)
+            self._collect_dim_names(d.right)
+
+    def _dim(self, d: ast.DimExpr) -> D.Dim:
+        if isinstance(d, ast.DimNum):
+            return D.const(d.value)
+        if isinstance(d, ast.DimName):
+            if d.name not in self.dims:
+                raise DimError(f"unknown dim '{d.name}'", d.loc, "dims are named in the shapes of inputs, params or states")
+            return D.symbol(d.name)
+        left, right = self._dim(d.left), self._dim(d.right)
+        if d.op == "+":
+            return left + right
+        if d.op == "-":
+            out = left - right
+        elif d.op == "*":
+            out = left * right
+        else:
+            if right == 0:
+                raise DimError("division by zero in a shape", d.loc, "")
+            out = sympy.floor(left / right)
+        if out.is_Integer and out <= 0:
+            raise DimError(f"shape size {D.fmt(out)} is not positive", d.loc, "sizes must be at least 1")
+        return out
+
+    def _shape(self, shape: list[ast.DimExpr]) -> D.Shape:
+        return tuple(self._dim(d) for d in shape)
+
+    def _declare_name(self, name: str, kind: str, loc: Loc) -> None:
+        if name in self.dims:
+            raise DimError(f"'{name}' is used both as a dim and as {kind} name", loc,
+                           "rename one of them (dims are usually upper-case)")
+        if name in self.kinds:
+            prev = self.cell_scope.where.get(name)
+            at = f" at line {prev.line}" if prev else ""
+            raise RnncError(f"'{name}' is already declared as {self.kinds[name]}{at}", loc, "use another name")
+        self.kinds[name] = kind
+
+    def _input(self, p: ast.Port) -> Port:
+        self._declare_name(p.name, "an input", p.loc)
+        shape = self._shape(p.shape)
+        nid = self.graph.add(Node("input", (), shape, attrs={"name": p.name}, loc=p.loc, name=p.name))
+        self.cell_scope.bind(p.name, nid, p.loc)
+        return Port(p.name, shape, nid, p.loc)
+
+    def _param(self, s: ast.ParamDecl) -> Param:
+        self._declare_name(s.name, "a param", s.loc)
+        shape = self._shape(s.shape)
+        nid = self.graph.add(Node("param", (), shape, attrs={"name": s.name}, loc=s.loc, name=s.name))
+        self.cell_scope.bind(s.name, nid, s.loc)
+        scope = Scope("param init")
+        if isinstance(s.init, ast.RandomInit):
+            init = self._random_init(s.init, scope)
+        else:
+            value = self._single(self.expr(s.init, scope, self.init_graph), s.init.loc)
+            init = ("value", self._fit(value, shape, f"the initial value of param '{s.name}'", s.init.loc,
+                                       graph=self.init_graph))
+        return Param(s.name, shape, init, nid, s.loc)
+
+    def _random_init(self, r: ast.RandomInit, scope: Scope) -> tuple:
+        if r.dist not in DISTRIBUTIONS:
+            raise UnknownNameError(f"unknown initialiser '{r.dist}'", r.loc,
+                                   "use uniform(lo, hi) or normal(mean, std), or `= value`")
+        names = DISTRIBUTIONS[r.dist]
+        defaults = {"mean": 0.0, "std": 1.0}
+        values = list(r.args)
+        if len(values) > len(names):
+            raise ArityError(f"{r.dist} takes {len(names)} arguments, got {len(values)}", r.loc,
+                             f"write {r.dist}({', '.join(names)})")
+        out = []
+        for i, key in enumerate(names):
+            if i < len(values):
+                e = values[i]
+                if key in r.kwargs:
+                    raise ArityError(f"{r.dist}: '{key}' given twice", r.loc, "")
+            elif key in r.kwargs:
+                e = r.kwargs[key]
+            elif key in defaults:
+                out.append(self._const(defaults[key], self.init_graph, r.loc))
+                continue
+            else:
+                raise ArityError(f"{r.dist} needs '{key}'", r.loc, f"write {r.dist}({', '.join(names)})")
+            v = self._single(self.expr(e, scope, self.init_graph), e.loc)
+            if not self.init_graph[v].scalar:
+                raise TypeError_(f"{r.dist}'s '{key}' must be a constant scalar", e.loc,
+                                 "use numbers, dims and functions of them, e.g. 1/sqrt(H)")
+            out.append(v)
+        extra = set(r.kwargs) - set(names)
+        if extra:
+            raise ArityError(f"{r.dist} has no argument '{sorted(extra)[0]}'", r.loc, f"its arguments are {', '.join(names)}")
+        return (r.dist, *out)
+
+    def _state(self, s: ast.StateDecl) -> State:
+        self._declare_name(s.name, "a state", s.loc)
+        shape = self._shape(s.shape)
+        scope = Scope("state init")
+        for p in self.kinds:
+            if self.kinds[p] == "a param":
+                scope.bind(p, self.cell_scope.values[p], self.cell_scope.where[p])
+        init = self._single(self.expr(s.init, scope, self.graph), s.init.loc)
+        init = self._fit(init, shape, f"the initial value of state '{s.name}'", s.init.loc)
+        nid = self.graph.add(Node("state", (), shape, attrs={"name": s.name}, loc=s.loc, name=s.name))
+        self.cell_scope.bind(s.name, nid, s.loc)
+        return State(s.name, shape, init, nid, nid, s.loc)
+
+    def _declare_outputs(self, outputs: list[ast.Port], states: list[State]) -> None:
+        state_shapes = {s.name: s.shape for s in states}
+        seen = set()
+        for p in outputs:
+            if p.name in seen:
+                raise RnncError(f"output '{p.name}' is declared twice", p.loc, "use another name")
+            seen.add(p.name)
+            shape = self._shape(p.shape)
+            if p.name in state_shapes:
+                if not D.shapes_equal(shape, state_shapes[p.name]):
+                    raise ShapeError(f"output '{p.name}' is declared {D.fmt_shape(shape)} but state '{p.name}' is "
+                                     f"{D.fmt_shape(state_shapes[p.name])}", p.loc, "give both the same shape")
+                continue
+            self._declare_name(p.name, "an output", p.loc)
+
+    # ---- statements ---------------------------------------------------------------------
+
+    def _let(self, stmt: ast.Let, scope: Scope, graph: Graph) -> None:
+        value = self.expr(stmt.value, scope, graph)
+        names = stmt.names
+        if len(names) == 1:
+            values = (self._single(value, stmt.value.loc),)
+        else:
+            if not isinstance(value, tuple):
+                raise ArityError(f"cannot unpack one value into {len(names)} names", stmt.loc,
+                                 "several names need split(...) or a def that returns several values")
+            if len(value) != len(names):
+                raise ArityError(f"cannot unpack {len(value)} values into {len(names)} names", stmt.loc,
+                                 f"write {len(value)} names on the left")
+            values = value
+        for name, v in zip(names, values):
+            self._check_new_name(name, scope, stmt.loc)
+            node = graph[v]
+            if node.name is None and node.op not in ("input", "param", "state"):
+                node.name = name
+            scope.bind(name, v, stmt.loc)
+
+    def _check_new_name(self, name: str, scope: Scope, loc: Loc) -> None:
+        if name in scope.values or (scope is self.cell_scope and name in self.kinds):
+            prev = scope.where.get(name)
+            at = f" (line {prev.line})" if prev else ""
+            raise RnncError(f"'{name}' is already defined{at}", loc,
+                            "let names are immutable; pick a new name")
+        if name in self.dims:
+            raise DimError(f"'{name}' is a dim and cannot be rebound", loc, "pick a new name")
+
+    def _assign(self, stmt: ast.Assign, assigned: dict[str, Loc]) -> None:
+        kind = self.kinds.get(stmt.name)
+        if kind is None:
+            if stmt.name in self.cell_scope.values:
+                raise StateError(f"cannot assign '{stmt.name}': it is a let binding", stmt.loc,
+                                 "let names are immutable; declare a state to carry a value across steps")
+            raise UnknownNameError(f"assignment to undeclared name '{stmt.name}'", stmt.loc,
+                                   f"use `let {stmt.name} = ...`, or declare `state {stmt.name}: [...] = ...`")
+        if kind not in ("a state", "an output"):
+            raise StateError(f"cannot assign '{stmt.name}': it is {kind}", stmt.loc,
+                             "only states and outputs are assigned; use `let` for new names")
+        if stmt.name in assigned:
+            what = "state" if kind == "a state" else "output"
+            raise StateError(f"{what} '{stmt.name}' is assigned twice in one step", stmt.loc,
+                             f"it was first assigned at line {assigned[stmt.name].line}; "
+                             "compute intermediate values with `let`")
+        value = self._single(self.expr(stmt.value, self.cell_scope, self.graph), stmt.value.loc)
+        node = self.graph[value]
+        if node.dtype != "float":
+            raise TypeError_(f"'{stmt.name}' must hold numbers, got a boolean", stmt.loc, "use where(cond, 1, 0)")
+        if node.name is None and node.op not in ("input", "param", "state"):
+            node.name = stmt.name
+        assigned[stmt.name] = stmt.loc
+        self.cell_scope.bind(stmt.name, value, stmt.loc)
+
+    def _fit(self, nid: int, shape: D.Shape, what: str, loc: Loc | None, graph: Graph | None = None) -> int:
+        """nid if it has exactly `shape`, else a broadcast to it (or a ShapeError)."""
+        graph = graph or self.graph
+        node = graph[nid]
+        if node.dtype != "float":
+            raise TypeError_(f"{what} must be numbers, got a boolean", loc, "use where(cond, 1, 0)")
+        if D.shapes_equal(node.shape, shape):
+            return nid
+        out = D.broadcast(node.shape, shape)
+        if out is None or not D.shapes_equal(out, shape):
+            raise ShapeError(f"{what} is declared {D.fmt_shape(shape)} but the value has shape {D.fmt_shape(node.shape)}",
+                             loc, "the value must have the declared shape (or broadcast to it)")
+        return graph.add(Node("broadcast", (nid,), shape, attrs={"shape": shape}, loc=loc))
+
+    # ---- expressions ----------------------------------------------------------------------
+
+    def _single(self, v: Value, loc: Loc | None) -> int:
+        if isinstance(v, tuple):
+            raise ArityError(f"expected one value, got {len(v)}", loc, "destructure them with let a, b, ... = ...")
+        return v
+
+    def _const(self, value: float, graph: Graph, loc: Loc | None) -> int:
+        return graph.add(Node("const", (), (), attrs={"value": value}, loc=loc, scalar=True))
+
+    def _dim_value(self, name: str, graph: Graph, loc: Loc | None) -> int:
+        key = (id(graph), name)
+        if key not in self._dim_nodes:
+            self._dim_nodes[key] = graph.add(Node("dim", (), (), attrs={"name": name}, loc=loc, scalar=True))
+        return self._dim_nodes[key]
+
+    def expr(self, e: ast.Expr, scope: Scope, graph: Graph) -> Value:
+        method = getattr(self, "_e_" + type(e).__name__)
+        return method(e, scope, graph)
+
+    def _e_Number(self, e: ast.Number, scope: Scope, graph: Graph) -> Value:
+        return self._const(e.value, graph, e.loc)
+
+    def _e_Name(self, e: ast.Name, scope: Scope, graph: Graph) -> Value:
+        if e.id in scope.values:
+            return scope.values[e.id]
+        if e.id in self.dims:
+            return self._dim_value(e.id, graph, e.loc)
+        if scope.what in ("state init", "param init") and e.id in self.kinds:
+            allowed = "params, dims and constants" if scope.what == "state init" else "numbers, dims and constants"
+            raise TypeError_(f"{scope.what.replace('init', 'initial value')} cannot use {self.kinds[e.id]} ('{e.id}')",
+                             e.loc, f"it may use only {allowed}")
+        if e.id in BUILTINS or e.id in self.defs:
+            raise TypeError_(f"'{e.id}' is a function; call it", e.loc, f"write {e.id}(...)")
+        raise self._unknown(e.id, scope, e.loc)
+
+    def _unknown(self, name: str, scope: Scope, loc: Loc) -> RnncError:
+        known = list(scope.values) + list(self.dims)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "declare it as an input, param, state or let"
+        return UnknownNameError(f"unknown name '{name}'", loc, hint)
+
+    def _e_UnaryOp(self, e: ast.UnaryOp, scope: Scope, graph: Graph) -> Value:
+        x = self._single(self.expr(e.operand, scope, graph), e.operand.loc)
+        op = "neg" if e.op == "-" else "not"
+        shape, dtype = ops.elementwise(op, [graph[x]], e.loc)
+        return graph.add(Node(op, (x,), shape, dtype, loc=e.loc, scalar=graph[x].scalar and op == "neg"))
+
+    def _e_BinOp(self, e: ast.BinOp, scope: Scope, graph: Graph) -> Value:
+        a = self._single(self.expr(e.left, scope, graph), e.left.loc)
+        b = self._single(self.expr(e.right, scope, graph), e.right.loc)
+        op = ops.BINOP_NAMES[e.op]
+        return self._apply(op, [a, b], graph, e.loc)
+
+    def _apply(self, op: str, args: list[int], graph: Graph, loc: Loc | None, **attrs) -> int:
+        nodes = [graph[a] for a in args]
+        if op == "matmul":
+            return graph.add(Node("matmul", tuple(args), ops.matmul(nodes[0], nodes[1], loc), loc=loc))
+        shape, dtype = ops.elementwise(op, nodes, loc)
+        scalar = all(n.scalar for n in nodes) and (op in ops.ARITH or op in ops.UNARY)
+        return graph.add(Node(op, tuple(args), shape, dtype, attrs=attrs, loc=loc, scalar=scalar))
+
+    def _e_Index(self, e: ast.Index, scope: Scope, graph: Graph) -> Value:
+        x = self._single(self.expr(e.value, scope, graph), e.value.loc)
+        node = graph[x]
+        if node.dtype == "tuple":
+            raise TypeError_("cannot index several values", e.loc, "destructure them first")
+        items, shape = [], list(node.shape)
+        consumed = sum(1 for it in e.items if not isinstance(it, (ast.NewAxis, ast.EllipsisItem)))
+        if consumed > len(shape):
+            raise ShapeError(f"too many indices ({consumed}) for a value of shape {D.fmt_shape(node.shape)}", e.loc,
+                             "index at most one position per axis")
+        if sum(isinstance(it, ast.EllipsisItem) for it in e.items) > 1:
+            raise ShapeError("an index can have only one '...'", e.loc, "")
+        out: list[D.Dim] = []
+        axis = 0
+        for it in e.items:
+            if isinstance(it, ast.NewAxis):
+                items.append(("new",))
+                out.append(D.ONE)
+            elif isinstance(it, ast.EllipsisItem):
+                n = len(shape) - consumed
+                items.append(("ellipsis",))
+                out.extend(shape[axis:axis + n])
+                axis += n
+            elif isinstance(it, ast.Slice):
+                size = shape[axis]
+                lo = self._norm_bound(it.lo, size, scope, D.const(0))
+                hi = self._norm_bound(it.hi, size, scope, size)
+                length = sympy.expand(hi - lo)
+                if (length.is_Integer and length <= 0) or (
+                        hi.is_Integer and size.is_Integer and hi > size) or (lo.is_Integer and lo < 0):
+                    raise ShapeError(f"slice {D.fmt(lo)}:{D.fmt(hi)} is empty or out of range for an axis of size "
+                                     f"{D.fmt(size)}", it.loc, "slices must select at least one element")
+                items.append(("slice", lo, hi))
+                out.append(length)
+                axis += 1
+            else:
+                size = shape[axis]
+                i = self.dimval(it, scope)
+                if i.is_Integer and size.is_Integer and not -size <= i < size:
+                    raise ShapeError(f"index {i} is out of range for an axis of size {size}", it.loc, "")
+                if i.is_Integer and i < 0:
+                    i = sympy.expand(size + i)
+                items.append(("int", i))
+                axis += 1
+        out.extend(shape[axis:])
+        return graph.add(Node("index", (x,), tuple(out), node.dtype, attrs={"items": tuple(items)}, loc=e.loc,
+                              scalar=False))
+
+    def _norm_bound(self, e: ast.Expr | None, size: D.Dim, scope: Scope, default: D.Dim) -> D.Dim:
+        if e is None:
+            return default
+        v = self.dimval(e, scope)
+        if v.is_Integer and v < 0:
+            v = sympy.expand(size + v)
+        return v
+
+    def dimval(self, e: ast.Expr, scope: Scope) -> D.Dim:
+        """An expression that must be a constant integer (numbers, dims, + - * //)."""
+        if isinstance(e, ast.Number):
+            if isinstance(e.value, float):
+                raise TypeError_(f"expected an integer, got {e.text}", e.loc, "indices and sizes are integers")
+            return D.const(e.value)
+        if isinstance(e, ast.Name) and e.id in self.dims and e.id not in scope.values:
+            return D.symbol(e.id)
+        if isinstance(e, ast.UnaryOp) and e.op == "-":
+            return -self.dimval(e.operand, scope)
+        if isinstance(e, ast.BinOp) and e.op in ("+", "-", "*", "//"):
+            a, b = self.dimval(e.left, scope), self.dimval(e.right, scope)
+            if e.op == "+":
+                return a + b
+            if e.op == "-":
+                return a - b
+            if e.op == "*":
+                return a * b
+            if b == 0:
+                raise ShapeError("integer division by zero", e.loc, "")
+            return sympy.floor(a / b)
+        raise TypeError_("expected a constant integer (numbers and dims with + - * //)", e.loc,
+                         "indices, slice bounds and sizes must be known before the step runs")
+
+    def _e_Literal(self, e: ast.Literal, scope: Scope, graph: Graph) -> Value:
+        value = self._literal(e)
+        shape, v = [], value
+        while isinstance(v, list):
+            shape.append(D.const(len(v)))
+            v = v[0]
+        return graph.add(Node("literal", (), tuple(shape), attrs={"value": value}, loc=e.loc))
+
+    def _literal(self, e: ast.Expr):
+        if isinstance(e, ast.Literal):
+            items = [self._literal(i) for i in e.items]
+            kinds = {type(i) for i in items}
+            if len(kinds) > 1:
+                raise ShapeError("a literal mixes numbers and rows", e.loc, "write every row as [...]")
+            if isinstance(items[0], list) and len({_shape_of(i) for i in items}) > 1:
+                raise ShapeError("the rows of a literal matrix have different lengths", e.loc,
+                                 "every row needs the same number of entries")
+            return items
+        if isinstance(e, ast.Number):
+            return e.value
+        if isinstance(e, ast.UnaryOp) and e.op == "-" and isinstance(e.operand, ast.Number):
+            return -e.operand.value
+        raise UnsupportedError("literal vectors and matrices hold numbers only", e.loc,
+                               "build a vector of values with concat(a[None], b[None], ...)")
+
+    # ---- calls --------------------------------------------------------------------------
+
+    def _e_Call(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
+        if e.func in scope.values:
+            raise TypeError_(f"'{e.func}' is a value, not a function", e.loc, "")
+        if e.func in self.defs:
+            return self._inline(e, scope, graph)
+        if e.func not in BUILTINS:
+            close = difflib.get_close_matches(e.func, sorted(BUILTINS | set(self.defs)), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "define it with `def` or import a file that does"
+            raise UnknownNameError(f"unknown function '{e.func}'", e.loc, hint)
+        return self._builtin(e, scope, graph)
+
+    def _inline(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
+        info = self.defs[e.func]
+        d = info.node
+        if e.kwargs:
+            raise ArityError(f"'{e.func}' takes positional arguments only", e.loc, "")
+        if len(e.args) != len(d.params):
+            raise ArityError(f"'{e.func}' takes {len(d.params)} argument{'s' * (len(d.params) != 1)}, "
+                             f"got {len(e.args)}", e.loc, f"it is defined at {d.loc}")
+        if e.func in self._inline_stack:
+            chain = " -> ".join(self._inline_stack + [e.func])
+            raise UnsupportedError(f"recursive def: {chain}", e.loc, "defs are inlined and cannot call themselves")
+        args = [self._single(self.expr(a, scope, graph), a.loc) for a in e.args]
+        inner = Scope(f"def {e.func}") if scope.what not in ("state init", "param init") else Scope(scope.what)
+        for name, v in zip(d.params, args):
+            if name in inner.values:
+                raise RnncError(f"parameter '{name}' of '{e.func}' is named twice", d.loc, "")
+            inner.bind(name, v, d.loc)
+        self._inline_stack.append(e.func)
+        try:
+            for let in d.lets:
+                self._let(let, inner, graph)
+            results = tuple(self._single(self.expr(r, inner, graph), r.loc) for r in d.returns)
+        finally:
+            self._inline_stack.pop()
+        return results[0] if len(results) == 1 else results
+
+    def _kw(self, e: ast.Call, allowed: set[str]) -> None:
+        extra = set(e.kwargs) - allowed
+        if extra:
+            hint = f"it accepts {', '.join(sorted(allowed))}" if allowed else "it takes no keyword arguments"
+            raise ArityError(f"{e.func}() got an unexpected keyword argument '{sorted(extra)[0]}'", e.loc, hint)
+
+    def _nargs(self, e: ast.Call, lo: int, hi: int | None = None) -> None:
+        hi = lo if hi is None else hi
+        n = len(e.args)
+        if n < lo or (hi >= 0 and n > hi):
+            want = str(lo) if lo == hi else (f"{lo} or more" if hi < 0 else f"{lo} to {hi}")
+            raise ArityError(f"{e.func}() takes {want} argument{'s' * (want != '1')}, got {n}", e.loc,
+                             "see docs/language.md for its signature")
+
+    def _axis(self, e: ast.Call, scope: Scope, default: int | None) -> int | None:
+        if "axis" not in e.kwargs:
+            return default
+        v = self.dimval(e.kwargs["axis"], scope)
+        if not v.is_Integer:
+            raise TypeError_("axis must be an integer", e.kwargs["axis"].loc, "")
+        return int(v)
+
+    def _builtin(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
+        f, loc = e.func, e.loc
+        arg = lambda i: self._single(self.expr(e.args[i], scope, graph), e.args[i].loc)  # noqa: E731
+        if f in ops.UNARY:
+            self._kw(e, set()), self._nargs(e, 1)
+            return self._apply(f, [arg(0)], graph, loc)
+        if f in ("minimum", "maximum"):
+            self._kw(e, set()), self._nargs(e, 2)
+            return self._apply(f, [arg(0), arg(1)], graph, loc)
+        if f == "clamp":
+            self._kw(e, set()), self._nargs(e, 3)
+            x, lo, hi = arg(0), arg(1), arg(2)
+            return self._apply("minimum", [self._apply("maximum", [x, lo], graph, loc), hi], graph, loc)
+        if f == "where":
+            self._kw(e, set()), self._nargs(e, 3)
+            return self._apply("where", [arg(0), arg(1), arg(2)], graph, loc)
+        if f in ops.REDUCE:
+            self._kw(e, {"axis"}), self._nargs(e, 1)
+            x = arg(0)
+            shape, ax = ops.reduce(graph[x], self._axis(e, scope, None), f, loc)
+            return graph.add(Node("reduce", (x,), shape, attrs={"fn": f, "axis": ax}, loc=loc))
+        if f in ("softmax", "normalize"):
+            self._kw(e, {"axis"}), self._nargs(e, 1)
+            x = arg(0)
+            ops._need_float(graph[x], f, loc)
+            rank = len(graph[x].shape)
+            if rank == 0:
+                raise ShapeError(f"{f} needs a vector, got a scalar", loc, "")
+            ax = ops.norm_axis(self._axis(e, scope, -1), rank, f, loc)
+            return graph.add(Node(f, (x,), graph[x].shape, attrs={"axis": ax}, loc=loc))
+        if f == "outer":
+            self._kw(e, set()), self._nargs(e, 2)
+            a, b = arg(0), arg(1)
+            return graph.add(Node("outer", (a, b), ops.outer(graph[a], graph[b], loc), loc=loc))
+        if f == "transpose":
+            self._kw(e, set()), self._nargs(e, 1)
+            x = arg(0)
+            return graph.add(Node("transpose", (x,), ops.transpose(graph[x], loc), loc=loc))
+        if f == "concat":
+            self._kw(e, {"axis"}), self._nargs(e, 1, -1)
+            xs = [arg(i) for i in range(len(e.args))]
+            shape, ax = ops.concat([graph[x] for x in xs], self._axis(e, scope, -1), loc)
+            return graph.add(Node("concat", tuple(xs), shape, attrs={"axis": ax}, loc=loc))
+        if f == "split":
+            return self._split(e, scope, graph, arg(0) if e.args else None)
+        if f == "eye":
+            self._kw(e, set()), self._nargs(e, 1)
+            n = self._size(e.args[0], scope)
+            return graph.add(Node("eye", (), (n, n), attrs={"n": n}, loc=loc))
+        if f in ("zeros", "ones"):
+            self._kw(e, set()), self._nargs(e, 1, -1)
+            shape = tuple(self._size(a, scope) for a in e.args)
+            return graph.add(Node("full", (), shape, attrs={"value": 0 if f == "zeros" else 1, "shape": shape},
+                                  loc=loc))
+        if f == "arange":
+            self._kw(e, set()), self._nargs(e, 1, 2)
+            lo = self.dimval(e.args[0], scope) if len(e.args) == 2 else D.const(0)
+            hi = self.dimval(e.args[-1], scope)
+            n = sympy.expand(hi - lo)
+            if n.is_Integer and n <= 0:
+                raise ShapeError(f"arange({D.fmt(lo)}, {D.fmt(hi)}) is empty", loc, "")
+            return graph.add(Node("arange", (), (n,), attrs={"lo": lo, "hi": hi}, loc=loc))
+        raise UnsupportedError(f"builtin '{f}' is not implemented", loc, "")  # pragma: no cover
+
+    def _size(self, e: ast.Expr, scope: Scope) -> D.Dim:
+        n = self.dimval(e, scope)
+        if n.is_Integer and n <= 0:
+            raise ShapeError(f"size {n} is not positive", e.loc, "sizes must be at least 1")
+        return n
+
+    def _split(self, e: ast.Call, scope: Scope, graph: Graph, x: int | None) -> Value:
+        self._kw(e, {"axis"}), self._nargs(e, 2)
+        node = graph[x]
+        ops._need_float(node, "split", e.loc)
+        if not node.shape:
+            raise ShapeError("cannot split a scalar", e.loc, "")
+        ax = ops.norm_axis(self._axis(e, scope, -1), len(node.shape), "split", e.loc)
+        size = node.shape[ax]
+        spec = e.args[1]
+        if isinstance(spec, ast.Literal):
+            sizes = tuple(self._size(i, scope) for i in spec.items)
+            if not D.equal(sum(sizes, D.const(0)), size):
+                raise ShapeError(f"split sizes ({', '.join(map(D.fmt, sizes))}) do not add up to the axis size "
+                                 f"{D.fmt(size)} of {D.fmt_shape(node.shape)}", e.loc, "")
+        else:
+            n = self._size(spec, scope)
+            part = sympy.expand(size / n)
+            if not D.is_integral_poly(part):
+                raise ShapeError(f"cannot split an axis of size {D.fmt(size)} ({D.fmt_shape(node.shape)}) into {n} "
+                                 "equal parts", e.loc, f"the size must be a multiple of {n}, e.g. [{n}*H]")
+            if not n.is_Integer:
+                raise UnsupportedError("split into a symbolic number of parts", e.loc, "use an integer count")
+            sizes = (part,) * int(n)
+        whole = graph.add(Node("split", (x,), node.shape, "tuple", attrs={"axis": ax, "sizes": sizes}, loc=e.loc))
+        items = []
+        for i, s in enumerate(sizes):
+            shape = node.shape[:ax] + (s,) + node.shape[ax + 1:]
+            items.append(graph.add(Node("item", (whole,), shape, attrs={"index": i}, loc=e.loc)))
+        return tuple(items)
+
+
+def _shape_of(v) -> tuple:
+    out = []
+    while isinstance(v, list):
+        out.append(len(v))
+        v = v[0]
+    return tuple(out)

@@ -1,0 +1,181 @@
+"""The IR: one cell's step as a networkx DiGraph of typed ops with symbolic shapes.
+
+Nodes are integer ids; each carries a `Node` (op name, operand ids in order, per-step shape,
+dtype, attributes, source location). Edges run operand → user. The state flow from one step to
+the next is explicit: every state has an `in` node (its value at the start of the step) and a
+`carry` edge from the node holding its value at the end of the step back to that `in` node.
+Printed, a cell reads like a jaxpr: one line per op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+
+from .dims import Dim, Shape, fmt, fmt_shape
+from .errors import Loc
+
+
+@dataclass
+class Node:
+    op: str
+    args: tuple[int, ...]
+    shape: Shape
+    dtype: str = "float"  # "float" | "bool" | "tuple"
+    attrs: dict[str, Any] = field(default_factory=dict)
+    loc: Loc | None = None
+    name: str | None = None  # the spec name bound to this value, when there is one
+    scalar: bool = False  # a compile-time scalar (number/dim arithmetic), emitted as a Python number
+
+
+class Graph:
+    """An append-only DAG of Nodes (plus carry edges, which close the per-step cycle)."""
+
+    def __init__(self) -> None:
+        self.g = nx.DiGraph()
+
+    def add(self, node: Node) -> int:
+        nid = self.g.number_of_nodes()
+        self.g.add_node(nid, node=node)
+        for a in node.args:
+            self.g.add_edge(a, nid)
+        return nid
+
+    def __getitem__(self, nid: int) -> Node:
+        return self.g.nodes[nid]["node"]
+
+    def __len__(self) -> int:
+        return self.g.number_of_nodes()
+
+    def ids(self) -> Iterable[int]:
+        return range(len(self))
+
+    def add_carry(self, src: int, state_in: int) -> None:
+        self.g.add_edge(src, state_in, carry=True)
+
+    def users(self, nid: int) -> list[int]:
+        return [u for u in self.g.successors(nid) if not self.g.edges[nid, u].get("carry")]
+
+    def ancestors(self, roots: Iterable[int]) -> set[int]:
+        """Every node the roots depend on within one step (carry edges not followed)."""
+        seen: set[int] = set()
+        stack = list(roots)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(self[n].args)
+        return seen
+
+
+@dataclass
+class Port:
+    name: str
+    shape: Shape
+    node: int
+    loc: Loc | None = None
+
+
+@dataclass
+class Param:
+    name: str
+    shape: Shape
+    init: tuple  # ("uniform", lo, hi) | ("normal", mean, std) | ("value", node): ids in Cell.init_graph
+    node: int
+    loc: Loc | None = None
+
+
+@dataclass
+class State:
+    name: str
+    shape: Shape
+    init: int  # node (in Cell.graph, depends on params/constants only) giving the initial value
+    node_in: int  # value at the start of the step
+    node_out: int  # value at the end of the step
+    loc: Loc | None = None
+
+
+@dataclass
+class DimInfo:
+    name: str
+    default: Dim | None = None
+    loc: Loc | None = None
+
+
+@dataclass
+class Cell:
+    """One elaborated cell: its interface and the graph of one step."""
+
+    name: str
+    file: str
+    dims: dict[str, DimInfo]
+    inputs: list[Port]
+    outputs: list[Port]
+    params: list[Param]
+    states: list[State]
+    graph: Graph
+    init_graph: Graph
+    loc: Loc | None = None
+
+    def roots(self) -> list[int]:
+        """Nodes whose values leave a step: outputs, next states, initial states."""
+        return [o.node for o in self.outputs] + [s.node_out for s in self.states] + [s.init for s in self.states]
+
+    def live(self) -> set[int]:
+        return self.graph.ancestors(self.roots())
+
+    def __str__(self) -> str:
+        return format_cell(self)
+
+
+# ---- printing ---------------------------------------------------------------------------
+
+def _attr_text(node: Node) -> str:
+    parts = []
+    for k, v in node.attrs.items():
+        if k in ("name",):
+            continue
+        if isinstance(v, tuple) and v and not isinstance(v[0], (tuple, list)):
+            v = "(" + ", ".join(fmt(x) if hasattr(x, "free_symbols") else repr(x) for x in v) + ")"
+        elif hasattr(v, "free_symbols"):
+            v = fmt(v)
+        parts.append(f"{k}={v}")
+    return ("{" + ", ".join(parts) + "}") if parts else ""
+
+
+def format_node(graph: Graph, nid: int) -> str:
+    n = graph[nid]
+    args = " ".join(f"%{a}" for a in n.args)
+    label = f"  # {n.name}" if n.name else ""
+    shape = "tuple" if n.dtype == "tuple" else f"{'bool' if n.dtype == 'bool' else 'f'}{fmt_shape(n.shape)}"
+    return f"%{nid}: {shape} = {n.op}{_attr_text(n)} {args}".rstrip() + label
+
+
+def format_cell(cell: Cell, stages: dict[int, str] | None = None) -> str:
+    """A jaxpr-like listing of the cell (stages, when given, tag each line const/hoist/loop)."""
+    out = []
+    ins = ", ".join(f"{p.name}: {fmt_shape(p.shape)}" for p in cell.inputs)
+    outs = ", ".join(f"{p.name}: {fmt_shape(p.shape)}" for p in cell.outputs)
+    out.append(f"cell {cell.name}({ins}) -> ({outs})")
+    if cell.dims:
+        out.append("  dims " + ", ".join(
+            d.name + (f"={fmt(d.default)}" if d.default is not None else "") for d in cell.dims.values()))
+    for p in cell.params:
+        out.append(f"  param {p.name}: {fmt_shape(p.shape)} = %{p.node}")
+    for s in cell.states:
+        out.append(f"  state {s.name}: {fmt_shape(s.shape)}  in %{s.node_in}, init %{s.init}, next %{s.node_out}")
+    live = cell.live()
+    for nid in cell.graph.ids():
+        if nid not in live:
+            continue
+        line = format_node(cell.graph, nid)
+        if stages is not None:
+            line = f"{stages.get(nid, ''):>5}  {line}"
+        out.append("  " + line)
+    for s in cell.states:
+        out.append(f"  carry {s.name} <- %{s.node_out}")
+    for o in cell.outputs:
+        out.append(f"  out {o.name} = %{o.node}")
+    return "\n".join(out)
