@@ -183,13 +183,13 @@ def _emit_init(L: _Lines, cell: Cell) -> None:
     L("super().__init__()")
     L("for key in dims:")
     L("    if key not in self.DIMS:")
-    L("        raise TypeError(f\"unknown dim {key!r}; this cell's dims are {', '.join(self.DIMS) or 'none'}\")")
+    L("        raise InputError(f\"unknown dim {key!r}; this cell's dims are {', '.join(self.DIMS) or 'none'}\")")
     L("self.dims = dict(self.DEFAULTS)")
     L("for key, value in dims.items():")
     L("    if value is None:")
     L("        continue")
     L("    if isinstance(value, bool) or not isinstance(value, int) or value < 1:")
-    L("        raise ValueError(f'dim {key} must be a positive integer, got {value!r}')")
+    L("        raise InputError(f'dim {key} must be a positive integer, got {value!r}')")
     L("    self.dims[key] = value")
     L("_need_dims(self.dims, self.REQUIRED, 'the params need them')")
     for name in sorted({n for p in cell.params for d in p.shape for n in D.free_names(d)}):
@@ -238,7 +238,7 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
 def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], input_dims: set[str],
                   needed: list[str]) -> None:
     names = [p.name for p in cell.inputs]
-    ranks = tuple(len(p.shape) for p in cell.inputs)
+    ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
     L("def forward(self, *args, state=None, **kwargs):")
     L.indent()
     L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states)."""')
@@ -248,9 +248,9 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
         L(f"lead = _batch_shape(self.INPUTS, ({', '.join(args)},), {ranks!r}, 2)")
         L("B, T, extra = lead[0], lead[1], lead[2:]")
         L("if T == 0:")
-        L("    raise ValueError('empty sequence: inputs have T = 0 time steps')")
+        L("    raise InputError('empty sequence: inputs have T = 0 time steps')")
     else:
-        L("raise TypeError('a cell without inputs cannot be run')")
+        L("raise InputError('a cell without inputs cannot be run')")
         L.dedent()
         L()
         return
@@ -263,8 +263,8 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
                 L(f"_bind(dims, origin, {d.name!r}, {a}.shape[{axis}], \"input '{p.name}' axis {axis}\")")
     if needed:
         L(f"_need_dims(dims, {tuple(needed)!r}, 'they cannot be inferred from the inputs')")
-        L(", ".join(f"d_{n}" for n in needed) + ("," if len(needed) == 1 else "")
-          + " = " + ", ".join(f"dims[{n!r}]" for n in needed))
+        for n in needed:
+            L(f"d_{n} = dims[{n!r}]")
     for p, a in zip(cell.inputs, args):
         text = ", ".join(D.fmt(d) for d in p.shape)
         L(f"_check_shape({p.name!r}, {a}, {shape_text(p.shape)}, {text!r}, 2)")
@@ -348,7 +348,8 @@ def _emit_step(L: _Lines, cell: Cell) -> None:
     L.indent()
     L('"""One time step: inputs [B, *extra, ...] -> (outputs [B, *extra, ...], new state dict)."""')
     L("inputs = _gather_inputs(self.INPUTS, args, kwargs)")
-    L("_batch_shape(self.INPUTS, inputs, " + repr(tuple(len(p.shape) for p in cell.inputs)) + ", 1)")
+    L("_batch_shape(self.INPUTS, inputs, " + repr(tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs))
+      + ", 1)")
     L("outputs, final = self.forward(*[x.unsqueeze(1) for x in inputs], state=state)")
     if len(cell.outputs) == 1:
         L("return outputs.squeeze(1), final")

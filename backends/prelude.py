@@ -1,38 +1,43 @@
 """Run-time helpers pasted at the top of every generated module (which must not import rnnc)."""
 
 PRELUDE = '''
+# Errors about how the cell is called. rnnc.build() swaps in rnnc.errors.InputError (a ValueError).
+InputError = ValueError
+
+
 def _gather_inputs(names, args, kwargs):
     """Inputs passed positionally in declaration order or by name."""
     if len(args) > len(names):
-        raise TypeError(f"expected at most {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        raise InputError(f"expected at most {len(names)} inputs ({', '.join(names)}), got {len(args)}")
     values = dict(zip(names, args))
     for key, value in kwargs.items():
         if key not in names:
-            raise TypeError(f"unknown input {key!r}; the inputs are {', '.join(names)}")
+            raise InputError(f"unknown input {key!r}; the inputs are {', '.join(names)}")
         if key in values:
-            raise TypeError(f"input {key!r} given twice")
+            raise InputError(f"input {key!r} given twice")
         values[key] = value
     missing = [n for n in names if n not in values]
     if missing:
-        raise TypeError(f"missing input {missing[0]!r}; the inputs are {', '.join(names)}")
+        raise InputError(f"missing input {missing[0]!r}; the inputs are {', '.join(names)}")
     return [values[n] for n in names]
 
 
-def _batch_shape(names, inputs, ranks, lead):
+def _batch_shape(names, inputs, declared, lead):
     """The shared leading [B, T, *extra] (lead=2) or [B, *extra] (lead=1) of all inputs."""
     common = None
-    for name, x, rank in zip(names, inputs, ranks):
+    for name, x, text in zip(names, inputs, declared):
+        rank = len(text)
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input {name!r} must be a torch.Tensor, got {type(x).__name__}")
+            raise InputError(f"input {name!r} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < lead + rank:
-            want = "[B, T, *extra" if lead == 2 else "[B, *extra"
-            raise ValueError(f"input {name!r} must have shape {want}, +{rank} declared axes], "
-                             f"got {list(x.shape)} (rank {x.dim()} < {lead + rank})")
+            want = ", ".join((["B", "T", "*extra"] if lead == 2 else ["B", "*extra"]) + list(text))
+            raise InputError(f"input {name!r} must have shape [{want}] (rank {lead + rank} or more), "
+                             f"got {list(x.shape)} (rank {x.dim()})")
         outer = tuple(x.shape[:x.dim() - rank])
         if common is None:
             common, first = outer, name
         elif outer != common:
-            raise ValueError(f"inputs {first!r} and {name!r} disagree on their leading axes: "
+            raise InputError(f"inputs {first!r} and {name!r} disagree on their leading axes: "
                              f"{list(common)} vs {list(outer)}")
     return common
 
@@ -40,7 +45,7 @@ def _batch_shape(names, inputs, ranks, lead):
 def _bind(dims, origin, dim, size, source):
     """Bind a dim to the size an input shows, or check it against an earlier binding."""
     if dim in dims and dims[dim] != size:
-        raise ValueError(f"{source} has size {size} for dim {dim}, but {dim} = {dims[dim]} ({origin[dim]})")
+        raise InputError(f"{source} has size {size} for dim {dim}, but {dim} = {dims[dim]} ({origin[dim]})")
     if dim not in dims:
         dims[dim] = size
         origin[dim] = f"from {source}"
@@ -50,7 +55,7 @@ def _check_shape(name, x, expected, text, lead):
     got = tuple(x.shape[x.dim() - len(expected):])
     if got != tuple(expected):
         head = "B, T, *extra" if lead == 2 else "B, *extra"
-        raise ValueError(f"input {name!r} must have shape [{head}, {text}] = [{head}, "
+        raise InputError(f"input {name!r} must have shape [{head}, {text}] = [{head}, "
                          f"{', '.join(map(str, expected))}], got {list(x.shape)}")
 
 
@@ -58,16 +63,16 @@ def _check_state_keys(state, names):
     if state is None:
         return
     if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict of tensors keyed by state name ({', '.join(names)}), got {type(state).__name__}")
+        raise InputError(f"state must be a dict of tensors keyed by state name ({', '.join(names)}), got {type(state).__name__}")
     for key in state:
         if key not in names:
-            raise ValueError(f"unknown state {key!r}; the states are {', '.join(names) or 'none'}")
+            raise InputError(f"unknown state {key!r}; the states are {', '.join(names) or 'none'}")
 
 
 def _need_dims(dims, names, where):
     missing = [n for n in names if n not in dims]
     if missing:
-        raise ValueError(f"dim {missing[0]} is not bound: pass {missing[0]}=... when building the cell ({where})")
+        raise InputError(f"dim {missing[0]} is not bound: pass {missing[0]}=... when building the cell ({where})")
 
 
 def _compute_dtype(dtypes):
@@ -109,6 +114,6 @@ def _initial(state, name, default, B, extra, shape, cdt):
         return default.expand(B * math.prod(extra), *shape)
     want = (B, *extra, *shape)
     if tuple(given.shape) != want:
-        raise ValueError(f"initial state {name!r} must have shape {list(want)}, got {list(given.shape)}")
+        raise InputError(f"initial state {name!r} must have shape {list(want)}, got {list(given.shape)}")
     return given.reshape(-1, *shape).to(cdt)
 '''

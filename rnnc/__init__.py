@@ -5,7 +5,7 @@
     y, final = cell(x)                         # x: [B, T, I]
 """
 from .api import analyze, backends_for, build, compile, graph_dot, library, load, parse
-from .errors import (ArityError, BuildError, DimError, InternalError, RnncError, RnncSyntaxError, ShapeError,
+from .errors import (ArityError, BuildError, DimError, InputError, InternalError, RnncError, RnncSyntaxError, ShapeError,
                      SpecNotFoundError, StateError, TypeError_, UnknownNameError, UnsupportedError)
 from .program import Program
 
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "backends_for", "Program",
     "RnncError", "RnncSyntaxError", "UnknownNameError", "ShapeError", "DimError", "StateError", "ArityError",
-    "TypeError_", "UnsupportedError", "SpecNotFoundError", "BuildError", "InternalError",
+    "TypeError_", "UnsupportedError", "SpecNotFoundError", "BuildError", "InputError", "InternalError",
 ]

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Union
 
 from .analysis import Report, analyze_cell
-from .errors import BuildError, SpecNotFoundError
+from .errors import BuildError, InputError, SpecNotFoundError
 from .program import Program, parse_program
 from .resources import specs_dir
 
@@ -106,6 +106,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
 
     source = emit_module(ir, report)
     module = load_source(source, ir.name)
+    module.InputError = InputError
     bound = {k: v for k, v in dims.items()}
     missing = [d for d in module.Cell.REQUIRED if d not in bound and d not in module.Cell.DEFAULTS]
     if missing:

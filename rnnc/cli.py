@@ -70,8 +70,8 @@ def _dim_binding(text: str) -> tuple[str, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"dim {name} must be a whole number, got {value!r} (e.g. -D {name}=64)") from None
-    if size < 0:
-        raise argparse.ArgumentTypeError(f"dim {name} must not be negative, got {size}")
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"dim {name} must be a positive integer, got {size}")
     return name, size
 
 
@@ -495,11 +495,16 @@ def bench_dims(info: dict, given: dict[str, int], default: int = DEFAULT_DIM
     `info` is `rnnc.analyze(...).to_dict()`. Dims come from -D, then the spec's defaults, then
     `default`. Returns (dims, {input name: concrete per-step shape}).
     """
+    declared = _report_dims(info.get("dims"))
+    unknown = [n for n in given if declared and n not in declared]
+    if unknown:
+        raise CliError(f"cell '{info.get('cell', '?')}' has no dim '{unknown[0]}'",
+                       f"its dims are: {', '.join(declared)}")
     env = dict(given)
-    for name, value in _report_dims(info.get("dims")).items():
+    for name, value in declared.items():
         if name not in env and value is not None:
             env[name] = value
-    names: list[str] = [n for n in _report_dims(info.get("dims"))]
+    names: list[str] = list(declared)
     for key in ("inputs", "outputs", "states", "params"):
         for shape in _ports(info.get(key)).values():
             for d in shape:

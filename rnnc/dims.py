@@ -69,8 +69,8 @@ def fmt_shape(shape: Shape) -> str:
 def is_integral_poly(d: Dim) -> bool:
     """True when d is provably an integer for all positive integer dims (integer coefficients)."""
     d = sympy.expand(d)
-    if d.is_Integer:
-        return True
+    if not d.free_symbols:
+        return bool(d.is_Integer)
     try:
         poly = sympy.Poly(d, *sorted(d.free_symbols, key=lambda s: s.name))
     except sympy.PolynomialError:

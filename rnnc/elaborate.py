@@ -615,7 +615,8 @@ class Elaborator:
             sizes = tuple(self._size(i, scope) for i in spec.items)
             if not D.equal(sum(sizes, D.const(0)), size):
                 raise ShapeError(f"split sizes ({', '.join(map(D.fmt, sizes))}) do not add up to the axis size "
-                                 f"{D.fmt(size)} of {D.fmt_shape(node.shape)}", e.loc, "")
+                                 f"{D.fmt(size)} of {D.fmt_shape(node.shape)}", e.loc,
+                                 "the sizes must add up to the size of the split axis")
         else:
             n = self._size(spec, scope)
             part = sympy.expand(size / n)

@@ -103,5 +103,9 @@ class BuildError(RnncError):
     """Bad arguments to build(): unknown backend, missing or conflicting dims."""
 
 
+class InputError(RnncError, ValueError):
+    """A built cell called with inputs or states of the wrong type, rank or size."""
+
+
 class InternalError(RnncError):
     """A bug in rnnc itself; reported as an error so the CLI still never shows a traceback."""

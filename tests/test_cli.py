@@ -351,3 +351,9 @@ def test_bench_dims_resolution():
     dims, shapes = cli.bench_dims(info, {"H": 2})
     assert dims == {"H": 2, "N": 3, "I": 16}
     assert shapes == {"x": [16], "g": [8]}
+
+
+def test_bench_unknown_dim(capsys):
+    assert main(["bench", "gla", "-D", "Q=4", "--repeat", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no dim 'Q'" in err and "K, V" in err

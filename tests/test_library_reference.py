@@ -8,6 +8,7 @@ without extra (head) dims between time and the declared shape.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -282,3 +283,25 @@ def test_lsrl_majority_long_and_streaming():
     expected = majority_reference(x)
     assert torch.equal(y, expected)
     assert torch.equal(torch.cat([y1, y2], 1), expected)
+
+
+# ---------------------------------------------------------------- the library itself
+
+LIBRARY = ["elman", "lstm", "gru", "mingru", "minlstm", "gla", "deltanet", "mamba", "lsrl_majority"]
+
+
+def test_library_lists_every_spec():
+    assert set(LIBRARY) <= set(rnnc.library())
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_spec_loads_and_cites_its_source(name):
+    from rnnc.resources import specs_dir
+
+    prog = rnnc.load(name)
+    assert prog.cell().name == name  # cell name = file stem
+    text = (specs_dir() / f"{name}.rnn").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert re.search(r"\b(19|20)\d\d\b", header), "the citation comment names a year"
+    if name not in ("elman",):
+        assert re.search(r"arXiv \d{4}\.\d{4,5}", header), "the citation comment names an arXiv id"
