@@ -101,7 +101,7 @@ class _Renderer:
                 continue
             simple = not node.args and node.op in ("const", "dim")
             single = (len(users[nid]) == 1 and self.stages.get(users[nid][0]) == stage
-                      and self.graph[users[nid][0]].op != "split")
+                      and self.graph[users[nid][0]].op != "split") or not users[nid]
             if nid not in self.roots and (simple or (node.name is None and single)):
                 self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar)
                 continue
@@ -218,17 +218,17 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
         L(f"d_{name} = self.dims[{name!r}]")
     for p in cell.params:
         kind, *args = p.init
-        L(f"cdt, dev = self.{p.name}.dtype, self.{p.name}.device")
-        r = _Renderer(g, stages, set(args))
+        if kind == "value":
+            L(f"cdt, dev = self.{p.name}.dtype, self.{p.name}.device")
+        r = _Renderer(g, stages, set())
         r.used_names = {"cdt", "dev"}
-        for nid in args:
-            r.names[nid] = f"{p.name}_{kind}_{args.index(nid)}"
         r.emit(L, sorted(g.ancestors(args)), "const")
         vals = [r.operand(a, "const") for a in args]
+        num = [v.text if v.scalar else f"float({v.text})" for v in vals]
         if kind == "uniform":
-            L(f"nn.init.uniform_(self.{p.name}, float({vals[0].text}), float({vals[1].text}))")
+            L(f"nn.init.uniform_(self.{p.name}, {num[0]}, {num[1]})")
         elif kind == "normal":
-            L(f"nn.init.normal_(self.{p.name}, float({vals[0].text}), float({vals[1].text}))")
+            L(f"nn.init.normal_(self.{p.name}, {num[0]}, {num[1]})")
         else:
             L(f"self.{p.name}.copy_({vals[0].text})")
     L.dedent(2)

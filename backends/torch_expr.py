@@ -53,7 +53,9 @@ class _DimNames(dict):
 
 
 def shape_text(shape: D.Shape) -> str:
-    return "(" + "".join(pyint(d) + ", " for d in shape).rstrip(" ") + ")" if shape else "()"
+    """A Python tuple of the sizes: `()`, `(d_H,)`, `(d_K, d_V)`."""
+    parts = [pyint(d) for d in shape]
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
 
 
 def fits(node: Node) -> bool:

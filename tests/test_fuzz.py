@@ -186,11 +186,17 @@ def pipeline(text: str) -> None:
             return
         shapes[port.name] = shape
     module = rnnc.build(prog, cell=names[0], backend="loop", **env)
-    inputs = [torch.randn(2, 3, *shapes[p.name]) for p in cell_ast.inputs]
-    with torch.no_grad():
-        out = module(*inputs)
+    inputs = [torch.randn(2, 3, *shapes[p.name], requires_grad=True) for p in cell_ast.inputs]
+    out = module(*inputs)
     assert isinstance(out, tuple) and len(out) == 2, type(out)
-    assert isinstance(out[1], dict)
+    ys, final = out
+    assert isinstance(final, dict)
+    ys = ys if isinstance(ys, tuple) else (ys,)
+    assert all(isinstance(y, torch.Tensor) and tuple(y.shape[:2]) == (2, 3) for y in ys)
+    # Backward through whatever depends on the inputs or params (autograd must not break).
+    total = sum(y.float().sum() for y in ys if y.requires_grad)
+    if isinstance(total, torch.Tensor):
+        total.backward()
 
 
 def run_checked(text: str) -> None:
@@ -355,7 +361,7 @@ def test_mutated_valid_programs(text):
 
 
 @pytest.mark.timeout(180)
-@settings(max_examples=400, **SETTINGS)
+@settings(max_examples=500, **SETTINGS)
 @given(semantic_mutated())
 def test_semantically_mutated_programs(text):
     run_checked(text)
