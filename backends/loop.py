@@ -222,7 +222,7 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
             L(f"cdt, dev = self.{p.name}.dtype, self.{p.name}.device")
         r = _Renderer(g, stages, set())
         r.used_names = {"cdt", "dev"}
-        r.emit(L, sorted(g.ancestors(args)), "const")
+        r.emit(L, g.order(g.ancestors(args)), "const")
         vals = [r.operand(a, "const") for a in args]
         num = [v.text if v.scalar else f"float({v.text})" for v in vals]
         if kind == "uniform":
@@ -273,7 +273,7 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
     L(f"odt = _output_dtype(({', '.join(a + '.dtype' for a in args)},), cdt)")
     L(f"dev = {args[0]}.device")
     L("N = B * math.prod(extra)")
-    live = sorted(stages)
+    live = cell.graph.order(stages)
     for p in cell.params:
         if p.node in stages:
             L(f"{r.name(p.node)} = self.{p.name}.to(cdt)")

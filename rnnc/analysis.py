@@ -19,7 +19,7 @@ def stages(cell: Cell) -> dict[int, str]:
     """The stage of every live node (node ids are already in topological order)."""
     live = cell.live()
     out: dict[int, str] = {}
-    for nid in sorted(live):
+    for nid in cell.graph.order(live):
         node = cell.graph[nid]
         if node.op == "state":
             out[nid] = "loop"

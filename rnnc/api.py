@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Union
 
 from .analysis import Report, analyze_cell
+from .optimize import optimize
 from .errors import BuildError, InputError, SpecNotFoundError
 from .program import Program, parse_program
 from .resources import specs_dir
@@ -69,8 +70,8 @@ def _pick_backend(backend: str) -> str:
 
 
 def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Report:
-    """What analysis finds in the cell, and the lowering `backend` resolves to."""
-    return analyze_cell(_program(spec).cell(cell), _pick_backend(backend))
+    """What analysis finds in the cell (after rewrites), and the lowering `backend` resolves to."""
+    return analyze_cell(optimize(_program(spec).cell(cell)), _pick_backend(backend))
 
 
 def compile(spec: Spec, cell: str | None = None, backend: str = "loop") -> str:  # noqa: A001
@@ -101,10 +102,10 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BuildError(f"dim {key} must be a positive integer, got {value!r}", ir.dims[key].loc,
                              f"pass e.g. {key}=16")
-    report = analyze_cell(ir, _pick_backend(backend))
+    report = analyze_cell(optimize(ir), _pick_backend(backend))
     from rnnc.backends.loop import emit_module
 
-    source = emit_module(ir, report)
+    source = emit_module(report.cell, report)
     module = load_source(source, ir.name)
     module.InputError = InputError
     bound = {k: v for k, v in dims.items()}

@@ -54,6 +54,22 @@ class Graph:
     def add_carry(self, src: int, state_in: int) -> None:
         self.g.add_edge(src, state_in, carry=True)
 
+    def replace(self, nid: int, op: str, args: tuple[int, ...]) -> None:
+        """Rewrite a node in place to `op(*args)` (same value, so same shape and dtype)."""
+        node = self[nid]
+        for a in set(node.args):
+            self.g.remove_edge(a, nid)
+        node.op, node.args, node.attrs = op, tuple(args), {}
+        for a in args:
+            self.g.add_edge(a, nid)
+
+    def order(self, nodes: Iterable[int] | None = None) -> list[int]:
+        """Topological order of `nodes` (all by default) within one step, ties broken by id."""
+        keep = set(self.ids()) if nodes is None else set(nodes)
+        view = nx.subgraph_view(self.g, filter_node=lambda n: n in keep,
+                                filter_edge=lambda u, v: not self.g.edges[u, v].get("carry"))
+        return list(nx.lexicographical_topological_sort(view))
+
     def users(self, nid: int) -> list[int]:
         return [u for u in self.g.successors(nid) if not self.g.edges[nid, u].get("carry")]
 
@@ -166,10 +182,7 @@ def format_cell(cell: Cell, stages: dict[int, str] | None = None) -> str:
         out.append(f"  param {p.name}: {fmt_shape(p.shape)} = %{p.node}")
     for s in cell.states:
         out.append(f"  state {s.name}: {fmt_shape(s.shape)}  in %{s.node_in}, init %{s.init}, next %{s.node_out}")
-    live = cell.live()
-    for nid in cell.graph.ids():
-        if nid not in live:
-            continue
+    for nid in cell.graph.order(cell.live()):
         line = format_node(cell.graph, nid)
         if stages is not None:
             line = f"{stages.get(nid, ''):>5}  {line}"

@@ -1,0 +1,75 @@
+"""IR rewrites that move work out of the recurrence.
+
+`hoist_sum_terms`: a sum inside the loop whose terms partly do not depend on the state is
+regrouped so those terms are added once, outside the loop. For LSTM,
+`W_ih x + b_ih + W_hh h + b_hh` becomes `(W_ih x + b_ih + b_hh) + W_hh h`: one add per step
+instead of two, and the invariant part is one hoisted op over all time steps.
+"""
+from __future__ import annotations
+
+import copy
+
+from . import dims as D
+from .analysis import stages as compute_stages
+from .ir import Cell, Graph, Node
+
+SUM_OPS = ("add", "sub")
+
+
+def optimize(cell: Cell) -> Cell:
+    """A rewritten copy of the cell (the original IR is left as elaborated)."""
+    cell = copy.deepcopy(cell)
+    hoist_sum_terms(cell)
+    return cell
+
+
+def _flatten(g: Graph, nid: int, sign: int, stages: dict[int, str], root: int, out: list) -> None:
+    node = g[nid]
+    inner = node.op in SUM_OPS and node.dtype == "float" and stages.get(nid) == "loop"
+    if inner and (nid == root or (node.name is None and len(g.users(nid)) == 1)):
+        a, b = node.args
+        _flatten(g, a, sign, stages, root, out)
+        _flatten(g, b, sign if node.op == "add" else -sign, stages, root, out)
+    else:
+        out.append((sign, nid))
+
+
+def _fold(g: Graph, terms: list[tuple[int, int]], loc) -> tuple[int, int]:
+    """Sum of signed terms as new nodes; returns (sign, node) with the sign left to apply."""
+    sign, acc = terms[0]
+    for s, t in terms[1:]:
+        shape = D.broadcast(g[acc].shape, g[t].shape)
+        op = "add" if s == sign else "sub"
+        acc = g.add(Node(op, (acc, t), shape, loc=loc))
+    return sign, acc
+
+
+def hoist_sum_terms(cell: Cell) -> None:
+    g = cell.graph
+    stages = compute_stages(cell)
+    for nid in list(g.order(cell.live())):
+        node = g[nid]
+        if node.op not in SUM_OPS or stages.get(nid) != "loop" or node.dtype != "float":
+            continue
+        users = g.users(nid)
+        if node.name is None and len(users) == 1 and g[users[0]].op in SUM_OPS and stages.get(users[0]) == "loop":
+            continue  # part of a bigger sum: handled from its root
+        terms: list[tuple[int, int]] = []
+        _flatten(g, nid, 1, stages, nid, terms)
+        invariant = [t for t in terms if stages[t[1]] != "loop"]
+        varying = [t for t in terms if stages[t[1]] == "loop"]
+        if len(invariant) < 2 or not varying:
+            continue
+        s_inv, inv = _fold(g, invariant, node.loc)
+        s_var, var = _fold(g, varying, node.loc)
+        if s_inv < 0 and s_var < 0:
+            op, args, negate = "add", (inv, var), True
+        elif s_inv < 0:
+            op, args, negate = "sub", (var, inv), False
+        else:
+            op, args, negate = ("add" if s_var > 0 else "sub"), (inv, var), False
+        if negate:
+            args = (g.add(Node(op, args, node.shape, loc=node.loc)),)
+            op = "neg"
+        g.replace(nid, op, args)
+        stages = compute_stages(cell)
