@@ -87,6 +87,9 @@ class Report:
         for note in self.notes:
             lines.append(f"  note: {note}")
         lines.append(f"  backend: {self.backend}")
+        lines.append("")
+        lines.append("IR (stage of each op: const = once per call, hoist = all time steps at once, loop = per step):")
+        lines.extend("  " + line for line in self.listing().splitlines())
         return "\n".join(lines)
 
     def listing(self) -> str:

@@ -148,7 +148,18 @@ class Cell:
 
 # ---- printing ---------------------------------------------------------------------------
 
+def _index_text(items: tuple) -> str:
+    parts = []
+    for item in items:
+        kind = item[0]
+        parts.append(fmt(item[1]) if kind == "int" else f"{fmt(item[1])}:{fmt(item[2])}" if kind == "slice"
+                     else "None" if kind == "new" else "...")
+    return "[" + ", ".join(parts) + "]"
+
+
 def _attr_text(node: Node) -> str:
+    if node.op == "index":
+        return _index_text(node.attrs["items"])
     parts = []
     for k, v in node.attrs.items():
         if k in ("name",):
