@@ -25,6 +25,9 @@ CONSTRUCTORS = {"eye", "zeros", "ones", "arange"}
 OTHER_BUILTINS = {"where", "clamp", "outer", "transpose", "softmax", "normalize", "concat", "split"}
 BUILTINS = ops.UNARY | ops.REDUCE | {"minimum", "maximum"} | CONSTRUCTORS | OTHER_BUILTINS
 DISTRIBUTIONS = {"uniform": ("lo", "hi"), "normal": ("mean", "std")}
+#: Names that would collide with keyword arguments of build() / forward().
+RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec"})
+RESERVED_INPUTS = frozenset({"state", "cu_seqlens"})
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Elaborator:
     def _declare_dims(self, c: ast.Cell) -> None:
         for s in c.body:
             if isinstance(s, ast.DimDecl):
+                self._check_dim_name(s.name, s.loc)
                 if s.name in self.dims:
                     raise DimError(f"dim '{s.name}' is declared twice", s.loc,
                                    f"the first declaration is at line {self.dims[s.name].loc.line}")
@@ -112,10 +116,17 @@ class Elaborator:
 
     def _collect_dim_names(self, d: ast.DimExpr) -> None:
         if isinstance(d, ast.DimName):
+            self._check_dim_name(d.name, d.loc)
             self.dims.setdefault(d.name, DimInfo(d.name, None, d.loc))
         elif isinstance(d, ast.DimBin):
             self._collect_dim_names(d.left)
             self._collect_dim_names(d.right)
+
+    @staticmethod
+    def _check_dim_name(name: str, loc: Loc) -> None:
+        if name in RESERVED_DIMS:
+            raise DimError(f"'{name}' cannot name a dim (build() takes a '{name}' argument)", loc,
+                           "pick another name")
 
     def _dim(self, d: ast.DimExpr) -> D.Dim:
         if isinstance(d, ast.DimNum):
@@ -153,6 +164,9 @@ class Elaborator:
         self.kinds[name] = kind
 
     def _input(self, p: ast.Port) -> Port:
+        if p.name in RESERVED_INPUTS:
+            raise RnncError(f"'{p.name}' cannot name an input (the cell's forward takes a '{p.name}' argument)",
+                            p.loc, "pick another name")
         self._declare_name(p.name, "an input", p.loc)
         shape = self._shape(p.shape)
         nid = self.graph.add(Node("input", (), shape, attrs={"name": p.name}, loc=p.loc, name=p.name))
