@@ -86,6 +86,14 @@ class _Renderer:
             return Operand(self.step_ref[nid], ATOM, True, len(node.shape), False)
         return Operand(self.name(nid), ATOM, batched, len(node.shape), node.scalar)
 
+    @staticmethod
+    def _linear(node, args: list[Operand]) -> tuple[str, str] | None:
+        """(x, W) when the node renders as F.linear(x, W) with a batched x (see TorchExpr._fuse_linear)."""
+        if node.op == "matmul" and args[0].rank == 2 and args[1].rank == 1 and not args[0].batched \
+                and args[1].batched and not args[0].scalar:
+            return args[1].text, args[0].at(ATOM)
+        return None
+
     def emit(self, out: _Lines, nids: list[int], stage: str) -> None:
         users = {n: [u for u in self.graph.users(n) if u in self.stages] for n in nids}
         for nid in nids:
@@ -103,7 +111,8 @@ class _Renderer:
             single = (len(users[nid]) == 1 and self.stages.get(users[nid][0]) == stage
                       and self.graph[users[nid][0]].op != "split") or not users[nid]
             if nid not in self.roots and (simple or (node.name is None and single)):
-                self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar)
+                self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar,
+                                           self._linear(node, args))
                 continue
             out(f"{self.name(nid)} = {text}")
 

@@ -37,6 +37,7 @@ class Operand:
     batched: bool
     rank: int
     scalar: bool  # a Python number, not a tensor
+    linear: tuple[str, str] | None = None  # (x, W) when this is F.linear(x, W) of a batched x
 
     def at(self, prec: int) -> str:
         return self.text if self.prec >= prec else f"({self.text})"
@@ -132,11 +133,28 @@ class TorchExpr:
     def _binary(self, node: Node, args, batched):
         rank = len(node.shape)
         a, b = (self.pad(x, rank) for x in args)
+        fused = self._fuse_linear(node, a, b)
+        if fused:
+            return fused
         sym, prec = BINARY[node.op]
         if a.scalar and b.scalar and not node.scalar:  # e.g. a comparison of two numbers
             a = Operand(self.tensor(a), ATOM, False, 0, False)
         right = prec + 1 if node.op in ("sub", "div", "floordiv", "mod") or prec == CMP else prec
         return f"{a.at(prec)} {sym} {b.at(right)}", prec
+
+    @staticmethod
+    def _fuse_linear(node: Node, a: Operand, b: Operand) -> tuple[str, int] | None:
+        """`F.linear(x, W) + c` as one op: addmm for a batched c, F.linear's bias for a constant one."""
+        if node.op != "add" or len(node.shape) != 1:
+            return None
+        for lin, other in ((a, b), (b, a)):
+            if lin.linear is None or other.scalar or other.rank != 1:
+                continue
+            x, w = lin.linear
+            if other.batched:
+                return f"torch.addmm({other.text}, {x}, {w}.t())", ATOM
+            return f"F.linear({x}, {w}, {other.text})", ATOM
+        return None
 
     def _pow(self, node: Node, args, batched):
         rank = len(node.shape)
