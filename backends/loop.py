@@ -110,7 +110,8 @@ class _Renderer:
             simple = not node.args and node.op in ("const", "dim")
             single = (len(users[nid]) == 1 and self.stages.get(users[nid][0]) == stage
                       and self.graph[users[nid][0]].op != "split") or not users[nid]
-            if nid not in self.roots and (simple or (node.name is None and single)):
+            short = len(text) <= 160  # keeps lines readable and generated expressions shallow
+            if nid not in self.roots and (simple or (node.name is None and single and short)):
                 self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar,
                                            self._linear(node, args))
                 continue

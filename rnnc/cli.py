@@ -269,6 +269,15 @@ def _err(text: str) -> None:
 # commands
 # ---------------------------------------------------------------------------------------
 
+def report_summary(report: Any) -> str:
+    """The short form of an analysis report: `report.summary()` when the report has one, else
+    its text up to the first blank line (the full text may go on with an IR listing)."""
+    summary = getattr(report, "summary", None)
+    if callable(summary):
+        return str(summary()).rstrip("\n")
+    return str(report).strip("\n").split("\n\n", 1)[0]
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     rnnc = _rnnc()
     dims = _dims(args)
@@ -282,7 +291,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            "leave out -D; the module binds dims when it is built")
         kwargs.update(dims)
     source = rnnc.compile(prog, **kwargs)
-    summary = str(rnnc.analyze(prog, cell=args.cell)).rstrip("\n")
+    summary = report_summary(rnnc.analyze(prog, cell=args.cell))
     if args.output:
         _write_text(args.output, source if source.endswith("\n") else source + "\n")
         _out(summary)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from . import ast
 from .elaborate import DefInfo, Elaborator
-from .errors import RnncError, SpecNotFoundError
+from .errors import InternalError, Loc, RnncError, SpecNotFoundError
 from .ir import Cell
 from .parser import parse_module
 from .resources import specs_dir
@@ -47,10 +47,19 @@ class Program:
 
 
 def parse_program(text: str, filename: str = "<string>") -> Program:
-    module = parse_module(text, filename)
-    defs: dict[str, DefInfo] = {}
-    _collect_defs(module, defs, seen={_key(filename)})
-    return Program(module, defs)
+    try:
+        module = parse_module(text, filename)
+        defs: dict[str, DefInfo] = {}
+        _collect_defs(module, defs, seen={_key(filename)})
+        return Program(module, defs)
+    except RecursionError:
+        raise RnncError("program nested too deeply", Loc(filename, 1, 1),
+                        "split deep expressions into several `let` bindings") from None
+    except RnncError:
+        raise
+    except Exception as e:  # a compiler bug: still an RnncError, never a traceback at the CLI
+        raise InternalError(f"internal compiler error while checking {filename}: {e.__class__.__name__}: {e}",
+                            hint="please report this with the spec that triggered it") from e
 
 
 def _key(filename: str) -> str:

@@ -757,3 +757,103 @@ def test_call_with_too_many_inputs(acc_cell):
     with pytest.raises((RnncError, TypeError)) as info:
         acc_cell(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
     assert not isinstance(info.value, InternalError)
+
+
+# ---- more malformed programs: class, line and a hint -------------------------------------
+
+def _cell(body: str, ports: str = "x: [H]", outs: str = "y: [H]", pre: str = "") -> str:
+    return f"{pre}cell c({ports}) -> ({outs}) {{\n{body}\n}}\n"
+
+
+# (id, text, acceptable classes, line of the offending token)
+MORE = [
+    ("index-out-of-range", _cell("    y = x + x[10]", "x: [4]", "y: [4]"), ShapeError, 2),
+    ("negative-index-out-of-range", _cell("    y = x + x[-5]", "x: [4]", "y: [4]"), ShapeError, 2),
+    ("empty-slice", _cell("    y = x[3:1]", "x: [4]", "y: [4]"), ShapeError, 2),
+    ("too-many-indices", _cell("    y = x + x[0, 0, 0]"), ShapeError, 2),
+    ("two-ellipses", _cell("    y = x + x[..., ...]"), ShapeError, 2),
+    ("float-index", _cell("    y = x + x[0.5]"), TypeError_, 2),
+    ("axis-out-of-range", _cell("    y = x + sum(x, axis=5)"), ShapeError, 2),
+    ("softmax-axis-out-of-range", _cell("    y = softmax(x, axis=3)"), ShapeError, 2),
+    ("concat-axis-out-of-range", _cell("    y = concat(x, x, axis=3)"), ShapeError, 2),
+    ("non-constant-axis", _cell("    y = x + sum(x, axis=x)"), TypeError_, 2),
+    ("non-constant-split", _cell("    let a, b = split(x, x)\n    y = x"), TypeError_, 2),
+    ("split-into-zero", _cell("    let a = split(x, 0)\n    y = x"), ShapeError, 2),
+    ("arange-empty", _cell("    y = x + sum(arange(5, 1))"), ShapeError, 2),
+    ("zeros-negative", _cell("    y = x + sum(zeros(-1))"), ShapeError, 2),
+    ("eye-zero", _cell("    y = x + sum(eye(0))"), ShapeError, 2),
+    ("ragged-literal", _cell("    y = x + sum([[1, 2], [3]])"), ShapeError, 2),
+    ("literal-of-values", _cell("    y = x + sum([x[0], 1])"), (UnsupportedError, TypeError_), 2),
+    ("transpose-vector", _cell("    y = transpose(x)"), ShapeError, 2),
+    ("outer-of-matrices", _cell("    y = sum(outer(eye(H), eye(H)), axis=0)[0]"), ShapeError, 2),
+    ("where-numeric-condition", _cell("    y = where(x, x, x)"), TypeError_, 2),
+    ("and-on-numbers", _cell("    y = where(x and x, x, x)"), TypeError_, 2),
+    ("boolean-output", _cell("    y = x > 0"), TypeError_, 2),
+    ("boolean-state", _cell("    state s: [H] = 0\n    s = x > 0\n    y = x"), TypeError_, 3),
+    ("unknown-keyword", _cell("    y = sigmoid(x, foo=1)"), ArityError, 2),
+    ("keyword-to-def", _cell("    y = f(a=x)", pre="def f(a) = a\n"), ArityError, 3),
+    ("dim-division-by-zero", _cell("    y = x", "x: [H // 0]", "y: [H // 0]"), DimError, 1),
+    ("dim-size-zero", _cell("    y = x", "x: [H - H]", "y: [H - H]"), DimError, 1),
+    ("dim-default-zero", _cell("    dim N = 0\n    param w: [N] = 1\n    y = x + sum(w)"), DimError, 2),
+    ("dim-default-self", _cell("    dim N = N\n    param w: [N] = 1\n    y = x + sum(w)"), DimError, 2),
+    ("dim-and-param-same-name", _cell("    param w: [H] = 1\n    y = x", "x: [w]"), DimError, 2),
+    ("unknown-distribution", _cell("    param w: [H] ~ cauchy(0, 1)\n    y = x * w"), UnknownNameError, 2),
+    ("distribution-bad-keyword", _cell("    param w: [H] ~ normal(mu=0, std=1)\n    y = x * w"), ArityError, 2),
+    ("distribution-missing-arg", _cell("    param w: [H] ~ uniform(1)\n    y = x * w"), ArityError, 2),
+    ("param-init-uses-input", _cell("    param w: [H] = x\n    y = x * w"), TypeError_, 2),
+    ("state-init-uses-state", _cell("    state s: [H] = 0\n    state t: [H] = s\n    s = s + 1\n"
+                                    "    t = t + 1\n    y = t"), TypeError_, 3),
+    ("state-init-wrong-shape", _cell("    state s: [H] = eye(H)\n    s = s + x\n    y = s"), ShapeError, 2),
+    ("param-init-wrong-shape", _cell("    param a: [2] = [1, 2, 3]\n    y = x + sum(a)"), ShapeError, 2),
+    ("output-and-state-shapes-differ", _cell("    state y: [2] = 0\n    y = y + 1"), ShapeError, 1),
+    # Redefinitions: any RnncError subclass, pointing at the second definition.
+    ("let-defined-twice", _cell("    let a = x\n    let a = x + 1\n    y = a"), RnncError, 3),
+    ("state-declared-twice", _cell("    state h: [H] = 0\n    state h: [H] = 0\n    h = h + x\n    y = h"),
+     RnncError, 3),
+    ("input-declared-twice", _cell("    y = x", "x: [H], x: [H]"), RnncError, 1),
+    ("def-defined-twice", _cell("    y = f(x)", pre="def f(a) = a\ndef f(a) = a + 1\n"), RnncError, 2),
+    ("cell-defined-twice", _cell("    y = x", pre="cell c(x: [H]) -> (y: [H]) {\n    y = x\n}\n"), RnncError, 4),
+]
+
+
+@pytest.mark.parametrize("text, cls, line", [m[1:] for m in MORE], ids=[m[0] for m in MORE])
+def test_more_malformed_programs(text, cls, line):
+    err = expect(text, cls, line=line)
+    row = text.splitlines()[line - 1]
+    assert 1 <= err.column <= len(row) + 1, err
+
+
+# ---- errors that can only be found once dims are bound (build time) ----------------------
+
+@pytest.mark.parametrize("text, dims", [
+    pytest.param(_cell("    y = x[5]", outs="y: []"), {"H": 3}, id="index-past-H"),
+    pytest.param(_cell("    y = x[1:5]", outs="y: [4]"), {"H": 3}, id="slice-past-H"),
+    pytest.param(_cell("    y = x", "x: [2 - H]", "y: [2 - H]"), {"H": 3}, id="negative-size"),
+])
+def test_sizes_checked_when_dims_are_bound(text, dims):
+    """Valid for some dims, wrong for these: an RnncError at build() or at the first call."""
+    import torch
+
+    prog = check(text)
+    try:
+        module = rnnc.build(prog, backend="loop", **dims)
+        module(torch.randn(2, 3, 3))
+    except RnncError as err:
+        assert not isinstance(err, InternalError), str(err)
+        assert isinstance(err, (ShapeError, DimError, BuildError)), f"{type(err).__name__}: {err}"
+    else:
+        pytest.fail("out-of-range size accepted")
+
+
+@pytest.mark.parametrize("init", ["uniform(1, -1)", "normal(0, -1)"])
+def test_bad_initialiser_arguments(init):
+    """Arguments torch.nn.init would reject are reported as an RnncError, not a torch error."""
+    text = _cell(f"    param w: [H] ~ {init}\n    y = w * x")
+    try:
+        rnnc.build(check(text), backend="loop", H=3)
+    except RnncError as err:
+        assert not isinstance(err, InternalError), str(err)
+        if err.loc is not None:
+            assert err.line == 2
+    else:
+        pytest.fail(f"{init} accepted")
