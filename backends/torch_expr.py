@@ -24,8 +24,7 @@ TORCH_UNARY = {
 }
 MATH_UNARY = {"sqrt": "math.sqrt", "exp": "math.exp", "log": "math.log", "sin": "math.sin", "cos": "math.cos",
               "tanh": "math.tanh", "log1p": "math.log1p", "expm1": "math.expm1", "abs": "abs"}
-BINARY = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "floordiv": ("//", MUL),
-          "mod": ("%", MUL), "lt": ("<", CMP), "le": ("<=", CMP), "gt": (">", CMP), "ge": (">=", CMP),
+BINARY = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "mod": ("%", MUL), "lt": ("<", CMP), "le": ("<=", CMP), "gt": (">", CMP), "ge": (">=", CMP),
           "eq": ("==", CMP), "ne": ("!=", CMP)}
 REDUCE = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
 
@@ -57,10 +56,6 @@ def shape_text(shape: D.Shape) -> str:
     """A Python tuple of the sizes: `()`, `(d_H,)`, `(d_K, d_V)`."""
     parts = [pyint(d) for d in shape]
     return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
-
-
-def fits(node: Node) -> bool:
-    return node.op in MATH_UNARY or node.scalar
 
 
 class TorchExpr:
@@ -139,7 +134,7 @@ class TorchExpr:
         sym, prec = BINARY[node.op]
         if a.scalar and b.scalar and not node.scalar:  # e.g. a comparison of two numbers
             a = Operand(self.tensor(a), ATOM, False, 0, False)
-        right = prec + 1 if node.op in ("sub", "div", "floordiv", "mod") or prec == CMP else prec
+        right = prec + 1 if node.op in ("sub", "div", "mod") or prec == CMP else prec
         return f"{a.at(prec)} {sym} {b.at(right)}", prec
 
     @staticmethod
@@ -155,6 +150,14 @@ class TorchExpr:
                 return f"torch.addmm({other.text}, {x}, {w}.t())", ATOM
             return f"F.linear({x}, {w}, {other.text})", ATOM
         return None
+
+    def _floordiv(self, node: Node, args, batched):
+        """floor(a / b): same values as `//`, but differentiable (zero gradient) where torch's `//` is not."""
+        rank = len(node.shape)
+        a, b = (self.pad(x, rank) for x in args)
+        if node.scalar:
+            return f"{a.at(MUL)} // {b.at(MUL + 1)}", MUL
+        return f"torch.floor({self.tensor(a) if a.scalar else a.at(MUL)} / {b.at(MUL + 1)})", ATOM
 
     def _pow(self, node: Node, args, batched):
         rank = len(node.shape)

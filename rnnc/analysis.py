@@ -71,6 +71,11 @@ class Report:
         }
 
     def __str__(self) -> str:
+        return self.summary() + "\n\nIR (stage of each op: const = once per call, hoist = all time steps at once, " \
+            "loop = per step):\n" + "\n".join("  " + line for line in self.listing().splitlines())
+
+    def summary(self) -> str:
+        """The verdicts in a few lines, without the IR listing."""
         d = self.to_dict()
         c = self.cell
         lines = [f"cell {c.name} ({c.file})"]
@@ -87,9 +92,6 @@ class Report:
         for note in self.notes:
             lines.append(f"  note: {note}")
         lines.append(f"  backend: {self.backend}")
-        lines.append("")
-        lines.append("IR (stage of each op: const = once per call, hoist = all time steps at once, loop = per step):")
-        lines.extend("  " + line for line in self.listing().splitlines())
         return "\n".join(lines)
 
     def listing(self) -> str:

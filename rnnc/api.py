@@ -74,12 +74,27 @@ def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Repor
     return analyze_cell(optimize(_program(spec).cell(cell)), _pick_backend(backend))
 
 
-def compile(spec: Spec, cell: str | None = None, backend: str = "loop") -> str:  # noqa: A001
-    """Source of a standalone Python module (imports only torch) implementing the cell."""
+def compile(spec: Spec, cell: str | None = None, backend: str = "loop", **dims) -> str:  # noqa: A001
+    """Source of a standalone Python module (imports only torch) implementing the cell.
+
+    Dims given here become the module's defaults (the constructor can still override them).
+    """
     from rnnc.backends.loop import emit_module
 
-    report = analyze(spec, cell, backend)
-    return emit_module(report.cell, report)
+    ir = _program(spec).cell(cell)
+    _check_dims(ir, dims)
+    report = analyze_cell(optimize(ir), _pick_backend(backend))
+    return emit_module(report.cell, report, defaults=dims)
+
+
+def _check_dims(ir, dims: dict) -> None:
+    for key, value in dims.items():
+        if key not in ir.dims:
+            raise BuildError(f"cell '{ir.name}' has no dim '{key}'",
+                             hint=f"its dims are: {', '.join(ir.dims) or 'none'}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BuildError(f"dim {key} must be a positive integer, got {value!r}", ir.dims[key].loc,
+                             f"pass e.g. {key}=16")
 
 
 def graph_dot(spec: Spec, cell: str | None = None) -> str:
@@ -95,25 +110,18 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
 
     prog = _program(spec)
     ir = prog.cell(cell)
-    for key, value in dims.items():
-        if key not in ir.dims:
-            raise BuildError(f"cell '{ir.name}' has no dim '{key}'",
-                             hint=f"its dims are: {', '.join(ir.dims) or 'none'}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BuildError(f"dim {key} must be a positive integer, got {value!r}", ir.dims[key].loc,
-                             f"pass e.g. {key}=16")
+    _check_dims(ir, dims)
     report = analyze_cell(optimize(ir), _pick_backend(backend))
     from rnnc.backends.loop import emit_module
 
     source = emit_module(report.cell, report)
     module = load_source(source, ir.name)
     module.InputError = InputError
-    bound = {k: v for k, v in dims.items()}
-    missing = [d for d in module.Cell.REQUIRED if d not in bound and d not in module.Cell.DEFAULTS]
+    missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]
     if missing:
         raise BuildError(f"dim {missing[0]} of cell '{ir.name}' is not bound", ir.dims[missing[0]].loc,
                          f"the params' shapes need it: pass {missing[0]}=... to build")
-    instance = module.Cell(device=device, dtype=dtype, **bound)
+    instance = module.Cell(device=device, dtype=dtype, **dims)
     instance.source = source
     instance.backend = report.backend
     return instance

@@ -230,18 +230,6 @@ def _dims(args: argparse.Namespace) -> dict[str, int]:
     return dims
 
 
-def _accepts_kwargs(func: Callable, names: Sequence[str]) -> bool:
-    """Whether `func` takes these keyword arguments (by name or through **kwargs)."""
-    import inspect
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return True
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    return all(n in params for n in names)
-
-
 def _write_text(path: str, text: str) -> None:
     try:
         Path(path).write_text(text, encoding="utf-8")
@@ -269,15 +257,6 @@ def _err(text: str) -> None:
 # commands
 # ---------------------------------------------------------------------------------------
 
-def report_summary(report: Any) -> str:
-    """The short form of an analysis report: `report.summary()` when the report has one, else
-    its text up to the first blank line (the full text may go on with an IR listing)."""
-    summary = getattr(report, "summary", None)
-    if callable(summary):
-        return str(summary()).rstrip("\n")
-    return str(report).strip("\n").split("\n\n", 1)[0]
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
     rnnc = _rnnc()
     dims = _dims(args)
@@ -285,13 +264,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"cell": args.cell}
     if args.backend is not None:
         kwargs["backend"] = args.backend
-    if dims:
-        if not _accepts_kwargs(rnnc.compile, list(dims)):
-            raise CliError("this version of rnnc.compile does not take dims (-D)",
-                           "leave out -D; the module binds dims when it is built")
-        kwargs.update(dims)
-    source = rnnc.compile(prog, **kwargs)
-    summary = report_summary(rnnc.analyze(prog, cell=args.cell))
+    source = rnnc.compile(prog, **kwargs, **dims)
+    summary = rnnc.analyze(prog, cell=args.cell).summary()
     if args.output:
         _write_text(args.output, source if source.endswith("\n") else source + "\n")
         _out(summary)

@@ -377,7 +377,7 @@ class Elaborator:
         if op == "matmul":
             return graph.add(Node("matmul", tuple(args), ops.matmul(nodes[0], nodes[1], loc), loc=loc))
         shape, dtype = ops.elementwise(op, nodes, loc)
-        scalar = all(n.scalar for n in nodes) and (op in ops.ARITH or op in ops.UNARY)
+        scalar = all(n.scalar for n in nodes) and (op in ops.ARITH or op in ops.MATH_UNARY)
         return graph.add(Node(op, tuple(args), shape, dtype, attrs=attrs, loc=loc, scalar=scalar))
 
     def _e_Index(self, e: ast.Index, scope: Scope, graph: Graph) -> Value:

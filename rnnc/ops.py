@@ -14,6 +14,8 @@ UNARY = frozenset({
     "sigmoid", "tanh", "relu", "exp", "log", "softplus", "silu", "logsigmoid", "abs", "sqrt",
     "rsqrt", "sin", "cos", "gelu", "elu", "sign", "log1p", "expm1", "square",
 })
+#: Unary functions that Python's math module computes, so they stay compile-time scalars.
+MATH_UNARY = frozenset({"sqrt", "exp", "log", "sin", "cos", "tanh", "log1p", "expm1", "abs", "square"})
 ARITH = frozenset({"add", "sub", "mul", "div", "floordiv", "mod", "pow", "minimum", "maximum"})
 COMPARE = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
 LOGIC = frozenset({"and", "or"})

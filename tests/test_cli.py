@@ -240,7 +240,7 @@ def test_compile_to_stdout_summary_to_stderr(capsys):
     captured = capsys.readouterr()
     ast.parse(captured.out)  # the module source, valid Python
     assert captured.out.strip() == rnnc.compile(rnnc.load("gla")).strip()
-    summary = cli.report_summary(rnnc.analyze(rnnc.load("gla")))
+    summary = rnnc.analyze(rnnc.load("gla")).summary()
     assert captured.err.strip() == summary.strip()
     assert summary.startswith("cell gla") and "backend" in summary
 
