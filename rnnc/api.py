@@ -104,6 +104,13 @@ def graph_dot(spec: Spec, cell: str | None = None) -> str:
     return to_dot(_program(spec).cell(cell))
 
 
+def graph_svg(spec: Spec, cell: str | None = None) -> str:
+    """A self-contained SVG drawing of the cell's IR (no Graphviz needed)."""
+    from .graphviz import to_svg
+
+    return to_svg(_program(spec).cell(cell))
+
+
 def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=None, dtype=None, **dims):
     """A torch.nn.Module running the cell; dims (e.g. H=64) bind sizes the spec leaves symbolic."""
     from .runtime import load_source

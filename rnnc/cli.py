@@ -316,11 +316,17 @@ def cmd_graph(args: argparse.Namespace) -> int:
         elif suffix not in (".dot", ".gv"):
             raise CliError(f"cannot tell the graph format from '{out}'",
                            "name the output .dot or .gv (Graphviz text) or .svg/.png/.pdf")
-        if fmt and shutil.which("dot") is None:
+        if fmt == "svg" and shutil.which("dot") is None:
+            fmt = "builtin-svg"  # rnnc's own layered layout; Graphviz lays out better when present
+        elif fmt and shutil.which("dot") is None:
             raise CliError(f"writing {suffix} needs Graphviz's `dot` program, which is not on PATH",
-                           "install graphviz (e.g. `apt-get install graphviz`), "
-                           "or write a .dot file and render it elsewhere")
+                           "install graphviz (e.g. `apt-get install graphviz`), write .svg (rnnc draws "
+                           "it itself), or write a .dot file and render it elsewhere")
     prog = _load(args.spec)
+    if fmt == "builtin-svg":
+        _write_text(out, rnnc.graph_svg(prog, cell=args.cell))
+        _out(f"wrote {out}")
+        return EXIT_OK
     dot = rnnc.graph_dot(prog, cell=args.cell)
     if not out:
         _out(dot)

@@ -260,12 +260,23 @@ def test_graph_dot(tmp_path, capsys):
     assert capsys.readouterr().out.lstrip().startswith("digraph")
 
 
-def test_graph_svg_without_graphviz(tmp_path, capsys, monkeypatch):
+def test_graph_svg_without_graphviz_is_drawn_by_rnnc(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli.shutil, "which", lambda name: None)
-    assert main(["graph", "gla", "-o", str(tmp_path / "g.svg")]) == 1
+    out = tmp_path / "g.svg"
+    assert main(["graph", "lstm", "-o", str(out)]) == 0
+    svg = out.read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    for label in ("weight_ih = param", "c = add", "h = mul"):  # one box per IR node, named ones labelled
+        assert label in svg
+    assert svg.count("stroke-dasharray") == 2  # the carry edges of h and c
+
+
+def test_graph_png_without_graphviz(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    assert main(["graph", "gla", "-o", str(tmp_path / "g.png")]) == 1
     err = capsys.readouterr().err
     assert "graphviz" in err.lower() and ".dot" in err
-    assert not (tmp_path / "g.svg").exists()
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_graph_unknown_format(tmp_path, capsys):
