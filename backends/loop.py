@@ -60,6 +60,7 @@ class _Renderer:
         self.step_ref: dict[int, str] = {}  # hoisted node -> its per-step slice expression
         self.roots = roots
         self.used_names: set[str] = set()
+        self.deferred: dict[str, str] = {}  # param variable -> its _DeferredWeight (loop stage)
 
     def batched(self, nid: int) -> bool:
         return self.stages.get(nid, "const") != "const"
@@ -91,13 +92,20 @@ class _Renderer:
         a = self.operand(nid, stage)
         return TorchExpr.tensor(a) if a.scalar else a.at(ATOM)
 
-    @staticmethod
-    def _linear(node, args: list[Operand]) -> tuple[str, str] | None:
-        """(x, W) when the node renders as F.linear(x, W) with a batched x (see TorchExpr._fuse_linear)."""
-        if node.op == "matmul" and args[0].rank == 2 and args[1].rank == 1 and not args[0].batched \
-                and args[1].batched and not args[0].scalar:
-            return args[1].text, args[0].at(ATOM)
-        return None
+    def _linear(self, node, args: list[Operand], stage: str) -> tuple[str, str, str | None] | None:
+        """(x, W, deferred) when the node is F.linear(x, W) of a batched x (see TorchExpr._fuse_linear).
+
+        Inside the loop, a param W goes through a _DeferredWeight, which computes W's gradient
+        as one matmul over all steps instead of one per step.
+        """
+        if not (node.op == "matmul" and args[0].rank == 2 and args[1].rank == 1 and not args[0].batched
+                and args[1].batched and not args[0].scalar):
+            return None
+        w = node.args[0]
+        deferred = None
+        if stage == "loop" and self.graph[w].op == "param":
+            deferred = self.deferred.setdefault(self.name(w), f"lin_{self.graph[w].name}")
+        return args[1].text, args[0].at(ATOM), deferred
 
     def emit(self, out: _Lines, nids: list[int], stage: str) -> None:
         users = {n: [u for u in self.graph.users(n) if u in self.stages] for n in nids}
@@ -107,6 +115,9 @@ class _Renderer:
                 continue
             args = [self.operand(a, stage) for a in node.args]
             text, prec = self.expr.render(nid, args, self.batched(nid))
+            linear = self._linear(node, args, stage)
+            if linear and linear[2]:
+                text, prec = f"{linear[2]}({linear[0]})", ATOM
             if node.op == "split":
                 items = sorted(users[nid], key=lambda u: self.graph[u].attrs["index"])
                 names = [self.name(u) for u in items]
@@ -117,8 +128,7 @@ class _Renderer:
                       and self.graph[users[nid][0]].op != "split") or not users[nid]
             short = len(text) <= 160  # keeps lines readable and generated expressions shallow
             if nid not in self.roots and (simple or (node.name is None and single and short)):
-                self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar,
-                                           self._linear(node, args))
+                self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar, linear)
                 continue
             out(f"{self.name(nid)} = {text}")
 
@@ -324,9 +334,13 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
     loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
     for o in loop_outs:
         L(f"out_{o.name} = []")
+    loop_at = len(L.lines)
     L("for t in range(T):")
     L.indent()
     r.emit(L, loop, "loop")
+    if r.deferred:
+        pad = "    " * (L.depth - 1)
+        L.lines[loop_at:loop_at] = [f"{pad}{lin} = _DeferredWeight({w})" for w, lin in r.deferred.items()]
     for o in loop_outs:
         L(f"out_{o.name}.append({r.operand(o.node, 'loop').text})")
     if cell.states:

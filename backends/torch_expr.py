@@ -36,7 +36,9 @@ class Operand:
     batched: bool
     rank: int
     scalar: bool  # a Python number, not a tensor
-    linear: tuple[str, str] | None = None  # (x, W) when this is F.linear(x, W) of a batched x
+    # (x, W, deferred) when this is F.linear(x, W) of a batched x; `deferred` names the per-call
+    # _DeferredWeight wrapping W when W is a param used inside the recurrence (else None)
+    linear: tuple[str, str, str | None] | None = None
 
     def at(self, prec: int) -> str:
         return self.text if self.prec >= prec else f"({self.text})"
@@ -145,7 +147,9 @@ class TorchExpr:
         for lin, other in ((a, b), (b, a)):
             if lin.linear is None or other.scalar or other.rank != 1:
                 continue
-            x, w = lin.linear
+            x, w, deferred = lin.linear
+            if deferred:
+                return f"{deferred}({x}, {other.text})", ATOM
             if other.batched:
                 return f"torch.addmm({other.text}, {x}, {w}.t())", ATOM
             return f"F.linear({x}, {w}, {other.text})", ATOM
