@@ -119,8 +119,9 @@ class _Renderer:
             if linear and linear[2]:
                 text, prec = f"{linear[2]}({linear[0]})", ATOM
             if node.op == "split":
-                items = sorted(users[nid], key=lambda u: self.graph[u].attrs["index"])
-                names = [self.name(u) for u in items]
+                parts = {self.graph[u].attrs["index"]: u for u in users[nid]}
+                names = [self.name(parts[i]) if i in parts else "_"
+                         for i in range(len(node.attrs["sizes"]))]
                 out(f"{', '.join(names)}{',' if len(names) == 1 else ''} = {text}")
                 continue
             simple = not node.args and node.op in ("const", "dim")
@@ -253,11 +254,9 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
         r.used_names = {"cdt", "dev"}
         r.emit(L, g.order(g.ancestors(args)), "const")
         vals = [r.operand(a, "const") for a in args]
-        num = [v.text if v.scalar else f"float({v.text})" for v in vals]
-        if kind == "uniform":
-            L(f"nn.init.uniform_(self.{p.name}, {num[0]}, {num[1]})")
-        elif kind == "normal":
-            L(f"nn.init.normal_(self.{p.name}, {num[0]}, {num[1]})")
+        if kind in ("uniform", "normal"):
+            num = ", ".join(v.text if v.scalar else f"float({v.text})" for v in vals)
+            L(f"nn.init.{kind}_(self.{p.name}, *_check_init({p.name!r}, {kind!r}, {num}))")
         else:
             L(f"self.{p.name}.copy_({vals[0].text})")
     L.dedent(2)
@@ -365,7 +364,7 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
     if len(results) == 1:
         L(f"return {results[0]}, final")
     else:
-        L(f"return ({', '.join(results)}{',' if not results else ''}), final")
+        L(f"return ({', '.join(results)}), final")
     L.dedent()
     L()
 

@@ -75,6 +75,16 @@ def _need_dims(dims, names, where):
         raise InputError(f"dim {missing[0]} is not bound: pass {missing[0]}=... when building the cell ({where})")
 
 
+def _check_init(param, dist, a, b):
+    """uniform(lo, hi) needs lo <= hi; normal(mean, std) needs std >= 0 (both finite)."""
+    if not (math.isfinite(a) and math.isfinite(b)) or (dist == "uniform" and a > b) or (dist == "normal" and b < 0):
+        want = "lo <= hi" if dist == "uniform" else "std >= 0"
+        err = InputError(f"param {param!r}: {dist}({a}, {b}) is invalid: it needs {want}, both finite")
+        err.param = param
+        raise err
+    return float(a), float(b)
+
+
 def _compute_dtype(dtypes):
     """float32 at least (float64 stays float64): half-precision inputs are upcast."""
     out = torch.float32

@@ -24,7 +24,7 @@ TORCH_UNARY = {
 }
 MATH_UNARY = {"sqrt": "math.sqrt", "exp": "math.exp", "log": "math.log", "sin": "math.sin", "cos": "math.cos",
               "tanh": "math.tanh", "log1p": "math.log1p", "expm1": "math.expm1", "abs": "abs"}
-BINARY = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "mod": ("%", MUL), "lt": ("<", CMP), "le": ("<=", CMP), "gt": (">", CMP), "ge": (">=", CMP),
+BINARY = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "lt": ("<", CMP), "le": ("<=", CMP), "gt": (">", CMP), "ge": (">=", CMP),
           "eq": ("==", CMP), "ne": ("!=", CMP)}
 REDUCE = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
 
@@ -136,7 +136,7 @@ class TorchExpr:
         sym, prec = BINARY[node.op]
         if a.scalar and b.scalar and not node.scalar:  # e.g. a comparison of two numbers
             a = Operand(self.tensor(a), ATOM, False, 0, False)
-        right = prec + 1 if node.op in ("sub", "div", "mod") or prec == CMP else prec
+        right = prec + 1 if node.op in ("sub", "div") or prec == CMP else prec
         return f"{a.at(prec)} {sym} {b.at(right)}", prec
 
     @staticmethod
@@ -162,6 +162,15 @@ class TorchExpr:
         if node.scalar:
             return f"{a.at(MUL)} // {b.at(MUL + 1)}", MUL
         return f"torch.floor({self.tensor(a) if a.scalar else a.at(MUL)} / {b.at(MUL + 1)})", ATOM
+
+    def _mod(self, node: Node, args, batched):
+        """Python's (floored) modulo as a - floor(a / b) * b: differentiable where torch's `%` is not."""
+        rank = len(node.shape)
+        a, b = (self.pad(x, rank) for x in args)
+        if node.scalar:
+            return f"{a.at(MUL)} % {b.at(MUL + 1)}", MUL
+        a_t = self.tensor(a) if a.scalar else a.at(ADD)
+        return f"{a_t} - torch.floor({a.at(MUL)} / {b.at(MUL + 1)}) * {b.at(MUL + 1)}", ADD
 
     def _pow(self, node: Node, args, batched):
         rank = len(node.shape)

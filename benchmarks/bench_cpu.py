@@ -8,7 +8,8 @@ Part 1 times one fp32 LSTM layer on the CPU at (B=16, T=256, I=H=128) and (B=64,
 I=H=512): the forward pass under `torch.inference_mode()` for both, and forward + backward of
 `out.sum()` with respect to the input and all params. rnnc's cell gets torch's weights (same
 names minus torch's `_l0` suffix) and its outputs are checked against torch's before timing.
-Each number is the median of N timed runs after warm-up runs. The thread count is torch's
+Each number is the median of N timed runs after warm-up runs, the two implementations
+alternating run by run. The thread count is torch's
 default (printed).
 
 Part 2 times `rnnc.compile(rnnc.parse(text))` (parse + analyse + codegen) for every library
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -42,15 +44,19 @@ TARGET_COMPILE_S = 0.5
 
 # ---- helpers -----------------------------------------------------------------------------
 
-def median_ms(fn, warmup: int, repeats: int) -> float:
+def time_pair_ms(fns: dict, warmup: int, repeats: int) -> dict:
+    """name -> (median, min, max) wall ms. The functions alternate run by run (A B A B ...) so
+    that background load on a small shared machine hits both sides alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
 
 def copy_lstm_weights(ref: torch.nn.LSTM, cell: torch.nn.Module) -> None:
@@ -133,8 +139,9 @@ def bench_lstm(B: int, T: int, I: int, H: int, warmup: int, repeats: int) -> dic
 
     row = {"B": B, "T": T, "I": I, "H": H, "max_abs_diff": err, "grad_rel_diff": gerr}
     for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        row[f"{mode}_torch_ms"] = median_ms(make(ref), warmup, repeats)
-        row[f"{mode}_rnnc_ms"] = median_ms(make(cell), warmup, repeats)
+        timed = time_pair_ms({"torch": make(ref), "rnnc": make(cell)}, warmup, repeats)
+        for who, (med, lo, hi) in timed.items():
+            row[f"{mode}_{who}_ms"], row[f"{mode}_{who}_range_ms"] = med, (lo, hi)
         row[f"{mode}_ratio"] = row[f"{mode}_rnnc_ms"] / row[f"{mode}_torch_ms"]
     return row
 
@@ -188,15 +195,18 @@ def bench_compile(repeats: int, fresh: bool) -> list[dict]:
 # ---- report ------------------------------------------------------------------------------
 
 def lstm_table(rows: list[dict]) -> str:
-    out = ["| B | T | I=H | pass | torch.nn.LSTM (ms) | rnnc lstm, loop (ms) | rnnc/torch |",
-           "|---:|---:|---:|---|---:|---:|---:|"]
+    out = ["| B | T | I=H | pass | torch.nn.LSTM (ms) | rnnc lstm, loop (ms) | rnnc/torch | "
+           "torch min–max | rnnc min–max | ratio of mins |",
+           "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for mode in ("fwd", "fwd+bwd"):
             label = "forward (inference_mode)" if mode == "fwd" else "forward+backward"
             ratio = r[f"{mode}_ratio"]
             flag = "" if ratio <= TARGET_RATIO else " ✗"
+            (tlo, thi), (rlo, rhi) = r[f"{mode}_torch_range_ms"], r[f"{mode}_rnnc_range_ms"]
             out.append(f"| {r['B']} | {r['T']} | {r['H']} | {label} | {r[f'{mode}_torch_ms']:.1f} | "
-                       f"{r[f'{mode}_rnnc_ms']:.1f} | {ratio:.2f}×{flag} |")
+                       f"{r[f'{mode}_rnnc_ms']:.1f} | {ratio:.2f}×{flag} | {tlo:.0f}–{thi:.0f} | "
+                       f"{rlo:.0f}–{rhi:.0f} | {rlo / tlo:.2f}× |")
     return "\n".join(out)
 
 
@@ -223,6 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, help="timed runs per LSTM measurement (default 7, quick 3)")
     ap.add_argument("--warmup", type=int, help="untimed runs first (default 2, quick 1)")
     ap.add_argument("--no-fresh", action="store_true", help="skip the fresh-process compile timing")
+    ap.add_argument("--case", choices=["small", "large"], help="run only one LSTM size")
     ap.add_argument("--skip-lstm", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
@@ -232,15 +243,17 @@ def main(argv=None) -> int:
     compile_repeats = 5
 
     info = machine()
-    print(f"# rnnc CPU benchmark\n")
+    print("# rnnc CPU benchmark\n")
     print(f"- CPU: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
           f"torch.get_num_threads() = {info['threads']}, Python {info['python']}")
-    print(f"- fp32; median of {repeats} runs after {warmup} warm-up runs\n")
+    print(f"- fp32; median of {repeats} runs after {warmup} warm-up runs, torch and rnnc alternating")
+    print(f"- load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     results = {"machine": info, "repeats": repeats, "warmup": warmup}
 
     if not args.skip_lstm:
         rows = []
-        for case in CASES:
+        cases = CASES if not args.case else [CASES[0] if args.case == "small" else CASES[1]]
+        for case in cases:
             rows.append(bench_lstm(*case, warmup=warmup, repeats=repeats))
             print(f"  done {case}: max |y diff| {rows[-1]['max_abs_diff']:.2e}, "
                   f"grad rel diff {rows[-1]['grad_rel_diff']:.2e}", file=sys.stderr)
@@ -263,6 +276,7 @@ def main(argv=None) -> int:
         if fresh:
             print(f"slowest fresh-process compile {max(fresh) * 1e3:.1f} ms")
 
+    print(f"\n- load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

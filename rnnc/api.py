@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Union
 
 from .analysis import Report, analyze_cell
+from .bind import check_bound_dims
 from .optimize import optimize
 from .errors import BuildError, InputError, SpecNotFoundError
 from .program import Program, parse_program
@@ -118,6 +119,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     prog = _program(spec)
     ir = prog.cell(cell)
     _check_dims(ir, dims)
+    check_bound_dims(ir, dims)
     report = analyze_cell(optimize(ir), _pick_backend(backend))
     from rnnc.backends.loop import emit_module
 
@@ -128,7 +130,12 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     if missing:
         raise BuildError(f"dim {missing[0]} of cell '{ir.name}' is not bound", ir.dims[missing[0]].loc,
                          f"the params' shapes need it: pass {missing[0]}=... to build")
-    instance = module.Cell(device=device, dtype=dtype, **dims)
+    try:
+        instance = module.Cell(device=device, dtype=dtype, **dims)
+    except InputError as e:  # a bad initialiser argument, found once the dims are known
+        param = next((p for p in ir.params if p.name == getattr(e, "param", None)), None)
+        raise BuildError(e.message, param.loc if param else None,
+                         "check the initialiser's arguments for these dims") from None
     instance.source = source
     instance.backend = report.backend
     return instance

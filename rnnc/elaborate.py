@@ -144,7 +144,7 @@ class Elaborator:
             out = left * right
         else:
             if right == 0:
-                raise DimError("division by zero in a shape", d.loc, "")
+                raise DimError("division by zero in a shape", d.loc, "divide by a positive size")
             out = sympy.floor(left / right)
         if out.is_Integer and out <= 0:
             raise DimError(f"shape size {D.fmt(out)} is not positive", d.loc, "sizes must be at least 1")
@@ -202,7 +202,7 @@ class Elaborator:
             if i < len(values):
                 e = values[i]
                 if key in r.kwargs:
-                    raise ArityError(f"{r.dist}: '{key}' given twice", r.loc, "")
+                    raise ArityError(f"{r.dist}: '{key}' given twice", r.loc, "give it either by position or by name")
             elif key in r.kwargs:
                 e = r.kwargs[key]
             elif key in defaults:
@@ -322,7 +322,8 @@ class Elaborator:
 
     def _single(self, v: Value, loc: Loc | None) -> int:
         if isinstance(v, tuple):
-            raise ArityError(f"expected one value, got {len(v)}", loc, "destructure them with let a, b, ... = ...")
+            raise ArityError(f"expected one value, got a group of {len(v)} (from split or a def)", loc,
+                             f"bind them with let {', '.join('abcdefgh'[:min(len(v), 8)])} = ...")
         return v
 
     def _const(self, value: float, graph: Graph, loc: Loc | None) -> int:
@@ -391,7 +392,7 @@ class Elaborator:
             raise ShapeError(f"too many indices ({consumed}) for a value of shape {D.fmt_shape(node.shape)}", e.loc,
                              "index at most one position per axis")
         if sum(isinstance(it, ast.EllipsisItem) for it in e.items) > 1:
-            raise ShapeError("an index can have only one '...'", e.loc, "")
+            raise ShapeError("an index can have only one '...'", e.loc, "'...' stands for all the axes not indexed")
         out: list[D.Dim] = []
         axis = 0
         for it in e.items:
@@ -419,7 +420,8 @@ class Elaborator:
                 size = shape[axis]
                 i = self.dimval(it, scope)
                 if i.is_Integer and size.is_Integer and not -size <= i < size:
-                    raise ShapeError(f"index {i} is out of range for an axis of size {size}", it.loc, "")
+                    raise ShapeError(f"index {i} is out of range for an axis of size {size}", it.loc,
+                                     f"valid indices run from {-size} to {size - 1}")
                 if i.is_Integer and i < 0:
                     i = sympy.expand(size + i)
                 items.append(("int", i))
@@ -455,7 +457,7 @@ class Elaborator:
             if e.op == "*":
                 return a * b
             if b == 0:
-                raise ShapeError("integer division by zero", e.loc, "")
+                raise ShapeError("integer division by zero", e.loc, "divide by a positive size")
             return sympy.floor(a / b)
         raise TypeError_("expected a constant integer (numbers and dims with + - * //)", e.loc,
                          "indices, slice bounds and sizes must be known before the step runs")
@@ -489,7 +491,8 @@ class Elaborator:
 
     def _e_Call(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
         if e.func in scope.values:
-            raise TypeError_(f"'{e.func}' is a value, not a function", e.loc, "")
+            raise TypeError_(f"'{e.func}' is a value, not a function", e.loc,
+                             "a let, input or param cannot be called; rename it if a def of that name was meant")
         if e.func in self.defs:
             return self._inline(e, scope, graph)
         if e.func not in BUILTINS:
@@ -502,7 +505,8 @@ class Elaborator:
         info = self.defs[e.func]
         d = info.node
         if e.kwargs:
-            raise ArityError(f"'{e.func}' takes positional arguments only", e.loc, "")
+            raise ArityError(f"'{e.func}' takes positional arguments only", e.loc,
+                             f"call it as {e.func}({', '.join(d.params)})")
         if len(e.args) != len(d.params):
             raise ArityError(f"'{e.func}' takes {len(d.params)} argument{'s' * (len(d.params) != 1)}, "
                              f"got {len(e.args)}", e.loc, f"it is defined at {d.loc}")
@@ -513,7 +517,7 @@ class Elaborator:
         inner = Scope(f"def {e.func}") if scope.what not in ("state init", "param init") else Scope(scope.what)
         for name, v in zip(d.params, args):
             if name in inner.values:
-                raise RnncError(f"parameter '{name}' of '{e.func}' is named twice", d.loc, "")
+                raise RnncError(f"parameter '{name}' of '{e.func}' is named twice", d.loc, "give each parameter its own name")
             inner.bind(name, v, d.loc)
         self._inline_stack.append(e.func)
         try:
@@ -543,7 +547,7 @@ class Elaborator:
             return default
         v = self.dimval(e.kwargs["axis"], scope)
         if not v.is_Integer:
-            raise TypeError_("axis must be an integer", e.kwargs["axis"].loc, "")
+            raise TypeError_("axis must be an integer", e.kwargs["axis"].loc, "write e.g. axis=0 or axis=-1")
         return int(v)
 
     def _builtin(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
@@ -573,7 +577,7 @@ class Elaborator:
             ops._need_float(graph[x], f, loc)
             rank = len(graph[x].shape)
             if rank == 0:
-                raise ShapeError(f"{f} needs a vector, got a scalar", loc, "")
+                raise ShapeError(f"{f} needs a vector, got a scalar", loc, "it works along an axis of a vector or matrix")
             ax = ops.norm_axis(self._axis(e, scope, -1), rank, f, loc)
             return graph.add(Node(f, (x,), graph[x].shape, attrs={"axis": ax}, loc=loc))
         if f == "outer":
@@ -606,7 +610,7 @@ class Elaborator:
             hi = self.dimval(e.args[-1], scope)
             n = sympy.expand(hi - lo)
             if n.is_Integer and n <= 0:
-                raise ShapeError(f"arange({D.fmt(lo)}, {D.fmt(hi)}) is empty", loc, "")
+                raise ShapeError(f"arange({D.fmt(lo)}, {D.fmt(hi)}) is empty", loc, "arange(lo, hi) needs lo < hi")
             return graph.add(Node("arange", (), (n,), attrs={"lo": lo, "hi": hi}, loc=loc))
         raise UnsupportedError(f"builtin '{f}' is not implemented", loc, "")  # pragma: no cover
 
@@ -621,7 +625,7 @@ class Elaborator:
         node = graph[x]
         ops._need_float(node, "split", e.loc)
         if not node.shape:
-            raise ShapeError("cannot split a scalar", e.loc, "")
+            raise ShapeError("cannot split a scalar", e.loc, "split works along an axis of a vector or matrix")
         ax = ops.norm_axis(self._axis(e, scope, -1), len(node.shape), "split", e.loc)
         size = node.shape[ax]
         spec = e.args[1]

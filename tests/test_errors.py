@@ -704,6 +704,8 @@ def _call_error(fn) -> RnncError:
         fn()
     except RnncError as err:
         assert not isinstance(err, InternalError), str(err)
+        # Call-time problems have their own class (also a ValueError, as torch users expect).
+        assert isinstance(err, getattr(rnnc, "InputError", RnncError)), f"{type(err).__name__}: {err}"
         return err
     pytest.fail("no error raised")
 

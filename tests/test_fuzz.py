@@ -1,11 +1,14 @@
 """Property-based robustness: whatever text rnnc is given, it reports an RnncError or works.
 
-Three sources of text feed the whole check pipeline (parse, analyse every cell, build the
-first cell with small dims, run it forward on a tiny input):
+Text from several sources feeds the whole check pipeline (parse, analyse every cell, build
+the first cell with every dim = 3, run it forward on a [2, 3, ...] input, backward through it):
 
   (a) random characters and random soups of the language's tokens;
   (b) valid programs (the spec library, globbed at test time, plus a few embedded here)
-      mutated by deletions, insertions, duplications and swaps of characters, tokens and lines.
+      mutated by deletions, insertions, duplications and swaps of characters, tokens and lines;
+  (c) the same programs with edits that mostly keep them parseable (renamed values, swapped
+      operators, wrapped calls, added indexing) to reach the type checker and the backends;
+  (d) minimal programs that once crashed (test_regressions).
 
 The pipeline must either succeed or raise an `rnnc.RnncError`; an `InternalError` (a compiler
 bug) or any other exception type (a Python TypeError, a torch RuntimeError, RecursionError ...)
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 from pathlib import Path
 
@@ -333,6 +337,18 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 
 # ---- the properties -----------------------------------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory):
+    """Hundreds of generated modules go to a throwaway cache, not the user's ~/.cache/rnnc."""
+    old = os.environ.get("RNNC_CACHE_DIR")
+    os.environ["RNNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("rnnc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("RNNC_CACHE_DIR", None)
+    else:
+        os.environ["RNNC_CACHE_DIR"] = old
+
+
 def test_corpus_programs_pass_the_pipeline():
     """The unmutated programs are valid: the mutation test starts from working programs."""
     for text in CORPUS:
@@ -364,4 +380,35 @@ def test_mutated_valid_programs(text):
 @settings(max_examples=500, **SETTINGS)
 @given(semantic_mutated())
 def test_semantically_mutated_programs(text):
+    run_checked(text)
+
+
+# ---- regressions: minimal programs the fuzzer (or its authors) found crashing ------------
+# Each must go through the pipeline (build, forward, backward) or raise an RnncError.
+
+REGRESSIONS = {
+    # x // y has no autograd formula in torch: backward raised a RuntimeError.
+    "floordiv-backward": "cell c(x: [H]) -> (y: [H]) {\n    y = x // 2 + x\n}\n",
+    # a % b with b depending on the input: torch has no derivative of remainder w.r.t. b.
+    "remainder-backward": "cell c(x: [H]) -> (y: [H]) {\n    y = 1 % sigmoid(x)\n}\n",
+    # one part of a split unused: generated `v_b, = torch.split(...)` raised ValueError.
+    "split-part-unused": "cell c(x: [2*H]) -> (y: [H]) {\n    let a, b = split(x, 2)\n    y = b\n}\n",
+    "split-part-unused-in-loop": "cell c(x: [2*H]) -> (y: [H]) {\n    state s: [H] = 0\n"
+                                 "    let a, b = split(x + concat(s, s), 2)\n    s = b\n    y = s\n}\n",
+    # elementwise builtins in constant initialisers: KeyError in the expression printer.
+    **{f"{fn}-in-initialiser": f"cell c(x: [H]) -> (y: [H]) {{\n    param w: [H] = {fn}(2)\n"
+                               f"    param v: [H] ~ uniform(-1, 1 + {fn}(0.5))\n    y = w * x + v\n}}\n"
+       for fn in ["sigmoid", "relu", "softplus", "silu", "gelu", "elu", "logsigmoid", "rsqrt", "sign",
+                  "tanh", "exp", "log", "sqrt", "abs"]},
+    # scalar (per-step) states: generated code called .expand on a Python number.
+    "scalar-state": "cell c(x: []) -> (y: []) {\n    state s: [] = 0\n    s = s + x\n    y = s\n}\n",
+    "scalar-state-float-init": "cell c(x: [H]) -> (y: []) {\n    state s: [] = 1.5\n    s = s + sum(x)\n"
+                               "    y = s\n}\n",
+    # a cell with no outputs: the generated module was not valid Python (SyntaxError on import).
+    "no-outputs": "cell c(x: [H]) -> () {\n    state s: [H] = 0\n    s = s + x\n}\n",
+}
+
+
+@pytest.mark.parametrize("text", list(REGRESSIONS.values()), ids=list(REGRESSIONS))
+def test_regressions(text):
     run_checked(text)

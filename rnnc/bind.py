@@ -1,0 +1,73 @@
+"""Checks that need the sizes given to build(): symbolic shapes that go wrong only for some dims.
+
+`x[5]` on an `[H]` input type-checks (H might be 8) but not with H = 3; `[2 - H]` is a size
+only for H = 1. With the dims bound at build time these become errors pointing at the source,
+instead of an IndexError from the generated module later. Dims inferred from the inputs at
+call time are not known here; the generated module checks the inputs' shapes then.
+"""
+from __future__ import annotations
+
+import sympy
+
+from . import dims as D
+from .errors import DimError, ShapeError
+from .ir import Cell
+
+
+def _value(d: D.Dim, env: dict) -> int | None:
+    if not d.free_symbols <= set(env):
+        return None
+    v = d.subs(env)
+    return int(v) if v.is_Integer else None
+
+
+def check_bound_dims(cell: Cell, dims: dict[str, int]) -> None:
+    env = {D.symbol(k): sympy.Integer(v) for k, v in dims.items()}
+    for d in cell.dims.values():
+        if d.default is not None and D.symbol(d.name) not in env:
+            env[D.symbol(d.name)] = d.default
+    given = ", ".join(f"{k}={v}" for k, v in dims.items()) or "the defaults"
+
+    def sizes(shape, loc, what):
+        for d in shape:
+            v = _value(d, env)
+            if v is not None and v < 1:
+                raise DimError(f"{what} has size {D.fmt(d)} = {v} with {given}", loc,
+                               "every size must be at least 1; check the dims passed to build()")
+
+    for p in cell.inputs + cell.outputs:
+        sizes(p.shape, p.loc, f"'{p.name}'")
+    for p in cell.params:
+        sizes(p.shape, p.loc, f"param '{p.name}'")
+    for s in cell.states:
+        sizes(s.shape, s.loc, f"state '{s.name}'")
+    g = cell.graph
+    for nid in cell.live():
+        node = g[nid]
+        sizes(node.shape, node.loc, "a value")
+        if node.op != "index":
+            continue
+        src = g[node.args[0]].shape
+        axis = 0
+        consumed = sum(1 for it in node.attrs["items"] if it[0] in ("int", "slice"))
+        for item in node.attrs["items"]:
+            kind = item[0]
+            if kind == "ellipsis":
+                axis += len(src) - consumed
+                continue
+            if kind == "new":
+                continue
+            size = _value(src[axis], env)
+            if kind == "int":
+                i = _value(item[1], env)
+                if size is not None and i is not None and not 0 <= i < size:
+                    raise ShapeError(f"index {D.fmt(item[1])} = {i} is out of range for an axis of size "
+                                     f"{D.fmt(src[axis])} = {size} with {given}", node.loc,
+                                     f"valid indices run from 0 to {size - 1}")
+            else:
+                lo, hi = _value(item[1], env), _value(item[2], env)
+                if size is not None and lo is not None and hi is not None and not 0 <= lo < hi <= size:
+                    raise ShapeError(f"slice {D.fmt(item[1])}:{D.fmt(item[2])} = {lo}:{hi} does not fit an axis of "
+                                     f"size {D.fmt(src[axis])} = {size} with {given}", node.loc,
+                                     "a slice must select at least one element inside the axis")
+            axis += 1
