@@ -15,6 +15,7 @@ from rnnc.analysis import Report
 from rnnc.errors import UnsupportedError
 from rnnc.ir import Cell, Graph
 
+from . import bptt
 from .prelude import PRELUDE
 from .torch_expr import ATOM, Operand, TorchExpr, shape_text
 
@@ -61,6 +62,8 @@ class _Renderer:
         self.roots = roots
         self.used_names: set[str] = set()
         self.deferred: dict[str, str] = {}  # param variable -> its _DeferredWeight (loop stage)
+        self.use_deferred = True  # off when the loop has a generated backward
+        self.keep: set[int] = set()  # nodes never inlined (their values are saved for the backward)
 
     def batched(self, nid: int) -> bool:
         return self.stages.get(nid, "const") != "const"
@@ -103,7 +106,7 @@ class _Renderer:
             return None
         w = node.args[0]
         deferred = None
-        if stage == "loop" and self.graph[w].op == "param":
+        if stage == "loop" and self.use_deferred and self.graph[w].op == "param":
             deferred = self.deferred.setdefault(self.name(w), f"lin_{self.graph[w].name}")
         return args[1].text, args[0].at(ATOM), deferred
 
@@ -128,13 +131,14 @@ class _Renderer:
             single = (len(users[nid]) == 1 and self.stages.get(users[nid][0]) == stage
                       and self.graph[users[nid][0]].op != "split") or not users[nid]
             short = len(text) <= 160  # keeps lines readable and generated expressions shallow
-            if nid not in self.roots and (simple or (node.name is None and single and short)):
+            if nid not in self.roots and nid not in self.keep and (simple or (node.name is None and single and short)):
                 self.inline[nid] = Operand(text, prec, self.batched(nid), len(node.shape), node.scalar, linear)
                 continue
             out(f"{self.name(nid)} = {text}")
 
 
-def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None) -> str:
+def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None,
+                generated_backward: bool = True) -> str:
     """The full source of a standalone module defining the cell's nn.Module class.
 
     `defaults` are dim sizes baked in as the constructor's defaults (on top of `dim N = ...`).
@@ -188,7 +192,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L()
     _emit_init(L, cell)
     _emit_reset(L, cell)
-    _emit_forward(L, cell, r, stages, input_dims, needed)
+    _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward)
     _emit_step(L, cell)
     L("def extra_repr(self):")
     L("    return ', '.join(f'{k}={v}' for k, v in self.dims.items())")
@@ -264,7 +268,7 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
 
 
 def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], input_dims: set[str],
-                  needed: list[str]) -> None:
+                  needed: list[str], generated_backward: bool) -> None:
     names = [p.name for p in cell.inputs]
     ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
     L("def forward(self, *args, state=None, **kwargs):")
@@ -320,35 +324,13 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
         r.emit(L, hoist, "hoist")
     into_loop = sorted({a for n in loop for a in cell.graph[n].args if stages.get(a) == "hoist"}
                        | {s.node_out for s in cell.states if stages.get(s.node_out) == "hoist"})
-    if into_loop:
-        L("# per-step views of the hoisted values the recurrence reads")
-        for nid in into_loop:
-            steps = f"{r.name(nid)}_steps"
-            L(f"{steps} = _steps({r.operand(nid, 'hoist').text}, B, T)")
-            r.step_ref[nid] = f"{steps}[t]"
-    for s in cell.states:
-        init = r.operand(s.init, "const")
-        init = r.tensor(s.init, "const")
-        L(f"{r.name(s.node_in)} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
     loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
-    for o in loop_outs:
-        L(f"out_{o.name} = []")
-    loop_at = len(L.lines)
-    L("for t in range(T):")
-    L.indent()
-    r.emit(L, loop, "loop")
-    if r.deferred:
-        pad = "    " * (L.depth - 1)
-        L.lines[loop_at:loop_at] = [f"{pad}{lin} = _DeferredWeight({w})" for w, lin in r.deferred.items()]
-    for o in loop_outs:
-        L(f"out_{o.name}.append({r.operand(o.node, 'loop').text})")
-    if cell.states:
-        lhs = [r.name(s.node_in) for s in cell.states]
-        rhs = [_next_state(r, s.node_out, s.shape, stages) for s in cell.states]
-        L(f"{', '.join(lhs)} = {', '.join(rhs)}")
-    if not loop and not cell.states and not loop_outs:
-        L("pass")
-    L.dedent()
+    if not cell.states and not loop_outs:
+        pass  # nothing is carried from step to step: no loop at all
+    elif generated_backward and bptt.supported(cell, loop):
+        _emit_generated_loop(L, cell, r, stages, loop, into_loop, loop_outs)
+    else:
+        _emit_autograd_loop(L, cell, r, stages, loop, into_loop, loop_outs)
     results = []
     for o in cell.outputs:
         stage = stages.get(o.node)
@@ -367,6 +349,53 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
         L(f"return ({', '.join(results)}), final")
     L.dedent()
     L()
+
+
+def _emit_generated_loop(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop: list[int],
+                         into_loop: list[int], loop_outs: list) -> None:
+    if into_loop:
+        L("# time-major [T, B*extra, ...] copies of the hoisted values the recurrence reads")
+        for nid in into_loop:
+            L(f"seq_{r.name(nid)} = _time_major({r.operand(nid, 'hoist').text}, B, T)")
+    for s in cell.states:
+        init = r.tensor(s.init, "const")
+        L(f"s0_{s.name} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
+    L("# the recurrence: one autograd node whose backward through time is generated below")
+    r.use_deferred = False
+    saved = bptt.saved_nodes(cell, loop, stages)
+    r.keep = saved
+    bptt.emit_recurrence(L, cell, r, stages, loop, into_loop, loop_outs, saved)
+
+
+def _emit_autograd_loop(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop: list[int],
+                        into_loop: list[int], loop_outs: list) -> None:
+    if into_loop:
+        L("# per-step views of the hoisted values the recurrence reads")
+        for nid in into_loop:
+            steps = f"{r.name(nid)}_steps"
+            L(f"{steps} = _steps({r.operand(nid, 'hoist').text}, B, T)")
+            r.step_ref[nid] = f"{steps}[t]"
+    for s in cell.states:
+        init = r.tensor(s.init, "const")
+        L(f"{r.name(s.node_in)} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
+    for o in loop_outs:
+        L(f"out_{o.name} = []")
+    loop_at = len(L.lines)
+    L("for t in range(T):")
+    L.indent()
+    r.emit(L, loop, "loop")
+    if r.deferred:
+        pad = "    " * (L.depth - 1)
+        L.lines[loop_at:loop_at] = [f"{pad}{lin} = _DeferredWeight({w})" for w, lin in r.deferred.items()]
+    for o in loop_outs:
+        L(f"out_{o.name}.append({r.operand(o.node, 'loop').text})")
+    if cell.states:
+        lhs = [r.name(s.node_in) for s in cell.states]
+        rhs = [_next_state(r, s.node_out, s.shape, stages) for s in cell.states]
+        L(f"{', '.join(lhs)} = {', '.join(rhs)}")
+    if not loop and not cell.states and not loop_outs:
+        L("pass")
+    L.dedent()
 
 
 def _next_state(r: _Renderer, nid: int, shape: D.Shape, stages: dict[int, str]) -> str:

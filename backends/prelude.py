@@ -111,9 +111,15 @@ def _steps(x, B, T):
     return x.reshape(B, T, -1, *s).transpose(0, 1).reshape(T, -1, *s).unbind(0)
 
 
+def _time_major(x, B, T):
+    """[B*T*E, *s] rows in (B, T, E) order -> one [T, B*E, *s] tensor."""
+    s = x.shape[1:]
+    return x.reshape(B, T, -1, *s).transpose(0, 1).reshape(T, -1, *s)
+
+
 def _unsteps(xs, B, extra):
-    """T tensors of [B*E, *s] -> [B, T, *extra, *s]."""
-    y = torch.stack(xs, 0)
+    """[T, B*E, *s] (a tensor, or a list of T tensors) -> [B, T, *extra, *s]."""
+    y = xs if isinstance(xs, torch.Tensor) else torch.stack(xs, 0)
     return y.reshape(y.shape[0], B, *extra, *y.shape[2:]).movedim(0, 1)
 
 
@@ -181,5 +187,70 @@ class _StepLinear(torch.autograd.Function):
         if ctx.add_rank is not None and ctx.needs_input_grad[2]:
             gadd = g if ctx.add_rank == 2 else g.sum(0)
         return gx, None, gadd, None
+
+
+class _Recurrence(torch.autograd.Function):
+    """The loop as one autograd node: `fwd` runs it without autograd, `bwd` is its generated
+    backward through time. `inputs` are the tensors whose gradients `bwd` returns, in order."""
+
+    @staticmethod
+    def forward(ctx, fwd, bwd, *inputs):
+        outputs, saved = fwd()
+        ctx.bwd, ctx.saved = bwd, saved
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *ctx.bwd(ctx.saved, grads))
+
+
+def _acc(total, part):
+    return part if total is None else total + part
+
+
+def _sum_to(g, shape):
+    """Sum a broadcast gradient back to `shape` (leading axes, then axes of size 1)."""
+    if g.shape == shape:
+        return g
+    lead = g.dim() - len(shape)
+    if lead:
+        g = g.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(dim=dims, keepdim=True) if dims else g
+
+
+def _grad_to(g, shape, pad):
+    """The gradient of a batched operand that was padded with `pad` axes after its batch axis."""
+    if pad:
+        g = g.sum(dim=tuple(range(1, 1 + pad)))
+    return _sum_to(g, shape)
+
+
+def _matmul_grad(g, a, b, ra, rb):
+    """Gradients of a @ b (per-step ranks ra, rb <= 2; either operand may lack the batch axis)."""
+    A = a.unsqueeze(-2) if ra == 1 else a
+    Bm = b.unsqueeze(-1) if rb == 1 else b
+    G = g.unsqueeze(-2) if ra == 1 else g
+    G = G.unsqueeze(-1) if rb == 1 else G
+    da = G @ Bm.transpose(-1, -2)
+    db = A.transpose(-1, -2) @ G
+    da = da.squeeze(-2) if ra == 1 else da
+    db = db.squeeze(-1) if rb == 1 else db
+    return _sum_to(da, a.shape), _sum_to(db, b.shape)
+
+
+def _normalize_grad(g, x, dim, eps=1e-12):
+    norm = x.norm(dim=dim, keepdim=True)
+    n = norm.clamp_min(eps)
+    inner = (g * x).sum(dim, keepdim=True)
+    return g / n - torch.where(norm > eps, x * inner / n ** 3, 0.0)
+
+
+def _index_grad(g, x, index, newaxes):
+    if newaxes:
+        g = g.squeeze(newaxes)
+    out = torch.zeros_like(x)
+    out[index] = g
+    return out
 
 '''

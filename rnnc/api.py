@@ -75,17 +75,20 @@ def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Repor
     return analyze_cell(optimize(_program(spec).cell(cell)), _pick_backend(backend))
 
 
-def compile(spec: Spec, cell: str | None = None, backend: str = "loop", **dims) -> str:  # noqa: A001
+def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward: str = "generated",
+            **dims) -> str:  # noqa: A001
     """Source of a standalone Python module (imports only torch) implementing the cell.
 
     Dims given here become the module's defaults (the constructor can still override them).
+    `backward="generated"` gives the loop a generated backward through time (the default);
+    `"autograd"` differentiates the Python loop with autograd (slower; the reference for tests).
     """
     from rnnc.backends.loop import emit_module
 
     ir = _program(spec).cell(cell)
     _check_dims(ir, dims)
     report = analyze_cell(optimize(ir), _pick_backend(backend))
-    return emit_module(report.cell, report, defaults=dims)
+    return emit_module(report.cell, report, defaults=dims, generated_backward=_pick_backward(backward))
 
 
 def _check_dims(ir, dims: dict) -> None:
@@ -112,8 +115,18 @@ def graph_svg(spec: Spec, cell: str | None = None) -> str:
     return to_svg(_program(spec).cell(cell))
 
 
-def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=None, dtype=None, **dims):
-    """A torch.nn.Module running the cell; dims (e.g. H=64) bind sizes the spec leaves symbolic."""
+def _pick_backward(backward: str) -> bool:
+    if backward not in ("generated", "autograd"):
+        raise BuildError(f"unknown backward '{backward}'", hint="choose 'generated' or 'autograd'")
+    return backward == "generated"
+
+
+def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=None, dtype=None,
+          backward: str = "generated", **dims):
+    """A torch.nn.Module running the cell; dims (e.g. H=64) bind sizes the spec leaves symbolic.
+
+    `backward` chooses how the recurrence is differentiated (see `compile`).
+    """
     from .runtime import load_source
 
     prog = _program(spec)
@@ -123,7 +136,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     report = analyze_cell(optimize(ir), _pick_backend(backend))
     from rnnc.backends.loop import emit_module
 
-    source = emit_module(report.cell, report)
+    source = emit_module(report.cell, report, generated_backward=_pick_backward(backward))
     module = load_source(source, ir.name)
     module.InputError = InputError
     missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]
