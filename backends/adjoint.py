@@ -86,7 +86,8 @@ class AdjointRules:
     def _pow(self, n, g, v, y, b):
         a, e = v
         return [(0, f"{g} * {e} * {a} ** ({e} - 1)", "bcast"),
-                (1, f"torch.where(({a} == 0) & ({e} >= 0), 0.0, {g} * {y} * torch.log({a}))", "bcast")]
+                (1, f"torch.where(({a} == 0) & ({e} >= 0), 0.0, "
+                    f"{g} * {y} * torch.log(torch.as_tensor({a}, dtype={y}.dtype, device={y}.device)))", "bcast")]
 
     def _mod(self, n, g, v, y, b):
         return [(0, g, "bcast"), (1, f"-{g} * torch.floor({v[0]} / {v[1]})", "bcast")]

@@ -228,6 +228,9 @@ def _grad_to(g, shape, pad):
 
 def _matmul_grad(g, a, b, ra, rb):
     """Gradients of a @ b (per-step ranks ra, rb <= 2; either operand may lack the batch axis)."""
+    if ra == 1 and rb == 1:  # a dot product: g has no per-step axes
+        g = g.unsqueeze(-1)
+        return _sum_to(g * b, a.shape), _sum_to(g * a, b.shape)
     A = a.unsqueeze(-2) if ra == 1 else a
     Bm = b.unsqueeze(-1) if rb == 1 else b
     G = g.unsqueeze(-2) if ra == 1 else g

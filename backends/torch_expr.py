@@ -188,10 +188,11 @@ class TorchExpr:
         a, b = (self.pad(x, rank) for x in args)
         if node.scalar:
             return f"{which}({a.text}, {b.text})", ATOM
+        bound = "max" if which == "min" else "min"  # minimum(x, s) clamps x from above at s
         if b.scalar:
-            return f"torch.clamp({a.text}, {which}={b.text})", ATOM
+            return f"torch.clamp({a.text}, {bound}={b.text})", ATOM
         if a.scalar:
-            return f"torch.clamp({b.text}, {which}={a.text})", ATOM
+            return f"torch.clamp({b.text}, {bound}={a.text})", ATOM
         return f"torch.{which}imum({a.text}, {b.text})", ATOM
 
     def _and(self, node: Node, args, batched):
