@@ -46,6 +46,7 @@ class Report:
     cell: Cell
     stages: dict[int, str]
     reads: dict[str, list[str]]
+    classes: dict[str, dict]
     backend: str
     notes: list[str] = field(default_factory=list)
 
@@ -63,7 +64,8 @@ class Report:
             "outputs": {p.name: shape(p.shape) for p in c.outputs},
             "params": {p.name: shape(p.shape) for p in c.params},
             "states": {s.name: {"shape": shape(s.shape), "reads": self.reads[s.name],
-                                "stage": self.stages.get(s.node_out, "const")} for s in c.states},
+                                "stage": self.stages.get(s.node_out, "const"), **self.classes[s.name]}
+                       for s in c.states},
             "ops": counts,
             "hoisted": hoisted,
             "backend": self.backend,
@@ -85,7 +87,13 @@ class Report:
             lines.append("  params:  " + ", ".join(f"{k}: [{', '.join(v)}]" for k, v in d["params"].items()))
         for name, s in d["states"].items():
             reads = ", ".join(s["reads"]) or "no state"
-            lines.append(f"  state {name}: [{', '.join(s['shape'])}]  next value reads {reads}")
+            lines.append(f"  state {name}: [{', '.join(s['shape'])}]  {s['class']}: {s['why']}")
+            detail = [f"next value reads {reads}"]
+            if "transition" in s:
+                detail.append(f"transition {s['transition']}, decay {s['decay']}")
+            if "readout" in s:
+                detail.append(f"read out as {s['readout']} of the {s['readout_of']} value")
+            lines.append("      " + "; ".join(detail))
         ops = d["ops"]
         lines.append(f"  ops: {ops['const']} constant, {ops['hoist']} hoisted over all time steps, "
                      f"{ops['loop']} in the recurrence")
@@ -100,4 +108,7 @@ class Report:
 
 
 def analyze_cell(cell: Cell, backend: str = "loop") -> Report:
-    return Report(cell, stages(cell), state_reads(cell), backend)
+    from .linearity import classify
+
+    st = stages(cell)
+    return Report(cell, st, state_reads(cell), classify(cell, st), backend)
