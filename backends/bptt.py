@@ -54,7 +54,6 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     g = cell.graph
     rules = AdjointRules(g)
     derived = _param_derived(cell, stages)
-    batched = r.batched
     # const tensors the loop reads whose gradient matters (they derive from a param)
     consts = sorted({a for n in loop for a in g[n].args if stages.get(a) == "const" and a in derived
                      and not g[a].scalar and g[a].dtype == "float"}

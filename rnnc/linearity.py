@@ -191,7 +191,6 @@ def _readouts(cell: Cell, stages: dict[int, str], forms: dict[int, Form], out: d
         info = out[s.name]
         kinds = set()
         for o in cell.outputs:
-            node = g[o.node]
             deps = g.ancestors([o.node])
             if s.node_in not in deps:
                 continue

@@ -17,7 +17,6 @@ head, inputs already projected, no scale, gates in natural-log space).
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 
