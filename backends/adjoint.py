@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from rnnc.ir import Graph, Node
 
-from .torch_expr import pyint
+from .torch_expr import index_parts, pyint
 
 # Which forward values each rule needs. Ops missing here have no derivative rule (the loop then
 # falls back to autograd); ops in NO_GRAD pass no gradient at all.
@@ -173,16 +173,7 @@ class AdjointRules:
     @staticmethod
     def index_tuple(n: Node, batched: bool) -> str:
         """The index without its `None`s, as a Python tuple expression."""
-        parts = ["slice(None)"] if batched else []
-        for item in n.attrs["items"]:
-            kind = item[0]
-            if kind == "int":
-                parts.append(pyint(item[1]))
-            elif kind == "slice":
-                parts.append(f"slice({pyint(item[1])}, {pyint(item[2])})")
-            elif kind == "ellipsis":
-                parts.append("Ellipsis")
-        return "(" + ", ".join(parts) + ",)"
+        return "(" + ", ".join(index_parts(n.attrs["items"], batched, as_objects=True)) + ",)"
 
     def newaxes(self, n: Node) -> tuple[int, ...]:
         """Positions (in the result) of the axes `None` inserted, counted from the end."""

@@ -196,14 +196,15 @@ class TorchExpr:
         return f"torch.{which}imum({a.text}, {b.text})", ATOM
 
     def _and(self, node: Node, args, batched):
-        rank = len(node.shape)
-        a, b = (self.pad(x, rank) for x in args)
-        return f"torch.logical_and({a.text}, {b.text})", ATOM
+        return self._logic(node, args, "and")
 
     def _or(self, node: Node, args, batched):
+        return self._logic(node, args, "or")
+
+    def _logic(self, node: Node, args, which: str):
         rank = len(node.shape)
         a, b = (self.pad(x, rank) for x in args)
-        return f"torch.logical_or({a.text}, {b.text})", ATOM
+        return f"torch.logical_{which}({a.text}, {b.text})", ATOM
 
     def _where(self, node: Node, args, batched):
         rank = len(node.shape)
@@ -295,15 +296,22 @@ class TorchExpr:
 
     def _index(self, node: Node, args, batched):
         (a,) = args
-        parts = [":"] if a.batched else []
-        for item in node.attrs["items"]:
-            kind = item[0]
-            if kind == "int":
-                parts.append(pyint(item[1]))
-            elif kind == "slice":
-                parts.append(f"{pyint(item[1])}:{pyint(item[2])}")
-            elif kind == "new":
-                parts.append("None")
-            else:
-                parts.append("...")
-        return f"{a.at(ATOM)}[{', '.join(parts)}]", ATOM
+        return f"{a.at(ATOM)}[{', '.join(index_parts(node.attrs['items'], a.batched))}]", ATOM
+
+
+def index_parts(items: tuple, batched: bool, as_objects: bool = False) -> list[str]:
+    """An IR index as subscript text (`:, 0:d_H, None`), or, with as_objects, as the
+    `slice(...)` objects of an index tuple without its `None`s (what the backward assigns into)."""
+    parts = (["slice(None)"] if as_objects else [":"]) if batched else []
+    for item in items:
+        kind = item[0]
+        if kind == "int":
+            parts.append(pyint(item[1]))
+        elif kind == "slice":
+            lo, hi = pyint(item[1]), pyint(item[2])
+            parts.append(f"slice({lo}, {hi})" if as_objects else f"{lo}:{hi}")
+        elif kind == "ellipsis":
+            parts.append("Ellipsis" if as_objects else "...")
+        elif not as_objects:
+            parts.append("None")
+    return parts
