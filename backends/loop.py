@@ -17,7 +17,7 @@ from rnnc.ir import Cell, Graph
 
 from . import bptt
 from .prelude import PRELUDE
-from .torch_expr import ATOM, Operand, TorchExpr, shape_text
+from .torch_expr import ATOM, Operand, TorchExpr, pyint, shape_text
 
 #: Attribute names the generated module (or nn.Module) already uses: no param may take them.
 MODULE_ATTRS = frozenset({
@@ -138,10 +138,11 @@ class _Renderer:
 
 
 def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None,
-                generated_backward: bool = True) -> str:
+                generated_backward: bool = True, scan: dict[str, tuple] | None = None) -> str:
     """The full source of a standalone module defining the cell's nn.Module class.
 
     `defaults` are dim sizes baked in as the constructor's defaults (on top of `dim N = ...`).
+    `scan` (state -> (a, b) nodes, from rnnc.scanplan) lowers the recurrence to a parallel scan.
     """
     for p in cell.params:
         if p.name in MODULE_ATTRS or keyword.iskeyword(p.name) or p.name.startswith("_"):
@@ -192,7 +193,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L()
     _emit_init(L, cell)
     _emit_reset(L, cell)
-    _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward)
+    _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward, scan)
     _emit_step(L, cell)
     L("def extra_repr(self):")
     L("    return ', '.join(f'{k}={v}' for k, v in self.dims.items())")
@@ -268,7 +269,7 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
 
 
 def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], input_dims: set[str],
-                  needed: list[str], generated_backward: bool) -> None:
+                  needed: list[str], generated_backward: bool, scan: dict | None) -> None:
     names = [p.name for p in cell.inputs]
     ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
     L("def forward(self, *args, state=None, **kwargs):")
@@ -327,6 +328,8 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
     loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
     if not cell.states and not loop_outs:
         pass  # nothing is carried from step to step: no loop at all
+    elif scan is not None:
+        _emit_scan(L, cell, r, stages, loop, loop_outs, scan)
     elif generated_backward and bptt.supported(cell, loop):
         _emit_generated_loop(L, cell, r, stages, loop, into_loop, loop_outs)
     else:
@@ -365,6 +368,61 @@ def _emit_generated_loop(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, 
     saved = bptt.saved_nodes(cell, loop, stages)
     r.keep = saved
     bptt.emit_recurrence(L, cell, r, stages, loop, into_loop, loop_outs, saved)
+
+
+def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop: list[int],
+               loop_outs: list, scan: dict[str, tuple]) -> None:
+    """Every state by a parallel prefix scan over time, then the outputs for all steps at once."""
+    g = cell.graph
+    L("# the recurrence as parallel scans: state' = a * state + b for all steps at once")
+    for s in cell.states:
+        a, b = scan[s.name]
+        init = r.tensor(s.init, "const")
+        L(f"s0_{s.name} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
+        coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None" for n in (a, b)]
+        L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
+    if not loop_outs:
+        L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
+          f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
+        return
+    L("# the outputs, for all T*B*extra rows at once: the state before and after each step")
+    outs_at = {s.node_out: s for s in cell.states if stages.get(s.node_out) == "loop"}
+    needed = set()
+    stack = [o.node for o in loop_outs]
+    while stack:
+        n = stack.pop()
+        if n in needed or stages.get(n) != "loop":
+            continue
+        needed.add(n)
+        if n not in outs_at:
+            stack.extend(g[n].args)
+    for s in cell.states:
+        if s.node_in in needed:
+            L(f"{r.name(s.node_in)} = torch.cat([s0_{s.name}.unsqueeze(0), all_{s.name}[:-1]]).flatten(0, 1)")
+    for nid, s in outs_at.items():
+        if nid in needed:
+            L(f"{r.name(nid)} = all_{s.name}.flatten(0, 1)")
+    hoisted = sorted({a for n in needed if n not in outs_at for a in g[n].args if stages.get(a) == "hoist"})
+    for h in hoisted:
+        L(f"tm_{r.name(h)} = _time_major({r.operand(h, 'hoist').text}, B, T).flatten(0, 1)")
+        r.step_ref[h] = f"tm_{r.name(h)}"
+    r.emit(L, [n for n in loop if n in needed and n not in outs_at], "loop")
+    for o in loop_outs:
+        L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
+    L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
+      f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
+
+
+def _scan_coefficient(r: _Renderer, stages: dict[int, str], nid: int, rank: int) -> str:
+    """A scan coefficient as [T, B*extra, *shape], its shape padded on the left to the state's rank."""
+    node = r.graph[nid]
+    shape = tuple(pyint(d) for d in node.shape)
+    pad = ("1",) * (rank - len(shape))
+    if stages.get(nid) == "hoist":
+        return f"_time_major({r.operand(nid, 'hoist').text}, B, T).reshape(T, N, {', '.join(pad + shape)})".replace(
+            ", )", ")")
+    value = r.tensor(nid, "const")
+    return f"{value}.reshape(1, 1, {', '.join(pad + shape)})".replace(", )", ")")
 
 
 def _emit_autograd_loop(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop: list[int],

@@ -256,4 +256,21 @@ def _index_grad(g, x, index, newaxes):
     out[index] = g
     return out
 
+
+def _linear_scan(a, b, h0):
+    """h_t = a_t * h_{t-1} + b_t for every t along dim 0, in ceil(log2 T) rounds of whole-tensor
+    ops (Hillis-Steele). Only products and sums of the gates: nothing overflows or divides, an
+    extreme gate (a -> 0) just makes the products underflow to 0."""
+    full = (a.shape[0] if b is None else b.shape[0],) + tuple(h0.shape)
+    a = a.expand(full)
+    b = torch.zeros(full, dtype=h0.dtype, device=h0.device) if b is None else b.expand(full)
+    b = torch.cat([(a[0] * h0 + b[0]).unsqueeze(0), b[1:]])
+    k = 1
+    while k < full[0]:
+        b = torch.cat([b[:k], a[k:] * b[:-k] + b[k:]])
+        if 2 * k < full[0]:
+            a = torch.cat([a[:k], a[k:] * a[:-k]])
+        k *= 2
+    return b
+
 '''

@@ -108,6 +108,7 @@ class Report:
 
 
 def analyze_cell(cell: Cell, backend: str = "loop") -> Report:
+    """Stages, state reads and linearity verdicts of the cell; `backend` is recorded as chosen."""
     from .linearity import classify
 
     st = stages(cell)

@@ -7,13 +7,15 @@ from typing import Union
 from .analysis import Report, analyze_cell
 from .bind import check_bound_dims
 from .optimize import optimize
+from .scanplan import scan_coefficients
 from .errors import BuildError, InputError, SpecNotFoundError
 from .program import Program, parse_program
 from .resources import specs_dir
 
 Spec = Union[Program, str, Path]
 
-BACKENDS = ("loop",)
+BACKENDS = ("loop", "scan")
+SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive")}
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
@@ -58,16 +60,47 @@ def _program(spec: Spec) -> Program:
 
 def backends_for(spec: Spec, cell: str | None = None) -> list[str]:
     """The backends that can lower this cell."""
-    _program(spec).cell(cell)
-    return list(BACKENDS)
+    report = analyze_cell(optimize(_program(spec).cell(cell)))
+    return [b for b in BACKENDS if _does_not_apply(b, report) is None]
 
 
-def _pick_backend(backend: str) -> str:
+def _does_not_apply(backend: str, report: Report) -> str | None:
+    """Why `backend` cannot lower the cell (None when it can)."""
+    if backend == "scan":
+        for name, info in report.classes.items():
+            if (info["class"], info.get("transition")) not in SCANNABLE or info.get("coupled"):
+                kind = info["class"] + (f" ({info['transition']} transition)" if "transition" in info else "")
+                return f"state '{name}' is {kind}: {info['why']}"
+    return None
+
+
+def _pick_backend(backend: str, report: Report | None = None) -> str:
     if backend == "auto":
         return "loop"
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend '{backend}'", hint=f"choose one of: auto, {', '.join(BACKENDS)}")
+    why = _does_not_apply(backend, report) if report is not None else None
+    if why:
+        cell = report.cell
+        raise BuildError(f"backend '{backend}' does not apply to cell '{cell.name}': {why}", cell.loc,
+                         "use backend='loop' (always applies) or 'auto'")
     return backend
+
+
+def _lower(ir, backend: str, backward: str, defaults: dict | None = None) -> tuple[str, Report]:
+    """Optimise, analyse and emit one cell: (module source, report)."""
+    from rnnc.backends.loop import emit_module
+
+    cell = optimize(ir)
+    report = analyze_cell(cell)
+    chosen = _pick_backend(backend, report)
+    scan = None
+    if chosen == "scan":
+        scan = scan_coefficients(cell, report.stages)
+        cell.extra_roots = [n for pair in scan.values() for n in pair if n is not None]
+    report = analyze_cell(cell, chosen)
+    source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan)
+    return source, report
 
 
 def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Report:
@@ -87,8 +120,7 @@ def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward
 
     ir = _program(spec).cell(cell)
     _check_dims(ir, dims)
-    report = analyze_cell(optimize(ir), _pick_backend(backend))
-    return emit_module(report.cell, report, defaults=dims, generated_backward=_pick_backward(backward))
+    return _lower(ir, backend, backward, defaults=dims)[0]
 
 
 def _check_dims(ir, dims: dict) -> None:
@@ -133,10 +165,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     ir = prog.cell(cell)
     _check_dims(ir, dims)
     check_bound_dims(ir, dims)
-    report = analyze_cell(optimize(ir), _pick_backend(backend))
-    from rnnc.backends.loop import emit_module
-
-    source = emit_module(report.cell, report, generated_backward=_pick_backward(backward))
+    source, report = _lower(ir, backend, backward)
     module = load_source(source, ir.name)
     module.InputError = InputError
     missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]

@@ -134,10 +134,12 @@ class Cell:
     graph: Graph
     init_graph: Graph
     loc: Loc | None = None
+    extra_roots: list[int] = field(default_factory=list)  # values a lowering plan needs (e.g. scan coefficients)
 
     def roots(self) -> list[int]:
-        """Nodes whose values leave a step: outputs, next states, initial states."""
-        return [o.node for o in self.outputs] + [s.node_out for s in self.states] + [s.init for s in self.states]
+        """Nodes whose values leave a step: outputs, next states, initial states (and plan values)."""
+        return ([o.node for o in self.outputs] + [s.node_out for s in self.states] + [s.init for s in self.states]
+                + self.extra_roots)
 
     def live(self) -> set[int]:
         return self.graph.ancestors(self.roots())

@@ -90,7 +90,7 @@ def affine_forms(cell: Cell, stages: dict[int, str]) -> dict[int, Form]:
                 forms[nid] = Form(nonlinear=f"a where() condition reads state {reads(a)}")
                 continue
             if op in ("mul", "div"):
-                link = ("scale", other[0])
+                link = ("scale", other[0], op == "div")  # (factor, whether it divides)
             elif op == "matmul":
                 link = ("left", args[0]) if args[1] == a else ("right", args[1])
             else:
