@@ -116,8 +116,6 @@ def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward
     `backward="generated"` gives the loop a generated backward through time (the default);
     `"autograd"` differentiates the Python loop with autograd (slower; the reference for tests).
     """
-    from rnnc.backends.loop import emit_module
-
     ir = _program(spec).cell(cell)
     _check_dims(ir, dims)
     return _lower(ir, backend, backward, defaults=dims)[0]
