@@ -258,19 +258,29 @@ def _index_grad(g, x, index, newaxes):
 
 
 def _linear_scan(a, b, h0):
-    """h_t = a_t * h_{t-1} + b_t for every t along dim 0, in ceil(log2 T) rounds of whole-tensor
-    ops (Hillis-Steele). Only products and sums of the gates: nothing overflows or divides, an
-    extreme gate (a -> 0) just makes the products underflow to 0."""
+    """h_t = a_t * h_{t-1} + b_t for every t along dim 0, with O(T) work in O(log T) rounds.
+
+    Pairs of steps are combined ((a1, b1) then (a2, b2) is (a2 a1, a2 b1 + b2)), the half-length
+    sequence is scanned recursively, and the other half of the states is filled in from it. Only
+    products and sums of the gates: nothing overflows or divides, and an extreme gate (a -> 0)
+    just makes the products underflow to 0."""
     full = (a.shape[0] if b is None else b.shape[0],) + tuple(h0.shape)
     a = a.expand(full)
     b = torch.zeros(full, dtype=h0.dtype, device=h0.device) if b is None else b.expand(full)
     b = torch.cat([(a[0] * h0 + b[0]).unsqueeze(0), b[1:]])
-    k = 1
-    while k < full[0]:
-        b = torch.cat([b[:k], a[k:] * b[:-k] + b[k:]])
-        if 2 * k < full[0]:
-            a = torch.cat([a[:k], a[k:] * a[:-k]])
-        k *= 2
-    return b
+    return _scan_from_zero(a, b)
+
+
+def _scan_from_zero(a, b):
+    T = b.shape[0]
+    if T == 1:
+        return b
+    if T % 2:  # an odd tail step is finished after the even-length scan
+        head = _scan_from_zero(a[:-1], b[:-1])
+        return torch.cat([head, (a[-1] * head[-1] + b[-1]).unsqueeze(0)])
+    a0, a1, b0, b1 = a[0::2], a[1::2], b[0::2], b[1::2]
+    odd = _scan_from_zero(a1 * a0, a1 * b0 + b1)  # the states after steps 1, 3, 5, ...
+    even = torch.cat([b0[:1], a0[1:] * odd[:-1] + b0[1:]])  # after steps 0, 2, 4, ...
+    return torch.stack([even, odd], 1).reshape(b.shape)
 
 '''

@@ -76,6 +76,11 @@ def _does_not_apply(backend: str, report: Report) -> str | None:
 
 def _pick_backend(backend: str, report: Report | None = None) -> str:
     if backend == "auto":
+        # The scan wins on CPU for vector states at the lengths measured (benchmarks/RESULTS.md);
+        # for matrix states it would materialise every step's state, so those stay on the loop.
+        if report is not None and report.classes and _does_not_apply("scan", report) is None and all(
+                info["class"] == "elementwise_affine" for info in report.classes.values()):
+            return "scan"
         return "loop"
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend '{backend}'", hint=f"choose one of: auto, {', '.join(BACKENDS)}")
@@ -105,7 +110,9 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None) -> tup
 
 def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Report:
     """What analysis finds in the cell (after rewrites), and the lowering `backend` resolves to."""
-    return analyze_cell(optimize(_program(spec).cell(cell)), _pick_backend(backend))
+    report = analyze_cell(optimize(_program(spec).cell(cell)))
+    report.backend = _pick_backend(backend, report)
+    return report
 
 
 def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward: str = "generated",
