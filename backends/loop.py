@@ -272,9 +272,14 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
                   needed: list[str], generated_backward: bool, scan: dict | None) -> None:
     names = [p.name for p in cell.inputs]
     ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
-    L("def forward(self, *args, state=None, **kwargs):")
+    L("def forward(self, *args, state=None, cu_seqlens=None, **kwargs):")
     L.indent()
-    L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states)."""')
+    L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states).')
+    L()
+    L("With cu_seqlens (sequence boundaries in a packed [1, T, ...] batch), every sequence runs")
+    L('from its own initial state and ends with its own final state, as if run alone."""')
+    L("if cu_seqlens is not None:")
+    L("    return _varlen(self, args, kwargs, state, cu_seqlens)")
     args = [f"in_{n}" for n in names]
     if names:
         L(f"{', '.join(args)}{',' if len(args) == 1 else ''} = _gather_inputs(self.INPUTS, args, kwargs)")

@@ -283,4 +283,43 @@ def _scan_from_zero(a, b):
     even = torch.cat([b0[:1], a0[1:] * odd[:-1] + b0[1:]])  # after steps 0, 2, 4, ...
     return torch.stack([even, odd], 1).reshape(b.shape)
 
+
+def _varlen(cell, args, kwargs, state, cu_seqlens):
+    """Run a packed batch (B = 1, sequences back to back, bounded by cu_seqlens) as independent
+    sequences: each from its own initial state, each with its own final state. Sequences of equal
+    length run together as one batch, so every backend gets plain [B, T, ...] inputs."""
+    inputs = _gather_inputs(cell.INPUTS, args, kwargs)
+    for name, x in zip(cell.INPUTS, inputs):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != 1:
+            raise InputError(f"with cu_seqlens, input {name!r} must be a packed batch [1, T, ...], "
+                             f"got {list(getattr(x, 'shape', []))}")
+    total = inputs[0].shape[1]
+    cu = [int(c) for c in torch.as_tensor(cu_seqlens).reshape(-1).tolist()]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != total or any(b <= a for a, b in zip(cu, cu[1:])):
+        raise InputError(f"cu_seqlens must rise strictly from 0 to T = {total} (sequence boundaries), got {cu}")
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    count = len(lengths)
+    _check_state_keys(state, cell.STATES)
+    for key, value in (state or {}).items():
+        if value is not None and value.shape[0] != count:
+            raise InputError(f"with cu_seqlens, initial state {key!r} needs one entry per sequence "
+                             f"({count}), got leading size {value.shape[0]}")
+    groups = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    outs, finals = [None] * count, [None] * count
+    dev = inputs[0].device
+    for n, seqs in groups.items():
+        index = torch.tensor([[cu[i] + t for t in range(n)] for i in seqs], device=dev)
+        picked = torch.tensor(seqs, device=dev)
+        st = None if state is None else {k: v[picked] for k, v in state.items() if v is not None}
+        y, fin = cell.forward(*[x[0][index] for x in inputs], state=st)
+        ys = y if isinstance(y, tuple) else (y,)
+        for j, i in enumerate(seqs):
+            outs[i] = [v[j] for v in ys]
+            finals[i] = {k: v[j] for k, v in fin.items()}
+    packed = tuple(torch.cat([outs[i][k] for i in range(count)], 0).unsqueeze(0) for k in range(len(outs[0])))
+    final = {k: torch.stack([finals[i][k] for i in range(count)], 0) for k in cell.STATES}
+    return (packed[0] if len(packed) == 1 else packed), final
+
 '''
