@@ -70,3 +70,18 @@ def test_a_backend_that_does_not_apply_names_the_state_and_its_class():
     with pytest.raises(rnnc.BuildError) as info:
         rnnc.build("deltanet", backend="scan")
     assert "identity_minus_low_rank" in str(info.value)
+
+
+@pytest.mark.parametrize("name,backend", CASES)
+def test_backend_matches_loop_with_bf16_inputs(name, backend):
+    dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
+    loop = rnnc.build(name, backend="loop", **dims)
+    other = rnnc.build(name, backend=backend, **dims)
+    other.load_state_dict(loop.state_dict())
+    inputs = _inputs(name, 2, 65, 2, False, torch.bfloat16)
+    ys_l, fin_l, g_l = _grads(loop, inputs)
+    ys_o, fin_o, g_o = _grads(other, inputs)
+    for a, b in list(zip(ys_o, ys_l)) + [(fin_o[k], fin_l[k]) for k in fin_l] + list(zip(g_o, g_l)):
+        assert a.dtype == b.dtype and torch.isfinite(a.float()).all()
+        scale = b.float().abs().max().item() + 1e-6
+        assert (a.float() - b.float()).abs().max().item() <= 2e-2 * scale
