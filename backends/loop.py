@@ -8,6 +8,7 @@ index/scatter pairs. This backend defines rnnc's semantics; the others must agre
 """
 from __future__ import annotations
 
+import inspect
 import keyword
 
 from rnnc import dims as D
@@ -15,8 +16,22 @@ from rnnc.analysis import Report
 from rnnc.errors import UnsupportedError
 from rnnc.ir import Cell, Graph
 
-from . import bptt
+from rnnc.chunkplan import plan_nodes
+
+from . import bptt, chunk_ops
 from .prelude import PRELUDE
+
+CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see _emit_chunk)
+
+
+def _chunk_ops_source() -> str:
+    """backends/chunk_ops.py without its docstring and imports, to paste into generated modules."""
+    text = inspect.getsource(chunk_ops)
+    body = text[text.index("\ndef ") + 1:]
+    return "\n\n" + body.rstrip()
+
+
+CHUNK_OPS = _chunk_ops_source()
 from .torch_expr import ATOM, Operand, TorchExpr, pyint, shape_text
 
 #: Attribute names the generated module (or nn.Module) already uses: no param may take them.
@@ -138,11 +153,13 @@ class _Renderer:
 
 
 def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None,
-                generated_backward: bool = True, scan: dict[str, tuple] | None = None) -> str:
+                generated_backward: bool = True, scan: dict[str, tuple] | None = None,
+                chunk: dict | None = None) -> str:
     """The full source of a standalone module defining the cell's nn.Module class.
 
     `defaults` are dim sizes baked in as the constructor's defaults (on top of `dim N = ...`).
-    `scan` (state -> (a, b) nodes, from rnnc.scanplan) lowers the recurrence to a parallel scan.
+    `scan` (state -> (a, b) nodes, from rnnc.scanplan) lowers the recurrence to a parallel scan;
+    `chunk` (from rnnc.chunkplan) to a chunkwise-parallel form.
     """
     for p in cell.params:
         if p.name in MODULE_ATTRS or keyword.iskeyword(p.name) or p.name.startswith("_"):
@@ -178,6 +195,9 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L("import torch.nn.functional as F")
     for line in PRELUDE.strip("\n").splitlines():
         L(line)
+    if chunk is not None:
+        for line in CHUNK_OPS.splitlines():
+            L(line)
     L()
     L()
     L(f"class {cls}(nn.Module):")
@@ -193,7 +213,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L()
     _emit_init(L, cell)
     _emit_reset(L, cell)
-    _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward, scan)
+    _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward, scan, chunk)
     _emit_step(L, cell)
     L("def extra_repr(self):")
     L("    return ', '.join(f'{k}={v}' for k, v in self.dims.items())")
@@ -269,7 +289,7 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
 
 
 def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], input_dims: set[str],
-                  needed: list[str], generated_backward: bool, scan: dict | None) -> None:
+                  needed: list[str], generated_backward: bool, scan: dict | None, chunk: dict | None) -> None:
     names = [p.name for p in cell.inputs]
     ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
     L("def forward(self, *args, state=None, cu_seqlens=None, **kwargs):")
@@ -319,13 +339,17 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
         if p.node in stages:
             L(f"{r.name(p.node)} = {a}.reshape(-1, *{a}.shape[{a}.dim() - {len(p.shape)}:]).to(cdt)"
               if p.shape else f"{r.name(p.node)} = {a}.reshape(-1).to(cdt)")
+    if chunk is not None:  # only what the chunkwise form reads (not the per-step k vᵀ, decays, ...)
+        state_free_outs = [o.node for o in cell.outputs if o.name != chunk["output"]]
+        used = cell.graph.ancestors(plan_nodes(chunk) + state_free_outs + [s.init for s in cell.states])
+        live = [n for n in live if n in used or stages[n] == "loop"]
     const = [n for n in live if stages[n] == "const"]
     hoist = [n for n in live if stages[n] == "hoist"]
     loop = [n for n in live if stages[n] == "loop"]
     if const:
         L("# constants: params and literals only, computed once")
         r.emit(L, const, "const")
-    if hoist:
+    if any(cell.graph[n].op != "input" for n in hoist):
         L("# state-independent values, for all B*T*extra rows at once")
         r.emit(L, hoist, "hoist")
     into_loop = sorted({a for n in loop for a in cell.graph[n].args if stages.get(a) == "hoist"}
@@ -333,6 +357,8 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
     loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
     if not cell.states and not loop_outs:
         pass  # nothing is carried from step to step: no loop at all
+    elif chunk is not None:
+        _emit_chunk(L, cell, r, chunk)
     elif scan is not None:
         _emit_scan(L, cell, r, stages, loop, loop_outs, scan)
     elif generated_backward and bptt.supported(cell, loop):
@@ -416,6 +442,32 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
         L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
     L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
+
+
+def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
+    """The one matrix state by a chunkwise-parallel algorithm (backends/chunk_ops.py)."""
+    (s,) = cell.states
+    # per-key/per-value decays build [C, C, K] blocks inside a chunk: shorter chunks win on CPU
+    size = 16 if plan["kind"] == "linear" and (plan["gk"] is not None or plan["gv"] is not None) else CHUNK
+    L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (backends/chunk_ops.py)")
+    L(f"s0_{s.name} = _initial(state, {s.name!r}, {r.tensor(s.init, 'const')}, B, extra, "
+      f"{shape_text(s.shape)}, cdt)")
+
+    def seq(key: str) -> str:
+        return f"_time_major({r.operand(plan[key], 'hoist').text}, B, T)"
+
+    q, k, v = seq("q"), seq("k"), seq("v")
+    target = f"out_{plan['output']}, {r.name(s.node_in)}"
+    if plan["kind"] == "linear":
+        for sc in plan["scale"]:
+            k = f"{k} * _time_major({r.operand(sc, 'hoist').text}, B, T).unsqueeze(-1)"
+        gk = seq("gk") if plan["gk"] is not None else (f"{seq('g')}.unsqueeze(-1)" if plan["g"] is not None else "None")
+        gv = seq("gv") if plan["gv"] is not None else "None"
+        L(f"{target} = _chunk_linear({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size})")
+    else:
+        beta = seq("beta") if plan["beta"] is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
+        g = seq("g") if plan["g"] is not None else "None"
+        L(f"{target} = _chunk_delta({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size})")
 
 
 def _scan_coefficient(r: _Renderer, stages: dict[int, str], nid: int, rank: int) -> str:

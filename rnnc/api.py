@@ -7,6 +7,7 @@ from typing import Union
 from .analysis import Report, analyze_cell
 from .bind import check_bound_dims
 from .optimize import optimize
+from .chunkplan import NotChunkable, chunk_plan
 from .scanplan import scan_coefficients
 from .errors import BuildError, InputError, SpecNotFoundError
 from .program import Program, parse_program
@@ -14,7 +15,7 @@ from .resources import specs_dir
 
 Spec = Union[Program, str, Path]
 
-BACKENDS = ("loop", "scan")
+BACKENDS = ("loop", "scan", "chunk")
 SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive")}
 
 
@@ -66,6 +67,12 @@ def backends_for(spec: Spec, cell: str | None = None) -> list[str]:
 
 def _does_not_apply(backend: str, report: Report) -> str | None:
     """Why `backend` cannot lower the cell (None when it can)."""
+    if backend == "chunk":
+        try:
+            chunk_plan(report.cell, report.stages, report.classes)
+        except NotChunkable as e:
+            return str(e)
+        return None
     if backend == "scan":
         for name, info in report.classes.items():
             if (info["class"], info.get("transition")) not in SCANNABLE or info.get("coupled"):
@@ -99,12 +106,15 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None) -> tup
     cell = optimize(ir)
     report = analyze_cell(cell)
     chosen = _pick_backend(backend, report)
-    scan = None
+    scan = chunk = None
     if chosen == "scan":
         scan = scan_coefficients(cell, report.stages)
         cell.extra_roots = [n for pair in scan.values() for n in pair if n is not None]
+    elif chosen == "chunk":
+        chunk = chunk_plan(cell, report.stages, report.classes)
     report = analyze_cell(cell, chosen)
-    source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan)
+    source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
+                         chunk=chunk)
     return source, report
 
 

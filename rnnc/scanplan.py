@@ -64,6 +64,12 @@ def _zero_state(g: Graph, stages: dict[int, str], nid: int, memo: dict) -> int |
     elif node.op in ("mul", "div"):
         x, y = (_zero_state(g, stages, a, memo) for a in node.args)
         out = None if x is None or y is None else _binary(g, node.op, x, y)
+    elif node.op in ("matmul", "outer", "transpose", "index", "broadcast"):
+        # linear in their one state-dependent operand: zero in, zero out
+        deps = [a for a in node.args if stages.get(a) == "loop"]
+        if len(deps) != 1 or _zero_state(g, stages, deps[0], memo) is not None:
+            raise ValueError(f"cannot partially evaluate {node.op}")
+        out = None
     else:  # the affine forms of scannable states only pass through the ops above
         raise ValueError(f"cannot partially evaluate {node.op}")
     memo[nid] = out

@@ -21,6 +21,10 @@ def _inputs(name: str, B: int, T: int, heads: int, extreme: bool, dtype):
             x = -20 * torch.rand(*shape, generator=g, dtype=torch.float64) if extreme else F.logsigmoid(x + 3)
         elif p.name == "delta":  # mamba's step size, positive
             x = F.softplus(x) * (8 if extreme else 1)
+        elif p.name == "beta":  # the delta rule's write strength, in (0, 1) (1 when extreme)
+            x = torch.ones_like(x) if extreme else torch.sigmoid(x)
+        elif p.name == "k" and "delta" in name:  # the delta rule is stable for unit keys
+            x = F.normalize(x, dim=-1)
         out.append(x.to(dtype).requires_grad_())
     return out
 

@@ -1,0 +1,141 @@
+"""Find the pieces of a chunkable matrix recurrence in the IR: q, k, v, gates, beta.
+
+The chunk backend runs flash-linear-attention-style chunkwise algorithms (backends/chunk_ops.py):
+    additive:   S' = diag(e^gk) S diag(e^gv) + k vᵀ          (gk/gv: key/value/scalar log-decay)
+    delta rule: S' = e^g (I - β k kᵀ) S + β k vᵀ
+with the readout o = q @ S' (after the update). This module matches a cell's single matrix state
+against those forms, returning IR node ids for each piece, or the reason it does not match.
+Decays must be written in log space, as exp(g): the chunk form needs log-gates to stay stable.
+"""
+from __future__ import annotations
+
+from . import dims as D
+from .ir import Cell, Graph
+from .linearity import affine_forms
+from .scanplan import _zero_state
+
+
+class NotChunkable(Exception):
+    pass
+
+
+def _strip_newaxis(g: Graph, nid: int) -> tuple[int, bool]:
+    """x[:, None] -> (x, True); anything else -> (nid, False)."""
+    node = g[nid]
+    items = node.attrs.get("items", ()) if node.op == "index" else ()
+    if len(items) == 2 and items[0][0] == "slice" and items[1][0] == "new" and items[0][1] == 0 \
+            and D.equal(items[0][2], g[node.args[0]].shape[0]):
+        return node.args[0], True
+    return nid, False
+
+
+def _log_gate(g: Graph, factor: int, K: D.Dim, V: D.Dim) -> tuple[str, int]:
+    """A decay factor -> ("k"|"v"|"s", log-gate node): exp(g)[:, None], exp(g[:, None]), exp(g) ..."""
+    base, lifted = _strip_newaxis(g, factor)
+    node = g[base]
+    if node.op != "exp":
+        raise NotChunkable("its decay is not written as exp(log-gate)")
+    arg, lifted_inside = _strip_newaxis(g, node.args[0])
+    shape = g[arg].shape
+    if lifted or lifted_inside:
+        if len(shape) == 1 and D.equal(shape[0], K):
+            return "k", arg
+    elif not shape:
+        return "s", arg
+    elif len(shape) == 1 and D.equal(shape[0], V):
+        return "v", arg
+    raise NotChunkable(f"its decay has shape {D.fmt_shape(g[factor].shape)}, not per key, per value or scalar")
+
+
+def _outer_parts(g: Graph, nid: int | None) -> tuple[list[int], int, int]:
+    """scalar * ... * outer(k, v) -> ([scalars], k, v)."""
+    if nid is None:
+        raise NotChunkable("its update is zero")
+    node = g[nid]
+    if node.op == "outer":
+        return [], node.args[0], node.args[1]
+    if node.op == "mul":
+        a, b = node.args
+        for s, rest in ((a, b), (b, a)):
+            if not g[s].shape:
+                scalars, k, v = _outer_parts(g, rest)
+                return [s] + scalars, k, v
+    raise NotChunkable("its update is not an outer product k vᵀ (times scalars)")
+
+
+def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> dict:
+    """The chunk plan of a one-state cell, or NotChunkable with the reason."""
+    if len(cell.states) != 1:
+        raise NotChunkable("the chunk backend handles cells with one matrix state")
+    s = cell.states[0]
+    info = classes[s.name]
+    if info["class"] != "matrix_affine" or len(s.shape) != 2 or info.get("coupled"):
+        raise NotChunkable(f"state '{s.name}' is {info['class']}")
+    if info.get("transition") not in ("additive", "identity_minus_low_rank"):
+        raise NotChunkable(f"state '{s.name}' has a {info.get('transition')} transition")
+    if info.get("readout") != "contraction" or info.get("readout_of") != "new":
+        raise NotChunkable(f"state '{s.name}' is not read out as q @ {s.name} after its update")
+    g = cell.graph
+    K, V = s.shape
+    chains = affine_forms(cell, stages)[s.node_out].chains[s.name]
+    if len(chains) != 1:
+        raise NotChunkable(f"state '{s.name}' reaches its next value along several paths")
+    (chain,) = chains
+    gates = {"k": [], "v": [], "s": []}
+    matrix = None
+    for link in chain:
+        if link[0] == "scale" and not link[2]:
+            kind, gate = _log_gate(g, link[1], K, V)
+            gates[kind].append(gate)
+        elif link[0] == "left" and matrix is None:
+            matrix = link[1]
+        else:
+            raise NotChunkable("its transition is not decay ⊙ S or decay · (I − β k kᵀ) S")
+    if any(len(v) > 1 for v in gates.values()):
+        raise NotChunkable("it has several decays of one kind")
+    try:
+        update = _zero_state(g, stages, s.node_out, {})
+    except ValueError as e:
+        raise NotChunkable(str(e)) from None
+    scalars, k, v = _outer_parts(g, update)
+    plan = {"state": s.name, "q": None, "k": k, "v": v, "gk": None, "gv": None, "g": None, "beta": None}
+    if matrix is None:
+        if gates["s"] and (gates["k"] or gates["v"]):
+            raise NotChunkable("it mixes a scalar decay with a per-key or per-value one")
+        plan["gk"] = (gates["k"] or [None])[0]
+        plan["gv"] = (gates["v"] or [None])[0]
+        plan["g"] = (gates["s"] or [None])[0]
+        plan["kind"] = "linear"
+        plan["scale"] = scalars  # scalars multiplying k vᵀ
+    else:
+        if gates["k"] or gates["v"]:
+            raise NotChunkable("a delta rule with a per-key or per-value decay is not supported yet")
+        m = g[matrix]
+        low = g[m.args[1]]
+        beta, k1, k2 = None, None, None
+        if low.op == "mul":
+            (bs, kk, kk2) = _outer_parts(g, m.args[1])
+            beta, k1, k2 = (bs[0] if len(bs) == 1 else None), kk, kk2
+        elif low.op == "outer":
+            k1, k2 = low.args
+        if k1 != k2 or k1 != k or (beta is not None and scalars != [beta]) or (beta is None and scalars):
+            raise NotChunkable("its transition I − β k kᵀ and update β k vᵀ do not share β and k")
+        plan.update(kind="delta", beta=beta, g=(gates["s"] or [None])[0], scale=[])
+    outs = [o for o in cell.outputs if s.node_in in g.ancestors([o.node])]
+    for o in outs:
+        node = g[o.node]
+        if node.op != "matmul" or node.args[1] != s.node_out or stages.get(node.args[0]) == "loop":
+            raise NotChunkable(f"output '{o.name}' is not exactly q @ {s.name}")
+    if len(outs) != 1:
+        raise NotChunkable("exactly one output must read the state")
+    plan["q"] = g[outs[0].node].args[0]
+    plan["output"] = outs[0].name
+    for key in ("q", "k", "v", "gk", "gv", "g", "beta"):
+        if plan[key] is not None and stages.get(plan[key]) != "hoist":
+            raise NotChunkable(f"its {key} does not change with the inputs")
+    return plan
+
+
+def plan_nodes(plan: dict) -> list[int]:
+    return [plan[k] for k in ("q", "k", "v", "gk", "gv", "g", "beta") if plan[k] is not None] + list(plan["scale"])
+
