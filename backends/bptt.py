@@ -13,10 +13,9 @@ from rnnc import dims as D
 from rnnc.ir import Cell
 
 from .adjoint import NEEDS, AdjointRules, has_rule
-from .torch_expr import shape_text
+from .torch_expr import BROADCASTING, shape_text
 
 LEAVES = ("input", "param", "state")
-ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "pow", "mod", "minimum", "maximum", "where"})
 
 
 def supported(cell: Cell, loop: list[int]) -> bool:
@@ -192,7 +191,7 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
         gv = adj[nid]
         bflags = [stages.get(a) != "const" for a in node.args]
         vals = [value(a) for a in node.args]
-        if node.op in ELEMENTWISE:  # pad batched operands as the forward did, so they broadcast alike
+        if node.op in BROADCASTING:  # pad batched operands as the forward did, so they broadcast alike
             rank = len(node.shape)
             vals = [f"{v}[:{', None' * (rank - len(g[a].shape))}]" if b and len(g[a].shape) < rank else v
                     for v, a, b in zip(vals, node.args, bflags)]

@@ -488,7 +488,7 @@ def _emit_autograd_loop(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, s
         L("# per-step views of the hoisted values the recurrence reads")
         for nid in into_loop:
             steps = f"{r.name(nid)}_steps"
-            L(f"{steps} = _steps({r.operand(nid, 'hoist').text}, B, T)")
+            L(f"{steps} = _time_major({r.operand(nid, 'hoist').text}, B, T).unbind(0)  # one copy, then views")
             r.step_ref[nid] = f"{steps}[t]"
     for s in cell.states:
         init = r.tensor(s.init, "const")

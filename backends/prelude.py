@@ -105,12 +105,6 @@ def _output_dtype(dtypes, cdt):
     return out
 
 
-def _steps(x, B, T):
-    """[B*T*E, *s] rows in (B, T, E) order -> T tensors of [B*E, *s] (one copy, then views)."""
-    s = x.shape[1:]
-    return x.reshape(B, T, -1, *s).transpose(0, 1).reshape(T, -1, *s).unbind(0)
-
-
 def _time_major(x, B, T):
     """[B*T*E, *s] rows in (B, T, E) order -> one [T, B*E, *s] tensor."""
     s = x.shape[1:]

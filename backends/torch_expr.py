@@ -26,6 +26,8 @@ MATH_UNARY = {"sqrt": "math.sqrt", "exp": "math.exp", "log": "math.log", "sin": 
               "tanh": "math.tanh", "log1p": "math.log1p", "expm1": "math.expm1", "abs": "abs"}
 BINARY = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "lt": ("<", CMP), "le": ("<=", CMP), "gt": (">", CMP), "ge": (">=", CMP),
           "eq": ("==", CMP), "ne": ("!=", CMP)}
+#: Ops whose operands broadcast against each other (render pads them first).
+BROADCASTING = frozenset(BINARY) | {"floordiv", "mod", "pow", "minimum", "maximum", "and", "or", "where"}
 REDUCE = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
 
 
@@ -69,6 +71,8 @@ class TorchExpr:
     def render(self, nid: int, args: list[Operand], batched: bool) -> tuple[str, int]:
         node = self.graph[nid]
         method = getattr(self, "_" + node.op, None)
+        if node.op in BROADCASTING:  # numpy semantics per step: pad batched operands to the result's rank
+            args = [self.pad(x, len(node.shape)) for x in args]
         if node.op in TORCH_UNARY:
             return self._unary(node, args, batched)
         if node.op in BINARY:
@@ -128,8 +132,7 @@ class TorchExpr:
         return f"torch.logical_not({args[0].text})", ATOM
 
     def _binary(self, node: Node, args, batched):
-        rank = len(node.shape)
-        a, b = (self.pad(x, rank) for x in args)
+        a, b = args
         fused = self._fuse_linear(node, a, b)
         if fused:
             return fused
@@ -157,24 +160,21 @@ class TorchExpr:
 
     def _floordiv(self, node: Node, args, batched):
         """floor(a / b): same values as `//`, but differentiable (zero gradient) where torch's `//` is not."""
-        rank = len(node.shape)
-        a, b = (self.pad(x, rank) for x in args)
+        a, b = args
         if node.scalar:
             return f"{a.at(MUL)} // {b.at(MUL + 1)}", MUL
         return f"torch.floor({self.tensor(a) if a.scalar else a.at(MUL)} / {b.at(MUL + 1)})", ATOM
 
     def _mod(self, node: Node, args, batched):
         """Python's (floored) modulo as a - floor(a / b) * b: differentiable where torch's `%` is not."""
-        rank = len(node.shape)
-        a, b = (self.pad(x, rank) for x in args)
+        a, b = args
         if node.scalar:
             return f"{a.at(MUL)} % {b.at(MUL + 1)}", MUL
         a_t = self.tensor(a) if a.scalar else a.at(ADD)
         return f"{a_t} - torch.floor({a.at(MUL)} / {b.at(MUL + 1)}) * {b.at(MUL + 1)}", ADD
 
     def _pow(self, node: Node, args, batched):
-        rank = len(node.shape)
-        a, b = (self.pad(x, rank) for x in args)
+        a, b = args
         return f"{a.at(POW + 1)} ** {b.at(UNARY)}", POW
 
     def _minimum(self, node: Node, args, batched):
@@ -184,8 +184,7 @@ class TorchExpr:
         return self._minmax(node, args, "max")
 
     def _minmax(self, node: Node, args, which: str):
-        rank = len(node.shape)
-        a, b = (self.pad(x, rank) for x in args)
+        a, b = args
         if node.scalar:
             return f"{which}({a.text}, {b.text})", ATOM
         bound = "max" if which == "min" else "min"  # minimum(x, s) clamps x from above at s
@@ -202,13 +201,11 @@ class TorchExpr:
         return self._logic(node, args, "or")
 
     def _logic(self, node: Node, args, which: str):
-        rank = len(node.shape)
-        a, b = (self.pad(x, rank) for x in args)
+        a, b = args
         return f"torch.logical_{which}({a.text}, {b.text})", ATOM
 
     def _where(self, node: Node, args, batched):
-        rank = len(node.shape)
-        c, a, b = (self.pad(x, rank) for x in args)
+        c, a, b = args
         if a.scalar and b.scalar:
             a = Operand(self.tensor(a), ATOM, False, 0, False)
         return f"torch.where({c.text}, {a.text}, {b.text})", ATOM
