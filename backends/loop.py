@@ -19,6 +19,7 @@ from rnnc.ir import Cell, Graph
 from rnnc.chunkplan import plan_nodes
 
 from . import bptt, chunk_ops
+from .combine import combine_source
 from .prelude import PRELUDE
 
 CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see _emit_chunk)
@@ -405,13 +406,27 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
                loop_outs: list, scan: dict[str, tuple]) -> None:
     """Every state by a parallel prefix scan over time, then the outputs for all steps at once."""
     g = cell.graph
-    L("# the recurrence as parallel scans: state' = a * state + b for all steps at once")
+    linear, combines = scan["linear"], scan["combines"]
     for s in cell.states:
-        a, b = scan[s.name]
         init = r.tensor(s.init, "const")
         L(f"s0_{s.name} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
-        coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None" for n in (a, b)]
-        L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
+    if linear:
+        L("# the recurrence as parallel scans: state' = a * state + b for all steps at once")
+    for s in cell.states:
+        if s.name in linear:
+            coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None"
+                    for n in linear[s.name]]
+            L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
+    by_in = {s.node_in: s for s in cell.states}
+    for i, c in enumerate(combines):
+        group = [by_in[a] for a in c.args_left]
+        fname = f"combine_{c.name}" + (f"_{i}" if i else "")
+        L(f"# {', '.join(s.name for s in group)} fold with the associative combine `{c.name}`: a parallel scan")
+        for line in combine_source(c, fname):
+            L(line)
+        leaves = _tuple([_scan_operand(r, stages, n) for n in c.args_right])
+        L(f"{_tuple([f'all_{s.name}' for s in group])[1:-1]} = _fold_scan({fname}, "
+          f"{_tuple([f's0_{s.name}' for s in group])}, {leaves})")
     if not loop_outs:
         L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
           f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
@@ -468,6 +483,19 @@ def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
         beta = seq("beta") if plan["beta"] is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
         g = seq("g") if plan["g"] is not None else "None"
         L(f"{target} = _chunk_delta({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size})")
+
+
+def _tuple(items: list[str]) -> str:
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+
+
+def _scan_operand(r: _Renderer, stages: dict[int, str], nid: int) -> str:
+    """A combine's per-step operand as [T, B*extra, *shape]."""
+    node = r.graph[nid]
+    if stages.get(nid) == "hoist":
+        return f"_time_major({r.operand(nid, 'hoist').text}, B, T)"
+    shape = "".join(f", {pyint(d)}" for d in node.shape)
+    return f"{r.tensor(nid, 'const')}.expand(T, N{shape})"
 
 
 def _scan_coefficient(r: _Renderer, stages: dict[int, str], nid: int, rank: int) -> str:

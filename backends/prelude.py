@@ -278,6 +278,42 @@ def _scan_from_zero(a, b):
     return torch.stack([even, odd], 1).reshape(b.shape)
 
 
+def _fold_scan(combine, h0, xs):
+    """s_t = combine(s_{t-1}, x_t) for every t, for an associative combine: O(T) work, O(log T) rounds.
+
+    h0 is a tuple of [N, ...] initial values, xs a tuple of [T, N, ...] operands, and the result a
+    tuple of [T, N, ...] states; `combine(*a, *b)` takes and returns tuples with one leading axis
+    of rows. As in _linear_scan, the first step absorbs h0 (so no identity is ever combined),
+    pairs of steps are combined, the half-length sequence is scanned recursively and the other
+    half of the states filled in from it."""
+    first = combine(*h0, *(x[0] for x in xs))
+    return _fold_from_first(combine, tuple(torch.cat([f.unsqueeze(0), x[1:]]) for f, x in zip(first, xs)))
+
+
+def _fold_rows(combine, a, b):
+    """combine over [T', N, ...] operands, flattened to rows and back."""
+    t, n = a[0].shape[:2]
+    out = combine(*(x.flatten(0, 1) for x in a), *(x.flatten(0, 1) for x in b))
+    return tuple(o.reshape(t, n, *o.shape[1:]) for o in out)
+
+
+def _fold_from_first(combine, xs):
+    T = xs[0].shape[0]
+    if T == 1:
+        return xs
+    if T % 2:  # an odd tail step is finished after the even-length scan
+        head = _fold_from_first(combine, tuple(x[:-1] for x in xs))
+        tail = _fold_rows(combine, tuple(h[-1:] for h in head), tuple(x[-1:] for x in xs))
+        return tuple(torch.cat([h, t]) for h, t in zip(head, tail))
+    x0, x1 = tuple(x[0::2] for x in xs), tuple(x[1::2] for x in xs)
+    odd = _fold_from_first(combine, _fold_rows(combine, x0, x1))  # the states after steps 1, 3, 5, ...
+    if T == 2:
+        return tuple(torch.cat([a, o]) for a, o in zip(x0, odd))
+    rest = _fold_rows(combine, tuple(o[:-1] for o in odd), tuple(x[1:] for x in x0))  # after 2, 4, ...
+    even = tuple(torch.cat([x[:1], r]) for x, r in zip(x0, rest))
+    return tuple(torch.stack([e, o], 1).reshape(x.shape) for e, o, x in zip(even, odd, xs))
+
+
 def _varlen(cell, args, kwargs, state, cu_seqlens):
     """Run a packed batch (B = 1, sequences back to back, bounded by cu_seqlens) as independent
     sequences: each from its own initial state, each with its own final state. Sequences of equal

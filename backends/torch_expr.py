@@ -7,6 +7,8 @@ fewer per-step axes than the result it is padded with `[:, None]` after its batc
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from rnnc import dims as D
@@ -98,6 +100,8 @@ class TorchExpr:
     # -- leaves --
     def _const(self, node: Node, args, batched):
         v = node.attrs["value"]
+        if v == math.inf:
+            return "math.inf", ATOM
         return repr(float(v)) if isinstance(v, float) else repr(int(v)), (ATOM if v >= 0 else UNARY)
 
     def _dim(self, node: Node, args, batched):

@@ -109,7 +109,10 @@ class Report:
 
 def analyze_cell(cell: Cell, backend: str = "loop") -> Report:
     """Stages, state reads and linearity verdicts of the cell; `backend` is recorded as chosen."""
+    from .associative import classify_combines
     from .linearity import classify
 
     st = stages(cell)
-    return Report(cell, st, state_reads(cell), classify(cell, st), backend)
+    classes = classify(cell, st)
+    classify_combines(cell, st, classes)
+    return Report(cell, st, state_reads(cell), classes, backend)

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Union
 
 from .analysis import Report, analyze_cell
+from .associative import scan_groups
 from .bind import check_bound_dims
 from .optimize import optimize
 from .chunkplan import NotChunkable, chunk_plan
@@ -16,7 +17,9 @@ from .resources import specs_dir
 Spec = Union[Program, str, Path]
 
 BACKENDS = ("loop", "scan", "chunk")
-SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive")}
+SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("associative", None)}
+#: The classes `auto` sends to the scan (matrix states would materialise every step's state).
+SCAN_FIRST = {"elementwise_affine", "associative"}
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
@@ -86,7 +89,7 @@ def _pick_backend(backend: str, report: Report | None = None) -> str:
         # The scan wins on CPU for vector states at the lengths measured (benchmarks/RESULTS.md);
         # for matrix states it would materialise every step's state, so those stay on the loop.
         if report is not None and report.classes and _does_not_apply("scan", report) is None and all(
-                info["class"] == "elementwise_affine" for info in report.classes.values()):
+                info["class"] in SCAN_FIRST for info in report.classes.values()):
             return "scan"
         return "loop"
     if backend not in BACKENDS:
@@ -108,8 +111,12 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None) -> tup
     chosen = _pick_backend(backend, report)
     scan = chunk = None
     if chosen == "scan":
-        scan = scan_coefficients(cell, report.stages)
-        cell.extra_roots = [n for pair in scan.values() for n in pair if n is not None]
+        combines = scan_groups(cell, report.classes)
+        folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
+        linear = scan_coefficients(cell, report.stages, skip=folded)
+        cell.extra_roots = ([n for pair in linear.values() for n in pair if n is not None]
+                            + [n for c in combines for n in c.args_right])
+        scan = {"linear": linear, "combines": combines}
     elif chosen == "chunk":
         chunk = chunk_plan(cell, report.stages, report.classes)
     report = analyze_cell(cell, chosen)

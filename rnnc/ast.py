@@ -109,7 +109,15 @@ class Literal:
     loc: Loc
 
 
-Expr = Union[Number, Name, Call, BinOp, UnaryOp, Index, Literal]
+@dataclass
+class Tuple:
+    """A parenthesised group `(a, b, c)`: only as an operand of a combine or its identity."""
+
+    items: list["Expr"]
+    loc: Loc
+
+
+Expr = Union[Number, Name, Call, BinOp, UnaryOp, Index, Literal, Tuple]
 
 
 # ---- statements and declarations ------------------------------------------------------
@@ -163,7 +171,7 @@ class Let:
 
 @dataclass
 class Assign:
-    name: str
+    names: list[str]  # several when the value is a group (a combine, split or multi-value def)
     value: Expr
     loc: Loc
 
@@ -190,6 +198,20 @@ class Def:
 
 
 @dataclass
+class Combine:
+    """`combine f((a1, ..), (b1, ..)) identity (e1, ..) = ...`: a declared associative operator."""
+
+    name: str
+    left: list[str]
+    right: list[str]
+    identity: Expr
+    lets: list[Let]
+    returns: list[Expr]
+    loc: Loc
+    source: str = ""  # the declaration's text (keys the associativity proof's cache)
+
+
+@dataclass
 class Import:
     target: str
     is_path: bool
@@ -204,4 +226,5 @@ class Module:
     source: str
     imports: list[Import] = field(default_factory=list)
     defs: list[Def] = field(default_factory=list)
+    combines: list[Combine] = field(default_factory=list)
     cells: list[Cell] = field(default_factory=list)

@@ -8,6 +8,7 @@ exactly once, lets immutable, shapes that fit.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -17,7 +18,7 @@ from . import ast, ops
 from . import dims as D
 from .errors import (ArityError, DimError, Loc, RnncError, ShapeError, StateError, TypeError_,
                      UnknownNameError, UnsupportedError)
-from .ir import Cell, DimInfo, Graph, Node, Param, Port, State
+from .ir import Cell, Combine, DimInfo, Graph, Node, Param, Port, State
 
 Value = Union[int, tuple]  # a node id, or a tuple of node ids (split / multi-value def)
 
@@ -32,7 +33,7 @@ RESERVED_INPUTS = frozenset({"state", "cu_seqlens"})
 
 @dataclass
 class DefInfo:
-    node: ast.Def
+    node: ast.Def | ast.Combine
     file: str
 
 
@@ -61,6 +62,7 @@ class Elaborator:
         self._inline_stack: list[str] = []
         self.cell_scope = Scope("cell")
         self.kinds: dict[str, str] = {}  # cell-level name -> input/param/state/output
+        self.combines: list[Combine] = []
 
     # ---- entry point ------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ class Elaborator:
             node = self._fit(self.cell_scope.values[p.name], self._shape(p.shape), f"output '{p.name}'", assigned[p.name])
             outputs.append(Port(p.name, self._shape(p.shape), node, p.loc))
         return Cell(c.name, self.file, self.dims, inputs, outputs, params, states, self.graph,
-                    self.init_graph, c.loc)
+                    self.init_graph, c.loc, combines=self.combines)
 
     # ---- declarations -----------------------------------------------------------------
 
@@ -280,29 +282,44 @@ class Elaborator:
             raise DimError(f"'{name}' is a dim and cannot be rebound", loc, "pick a new name")
 
     def _assign(self, stmt: ast.Assign, assigned: dict[str, Loc]) -> None:
-        kind = self.kinds.get(stmt.name)
+        for name in stmt.names:
+            self._check_assignable(name, stmt.loc, assigned)
+        if len(set(stmt.names)) != len(stmt.names):
+            raise StateError("a name is assigned twice in one statement", stmt.loc, "name each target once")
+        value = self.expr(stmt.value, self.cell_scope, self.graph)
+        if len(stmt.names) == 1:
+            values = (self._single(value, stmt.value.loc),)
+        elif not isinstance(value, tuple) or len(value) != len(stmt.names):
+            n = len(value) if isinstance(value, tuple) else 1
+            raise ArityError(f"cannot assign {n} value{'s' * (n != 1)} to {len(stmt.names)} names", stmt.loc,
+                             "several targets need a combine, split(...) or a def that returns as many values")
+        else:
+            values = value
+        for name, v in zip(stmt.names, values):
+            node = self.graph[v]
+            if node.dtype != "float":
+                raise TypeError_(f"'{name}' must hold numbers, got a boolean", stmt.loc, "use where(cond, 1, 0)")
+            if node.name is None and node.op not in ("input", "param", "state"):
+                node.name = name
+            assigned[name] = stmt.loc
+            self.cell_scope.bind(name, v, stmt.loc)
+
+    def _check_assignable(self, name: str, loc: Loc, assigned: dict[str, Loc]) -> None:
+        kind = self.kinds.get(name)
         if kind is None:
-            if stmt.name in self.cell_scope.values:
-                raise StateError(f"cannot assign '{stmt.name}': it is a let binding", stmt.loc,
+            if name in self.cell_scope.values:
+                raise StateError(f"cannot assign '{name}': it is a let binding", loc,
                                  "let names are immutable; declare a state to carry a value across steps")
-            raise UnknownNameError(f"assignment to undeclared name '{stmt.name}'", stmt.loc,
-                                   f"use `let {stmt.name} = ...`, or declare `state {stmt.name}: [...] = ...`")
+            raise UnknownNameError(f"assignment to undeclared name '{name}'", loc,
+                                   f"use `let {name} = ...`, or declare `state {name}: [...] = ...`")
         if kind not in ("a state", "an output"):
-            raise StateError(f"cannot assign '{stmt.name}': it is {kind}", stmt.loc,
+            raise StateError(f"cannot assign '{name}': it is {kind}", loc,
                              "only states and outputs are assigned; use `let` for new names")
-        if stmt.name in assigned:
+        if name in assigned:
             what = "state" if kind == "a state" else "output"
-            raise StateError(f"{what} '{stmt.name}' is assigned twice in one step", stmt.loc,
-                             f"it was first assigned at line {assigned[stmt.name].line}; "
+            raise StateError(f"{what} '{name}' is assigned twice in one step", loc,
+                             f"it was first assigned at line {assigned[name].line}; "
                              "compute intermediate values with `let`")
-        value = self._single(self.expr(stmt.value, self.cell_scope, self.graph), stmt.value.loc)
-        node = self.graph[value]
-        if node.dtype != "float":
-            raise TypeError_(f"'{stmt.name}' must hold numbers, got a boolean", stmt.loc, "use where(cond, 1, 0)")
-        if node.name is None and node.op not in ("input", "param", "state"):
-            node.name = stmt.name
-        assigned[stmt.name] = stmt.loc
-        self.cell_scope.bind(stmt.name, value, stmt.loc)
 
     def _fit(self, nid: int, shape: D.Shape, what: str, loc: Loc | None, graph: Graph | None = None) -> int:
         """nid if it has exactly `shape`, else a broadcast to it (or a ShapeError)."""
@@ -347,6 +364,8 @@ class Elaborator:
             return scope.values[e.id]
         if e.id in self.dims:
             return self._dim_value(e.id, graph, e.loc)
+        if e.id == "inf":
+            return self._const(math.inf, graph, e.loc)
         if scope.what in ("state init", "param init") and e.id in self.kinds:
             allowed = "params, dims and constants" if scope.what == "state init" else "numbers, dims and constants"
             raise TypeError_(f"{scope.what.replace('init', 'initial value')} cannot use {self.kinds[e.id]} ('{e.id}')",
@@ -354,6 +373,11 @@ class Elaborator:
         if e.id in BUILTINS or e.id in self.defs:
             raise TypeError_(f"'{e.id}' is a function; call it", e.loc, f"write {e.id}(...)")
         raise self._unknown(e.id, scope, e.loc)
+
+    def _e_Tuple(self, e: ast.Tuple, scope: Scope, graph: Graph) -> Value:
+        raise TypeError_("a parenthesised group (a, b, ...) is only an operand of a combine", e.loc,
+                         "apply a combine to it, e.g. `s1, s2 = f((s1, s2), (x1, x2))`; "
+                         "or drop the commas")
 
     def _unknown(self, name: str, scope: Scope, loc: Loc) -> RnncError:
         known = list(scope.values) + list(self.dims)
@@ -494,6 +518,8 @@ class Elaborator:
             raise TypeError_(f"'{e.func}' is a value, not a function", e.loc,
                              "a let, input or param cannot be called; rename it if a def of that name was meant")
         if e.func in self.defs:
+            if isinstance(self.defs[e.func].node, ast.Combine):
+                return self._combine(e, scope, graph)
             return self._inline(e, scope, graph)
         if e.func not in BUILTINS:
             close = difflib.get_close_matches(e.func, sorted(BUILTINS | set(self.defs)), n=1)
@@ -527,6 +553,74 @@ class Elaborator:
         finally:
             self._inline_stack.pop()
         return results[0] if len(results) == 1 else results
+
+    def _combine(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
+        """Apply a declared combine: inline its body, and record the application (ir.Combine)."""
+        c: ast.Combine = self.defs[e.func].node
+        n = len(c.left)
+        usage = f"{e.func}(({', '.join(c.left)}), ({', '.join(c.right)}))" if n > 1 else f"{e.func}(a, b)"
+        if scope is not self.cell_scope:
+            raise UnsupportedError(f"combine '{e.func}' can only be applied in a cell's body", e.loc,
+                                   "apply it to the states it folds, e.g. `s = f(s, x)`")
+        if e.kwargs or len(e.args) != 2:
+            raise ArityError(f"combine '{e.func}' takes two operands of {n} value{'s' * (n != 1)}", e.loc,
+                             f"call it as {usage}")
+        sides = []
+        for arg in e.args:
+            items = arg.items if isinstance(arg, ast.Tuple) else [arg]
+            if len(items) != n:
+                raise ArityError(f"combine '{e.func}' takes operands of {n} value{'s' * (n != 1)}, got {len(items)}",
+                                 arg.loc, f"call it as {usage}")
+            sides.append([self._single(self.expr(x, scope, graph), x.loc) for x in items])
+        for a, b, name in zip(sides[0], sides[1], c.left):
+            if not D.shapes_equal(graph[a].shape, graph[b].shape):
+                raise ShapeError(f"combine '{e.func}': operand '{name}' has shape {D.fmt_shape(graph[a].shape)} on "
+                                 f"the left and {D.fmt_shape(graph[b].shape)} on the right", e.loc,
+                                 "both operands hold values of the same kind: give them the same shapes")
+        results = self._combine_body(c, sides, graph)
+        alone = Graph()
+        ins = [[alone.add(Node("input", (), graph[v].shape, name=p)) for v, p in zip(side, names)]
+               for side, names in zip(sides, (c.left, c.right))]
+        out = self._combine_body(c, ins, alone)
+        identity = self._combine_identity(c, alone, [graph[v].shape for v in sides[0]])
+        for name, v, r in zip(c.left, sides[0], results):
+            if not D.shapes_equal(graph[r].shape, graph[v].shape):
+                raise ShapeError(f"combine '{e.func}' returns shape {D.fmt_shape(graph[r].shape)} for '{name}', "
+                                 f"which has shape {D.fmt_shape(graph[v].shape)}", c.loc,
+                                 "a combine returns values shaped like its operands")
+        self.combines.append(Combine(e.func, alone, ins[0], ins[1], out, identity, sides[0], sides[1], results,
+                                     c.loc, e.loc, c.source))
+        return tuple(results) if n > 1 else results[0]
+
+    def _combine_body(self, c: ast.Combine, sides: list[list[int]], graph: Graph) -> list[int]:
+        inner = Scope(f"combine {c.name}")
+        for side, names in zip(sides, (c.left, c.right)):
+            for name, v in zip(names, side):
+                if name in inner.values:
+                    raise RnncError(f"parameter '{name}' of combine '{c.name}' is named twice", c.loc,
+                                    "give each parameter its own name")
+                inner.bind(name, v, c.loc)
+        if len(c.returns) != len(c.left):
+            raise ArityError(f"combine '{c.name}' returns {len(c.returns)} value{'s' * (len(c.returns) != 1)} "
+                             f"but folds {len(c.left)}", c.loc, "return one value per operand component")
+        for let in c.lets:
+            self._let(let, inner, graph)
+        return [self._single(self.expr(r, inner, graph), r.loc) for r in c.returns]
+
+    def _combine_identity(self, c: ast.Combine, graph: Graph, shapes: list[D.Shape]) -> list[int]:
+        items = c.identity.items if isinstance(c.identity, ast.Tuple) else [c.identity]
+        if len(items) != len(c.left):
+            raise ArityError(f"the identity of combine '{c.name}' has {len(items)} value{'s' * (len(items) != 1)} "
+                             f"but the combine folds {len(c.left)}", c.identity.loc, "give one value per component")
+        out = []
+        scope = Scope("combine identity")
+        for item, shape, name in zip(items, shapes, c.left):
+            v = self._single(self.expr(item, scope, graph), item.loc)
+            if any(graph[a].op == "input" for a in graph.ancestors([v])):
+                raise TypeError_(f"the identity of combine '{c.name}' must be constant", item.loc,
+                                 "write numbers such as 0, 1 or -inf")
+            out.append(self._fit(v, shape, f"the identity's '{name}'", item.loc, graph))
+        return out
 
     def _kw(self, e: ast.Call, allowed: set[str]) -> None:
         extra = set(e.kwargs) - allowed

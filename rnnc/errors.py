@@ -91,6 +91,10 @@ class TypeError_(RnncError):
     """A value of the wrong kind: a boolean in arithmetic, a non-constant where a constant is needed."""
 
 
+class AssociativityError(RnncError):
+    """A declared combine that is not associative, or whose identity is not one."""
+
+
 class UnsupportedError(RnncError):
     """A construct the language parses but rnnc cannot lower (yet)."""
 

@@ -121,6 +121,31 @@ class DimInfo:
 
 
 @dataclass
+class Combine:
+    """One application `s1, s2 = f((s1, s2), (x1, x2))` of a declared associative combine f.
+
+    `graph` holds f alone (inputs `left` and `right`, results `out`, constant `identity`), typed
+    with this application's operand shapes: what the associativity check and the scan's combine
+    function are built from. `args_left`, `args_right` and `results` are the operand and result
+    nodes of the application in the cell's graph (where f's body is inlined, so the loop
+    backend needs nothing special).
+    """
+
+    name: str
+    graph: Graph
+    left: list[int]
+    right: list[int]
+    out: list[int]
+    identity: list[int]
+    args_left: list[int]
+    args_right: list[int]
+    results: list[int]
+    loc: Loc | None = None  # the declaration
+    use_loc: Loc | None = None  # the application
+    source: str = ""  # the declaration's text
+
+
+@dataclass
 class Cell:
     """One elaborated cell: its interface and the graph of one step."""
 
@@ -135,6 +160,7 @@ class Cell:
     init_graph: Graph
     loc: Loc | None = None
     extra_roots: list[int] = field(default_factory=list)  # values a lowering plan needs (e.g. scan coefficients)
+    combines: list[Combine] = field(default_factory=list)  # applications of associative combines
 
     def roots(self) -> list[int]:
         """Nodes whose values leave a step: outputs, next states, initial states (and plan values)."""

@@ -16,7 +16,7 @@ from .errors import Loc, RnncSyntaxError
 from .resources import grammar_file
 
 #: Words that cannot name a value, function or cell (Python keywords and the language's own).
-RESERVED = frozenset(keyword.kwlist) | {"cell", "param", "state", "let", "dim", "def", "import"}
+RESERVED = frozenset(keyword.kwlist) | {"cell", "param", "state", "let", "dim", "def", "import", "combine"}
 
 _TOKEN_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": 'a "path"',
@@ -116,6 +116,8 @@ class _Build(Transformer):
                 module.imports.append(item)
             elif isinstance(item, ast.Def):
                 module.defs.append(item)
+            elif isinstance(item, ast.Combine):
+                module.combines.append(item)
             elif isinstance(item, ast.Cell):
                 module.cells.append(item)
         return module
@@ -130,6 +132,17 @@ class _Build(Transformer):
         name, params, body = children
         lets, returns = body
         return ast.Def(self._name(name), params or [], lets, returns, self._at(name))
+
+    def combine_stmt(self, meta, children):
+        name, left, right, identity, body = children
+        lets, returns = body
+        text = "\n".join(self.lines[meta.line - 1:meta.end_line])
+        return ast.Combine(self._name(name), left, right, identity, lets, returns, self._at(name), text)
+
+    def combine_side(self, meta, children):
+        if isinstance(children[0], list):
+            return children[0]
+        return [self._name(children[0])]
 
     def def_expr(self, meta, children):
         return [], [children[0]]
@@ -180,8 +193,8 @@ class _Build(Transformer):
         return ast.Let(names, value, self._at(meta))
 
     def assign_stmt(self, meta, children):
-        name, value = children
-        return ast.Assign(self._name(name), value, self._at(name))
+        names, value = children
+        return ast.Assign(names, value, self._at(meta))
 
     # -- shapes --
     def shape(self, meta, children):
@@ -252,6 +265,9 @@ class _Build(Transformer):
 
     def not_(self, meta, children):
         return ast.UnaryOp("not", children[0], self._at(meta))
+
+    def tuple(self, meta, children):
+        return ast.Tuple(list(children), self._at(meta))
 
     def literal(self, meta, children):
         return ast.Literal(list(children), self._at(meta))

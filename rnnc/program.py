@@ -82,10 +82,11 @@ def _collect_defs(module: ast.Module, defs: dict[str, DefInfo], seen: set[str]) 
             raise SpecNotFoundError(f"cannot read imported file '{imp.target}': {e.__class__.__name__}", imp.loc,
                                     "check the path (relative to the importing file)") from None
         _collect_defs(parse_module(text, str(path)), defs, seen)
-    for d in module.defs:
+    for d in [*module.defs, *module.combines]:
         if d.name in defs:
             prev = defs[d.name].node.loc
-            raise RnncError(f"def '{d.name}' is defined twice (first at {prev})", d.loc, "rename one of them")
+            what = "combine" if isinstance(d, ast.Combine) else "def"
+            raise RnncError(f"{what} '{d.name}' is defined twice (first at {prev})", d.loc, "rename one of them")
         defs[d.name] = DefInfo(d, module.file)
 
 

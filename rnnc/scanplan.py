@@ -76,8 +76,9 @@ def _zero_state(g: Graph, stages: dict[int, str], nid: int, memo: dict) -> int |
     return out
 
 
-def scan_coefficients(cell: Cell, stages: dict[int, str]) -> dict[str, tuple[int, int | None]]:
-    """For each state: (a, b) node ids with next = a ⊙ state + b (b None when it is zero).
+def scan_coefficients(cell: Cell, stages: dict[int, str], skip: frozenset[str] = frozenset()
+                      ) -> dict[str, tuple[int, int | None]]:
+    """For each state not in `skip`: (a, b) node ids with next = a ⊙ state + b (b None when zero).
 
     Appends the new nodes to the cell's graph; the caller re-stages the cell afterwards.
     """
@@ -85,6 +86,8 @@ def scan_coefficients(cell: Cell, stages: dict[int, str]) -> dict[str, tuple[int
     forms = affine_forms(cell, stages)
     out = {}
     for s in cell.states:
+        if s.name in skip:
+            continue
         chains = forms[s.node_out].chains.get(s.name, []) if s.node_out in forms else []
         a = _coefficient(g, chains) if chains else g.add(Node("const", (), (), attrs={"value": 0}, scalar=True))
         b = _zero_state(g, stages, s.node_out, {})

@@ -1,0 +1,267 @@
+"""Associative combines: the proof that a declared combine is one, and the states it folds.
+
+A cell states `s1, s2 = f((s1, s2), (x1, x2))` with `combine f(...) identity (...)`. A parallel
+scan regroups the steps, so f must be associative, f(f(a, b), c) = f(a, f(b, c)), and its
+identity e must satisfy f(e, a) = a = f(a, e). Both are checked before anything is lowered:
+
+  sympy      every op of f is elementwise, so each component is a scalar expression; the two
+             sides are built symbolically (real symbols) and their difference simplified to 0;
+  randomized otherwise (matmuls, reductions, or an expression sympy cannot simplify): f runs,
+             as generated code, in float64 on many random operands, and the two sides must agree.
+
+A combine that fails is rejected with an AssociativityError naming a counterexample. The verdict
+is cached per declaration text and operand shapes.
+"""
+from __future__ import annotations
+
+import math
+import sympy
+
+from . import dims as D
+from .errors import AssociativityError
+from .ir import Cell, Combine, Graph
+
+SAMPLES = 256  # random operand triples per check
+TOLERANCE = 1e-7  # on |lhs - rhs| / (1 + |lhs| + |rhs|), float64
+MAX_SIMPLIFY_OPS = 400  # sympy.simplify only below this size (it can take very long)
+
+_SYMPY_UNARY = {
+    "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "abs": sympy.Abs, "tanh": sympy.tanh,
+    "sin": sympy.sin, "cos": sympy.cos, "sign": sympy.sign,
+    "sigmoid": lambda x: 1 / (1 + sympy.exp(-x)), "softplus": lambda x: sympy.log(1 + sympy.exp(x)),
+    "logsigmoid": lambda x: -sympy.log(1 + sympy.exp(-x)), "log1p": lambda x: sympy.log(1 + x),
+    "expm1": lambda x: sympy.exp(x) - 1, "square": lambda x: x ** 2, "rsqrt": lambda x: 1 / sympy.sqrt(x),
+    "relu": lambda x: sympy.Max(x, 0),
+}
+_SYMPY_BINARY = {
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "maximum": sympy.Max, "minimum": sympy.Min,
+    "lt": sympy.Lt, "le": sympy.Le, "gt": sympy.Gt, "ge": sympy.Ge, "eq": sympy.Eq, "ne": sympy.Ne,
+    "and": sympy.And, "or": sympy.Or,
+}
+
+
+# ---- which states fold with a combine ------------------------------------------------------
+
+def classify_combines(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> None:
+    """Check every combine the cell applies; mark the states each one folds as `associative`.
+
+    A state group qualifies when the combine's left operands are exactly the states' values at the
+    start of the step, its results are their next values, and its right operands read no state.
+    States that linearity already classified as affine keep that (more specific) verdict.
+    """
+    by_in = {s.node_in: s for s in cell.states}
+    for c in cell.combines:
+        how = verify(c)
+        group = [by_in.get(a) for a in c.args_left]
+        names = [s.name for s in group if s is not None]
+        why = None
+        if None in group or len(set(names)) != len(names):
+            why = "its left operands are not distinct states"
+        elif any(s.node_out != r for s, r in zip(group, c.results)):
+            why = "the combine's results are not the states' next values"
+        else:
+            reads = sorted({by_in[n].name for a in c.args_right if stages.get(a) == "loop"
+                            for n in cell.graph.ancestors([a]) if n in by_in})
+            if reads:
+                why = f"its right operand reads state {', '.join(reads)}"
+        for s in group:
+            if s is None or classes[s.name]["class"] != "nonlinear":
+                continue
+            if why:
+                classes[s.name]["why"] = f"folded by combine `{c.name}`, but {why}"
+                continue
+            verb = "folds" if len(names) == 1 else "fold"
+            classes[s.name] = {"class": "associative", "combine": c.name, "group": names, "verified": how,
+                               "why": f"{', '.join(names)} {verb} with the associative combine `{c.name}` ({how})"}
+
+
+def scan_groups(cell: Cell, classes: dict[str, dict]) -> list[Combine]:
+    """The combines whose states are all classified associative (what the scan backend runs)."""
+    return [c for c in cell.combines
+            if all(classes[s.name]["class"] == "associative" for s in cell.states if s.node_in in c.args_left)]
+
+
+# ---- verification ---------------------------------------------------------------------------
+
+_VERDICTS: dict[tuple, str] = {}  # (declaration text, operand shapes) -> how it was verified
+
+
+def verify(c: Combine) -> str:
+    """How associativity (and the identity) were established; AssociativityError when they fail."""
+    key = (c.source or repr(c), tuple(tuple(D.fmt(d) for d in c.graph[n].shape) for n in c.left))
+    if key not in _VERDICTS:
+        if _sympy_proof(c):
+            _VERDICTS[key] = "sympy proof"
+        else:
+            _randomized(c)
+            _VERDICTS[key] = f"randomized check, {SAMPLES} samples"
+    return _VERDICTS[key]
+
+
+def _sympy_proof(c: Combine) -> bool:
+    """True when sympy shows associativity and the identity; False when it cannot decide."""
+    n = len(c.left)
+    a, b, e = ([sympy.Symbol(f"{p}{i}", real=True) for i in range(n)] for p in "abc")
+    try:
+        f = _sympy_fn(c)
+        identity = _sympy_values(c.graph, c.identity, {})
+        lhs, rhs = f(f(a, b), e), f(a, f(b, e))
+        pairs = list(zip(lhs, rhs)) + list(zip(f(identity, a), a)) + list(zip(f(a, identity), a))
+        return all(_is_zero(x - y) for x, y in pairs)
+    except (_NotElementwise, TypeError, ValueError, ZeroDivisionError):
+        return False
+
+
+class _NotElementwise(Exception):
+    pass
+
+
+def _sympy_fn(c: Combine):
+    def f(x: list, y: list) -> list:
+        env = dict(zip(c.left, x)) | dict(zip(c.right, y))
+        return _sympy_values(c.graph, c.out, env)
+    return f
+
+
+def _sympy_values(g: Graph, roots: list[int], env: dict[int, sympy.Expr]) -> list[sympy.Expr]:
+    vals = dict(env)
+    for nid in g.order(g.ancestors(roots)):
+        if nid in vals:
+            continue
+        node = g[nid]
+        args = [vals[a] for a in node.args]
+        if node.op == "const":
+            v = node.attrs["value"]
+            vals[nid] = sympy.oo if v == math.inf else sympy.nsimplify(v)
+        elif node.op in ("broadcast",):
+            vals[nid] = args[0]
+        elif node.op == "neg":
+            vals[nid] = -args[0]
+        elif node.op == "not":
+            vals[nid] = sympy.Not(args[0])
+        elif node.op == "where":
+            vals[nid] = sympy.Piecewise((args[1], args[0]), (args[2], True))
+        elif node.op in _SYMPY_UNARY:
+            vals[nid] = _SYMPY_UNARY[node.op](args[0])
+        elif node.op in _SYMPY_BINARY:
+            vals[nid] = _SYMPY_BINARY[node.op](*args)
+        else:
+            raise _NotElementwise(node.op)
+    return [vals[r] for r in roots]
+
+
+def _is_zero(d: sympy.Expr) -> bool:
+    if d == 0:
+        return True
+    d = sympy.expand(sympy.powsimp(sympy.expand(d)))
+    if d == 0:
+        return True
+    if sympy.count_ops(d) > MAX_SIMPLIFY_OPS:
+        return False
+    return sympy.simplify(d) == 0
+
+
+def _randomized(c: Combine) -> None:
+    """Run the combine on random float64 operands; AssociativityError on a counterexample."""
+    import torch
+
+    f = _torch_fn(c)
+    gen = torch.Generator().manual_seed(0)
+    sizes = _sizes(c)
+
+    def sample() -> list:
+        out = []
+        for nid in c.left:
+            shape = tuple(int(d.subs({x: sizes[x.name] for x in d.free_symbols})) for d in c.graph[nid].shape)
+            scale = torch.tensor([0.5, 1.0, 3.0]).repeat(SAMPLES)[:SAMPLES]
+            x = torch.randn(SAMPLES, *shape, generator=gen, dtype=torch.float64)
+            out.append(x * scale.view(-1, *[1] * len(shape)))
+        return out
+
+    a, b, e = sample(), sample(), sample()
+    with torch.no_grad():
+        lhs, rhs = f(*f(*a, *b), *e), f(*a, *f(*b, *e))
+        ident = [v.expand_as(x).clone() for v, x in zip(_identity_values(c, sizes), a)]
+        left_id, right_id = f(*ident, *a), f(*a, *ident)
+    _compare(c, "f(f(a, b), c)", "f(a, f(b, c))", lhs, rhs, {"a": a, "b": b, "c": e}, "is not associative")
+    _compare(c, "f(e, a)", "a", left_id, a, {"e": ident, "a": a}, "has an identity that is not one")
+    _compare(c, "f(a, e)", "a", right_id, a, {"a": a, "e": ident}, "has an identity that is not one")
+
+
+def _compare(c: Combine, left: str, right: str, xs: list, ys: list, operands: dict, what: str) -> None:
+    import torch
+
+    valid = torch.ones(xs[0].shape[0], dtype=torch.bool)
+    bad = torch.zeros_like(valid)
+    for x, y in zip(xs, ys):
+        x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+        finite = (torch.isfinite(x) & torch.isfinite(y)).all(1)
+        valid &= finite | (x == y).all(1)
+        err = ((x - y).abs() / (1 + x.abs() + y.abs())).nan_to_num(0.0).amax(1)
+        bad |= finite & (err > TOLERANCE)
+    if valid.sum() < SAMPLES // 4:
+        raise AssociativityError(f"combine '{c.name}' could not be checked: it gives NaN or inf on most random "
+                                 "operands", c.loc, "make it finite for finite operands (e.g. guard log and division)")
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        names = [c.graph[n].name for n in c.left]
+
+        def show(vals: list) -> str:
+            if len(vals) == 1:
+                return _fmt(vals[0][i])
+            return "(" + ", ".join(f"{n}={_fmt(v[i])}" for n, v in zip(names, vals)) + ")"
+
+        args = ", ".join(f"{p} = {show(v)}" for p, v in operands.items())
+        raise AssociativityError(
+            f"combine '{c.name}' {what}: {left} = {show(xs)} but {right} = {show(ys)} for {args}", c.loc,
+            "a scan regroups the steps, so the combine must be associative with a true identity; "
+            "write a recurrence that is not as a plain state update (`s = ...`), which runs step by step")
+
+
+def _fmt(v) -> str:
+    flat = v.reshape(-1)
+    if flat.numel() == 1:
+        return f"{float(flat[0]):.4g}"
+    return "[" + ", ".join(f"{float(x):.4g}" for x in flat[:3]) + (", ...]" if flat.numel() > 3 else "]")
+
+
+def _identity_values(c: Combine, sizes: dict[str, int]) -> list:
+    f = _exec(c, "_identity", _identity_source(c), sizes)
+    return [v.unsqueeze(0) for v in f()]
+
+
+def _identity_source(c: Combine) -> list[str]:
+    from rnnc.backends.loop import _Lines, _Renderer
+
+    g = c.graph
+    nodes = g.order(g.ancestors(c.identity))
+    r = _Renderer(g, {n: "const" for n in nodes}, set(c.identity))
+    L = _Lines()
+    L("def _identity():")
+    L.indent()
+    r.emit(L, nodes, "const")
+    L(f"return [{', '.join(r.tensor(n, 'const') for n in c.identity)}]")
+    return L.lines
+
+
+def _torch_fn(c: Combine):
+    from rnnc.backends.combine import combine_source
+
+    return _exec(c, "_combine", combine_source(c, "_combine"), _sizes(c))
+
+
+def _sizes(c: Combine) -> dict[str, int]:
+    """Small sizes for the dims in the operands' shapes (the check's operands)."""
+    return {name: 3 for n in c.left for d in c.graph[n].shape for name in D.free_names(d)}
+
+
+def _exec(c: Combine, fname: str, lines: list[str], sizes: dict[str, int]):
+    """Define rnnc-generated code (names validated at parse time, never spec text) and return fname."""
+    import torch
+    import torch.nn.functional as F
+
+    namespace = {"torch": torch, "F": F, "math": math, "cdt": torch.float64, "dev": torch.device("cpu")}
+    namespace.update({f"d_{k}": v for k, v in sizes.items()})
+    exec(compile("\n".join(lines), f"<rnnc combine {c.name}>", "exec"), namespace)  # noqa: S102
+    return namespace[fname]
