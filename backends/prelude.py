@@ -278,6 +278,13 @@ def _scan_from_zero(a, b):
     return torch.stack([even, odd], 1).reshape(b.shape)
 
 
+def _seq_len(names, args, kwargs):
+    """T of a call's inputs, to choose a lowering (0 when unclear: the forward reports why)."""
+    inputs = _gather_inputs(names, args, kwargs)
+    x = inputs[0] if inputs else None
+    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
+
+
 def _fold_scan(combine, h0, xs):
     """s_t = combine(s_{t-1}, x_t) for every t, for an associative combine: O(T) work, O(log T) rounds.
 

@@ -20,6 +20,8 @@ BACKENDS = ("loop", "scan", "chunk")
 SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("associative", None)}
 #: The classes `auto` sends to the scan (matrix states would materialise every step's state).
 SCAN_FIRST = {"elementwise_affine", "associative"}
+#: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
+LOOP_BELOW = {"scan": 16, "chunk": 16}
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
@@ -86,11 +88,15 @@ def _does_not_apply(backend: str, report: Report) -> str | None:
 
 def _pick_backend(backend: str, report: Report | None = None) -> str:
     if backend == "auto":
-        # The scan wins on CPU for vector states at the lengths measured (benchmarks/RESULTS.md);
-        # for matrix states it would materialise every step's state, so those stay on the loop.
-        if report is not None and report.classes and _does_not_apply("scan", report) is None and all(
-                info["class"] in SCAN_FIRST for info in report.classes.values()):
-            return "scan"
+        # Chunk and scan beat the loop on CPU from short lengths on (benchmarks/RESULTS.md); the
+        # scan of a matrix state would materialise every step's state, so those take the chunk
+        # form or the loop. Below LOOP_BELOW steps the built module runs the loop itself.
+        if report is not None and report.classes:
+            if _does_not_apply("chunk", report) is None:
+                return "chunk"
+            if _does_not_apply("scan", report) is None and all(
+                    info["class"] in SCAN_FIRST for info in report.classes.values()):
+                return "scan"
         return "loop"
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend '{backend}'", hint=f"choose one of: auto, {', '.join(BACKENDS)}")
@@ -120,8 +126,9 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None) -> tup
     elif chosen == "chunk":
         chunk = chunk_plan(cell, report.stages, report.classes)
     report = analyze_cell(cell, chosen)
+    loop_below = _loop_below(backend, report)
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
-                         chunk=chunk)
+                         chunk=chunk, loop_below=loop_below)
     return source, report
 
 
@@ -129,7 +136,16 @@ def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Repor
     """What analysis finds in the cell (after rewrites), and the lowering `backend` resolves to."""
     report = analyze_cell(optimize(_program(spec).cell(cell)))
     report.backend = _pick_backend(backend, report)
+    _loop_below(backend, report)
     return report
+
+
+def _loop_below(backend: str, report: Report) -> int | None:
+    """With auto and a parallel lowering: the length below which the module runs the loop (noted)."""
+    n = LOOP_BELOW.get(report.backend) if backend == "auto" else None
+    if n:
+        report.notes.append(f"auto: sequences shorter than {n} steps run on the loop (faster there)")
+    return n
 
 
 def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward: str = "generated",

@@ -1,0 +1,72 @@
+"""backend="auto": which lowering it picks per cell, and its per-call choice by sequence length."""
+import pytest
+import torch
+
+import rnnc
+from rnnc.api import LOOP_BELOW
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("lstm", "loop"), ("gru", "loop"), ("mingru", "scan"), ("hgrn", "scan"), ("aaren", "scan"),
+    ("gla", "chunk"), ("simple_gla", "chunk"), ("gated_deltanet", "chunk"),
+])
+def test_auto_picks_the_parallel_lowering_that_applies(name, expected):
+    assert rnnc.analyze(name).backend == expected
+    assert rnnc.analyze(name).to_dict()["backend"] == expected
+
+
+def _counting(cell, method):
+    calls = []
+    original = getattr(cell, method)
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return original(*args, **kwargs)
+
+    setattr(cell, method, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("name,dims", [("gla", {"K": 4, "V": 3}), ("mingru", {"I": 3, "H": 4})])
+def test_short_sequences_run_the_loop_and_long_ones_the_parallel_form(name, dims):
+    cell = rnnc.build(name, **dims)
+    loop = rnnc.build(name, backend="loop", **dims)
+    loop.load_state_dict(cell.state_dict())
+    parallel = cell.backend
+    assert f"_forward_{parallel}" in cell.source and "_forward_loop" in cell.source
+    short, long = _counting(cell, "_forward_loop"), _counting(cell, f"_forward_{parallel}")
+    n = LOOP_BELOW[parallel]
+    gen = torch.Generator().manual_seed(0)
+    for T in (1, n - 1, n, 3 * n + 1):
+        xs = [torch.randn(2, T, d, generator=gen) for d in _widths(cell)]
+        if name == "gla":
+            xs[3] = torch.nn.functional.logsigmoid(xs[3])
+        y, final = cell(*xs)
+        y_ref, final_ref = loop(*xs)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        for k in final:
+            torch.testing.assert_close(final[k], final_ref[k], rtol=1e-4, atol=1e-5)
+    assert short == [1, n - 1] and long == [n, 3 * n + 1]
+
+
+def _widths(cell):
+    return [cell.dims[{"q": "K", "k": "K", "v": "V", "g": "K", "x": "I"}[name]] for name in cell.INPUTS]
+
+
+def test_varlen_under_auto_chooses_per_sequence_length():
+    cell = rnnc.build("gla", K=4, V=3)
+    loop = rnnc.build("gla", backend="loop", K=4, V=3)
+    lengths = [3, LOOP_BELOW["chunk"] + 5, 1]
+    T = sum(lengths)
+    q, k, v = torch.randn(1, T, 4), torch.randn(1, T, 4), torch.randn(1, T, 3)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, 4))
+    cu = torch.tensor([0, 3, 3 + lengths[1], T])
+    y, final = cell(q, k, v, g, cu_seqlens=cu)
+    y_ref, final_ref = loop(q, k, v, g, cu_seqlens=cu)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(final["S"], final_ref["S"], rtol=1e-4, atol=1e-5)
+
+
+def test_an_explicit_backend_has_no_dispatch():
+    source = rnnc.compile("gla", backend="chunk")
+    assert "LOOP_BELOW" not in source and "_forward_loop" not in source
