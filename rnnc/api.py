@@ -21,7 +21,7 @@ SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("asso
 #: The classes `auto` sends to the scan (matrix states would materialise every step's state).
 SCAN_FIRST = {"elementwise_affine", "associative"}
 #: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
-LOOP_BELOW = {"scan": 16, "chunk": 16}
+LOOP_BELOW = {"scan": 64, "chunk": 8}
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
@@ -108,13 +108,18 @@ def _pick_backend(backend: str, report: Report | None = None) -> str:
     return backend
 
 
-def _lower(ir, backend: str, backward: str, defaults: dict | None = None) -> tuple[str, Report]:
+def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
+           chunk_size: int | None = None) -> tuple[str, Report]:
     """Optimise, analyse and emit one cell: (module source, report)."""
     from rnnc.backends.loop import emit_module
 
+    _check_chunk_size(chunk_size)
     cell = optimize(ir)
     report = analyze_cell(cell)
     chosen = _pick_backend(backend, report)
+    if chunk_size is not None and backend != "auto" and chosen != "chunk":
+        raise BuildError(f"chunk_size applies to the chunk backend, not to backend '{backend}'",
+                         hint="drop chunk_size, or use backend='chunk' (or 'auto')")
     scan = chunk = None
     if chosen == "scan":
         combines = scan_groups(cell, report.classes)
@@ -128,8 +133,14 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None) -> tup
     report = analyze_cell(cell, chosen)
     loop_below = _loop_below(backend, report)
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
-                         chunk=chunk, loop_below=loop_below)
+                         chunk=chunk, loop_below=loop_below, chunk_size=chunk_size)
     return source, report
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise BuildError(f"chunk_size must be a positive integer, got {chunk_size!r}",
+                         hint="pass e.g. chunk_size=64, or leave it out for the automatic choice")
 
 
 def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Report:
@@ -149,16 +160,18 @@ def _loop_below(backend: str, report: Report) -> int | None:
 
 
 def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward: str = "generated",
-            **dims) -> str:  # noqa: A001
+            chunk_size: int | None = None, **dims) -> str:  # noqa: A001
     """Source of a standalone Python module (imports only torch) implementing the cell.
 
     Dims given here become the module's defaults (the constructor can still override them).
     `backward="generated"` gives the loop a generated backward through time (the default);
     `"autograd"` differentiates the Python loop with autograd (slower; the reference for tests).
+    `chunk_size` sets the steps per chunk of the chunk backend (default: chosen per cell); it is
+    an error with backend "loop" or "scan", and with "auto" it applies only if chunk is chosen.
     """
     ir = _program(spec).cell(cell)
     _check_dims(ir, dims)
-    return _lower(ir, backend, backward, defaults=dims)[0]
+    return _lower(ir, backend, backward, defaults=dims, chunk_size=chunk_size)[0]
 
 
 def _check_dims(ir, dims: dict) -> None:
@@ -192,10 +205,11 @@ def _pick_backward(backward: str) -> bool:
 
 
 def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=None, dtype=None,
-          backward: str = "generated", **dims):
+          backward: str = "generated", chunk_size: int | None = None, **dims):
     """A torch.nn.Module running the cell; dims (e.g. H=64) bind sizes the spec leaves symbolic.
 
-    `backward` chooses how the recurrence is differentiated (see `compile`).
+    `backward` chooses how the recurrence is differentiated, `chunk_size` the chunk backend's
+    steps per chunk (see `compile`).
     """
     from .runtime import load_source
 
@@ -203,7 +217,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     ir = prog.cell(cell)
     _check_dims(ir, dims)
     check_bound_dims(ir, dims)
-    source, report = _lower(ir, backend, backward)
+    source, report = _lower(ir, backend, backward, chunk_size=chunk_size)
     module = load_source(source, ir.name)
     module.InputError = InputError
     missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]
