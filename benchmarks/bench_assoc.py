@@ -10,32 +10,10 @@ PyTorch). Outputs are checked against the loop (and the peer) before timing.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
 import rnnc
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median after `warmup` calls: the first calls with large tensors pay page faults until
-    glibc's malloc raises its mmap threshold, which a training loop pays once."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def fwd_bwd(cell, x):
-    def run():
-        y, _ = cell(x)
-        y.sum().backward()
-    return run
+from common import fwd_bwd, median_ms
 
 
 def main() -> None:

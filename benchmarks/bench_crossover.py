@@ -10,43 +10,11 @@ median milliseconds of forward+backward per call.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
 import rnnc
-
-
-def median_ms(cell, xs, repeats: int) -> float:
-    def once():
-        y, _ = cell(*xs)
-        y.sum().backward()
-
-    once()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        once()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def chunk_inputs(spec: str, B: int, T: int, H: int, K: int) -> list[torch.Tensor]:
-    """Heads as an extra axis; vectors of size K (= V), scalars per head for [] inputs."""
-    xs = []
-    for port in rnnc.load(spec).cell().inputs:
-        name = port.name
-        x = torch.randn(B, T, H, *[K] * len(port.shape))
-        if name == "g":
-            x = F.logsigmoid(x + 2)
-        elif name == "beta":
-            x = torch.sigmoid(x)
-        elif name == "k":
-            x = F.normalize(x, dim=-1)
-        xs.append(x.requires_grad_())
-    return xs
+from common import fwd_bwd, head_inputs, median_ms
 
 
 def main() -> None:
@@ -61,16 +29,16 @@ def main() -> None:
         scan = rnnc.build("mingru", backend="scan", I=D, H=D)
         for T in (1, 4, 16, 32, 64, 256):
             x = torch.randn(B, T, D, requires_grad=True)
-            print(f"| mingru (scan) | B={B} D={D} | {T} | {median_ms(loop, [x], args.repeats):.2f} "
-                  f"| {median_ms(scan, [x], args.repeats):.2f} |", flush=True)
+            print(f"| mingru (scan) | B={B} D={D} | {T} | {median_ms(fwd_bwd(loop, [x]), args.repeats, 1):.2f} "
+                  f"| {median_ms(fwd_bwd(scan, [x]), args.repeats, 1):.2f} |", flush=True)
     B, H, K = 2, 4, 64
     for name in ("gla", "simple_gla", "gated_deltanet"):
         loop = rnnc.build(name, backend="loop", K=K, V=K)
         chunk = rnnc.build(name, backend="chunk", K=K, V=K)
         for T in (1, 4, 8, 16, 64):
-            xs = chunk_inputs(name, B, T, H, K)
-            print(f"| {name} (chunk) | B={B} H={H} K=V={K} | {T} | {median_ms(loop, xs, args.repeats):.2f} "
-                  f"| {median_ms(chunk, xs, args.repeats):.2f} |", flush=True)
+            xs = head_inputs(name, B, T, H, K)
+            print(f"| {name} (chunk) | B={B} H={H} K=V={K} | {T} | {median_ms(fwd_bwd(loop, xs), args.repeats, 1):.2f} "
+                  f"| {median_ms(fwd_bwd(chunk, xs), args.repeats, 1):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

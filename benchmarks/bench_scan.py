@@ -13,26 +13,10 @@ recurrence h = a h + x, against rnnc's `hgrn` cell (h = exp(g) h + x) on the sca
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
 import rnnc
-
-
-def fwd_bwd_ms(cell, x, repeats: int) -> tuple[float, float, float]:
-    def once():
-        y, _ = cell(x)
-        y.sum().backward()
-
-    once()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        once()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), min(times), max(times)
+from common import fwd_bwd, median_ms
 
 
 def main() -> None:
@@ -50,9 +34,9 @@ def main() -> None:
         x = torch.randn(B, T, D, requires_grad=True)
         with torch.no_grad():
             torch.testing.assert_close(scan(x)[0], loop(x)[0], rtol=1e-4, atol=1e-5)
-        lo = fwd_bwd_ms(loop, x, args.repeats)
-        sc = fwd_bwd_ms(scan, x, args.repeats)
-        print(f"| {B} | {T} | {D} | {lo[0]:.1f} | {sc[0]:.1f} | {lo[0] / sc[0]:.1f}× |")
+        lo = median_ms(fwd_bwd(loop, [x]), args.repeats, warmup=1)
+        sc = median_ms(fwd_bwd(scan, [x]), args.repeats, warmup=1)
+        print(f"| {B} | {T} | {D} | {lo:.1f} | {sc:.1f} | {lo / sc:.1f}× |")
     try:
         from accelerated_scan.ref import scan as ref_scan
     except ImportError:
@@ -73,9 +57,9 @@ def main() -> None:
 
         with torch.no_grad():
             torch.testing.assert_close(cell(x, g)[0], Peer()(g, x)[0], rtol=1e-4, atol=1e-4)
-        peer = fwd_bwd_ms(lambda *a: Peer()(g, x), None, args.repeats)
-        ours = fwd_bwd_ms(lambda *a: cell(x, g), None, args.repeats)
-        print(f"| {B} | {T} | {D} | {peer[0]:.1f} | {ours[0]:.1f} | {peer[0] / ours[0]:.2f}× |")
+        peer = median_ms(fwd_bwd(Peer(), [g, x]), args.repeats, warmup=1)
+        ours = median_ms(fwd_bwd(cell, [x, g]), args.repeats, warmup=1)
+        print(f"| {B} | {T} | {D} | {peer:.1f} | {ours:.1f} | {peer / ours:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""Timing and input helpers shared by the benchmark scripts (run as `python benchmarks/X.py`)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import rnnc
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of fn() in ms, after `warmup` calls. Several warm-up calls matter on CPU:
+    the first calls with large tensors pay page faults until glibc's malloc raises its mmap
+    threshold, a cost a training loop pays once."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def fwd_bwd(cell, xs):
+    """One forward+backward of the (first) output's sum, as a callable for median_ms."""
+    def run():
+        y, _ = cell(*xs)
+        y.sum().backward()
+    return run
+
+
+def head_inputs(spec: str, B: int, T: int, H: int, K: int, seed: int = 0) -> list[torch.Tensor]:
+    """Inputs of a linear-attention-style cell with heads as an extra axis: [B, T, H, K] for
+    vectors (K = V), [B, T, H] for scalars; log-space gates g, beta in (0, 1), unit keys."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for port in rnnc.load(spec).cell().inputs:
+        x = torch.randn(B, T, H, *[K] * len(port.shape), generator=gen)
+        if port.name == "g":
+            x = F.logsigmoid(x + 3)
+        elif port.name == "beta":
+            x = torch.sigmoid(x)
+        elif port.name == "k":
+            x = F.normalize(x, dim=-1)
+        out.append(x.requires_grad_())
+    return out
