@@ -5,7 +5,9 @@ math, torch and torch.nn.functional, holds no other globals and no classes, and 
 name starts with `_chunk`.
 
 Layout: time-major with one flattened batch axis, q, k: [T, N, K], v: [T, N, V], state S: [N, K, V];
-float32 or float64 (the caller upcasts). The readout follows the update, o_t = S_t^T q_t, unscaled.
+float32 or float64 (the caller upcasts). The readout follows the update, o_t = S_t^T q_t, unscaled; with
+before=True it precedes it, o_t = S_{t-1}^T q_t (RWKV), computed as the readout after step t-1 with the
+next step's query (so the same chunkwise algorithm and numerics serve both).
 Each entry point returns (o [T, N, V], S_T [N, K, V]) and is differentiable by autograd.
 
 Numerics follow flash-linear-attention (GLA / simple GLA / gated delta rule): gates are log-space
@@ -18,6 +20,11 @@ difference form loses ~|G| * eps, about 5e-5 relative in float32; the direct sum
 -inf gates (hard resets) give no NaN. Per-channel (vector) decays use the secondary-chunking trick:
 the chunk is cut into sub-chunks, off-diagonal sub-blocks are factored through the first row of the
 row's sub-chunk (both factors have exponent <= 0), and diagonal sub-blocks are formed element-wise.
+A per-key decay alone (GLA, RWKV-6: _chunk_linear_key) builds no [C, C, K] tensor at all: the pairs
+inside a sub-chunk go diagonal by diagonal, and every exponent it needs is one row of M @ g for a 0/1
+matrix M (matmuls and exps, each row a direct sum of gates; no masking needed since no row is
+positive); gates are clamped at -1e4 first, where exp is exactly 0 in float32 and float64 anyway, so
+that a -inf gate never meets a 0 of M (0 * -inf is NaN).
 The ragged tail is padded with zeros (zero inputs, zero log-decay), which leaves the state
 unchanged, and sliced off.
 """
@@ -140,8 +147,98 @@ def _chunk_intra_value(A, v, g, bc):
     return o.reshape(*lead, C, V)
 
 
-def _chunk_linear(q, k, v, gk, gv, h0, chunk):
-    """S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T ;  o_t = S_t^T q_t.
+def _chunk_key_exponents(C, bc, dev, dt):
+    """The 0/1 matrix M [R, C] such that the rows of M @ g are every exponent _chunk_linear_key uses.
+
+    Each row sums the gates of one span lo < s <= hi of the chunk: a direct sum of same-sign gates
+    (never a difference of two cumulative sums), so every exponent is <= 0 and exact to rounding. With
+    sub-chunks of bc steps (a, b their index, n_a the first step of sub-chunk a, e_b the last, nc = C / bc):
+    [0, C)       n_a < s <= i            step i (in sub-chunk a): since its sub-chunk's first step
+    [C, 2C)      j < s <= e_b            step j (in sub-chunk b): to the end of its sub-chunk
+    nc rows      s <= n_a                the chunk start to n_a
+    nc rows      e_b < s                 the end of sub-chunk b to the chunk end
+    1 row        all s                   the whole chunk
+    a rows for a = 1 .. nc-1:  e_b < s <= n_a for b < a (the link from sub-chunk b to sub-chunk a)
+    nc*(bc-d) rows for d = 1 .. bc-1:  i-d < s <= i for i = n_a + d .. n_a + bc-1 (pairs d apart inside a)
+    """
+    nc = C // bc
+    s = torch.arange(C, device=dev)
+    spans = [((i // bc) * bc, i) for i in range(C)]
+    spans += [(j, (j // bc) * bc + bc - 1) for j in range(C)]
+    spans += [(-1, a * bc) for a in range(nc)]
+    spans += [(b * bc + bc - 1, C - 1) for b in range(nc)]
+    spans += [(-1, C - 1)]
+    spans += [(b * bc + bc - 1, a * bc) for a in range(1, nc) for b in range(a)]
+    spans += [(a * bc + i - d, a * bc + i) for d in range(1, bc) for a in range(nc) for i in range(d, bc)]
+    lo = torch.tensor([p[0] for p in spans], device=dev).unsqueeze(-1)
+    hi = torch.tensor([p[1] for p in spans], device=dev).unsqueeze(-1)
+    return ((s > lo) & (s <= hi)).to(dt)
+
+
+def _chunk_linear_key(qc, kc, vc, gkc, h0, bc):
+    """_chunk_linear's per-key decay (no value decay) on chunked inputs [NT, N, C, K], sub-chunks of bc steps.
+
+    Returns (o [NT, N, C, V], S_T [N, K, V]). A_ij = sum_c q_ic k_jc exp(G_ic - G_jc) (G: chunk-local cumsum)
+    in three parts: pairs inside one sub-chunk, by offset d = i - j, element-wise with exp(sum of the d gates
+    between); pairs in sub-chunks b < a as the matmul (q_i exp(G_i - G_na)) . (k_j exp(G_na - G_j)); and
+    the state entering the chunk. All exponents are rows of M @ g for one 0/1 matrix M (_chunk_key_exponents).
+    """
+    nt, N, C, K = qc.shape
+    V = vc.shape[-1]
+    nc = C // bc
+    dev, dt = qc.device, qc.dtype
+    M = _chunk_key_exponents(C, bc, dev, dt)
+    # gates below -1e4 decay to exactly 0 in float32 and float64 either way; clamping keeps -inf (0 * -inf)
+    # out. Three matmuls, each split once (slices of one big tensor would each allocate and zero a
+    # full-size gradient; one split's backward concatenates one); exp in place: a matmul's backward
+    # does not need its output
+    g = gkc.clamp_min(-1e4)
+    n1, n2 = 2 * C, 2 * nc + 1 + nc * (nc - 1) // 2
+    M1, M2, M3 = M.split([n1, n2, M.shape[0] - n1 - n2])
+    e_row, e_col = (M1 @ g).exp_().split([C, C], -2)                                   # [NT, N, C, K] each
+    e_start, e_end, e_all, *links = (M2 @ g).exp_().split([nc, nc, 1] + list(range(1, nc)), -2)
+    offsets = (M3 @ g).exp_().split([nc * (bc - d) for d in range(1, bc)], -2) if bc > 1 else ()
+    qs, ks = qc.reshape(nt, N, nc, bc, K), kc.reshape(nt, N, nc, bc, K)
+    qr = (qc * e_row).reshape(nt, N, nc, bc, K)                                        # q_i exp(G_i - G_na)
+    kr = (kc * e_col).reshape(nt, N, nc, bc, K)                                        # k_j exp(G_eb - G_j)
+    # pairs inside a sub-chunk: Ad[.., a, i, j], diagonal by diagonal
+    Ad = torch.diag_embed((qs * ks).sum(-1))
+    for d in range(1, bc):
+        e = offsets[d - 1].reshape(nt, N, nc, bc - d, K)
+        Ad = Ad + torch.diag_embed((qs[..., d:, :] * ks[..., :bc - d, :] * e).sum(-1), offset=-d)
+    vb = vc.reshape(nt, N, nc, bc, V)
+    ob = (Ad @ vb).unbind(2)                                                           # nc x [NT, N, bc, V]
+    # pairs in sub-chunks b < a. unbind, not indexing or slicing: their backward would allocate (and
+    # zero) a full-size gradient per use
+    qrs, krs, vbs = qr.unbind(2), kr.unbind(2), vb.unbind(2)
+    outs = [ob[0]]
+    for a in range(1, nc):
+        link = links[a - 1].unbind(2)                                                  # a x [NT, N, K]
+        kk = torch.cat([krs[b] * link[b].unsqueeze(-2) for b in range(a)], -2)        # k_j exp(G_na - G_j)
+        outs.append(ob[a] + (qrs[a] @ kk.transpose(-1, -2)) @ torch.cat(vbs[:a], -2))
+    o = torch.stack(outs, 2).reshape(nt, N, C, V)
+    # the state entering each chunk: a sequential pass over chunks, reading out as it goes
+    qg = (qr * e_start.unsqueeze(-2)).reshape(nt, N, C, K)                             # q_i exp(G_i)
+    kg = (kr * e_end.unsqueeze(-2)).reshape(nt, N, C, K)                               # k_j exp(G_last - G_j)
+    U = kg.transpose(-1, -2) @ vc                                                      # [NT, N, K, V]
+    S = torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0
+    # unbind (not U[n]): the backward of per-step indexing would add a full-size zero tensor per chunk
+    Us, qgs, dks = U.unbind(0), qg.unbind(0), e_all.transpose(-1, -2).unbind(0)
+    inter = []
+    for n in range(nt):
+        inter.append(qgs[n] @ S)
+        S = torch.addcmul(Us[n], S, dks[n])
+    return o + torch.stack(inter), S
+
+
+def _chunk_readout_before(q, h0, o):
+    """o_t = S_{t-1}^T q_t from o'_t = S_t^T q_{t+1} (the outputs for queries shifted one step back)."""
+    first = torch.zeros_like(o[:1]) if h0 is None else (q[:1].transpose(0, 1) @ h0).transpose(0, 1)
+    return torch.cat([first, o[:-1]])
+
+
+def _chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
+    """S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T ;  o_t = S_t^T q_t (before: S_{t-1}^T q_t).
 
     q, k: [T, N, K]; v: [T, N, V]; gk: [T, N, K] or [T, N, 1] (scalar) or None; gv: [T, N, V] or
     [T, N, 1] or None; h0: [N, K, V] or None (zeros); chunk: chunk length C.
@@ -154,6 +251,9 @@ def _chunk_linear(q, k, v, gk, gv, h0, chunk):
     dev, dt = q.device, q.dtype
     if T == 0:
         return q.new_zeros(0, N, V), (torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0)
+    if before:
+        o, S = _chunk_linear(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, gk, gv, h0, chunk)
+        return _chunk_readout_before(q, h0, o), S
     # a scalar decay commutes with everything: fold it into the other side's gate
     if gv is not None and gv.shape[-1] == 1:
         gk = gv if gk is None else gk + gv
@@ -167,6 +267,9 @@ def _chunk_linear(q, k, v, gk, gv, h0, chunk):
     bc = _chunk_sub_size(C)
     tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
 
+    if gkc is not None and gkc.shape[-1] > 1 and gvc is None:
+        o, S = _chunk_linear_key(qc, kc, vc, gkc, h0, bc)
+        return _chunk_merge(o, T), S
     # intra-chunk part
     if gkc is None:
         A = torch.where(tri, qc @ kc.transpose(-1, -2), 0.0)
@@ -209,8 +312,10 @@ def _chunk_linear(q, k, v, gk, gv, h0, chunk):
     return _chunk_merge(o + oi, T), S
 
 
-def _chunk_delta(q, k, v, beta, g, h0, chunk):
+def _chunk_delta(q, k, v, beta, g, h0, chunk, before=False):
     """(Gated) delta rule: S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T ;  o_t = S_t^T q_t.
+
+    before=True reads the state before the update instead, o_t = S_{t-1}^T q_t.
 
     q, k: [T, N, K]; v: [T, N, V]; beta: [T, N]; g: [T, N] (scalar log-decay) or None; h0: [N, K, V]
     or None (zeros); chunk: chunk length C. Returns (o [T, N, V], S_T [N, K, V]).
@@ -227,6 +332,9 @@ def _chunk_delta(q, k, v, beta, g, h0, chunk):
     dev, dt = q.device, q.dtype
     if T == 0:
         return q.new_zeros(0, N, V), (torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0)
+    if before:
+        o, S = _chunk_delta(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, beta, g, h0, chunk)
+        return _chunk_readout_before(q, h0, o), S
     qc, kc, vc = _chunk_split(q, C, nt), _chunk_split(k, C, nt), _chunk_split(v, C, nt)
     bc = _chunk_split(beta.unsqueeze(-1), C, nt)                                       # [NT, N, C, 1]
     tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()

@@ -18,7 +18,7 @@ from rnnc.ir import Cell, Graph
 
 from rnnc.chunkplan import plan_nodes
 
-from . import bptt, chunk_ops
+from . import bptt, chunk_ops, triton_scan
 from .combine import combine_source
 from .prelude import PRELUDE
 
@@ -155,14 +155,17 @@ class _Renderer:
 
 def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None,
                 generated_backward: bool = True, scan: dict | None = None,
-                chunk: dict | None = None, loop_below: int | None = None) -> str:
+                chunk: dict | None = None, loop_below: int | None = None, chunk_size: int | None = None) -> str:
     """The full source of a standalone module defining the cell's nn.Module class.
 
     `defaults` are dim sizes baked in as the constructor's defaults (on top of `dim N = ...`).
     `scan` (from rnnc.scanplan and rnnc.associative) lowers the recurrence to a parallel scan;
-    `chunk` (from rnnc.chunkplan) to a chunkwise-parallel form. With `loop_below` as well, the
+    `chunk` (from rnnc.chunkplan) to a chunkwise-parallel form, `chunk_size` steps a chunk (None:
+    the default for the plan's kind, see _emit_chunk). With `loop_below` as well, the
     module keeps the loop for sequences shorter than that many steps (where it is faster).
     """
+    if chunk is not None and chunk_size is not None:
+        chunk = {**chunk, "chunk_size": int(chunk_size)}
     for p in cell.params:
         if p.name in MODULE_ATTRS or keyword.iskeyword(p.name) or p.name.startswith("_"):
             raise UnsupportedError(f"param name '{p.name}' is reserved by torch.nn.Module", p.loc,
@@ -197,6 +200,25 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L("import torch.nn.functional as F")
     for line in PRELUDE.strip("\n").splitlines():
         L(line)
+    if scan is not None and scan.get("triton"):
+        L()
+        L("import os")
+        L()
+        L("import triton")
+        L("import triton.language as tl")
+        L()
+        L(f"BLOCK = {triton_scan.BLOCK}  # channels per program of the fused scans")
+        L()
+        L()
+        L("def _check_triton_device(x):")
+        L("    if x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':")
+        L("        raise InputError('the triton backend runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1); '")
+        L("                         'move the inputs to the GPU, or build with backend=\"scan\"')")
+        for name, (a, b, leaves, body) in scan["triton"].items():
+            L()
+            L()
+            for line in triton_scan.source(name, graph, stages, a, b, leaves, body):
+                L(line)
     if chunk is not None:
         for line in CHUNK_OPS.splitlines():
             L(line)
@@ -444,8 +466,20 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
         L(f"s0_{s.name} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
     if linear:
         L("# the recurrence as parallel scans: state' = a * state + b for all steps at once")
+    fused = scan.get("triton") or {}
+    if fused:
+        L("# the recurrence as fused Triton scans (a and b computed in the kernels from these leaves)")
     for s in cell.states:
-        if s.name in linear:
+        if s.name in fused:
+            a, b, leaves, _ = fused[s.name]
+            full = "".join(f", {pyint(d)}" for d in s.shape)
+            args = [f"{_scan_coefficient(r, stages, n, len(s.shape))}.expand(T, N{full}).reshape(T, -1)"
+                    if triton_scan.is_per_step(stages, n) else f"{r.tensor(n, 'const')}.expand{shape_text(s.shape)}.reshape(-1)"
+                    for n in leaves]
+            numel = " * ".join(pyint(d) for d in s.shape) or "1"
+            L(f"all_{s.name} = _Scan_{s.name}.apply(T, {numel}, s0_{s.name}.reshape(-1){''.join(', ' + x for x in args)})"
+              f".reshape(T, N{full})")
+        elif s.name in linear:
             coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None"
                     for n in linear[s.name]]
             L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
@@ -491,11 +525,16 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
 
 
+def _default_chunk_size(plan: dict) -> int:
+    """Steps per chunk when the caller gives none. Per-key/per-value decays cost K-wide work that
+    grows with the chunk: 16 measured fastest on CPU for gla (benchmarks/RESULTS.md), 64 otherwise."""
+    return 16 if plan["kind"] == "linear" and (plan["gk"] is not None or plan["gv"] is not None) else CHUNK
+
+
 def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
     """The one matrix state by a chunkwise-parallel algorithm (backends/chunk_ops.py)."""
     (s,) = cell.states
-    # per-key/per-value decays build [C, C, K] blocks inside a chunk: shorter chunks win on CPU
-    size = 16 if plan["kind"] == "linear" and (plan["gk"] is not None or plan["gv"] is not None) else CHUNK
+    size = plan.get("chunk_size") or _default_chunk_size(plan)
     L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (backends/chunk_ops.py)")
     L(f"s0_{s.name} = _initial(state, {s.name!r}, {r.tensor(s.init, 'const')}, B, extra, "
       f"{shape_text(s.shape)}, cdt)")
@@ -505,16 +544,24 @@ def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
 
     q, k, v = seq("q"), seq("k"), seq("v")
     target = f"out_{plan['output']}, {r.name(s.node_in)}"
+    before = ", before=True" if plan.get("before") else ""  # o_t = q_t @ S_{t-1}
     if plan["kind"] == "linear":
         for sc in plan["scale"]:
             k = f"{k} * _time_major({r.operand(sc, 'hoist').text}, B, T).unsqueeze(-1)"
         gk = seq("gk") if plan["gk"] is not None else (f"{seq('g')}.unsqueeze(-1)" if plan["g"] is not None else "None")
         gv = seq("gv") if plan["gv"] is not None else "None"
-        L(f"{target} = _chunk_linear({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size})")
+        L(f"{target} = _chunk_linear({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size}{before})")
     else:
         beta = seq("beta") if plan["beta"] is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
         g = seq("g") if plan["g"] is not None else "None"
-        L(f"{target} = _chunk_delta({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size})")
+        L(f"{target} = _chunk_delta({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
+    out = f"out_{plan['output']}"
+    if plan.get("sign", 1) < 0:
+        L(f"{out} = -{out}")
+    for t, sign in plan.get("extra", ()):  # the output's state-free terms, computed with the hoisted values
+        term = (f"_time_major({r.operand(t, 'hoist').text}, B, T)" if r.stages.get(t) == "hoist"
+                else r.tensor(t, "const"))
+        L(f"{out} = {out} {'+' if sign > 0 else '-'} {term}")
 
 
 def _tuple(items: list[str]) -> str:

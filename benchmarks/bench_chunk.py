@@ -1,36 +1,37 @@
 """CPU benchmark: the chunk backend against the loop backend, and simple_gla against fla's
 pure-PyTorch chunked reference (fp32, forward+backward).
 
-    python benchmarks/bench_chunk.py [--repeats 3]
+    python benchmarks/bench_chunk.py [--repeats 3] [--warmup 3] [--cells gla,rwkv6] [--chunk-size 16] [--same-process]
 
 Shape from issue 3: B=2, T=2048, H=4, K=V=64 (heads as the extra dim: inputs [B, T, H, K]).
 The peer is flash-linear-attention's `naive_chunk_simple_gla` (optional: `pip install fla-core`),
 loaded by file path so triton is not imported, called with scale=1 on the same inputs.
+Each timing runs in a fresh Python process (median of --repeats after --warmup calls); outputs are
+checked against the loop (and the peer) first.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
-import statistics
-import time
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import rnnc
+from common import median_ms
 
 B, T, H, K = 2, 2048, 4, 64
 
 
+WARMUP = 3
+
+
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """Median ms of `repeats` calls after WARMUP warm-ups (benchmarks/common.py: the allocator settles)."""
+    return median_ms(fn, repeats, WARMUP)
 
 
 def inputs(name: str):
@@ -39,7 +40,7 @@ def inputs(name: str):
     for p in rnnc.load(name).cell().inputs:
         shape = [B, T, H] + [K] * len(p.shape)
         x = torch.randn(*shape, generator=g)
-        if p.name == "g":
+        if p.name in ("g", "w"):  # log-space decays
             x = F.logsigmoid(x + 3)
         elif p.name == "beta":
             x = torch.sigmoid(x)
@@ -56,45 +57,99 @@ def fwd_bwd(cell, xs):
     return run
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; B={B} T={T} H={H} K=V={K}")
-    print("| cell | loop (ms) | chunk (ms) | loop / chunk |")
-    print("|---|---:|---:|---:|")
-    for name in ("gla", "simple_gla", "gated_deltanet"):
-        xs = inputs(name)
-        loop, chunk = rnnc.build(name, backend="loop"), rnnc.build(name, backend="chunk")
-        with torch.no_grad():
-            a, b = loop(*xs)[0], chunk(*xs)[0]
-            assert (a - b).abs().max() <= 1e-3 * a.abs().max(), name
-        tl = timed(fwd_bwd(loop, xs), args.repeats)
-        tc = timed(fwd_bwd(chunk, xs), args.repeats)
-        print(f"| {name} | {tl:.0f} | {tc:.0f} | {tl / tc:.1f}× |")
+def _fla_naive():
+    """fla's naive simple GLA module, loaded by file path (so triton is not imported), or None."""
     try:
         spec = importlib.util.find_spec("fla")
     except ImportError:
         spec = None
     if spec is None:
-        print("\nfla-core is not installed: peer comparison skipped")
-        return
+        return None
     path = os.path.join(os.path.dirname(spec.origin), "ops", "simple_gla", "naive.py")
     mspec = importlib.util.spec_from_file_location("fla_simple_gla_naive", path)
     naive = importlib.util.module_from_spec(mspec)
     mspec.loader.exec_module(naive)
+    return naive
+
+
+def _dims(name: str) -> dict:
+    return {"K": K} if name == "rwkv6" else {}  # rwkv6's bonus u is a param: [K]
+
+
+def time_here(name: str, backend: str, repeats: int, chunk_size: int | None) -> float:
+    """Median ms of forward+backward of one cell on one backend ("fla": fla's naive simple GLA)."""
+    xs = inputs(name)
+    if backend == "fla":
+        naive = _fla_naive()
+
+        def peer():
+            naive.naive_chunk_simple_gla(*xs, scale=1.0)[0].sum().backward()
+        return timed(peer, repeats)
+    cell = rnnc.build(name, backend=backend, chunk_size=chunk_size if backend == "chunk" else None, **_dims(name))
+    return timed(fwd_bwd(cell, xs), repeats)
+
+
+def time_isolated(name: str, backend: str, args) -> float:
+    """time_here in a fresh Python process: each backend meets a fresh allocator (the loop's
+    millions of small tensors leave glibc's heap in a state that makes later large tensors fault)."""
+    if args.same_process:
+        return time_here(name, backend, args.repeats, args.chunk_size)
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{name}:{backend}", "--repeats", str(args.repeats),
+           "--warmup", str(args.warmup)]
+    if args.chunk_size is not None:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cells", default="gla,simple_gla,gated_deltanet,rwkv6",
+                    help="comma-separated cells for the loop-vs-chunk table")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="the chunk backend's steps per chunk (default: its choice per cell)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the comparison with fla")
+    ap.add_argument("--same-process", action="store_true",
+                    help="time every backend in this process, one after another (default: each in a fresh one)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    ap.add_argument("--one", metavar="CELL:BACKEND", help=argparse.SUPPRESS)  # a child's single timing
+    args = ap.parse_args()
+    global WARMUP
+    WARMUP = args.warmup
+    if args.one:
+        name, backend = args.one.split(":")
+        print(f"{time_here(name, backend, args.repeats, args.chunk_size):.3f}")
+        return
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; B={B} T={T} H={H} K=V={K}; median of "
+          f"{args.repeats} after {args.warmup} warm-ups, "
+          f"{'one process' if args.same_process else 'each backend timed in a fresh process'}")
+    print("| cell | loop (ms) | chunk (ms) | loop / chunk |")
+    print("|---|---:|---:|---:|")
+    for name in args.cells.split(","):
+        xs = inputs(name)
+        loop = rnnc.build(name, backend="loop", **_dims(name))
+        chunk = rnnc.build(name, backend="chunk", chunk_size=args.chunk_size, **_dims(name))
+        chunk.load_state_dict(loop.state_dict())
+        with torch.no_grad():
+            a, b = loop(*xs)[0], chunk(*xs)[0]
+            assert (a - b).abs().max() <= 1e-3 * a.abs().max(), name
+        tl = time_isolated(name, "loop", args)
+        tc = time_isolated(name, "chunk", args)
+        print(f"| {name} | {tl:.0f} | {tc:.0f} | {tl / tc:.1f}× |")
+    if args.no_peer:
+        return
+    naive = _fla_naive()
+    if naive is None:
+        print("\nfla-core is not installed: peer comparison skipped")
+        return
     q, k, v, g = inputs("simple_gla")
     cell = rnnc.build("simple_gla", backend="chunk")
     with torch.no_grad():
         ref = naive.naive_chunk_simple_gla(q, k, v, g, scale=1.0)[0]
         assert (cell(q, k, v, g)[0] - ref).abs().max() <= 1e-3 * ref.abs().max()
-
-    def peer():
-        o = naive.naive_chunk_simple_gla(q, k, v, g, scale=1.0)[0]
-        o.sum().backward()
-
-    tp = timed(peer, args.repeats)
-    tc = timed(fwd_bwd(cell, (q, k, v, g)), args.repeats)
+    tp = time_isolated("simple_gla", "fla", args)
+    tc = time_isolated("simple_gla", "chunk", args)
     print("\n| simple_gla | fla naive_chunk_simple_gla (ms) | rnnc chunk (ms) | peer / rnnc |")
     print("|---|---:|---:|---:|")
     print(f"| B={B} T={T} H={H} K=V={K} | {tp:.0f} | {tc:.0f} | {tp / tc:.2f}× |")

@@ -1,10 +1,12 @@
 """The public API: parse, load, library, analyze, compile, build (and graph_dot, backends_for)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Union
 
 from .analysis import Report, analyze_cell
+from .backends import triton_scan
 from .associative import scan_groups
 from .bind import check_bound_dims
 from .optimize import optimize
@@ -16,8 +18,10 @@ from .resources import specs_dir
 
 Spec = Union[Program, str, Path]
 
-BACKENDS = ("loop", "scan", "chunk")
+BACKENDS = ("loop", "scan", "chunk", "triton")
 SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("associative", None)}
+#: What the triton backend fuses so far: states updated elementwise, h' = a ⊙ h + b.
+TRITON_FUSED = {("elementwise_affine", None), ("matrix_affine", "additive")}
 #: The classes `auto` sends to the scan (matrix states would materialise every step's state).
 SCAN_FIRST = {"elementwise_affine", "associative"}
 #: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
@@ -78,6 +82,14 @@ def _does_not_apply(backend: str, report: Report) -> str | None:
         except NotChunkable as e:
             return str(e)
         return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        for name, info in report.classes.items():
+            if (info["class"], info.get("transition")) not in TRITON_FUSED or info.get("coupled"):
+                return (f"state '{name}' is {info['class']}: the triton backend fuses elementwise-affine "
+                        "states only so far")
+        return None
     if backend == "scan":
         for name, info in report.classes.items():
             if (info["class"], info.get("transition")) not in SCANNABLE or info.get("coupled"):
@@ -128,6 +140,14 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         cell.extra_roots = ([n for pair in linear.values() for n in pair if n is not None]
                             + [n for c in combines for n in c.args_right])
         scan = {"linear": linear, "combines": combines}
+    elif chosen == "triton":
+        linear = scan_coefficients(cell, report.stages)
+        fused = {}
+        for name, (a, b) in linear.items():
+            leaves, body = triton_scan.plan(cell.graph, report.stages, a, b)
+            fused[name] = (a, b, leaves, body)
+        cell.extra_roots = [n for f in fused.values() for n in f[2]]
+        scan = {"linear": {}, "combines": [], "triton": fused}
     elif chosen == "chunk":
         chunk = chunk_plan(cell, report.stages, report.classes)
     report = analyze_cell(cell, chosen)

@@ -3,9 +3,11 @@
 The chunk backend runs flash-linear-attention-style chunkwise algorithms (backends/chunk_ops.py):
     additive:   S' = diag(e^gk) S diag(e^gv) + k vᵀ          (gk/gv: key/value/scalar log-decay)
     delta rule: S' = e^g (I - β k kᵀ) S + β k vᵀ
-with the readout o = q @ S' (after the update). This module matches a cell's single matrix state
-against those forms, returning IR node ids for each piece, or the reason it does not match.
-Decays must be written in log space, as exp(g): the chunk form needs log-gates to stay stable.
+with the readout o = q @ S' (after the update) or o = q @ S (before it, as RWKV's), plus any
+state-free terms added to it (RWKV-6's bonus), which the hoisted code computes for all steps. This
+module matches a cell's single matrix state against those forms, returning IR node ids for each
+piece, or the reason it does not match. Decays must be written in log space, as exp(g): the chunk
+form needs log-gates to stay stable.
 """
 from __future__ import annotations
 
@@ -73,8 +75,8 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
         raise NotChunkable(f"state '{s.name}' is {info['class']}")
     if info.get("transition") not in ("additive", "identity_minus_low_rank"):
         raise NotChunkable(f"state '{s.name}' has a {info.get('transition')} transition")
-    if info.get("readout") != "contraction" or info.get("readout_of") != "new":
-        raise NotChunkable(f"state '{s.name}' is not read out as q @ {s.name} after its update")
+    if info.get("readout") != "contraction" or info.get("readout_of") not in ("new", "old"):
+        raise NotChunkable(f"state '{s.name}' is not read out as q @ {s.name} (before or after its update)")
     g = cell.graph
     K, V = s.shape
     chains = affine_forms(cell, stages)[s.node_out].chains[s.name]
@@ -121,21 +123,48 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
         if k1 != k2 or k1 != k or (beta is not None and scalars != [beta]) or (beta is None and scalars):
             raise NotChunkable("its transition I − β k kᵀ and update β k vᵀ do not share β and k")
         plan.update(kind="delta", beta=beta, g=(gates["s"] or [None])[0], scale=[])
+    before = info["readout_of"] == "old"
+    read = s.node_in if before else s.node_out
     outs = [o for o in cell.outputs if s.node_in in g.ancestors([o.node])]
-    for o in outs:
-        node = g[o.node]
-        if node.op != "matmul" or node.args[1] != s.node_out or stages.get(node.args[0]) == "loop":
-            raise NotChunkable(f"output '{o.name}' is not exactly q @ {s.name}")
     if len(outs) != 1:
         raise NotChunkable("exactly one output must read the state")
-    plan["q"] = g[outs[0].node].args[0]
-    plan["output"] = outs[0].name
+    (out,) = outs
+    terms = _signed_terms(g, out.node, 1)
+    reads = [(t, sign) for t, sign in terms if stages.get(t) == "loop"]
+    if len(reads) != 1:
+        raise NotChunkable(f"output '{out.name}' is not q @ {s.name} plus state-free terms")
+    (mm, sign), extra = reads[0], [(t, sg) for t, sg in terms if stages.get(t) != "loop"]
+    node = g[mm]
+    if node.op != "matmul" or node.args[1] != read or stages.get(node.args[0]) == "loop":
+        raise NotChunkable(f"output '{out.name}' is not q @ {s.name} plus state-free terms")
+    for t, _ in extra:
+        if stages.get(t) not in ("hoist", "const") or len(g[t].shape) != len(out.shape) or not all(
+                D.equal(a, b) for a, b in zip(g[t].shape, out.shape)):
+            raise NotChunkable(f"a term of output '{out.name}' besides q @ {s.name} has another shape")
+    plan["q"] = node.args[0]
+    plan["output"] = out.name
+    plan["before"] = before    # o_t = q_t @ S_{t-1}: the state before this step's update
+    plan["sign"] = sign        # o = sign * (q @ S) + sum of the extra terms
+    plan["extra"] = extra      # [(node, +1 | -1)]: state-free terms of the output, hoisted
     for key in ("q", "k", "v", "gk", "gv", "g", "beta"):
         if plan[key] is not None and stages.get(plan[key]) != "hoist":
             raise NotChunkable(f"its {key} does not change with the inputs")
     return plan
 
 
+def _signed_terms(g: Graph, nid: int, sign: int) -> list[tuple[int, int]]:
+    """The terms of a sum through add/sub/neg, each with its sign: a - (b + c) -> [(a, 1), (b, -1), (c, -1)]."""
+    node = g[nid]
+    if node.op == "add":
+        return [t for a in node.args for t in _signed_terms(g, a, sign)]
+    if node.op == "sub":
+        return _signed_terms(g, node.args[0], sign) + _signed_terms(g, node.args[1], -sign)
+    if node.op == "neg":
+        return _signed_terms(g, node.args[0], -sign)
+    return [(nid, sign)]
+
+
 def plan_nodes(plan: dict) -> list[int]:
-    return [plan[k] for k in ("q", "k", "v", "gk", "gv", "g", "beta") if plan[k] is not None] + list(plan["scale"])
+    return ([plan[k] for k in ("q", "k", "v", "gk", "gv", "g", "beta") if plan[k] is not None] + list(plan["scale"])
+            + [t for t, _ in plan.get("extra", ())])
 

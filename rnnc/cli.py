@@ -1,6 +1,6 @@
 """The `rnnc` command line.
 
-    rnnc compile SPEC [-o OUT.py] [--backend NAME] [-D NAME=INT ...]
+    rnnc compile SPEC [-o OUT.py] [--backend NAME] [--chunk-size N] [-D NAME=INT ...]
     rnnc check SPEC [SPEC ...]
     rnnc analyze SPEC [--json]
     rnnc graph SPEC [-o graph.dot|graph.svg]
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file to write (default: the source goes to stdout, the summary to stderr)")
     p.add_argument("--backend", metavar="NAME", default=None,
                    help="lowering to emit (default: the compiler's choice; e.g. loop)")
+    p.add_argument("--chunk-size", metavar="N", type=int, default=None,
+                   help="steps per chunk for the chunk backend (default: chosen per cell)")
     dim_args(p)
     p.set_defaults(func=cmd_compile)
 
@@ -264,6 +266,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"cell": args.cell}
     if args.backend is not None:
         kwargs["backend"] = args.backend
+    if args.chunk_size is not None:
+        kwargs["chunk_size"] = args.chunk_size
     source = rnnc.compile(prog, **kwargs, **dims)
     summary = rnnc.analyze(prog, cell=args.cell).summary()
     if args.output:

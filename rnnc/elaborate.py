@@ -27,7 +27,7 @@ OTHER_BUILTINS = {"where", "clamp", "outer", "transpose", "softmax", "normalize"
 BUILTINS = ops.UNARY | ops.REDUCE | {"minimum", "maximum"} | CONSTRUCTORS | OTHER_BUILTINS
 DISTRIBUTIONS = {"uniform": ("lo", "hi"), "normal": ("mean", "std")}
 #: Names that would collide with keyword arguments of build() / forward().
-RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec"})
+RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec", "chunk_size"})
 RESERVED_INPUTS = frozenset({"state", "cu_seqlens"})
 
 

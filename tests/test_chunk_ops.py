@@ -181,6 +181,53 @@ def test_delta_no_h0_and_other_chunks():
     assert o.shape == (0, N, V) and torch.equal(S, inputs[-1])
 
 
+# ---------------------------------------------------------------- the readout before the update (RWKV)
+
+def ref_before(ref, inputs):
+    """o_t = S_{t-1}^T q_t from a reference whose readout follows the update: run it step by step."""
+    q, h0 = inputs[0], inputs[-1]
+    os_, S = [], h0
+    for t in range(q.shape[0]):
+        os_.append(torch.einsum("nk,nkv->nv", q[t], S))
+        step = [x[t:t + 1] if x is not None else None for x in inputs[:-1]]
+        S = ref(*step, S)[1]
+    return (torch.stack(os_) if os_ else q.new_zeros(0, *h0.shape[::2])), S
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 130])
+@pytest.mark.parametrize("gates", ["none", "gk_scalar", "gk_vector", "gv_vector", "both_vector"])
+def test_linear_readout_before_update(T, gates):
+    inputs, wo, ws = linear_case(T, gates, "mild" if T % 2 else "extreme", seed=T + 1)
+    names = ["o", "S_T"] + [f"d{n}" for n, x in zip(["q", "k", "v", "gk", "gv", "h0"], inputs) if x is not None]
+    want = run_with_grads(lambda *a: ref_before(ref_linear, a), as_leaves(inputs, torch.float64), wo, ws)
+    for dtype in (torch.float32, torch.float64):
+        for C in (8, 16, 24):
+            fn = lambda *a: chunk_ops._chunk_linear(*a, C, before=True)  # noqa: E731
+            check_all(f"before {gates} T={T} C={C}", run_with_grads(fn, as_leaves(inputs, dtype), wo, ws), want,
+                      dtype, names)
+
+
+@pytest.mark.parametrize("T", [1, 7, 65])
+@pytest.mark.parametrize("gate", ["none", "mild"])
+def test_delta_readout_before_update(T, gate):
+    inputs, wo, ws = delta_case(T, gate, "l2", seed=T + 2)
+    names = ["o", "S_T"] + [f"d{n}" for n, x in zip(["q", "k", "v", "beta", "g", "h0"], inputs) if x is not None]
+    want = run_with_grads(lambda *a: ref_before(ref_delta, a), as_leaves(inputs, torch.float64), wo, ws)
+    for C in (16, 24):
+        fn = lambda *a: chunk_ops._chunk_delta(*a, C, before=True)  # noqa: E731
+        check_all(f"delta before T={T} C={C}", run_with_grads(fn, as_leaves(inputs, torch.float32), wo, ws), want,
+                  torch.float32, names)
+
+
+def test_readout_before_update_without_h0():
+    inputs, _, _ = linear_case(20, "gk_vector", "mild", seed=9)
+    inputs[-1] = torch.zeros(N, K, V, dtype=torch.float64)
+    want = ref_before(ref_linear, inputs)
+    o, S = chunk_ops._chunk_linear(*inputs[:-1], None, 8, before=True)
+    assert rel_err(o, want[0]) < 1e-10 and rel_err(S, want[1]) < 1e-10
+    assert torch.equal(o[0], torch.zeros_like(o[0]))
+
+
 # ---------------------------------------------------------------- numerics beyond the tolerance grid
 
 def test_extreme_gates_float32_has_no_cancellation():
