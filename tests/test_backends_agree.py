@@ -42,8 +42,13 @@ def _grads(cell, inputs):
 CASES = [(name, backend) for name in rnnc.library() for backend in rnnc.backends_for(name) if backend != "loop"]
 
 
-@pytest.mark.parametrize("name,backend", CASES)
-@pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 300])
+LENGTHS = [1, 7, 63, 64, 65, 300]
+# Triton kernels run in the CPU interpreter here, a step at a time: the longest length is `slow`.
+LONG_CASES = [pytest.param(name, backend, T, marks=[pytest.mark.slow] if backend == "triton" and T > 65 else [])
+              for name, backend in CASES for T in LENGTHS]
+
+
+@pytest.mark.parametrize("name,backend,T", LONG_CASES)
 @pytest.mark.parametrize("extreme", [False, True])
 def test_backend_matches_loop(name, backend, T, extreme):
     dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}

@@ -1,0 +1,59 @@
+"""The triton backend's fused scans (run by Triton's CPU interpreter here, see conftest.py):
+fp16 inputs, the fused prologue in the kernel source, and its device check. fp32 and bf16
+against the loop, varlen, and the extreme gates are in test_backends_agree.py / test_varlen.py."""
+import pytest
+import torch
+
+import rnnc
+
+DIMS = {"mingru": {"I": 3, "H": 5}, "hgrn": {}, "mamba": {"D": 3, "N": 2}, "minlstm": {"I": 3, "H": 5}}
+
+
+def _inputs(cell, T, dtype):
+    gen = torch.Generator().manual_seed(T)
+    out = []
+    for name in cell.INPUTS:
+        size = cell.dims.get("I", 3) if name == "x" and "I" in cell.dims else 3
+        x = torch.randn(2, T, size, generator=gen)
+        if name == "g":
+            x = torch.nn.functional.logsigmoid(x)
+        elif name == "delta":
+            x = torch.nn.functional.softplus(x)
+        out.append(x.to(dtype).requires_grad_())
+    return out
+
+
+@pytest.mark.parametrize("name", ["mingru", "hgrn", "minlstm"])
+def test_fp16_inputs_match_the_loop(name):
+    loop = rnnc.build(name, backend="loop", **DIMS[name])
+    tri = rnnc.build(name, backend="triton", **DIMS[name])
+    tri.load_state_dict(loop.state_dict())
+    xs = _inputs(loop, 37, torch.float16)
+    y_l, _ = loop(*xs)
+    y_t, _ = tri(*xs)
+    assert y_t.dtype == torch.float16
+    torch.testing.assert_close(y_t.float(), y_l.float(), rtol=2e-3, atol=2e-3)
+    g_l = torch.autograd.grad(y_l.float().sum(), xs)
+    g_t = torch.autograd.grad(y_t.float().sum(), xs)
+    for a, b in zip(g_t, g_l):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_gates_are_computed_in_the_kernel():
+    source = rnnc.compile("mingru", backend="triton")
+    kernel = source[source.index("def _scan_h_fwd"):source.index("def _scan_h_bwd")]
+    assert "@triton.jit" in source and "tl.sigmoid" in kernel  # z = sigmoid(W_z x + b_z), fused
+    assert "F.linear" not in kernel  # the projections stay with PyTorch
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    cell = rnnc.build("hgrn", backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(rnnc.InputError, match="CUDA tensors"):
+        cell(torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+
+
+def test_triton_does_not_apply_to_nonlinear_or_delta_rule_cells():
+    with pytest.raises(rnnc.BuildError, match="state 'h' is nonlinear"):
+        rnnc.build("lstm", I=2, H=3, backend="triton")
+    assert "triton" not in rnnc.backends_for("deltanet")
