@@ -1,0 +1,337 @@
+"""Chunkwise linear attention in Triton: the forward of backends/chunk_ops.py's _chunk_linear as kernels.
+
+Forward in Triton, backward by the PyTorch chunk form: `_triton_chunk_linear(q, k, v, gk, gv, h0, chunk,
+before=False)` has the arguments, semantics and return value of `_chunk_linear` (read its docstring):
+S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = S_t^T q_t (before=True: S_{t-1}^T q_t),
+time-major q, k: [T, N, K], v: [T, N, V], gk: [T, N, K] or [T, N, 1] (scalar) or None, gv: [T, N, V] or
+[T, N, 1] or None, h0: [N, K, V] or None; returns (o [T, N, V], S_T [N, K, V]). The forward runs the
+kernels below; the backward (a torch.autograd.Function) recomputes the outputs with the PyTorch
+`_chunk_linear` under autograd and returns its gradients, so gradients are exactly chunk_ops's.
+
+Kernels: one program per (block of BV value columns, batch row n) loops over the chunks, carrying the
+state S [K, BV] in registers in float32 (all of K in one program). Per chunk it adds the inter-chunk
+readout (q e^G) S, the intra-chunk part, and updates S <- e^{G_last} S + (k e^{G_last - G})^T v.
+  _triton_chunk_fwd_scalar  no decay or a scalar decay (gk [T, N, 1]): the whole chunk at once,
+                            A = (Q K^T) * exp(X), X_ij = sum_{j < s <= i} g_s masked to -inf above the
+                            diagonal before exp.
+  _triton_chunk_fwd_vector  per-key decay gk [T, N, K] and/or per-value decay gv [T, N, V]: fla's GLA
+                            secondary chunking. The chunk is cut into sub-chunks of BC = 16 rows;
+                            blocks i in sub-chunk a, j in sub-chunk b < a are one tl.dot through the
+                            first row n_a of a: (q_i e^{G_i - G_na}) . (k_j e^{G_na - G_j}); diagonal
+                            blocks go row by row (an explicit loop over the sub-chunk's valid rows, element-wise,
+                            the exponents sum_{j < s <= i} g_s carried incrementally, masked to -inf
+                            for j > i before exp). The value-side decay is the same construction on v.
+Numerics follow chunk_ops.py: every exponent is <= 0 and is a direct sum of gates (cumsums inside a
+chunk or sub-chunk, masked sums, shifted loads for exclusive suffix sums), never a difference of two
+cumulative sums; gates are clamped at -1e4 on load (exp is exactly 0 in float32 there either way), so
+-inf gates (hard resets) give no NaN. Masked/padded rows (the ragged tail, and rows of a power-of-two
+block beyond the chunk length) load zeros: zero inputs and zero log-decay leave the state unchanged.
+Every load is upcast to float32 before any arithmetic (the CPU interpreter's bf16 rule), tl.dot runs
+with input_precision="ieee" (float32 accuracy on a GPU too; tf32 would be faster at ~1e-3 relative),
+outputs are cast to the input dtype. Blocks: BK = next_pow2(max(K, 16)) (all of K), BV =
+next_pow2(max(V, 16)) up to 64 (grid over V blocks), BT = next_pow2(max(C, 16)); any T, K, V, C work
+(masks). Without a GPU set TRITON_INTERPRET=1 (CPU tensors then run in Triton's interpreter).
+
+Not done in Triton: float64 inputs fall back to the PyTorch `_chunk_linear` (Triton float64 dot is
+not worth it), as does T == 0; the backward is PyTorch (above). float16/bfloat16 inputs run the kernels
+(upcast on load) and are recomputed in float32 by the backward, gradients cast back to the input dtypes.
+
+Paste contract (like chunk_ops.py): generated standalone modules paste this file's source from its
+first top-level `def` on (the same extraction as loop.py's `_chunk_ops_source`; the first definition is
+a plain function, not a kernel, so no decorator is cut off), right after chunk_ops.py's body. Every name
+starts with `_triton_chunk`; there are no other globals. The pasted body refers to `_chunk_linear` by
+name, which the pasted chunk_ops body defines; in this file the header's relative import provides it
+(and the extraction drops the header, so the pasted code needs only torch, triton and tl).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_ops import _chunk_linear
+
+
+def _triton_chunk_blocks(C, K, V):
+    """(BT, BK, BV) block sizes: powers of two, at least 16 (tl.dot's minimum); BV at most 64."""
+    BT = triton.next_power_of_2(max(int(C), 16))
+    BK = triton.next_power_of_2(max(int(K), 16))
+    BV = min(triton.next_power_of_2(max(int(V), 16)), 64)
+    return BT, BK, BV
+
+
+@triton.jit
+def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, T, N, K, V, C,
+                             HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
+                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """No decay (HAS_G False) or a scalar log-decay g [T, N] per step; one program per (V block, row n)."""
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    rt = tl.arange(0, BT)
+    tri = rt[:, None] >= rt[None, :]
+    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    nt = tl.cdiv(T, C)
+    for ic in range(nt):
+        t = ic * C + rt
+        m = (rt < C) & (t < T)
+        row = t.to(tl.int64) * N + i_n
+        q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + row[:, None] * V + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        A = tl.dot(q, tl.trans(k), input_precision="ieee")                            # [BT, BT]
+        if HAS_G:
+            g = tl.maximum(tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32), -1e4)
+            # g shifted one row up (0 past the chunk's end): its reverse cumsum is sum_{s > j} g_s
+            m1 = (rt + 1 < C) & (t + 1 < T)
+            g1 = tl.maximum(tl.load(g_ptr + row + N, mask=m1, other=0.0).to(tl.float32), -1e4)
+            G = tl.cumsum(g, 0)                                                        # sum_{s <= i}
+            sfx = tl.cumsum(g1, 0, reverse=True)                                       # sum_{s > j}
+            # X_ij = sum_{j < s <= i} g_s: a masked cumsum down the rows
+            X = tl.cumsum(tl.where(rt[:, None] > rt[None, :], g[:, None], 0.0), 0)
+            A = A * tl.exp(tl.where(tri, X, float("-inf")))
+            o = tl.dot(A, v, input_precision="ieee")
+            o += tl.dot(q * tl.exp(G)[:, None], S, input_precision="ieee")
+            S = S * tl.exp(tl.sum(g, 0))
+            S += tl.dot(tl.trans(k * tl.exp(sfx)[:, None]), v, input_precision="ieee")
+        else:
+            A = tl.where(tri, A, 0.0)
+            o = tl.dot(A, v, input_precision="ieee")
+            o += tl.dot(q, S, input_precision="ieee")
+            S += tl.dot(tl.trans(k), v, input_precision="ieee")
+        tl.store(o_ptr + row[:, None] * V + cv[None, :], o.to(o_ptr.dtype.element_ty), mask=m[:, None] & mv[None, :])
+    tl.store(s_ptr + s_off, S.to(s_ptr.dtype.element_ty), mask=s_msk)
+
+
+@triton.jit
+def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr, s_ptr, T, N, K, V, C,
+                             GK: tl.constexpr, GV: tl.constexpr, HAS_H0: tl.constexpr,
+                             BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Per-key log-decay gk [T, N, K] (GK) and/or per-value log-decay gv [T, N, V] (GV), secondary chunking."""
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    rt = tl.arange(0, BT)
+    rc = tl.arange(0, BC)
+    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    nt = tl.cdiv(T, C)
+    for ic in range(nt):
+        t0 = ic * C
+        # the whole chunk's gates, for the sums over whole sub-chunks (links, before, after, total)
+        tf = t0 + rt
+        mf = (rt < C) & (tf < T)
+        rowf = tf.to(tl.int64) * N + i_n
+        if GK:
+            gkf = tl.load(gk_ptr + rowf[:, None] * K + ck[None, :], mask=mf[:, None] & mk[None, :], other=0.0)
+            gkf = tl.maximum(gkf.to(tl.float32), -1e4)
+        if GV:
+            gvf = tl.load(gv_ptr + rowf[:, None] * V + cv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+            gvf = tl.maximum(gvf.to(tl.float32), -1e4)
+        U = tl.zeros([BK, BV], dtype=tl.float32)
+        for a in tl.static_range(BT // BC):
+            ra = a * BC + rc
+            ta = t0 + ra
+            ma = (ra < C) & (ta < T)
+            ma1 = (rc + 1 < BC) & (ra + 1 < C) & (ta + 1 < T)                          # row below, same sub-chunk
+            rowa = ta.to(tl.int64) * N + i_n
+            mak = ma[:, None] & mk[None, :]
+            mav = ma[:, None] & mv[None, :]
+            qa = tl.load(q_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
+            ka = tl.load(k_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
+            va = tl.load(v_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
+            qin = qa                                                                   # q_i e^{G_i}
+            qrel = qa                                                                  # q_i e^{G_i - G_na}
+            kout = ka                                                                  # k_j e^{G_last - G_j}
+            vout = va                                                                  # v_j e^{Gv_last - Gv_j}
+            if GK:
+                ga = tl.load(gk_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0)
+                ga = tl.maximum(ga.to(tl.float32), -1e4)
+                ga1 = tl.load(gk_ptr + (rowa + N)[:, None] * K + ck[None, :], mask=ma1[:, None] & mk, other=0.0)
+                ga1 = tl.maximum(ga1.to(tl.float32), -1e4)
+                before = tl.sum(tl.where(rt[:, None] < a * BC, gkf, 0.0), 0)          # sum_{s < n_a}
+                after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gkf, 0.0), 0)    # sum_{s > e_a}
+                qin = qa * tl.exp(tl.cumsum(ga, 0) + before[None, :])
+                qrel = qa * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))
+                kout = ka * tl.exp(tl.cumsum(ga1, 0, reverse=True) + after[None, :])
+            if GV:
+                gva = tl.load(gv_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0)
+                gva = tl.maximum(gva.to(tl.float32), -1e4)
+                gva1 = tl.load(gv_ptr + (rowa + N)[:, None] * V + cv[None, :], mask=ma1[:, None] & mv, other=0.0)
+                gva1 = tl.maximum(gva1.to(tl.float32), -1e4)
+                beforev = tl.sum(tl.where(rt[:, None] < a * BC, gvf, 0.0), 0)
+                afterv = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gvf, 0.0), 0)
+                ein = tl.exp(tl.cumsum(gva, 0) + beforev[None, :])                       # e^{Gv_i}
+                erel = tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gva, 0.0), 0))         # e^{Gv_i - Gv_na}
+                vout = va * tl.exp(tl.cumsum(gva1, 0, reverse=True) + afterv[None, :])
+
+            # pairs in sub-chunks b < a, through the first row n_a of sub-chunk a
+            off = tl.zeros([BC, BV], dtype=tl.float32)
+            for b in tl.static_range(a):
+                rb = b * BC + rc
+                tb = t0 + rb
+                mb = (rb < C) & (tb < T)
+                mb1 = (rc + 1 < BC) & (rb + 1 < C) & (tb + 1 < T)
+                rowb = tb.to(tl.int64) * N + i_n
+                kb = tl.load(k_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0)
+                vb = tl.load(v_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
+                kb = kb.to(tl.float32)
+                vb = vb.to(tl.float32)
+                link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)     # e_b < s <= n_a
+                if GK:
+                    gb1 = tl.load(gk_ptr + (rowb + N)[:, None] * K + ck[None, :], mask=mb1[:, None] & mk, other=0.0)
+                    gb1 = tl.maximum(gb1.to(tl.float32), -1e4)
+                    lk = tl.sum(tl.where(link, gkf, 0.0), 0)
+                    kb = kb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + lk[None, :])  # k_j e^{G_na - G_j}
+                if GV:
+                    gvb1 = tl.load(gv_ptr + (rowb + N)[:, None] * V + cv[None, :], mask=mb1[:, None] & mv, other=0.0)
+                    gvb1 = tl.maximum(gvb1.to(tl.float32), -1e4)
+                    lv = tl.sum(tl.where(link, gvf, 0.0), 0)
+                    vb = vb * tl.exp(tl.cumsum(gvb1, 0, reverse=True) + lv[None, :])
+                A = tl.dot(qrel, tl.trans(kb), input_precision="ieee")                 # [BC, BC]
+                off += tl.dot(A, vb, input_precision="ieee")
+            if GV:
+                off = off * erel
+
+            # pairs inside sub-chunk a, row by row; X_j = sum_{j < s <= i} g_s carried from row to row.
+            # Only the sub-chunk's valid rows (nd of them): the rest are zero steps, never stored
+            nd = tl.minimum(tl.minimum(C - a * BC, T - (t0 + a * BC)), BC)
+            if GV:
+                diag = tl.zeros([BC, BV], dtype=tl.float32)
+                Xv = tl.zeros([BC, BV], dtype=tl.float32)
+                if GK:
+                    X = tl.zeros([BC, BK], dtype=tl.float32)
+                for i in range(nd):
+                    ri = (t0 + a * BC + i) * N + i_n
+                    mi = (a * BC + i < C) & (t0 + a * BC + i < T)
+                    qi = tl.load(q_ptr + tl.cast(ri, tl.int64) * K + ck, mask=mk & mi, other=0.0).to(tl.float32)
+                    if GK:
+                        gi = tl.load(gk_ptr + tl.cast(ri, tl.int64) * K + ck, mask=mk & mi, other=0.0)
+                        X = tl.where(rc[:, None] < i, X + tl.maximum(gi.to(tl.float32), -1e4)[None, :], 0.0)
+                        ai = tl.sum(ka * tl.exp(tl.where(rc[:, None] <= i, X, float("-inf"))) * qi[None, :], 1)
+                    else:
+                        ai = tl.where(rc <= i, tl.sum(ka * qi[None, :], 1), 0.0)
+                    gvi = tl.load(gv_ptr + tl.cast(ri, tl.int64) * V + cv, mask=mv & mi, other=0.0)
+                    Xv = tl.where(rc[:, None] < i, Xv + tl.maximum(gvi.to(tl.float32), -1e4)[None, :], 0.0)
+                    oi = tl.sum(ai[:, None] * tl.exp(tl.where(rc[:, None] <= i, Xv, float("-inf"))) * va, 0)
+                    diag = tl.where(rc[:, None] == i, oi[None, :], diag)
+            else:
+                Ad = tl.zeros([BC, BC], dtype=tl.float32)
+                X = tl.zeros([BC, BK], dtype=tl.float32)
+                for i in range(nd):
+                    ri = (t0 + a * BC + i) * N + i_n
+                    mi = (a * BC + i < C) & (t0 + a * BC + i < T)
+                    qi = tl.load(q_ptr + tl.cast(ri, tl.int64) * K + ck, mask=mk & mi, other=0.0).to(tl.float32)
+                    gi = tl.load(gk_ptr + tl.cast(ri, tl.int64) * K + ck, mask=mk & mi, other=0.0)
+                    X = tl.where(rc[:, None] < i, X + tl.maximum(gi.to(tl.float32), -1e4)[None, :], 0.0)
+                    ai = tl.sum(ka * tl.exp(tl.where(rc[:, None] <= i, X, float("-inf"))) * qi[None, :], 1)
+                    Ad = tl.where(rc[:, None] == i, ai[None, :], Ad)
+                diag = tl.dot(Ad, va, input_precision="ieee")
+
+            # the state entering the chunk
+            inter = tl.dot(qin, S, input_precision="ieee")
+            if GV:
+                inter = inter * ein
+            tl.store(o_ptr + rowa[:, None] * V + cv[None, :], (diag + off + inter).to(o_ptr.dtype.element_ty), mask=mav)
+            U += tl.dot(tl.trans(kout), vout, input_precision="ieee")
+        if GK:
+            S = S * tl.exp(tl.sum(gkf, 0))[:, None]
+        if GV:
+            S = S * tl.exp(tl.sum(gvf, 0))[None, :]
+        S += U
+    tl.store(s_ptr + s_off, S.to(s_ptr.dtype.element_ty), mask=s_msk)
+
+
+def _triton_chunk_forward(q, k, v, gk, gv, h0, C):
+    """Launch the kernels (no autograd). Folded gates only: gk [T, N, K] or [T, N, 1] or None, gv [T, N, V] or None."""
+    T, N, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = _triton_chunk_blocks(C, K, V)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty(T, N, V, dtype=q.dtype, device=q.device)
+    S = torch.empty(N, K, V, dtype=q.dtype, device=q.device)
+    h0c = q if h0 is None else h0.contiguous()                                         # a dummy pointer when absent
+    grid = (triton.cdiv(V, BV), N)
+    if gv is None and (gk is None or gk.shape[-1] == 1):
+        g = q if gk is None else gk.contiguous()
+        _triton_chunk_fwd_scalar[grid](q, k, v, g, h0c, o, S, T, N, K, V, C,
+                                       HAS_G=gk is not None, HAS_H0=h0 is not None, BT=BT, BK=BK, BV=BV)
+    else:
+        gkc = q if gk is None else gk.contiguous()
+        gvc = q if gv is None else gv.contiguous()
+        _triton_chunk_fwd_vector[grid](q, k, v, gkc, gvc, h0c, o, S, T, N, K, V, C,
+                                       GK=gk is not None, GV=gv is not None, HAS_H0=h0 is not None,
+                                       BT=BT, BC=16, BK=BK, BV=BV)
+    return o, S
+
+
+class _triton_chunk_function(torch.autograd.Function):
+    """Forward: the Triton kernels. Backward: recompute with the PyTorch `_chunk_linear` and differentiate it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gk, gv, h0, C):
+        ctx.save_for_backward(q, k, v, gk, gv, h0)
+        ctx.chunk = C
+        return _triton_chunk_forward(q, k, v, gk, gv, h0, C)
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        inputs = ctx.saved_tensors
+        need = ctx.needs_input_grad[:6]
+        if not any(need):
+            return (None,) * 7
+        with torch.enable_grad():
+            leaves = []
+            for x, n in zip(inputs, need):
+                if x is not None:
+                    # float16 / bfloat16 are recomputed in float32 (the caller's dtypes come back below)
+                    x = x.detach().to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+                    x.requires_grad_(n)
+                leaves.append(x)
+            o, S = _chunk_linear(*leaves, ctx.chunk)
+            wrt = [x for x, n in zip(leaves, need) if n]
+            # S_T does not depend on q (nor o on anything when T == 0): differentiate only what does
+            outs = [(y, dy.to(y.dtype)) for y, dy in ((o, do), (S, dS)) if y.requires_grad]
+            if not outs:
+                return (None,) * 7
+            grads = iter(torch.autograd.grad([y for y, _ in outs], wrt, [dy for _, dy in outs], allow_unused=True))
+        out = []
+        for x, n in zip(inputs, need):
+            gx = next(grads) if n else None
+            out.append(None if gx is None else gx.to(x.dtype))
+        return (*out, None)
+
+
+def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
+    """Drop-in for `_chunk_linear` (same arguments, semantics, returns): forward in Triton, backward by the
+    PyTorch chunk form. float64 (and T == 0) go to `_chunk_linear` itself."""
+    T, N, K = q.shape
+    C = int(chunk)
+    if T == 0 or q.dtype == torch.float64:
+        return _chunk_linear(q, k, v, gk, gv, h0, C, before)
+    if before:
+        # the readout after step t-1 with query t (as _chunk_linear / _chunk_readout_before do)
+        o, S = _triton_chunk_linear(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, gk, gv, h0, C)
+        first = torch.zeros_like(o[:1]) if h0 is None else (q[:1].transpose(0, 1) @ h0.to(q.dtype)).transpose(0, 1)
+        return torch.cat([first, o[:-1]]), S
+    # a scalar decay commutes with everything: fold it into the other side's gate (as _chunk_linear does)
+    if gv is not None and gv.shape[-1] == 1:
+        gk = gv if gk is None else gk + gv
+        gv = None
+    if gk is not None and gk.shape[-1] == 1 and gv is not None:
+        gv = gv + gk
+        gk = None
+    return _triton_chunk_function.apply(q, k, v, gk, gv, h0, C)

@@ -1,0 +1,226 @@
+"""backends/triton_chunk.py: the Triton chunkwise linear-attention forward against chunk_ops._chunk_linear.
+
+Checked: o and S_T against `_chunk_linear` in float64 (rel err <= 1e-4 relative to the max magnitude,
+float32 inputs) for no decay, a scalar decay, a per-key decay, a per-value decay and both, mild and
+extreme (down to -20 per step) log-decays and -inf gates (hard resets), ragged T, chunk lengths 16/32
+and one that is not a power of two, K and V not powers of two, several V blocks, h0 given or not,
+before=True; gradients of every input (the backward is chunk_ops's, recomputed); float16/bfloat16
+inputs; the float64 fallback; and the paste contract (the body after the first top-level `def`, pasted
+after chunk_ops's body into one file, imports and runs). Without a GPU the kernels run in Triton's CPU
+interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import rnnc.backends.chunk_ops as chunk_ops  # noqa: E402
+import rnnc.backends.triton_chunk as triton_chunk  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+N = 2
+TOL = 1e-4
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def make_gate(kind, shape, gen):
+    if kind == "mild":
+        g = torch.nn.functional.logsigmoid(torch.randn(shape, generator=gen, dtype=torch.float64) + 3)
+    elif kind == "extreme":
+        g = -20 * torch.rand(shape, generator=gen, dtype=torch.float64)
+    else:  # "reset": mild gates with some hard resets (-inf)
+        g = torch.nn.functional.logsigmoid(torch.randn(shape, generator=gen, dtype=torch.float64) + 3)
+        g = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < 0.1, -torch.inf, g)
+    return g
+
+
+def make_inputs(T, K, V, decay, gate, h0=True, seed=0):
+    """float64 leaves: q, k, v, gk, gv, h0 (decay: none / scalar / key / value / both / scalar+value)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(T, N, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(T, N, V, generator=gen, dtype=torch.float64)
+    gk = gv = None
+    if decay in ("scalar", "scalar+value"):
+        gk = make_gate(gate, (T, N, 1), gen)
+    if decay in ("key", "both"):
+        gk = make_gate(gate, (T, N, K), gen)
+    if decay in ("value", "both", "scalar+value"):
+        gv = make_gate(gate, (T, N, V), gen)
+    s0 = torch.randn(N, K, V, generator=gen, dtype=torch.float64) if h0 else None
+    return [None if x is None else x.to(DEV) for x in (q, k, v, gk, gv, s0)]
+
+
+def check(T, K, V, chunk, decay, gate, h0=True, before=False, grads=True, seed=0):
+    leaves = make_inputs(T, K, V, decay, gate, h0, seed)
+    ref_in = [None if x is None else x.clone().requires_grad_(True) for x in leaves]
+    o_ref, s_ref = chunk_ops._chunk_linear(*ref_in, chunk, before)
+    tri_in = [None if x is None else x.float().requires_grad_(True) for x in leaves]
+    o, s = triton_chunk._triton_chunk_linear(*tri_in, chunk, before)
+    assert o.dtype == s.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert rel_err(o, o_ref) <= TOL, rel_err(o, o_ref)
+    assert rel_err(s, s_ref) <= TOL, rel_err(s, s_ref)
+    if not grads or T == 0:
+        return
+    gen = torch.Generator().manual_seed(seed + 1)
+    wo = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(DEV)
+    ws = torch.randn(s_ref.shape, generator=gen, dtype=torch.float64).to(DEV)
+    ((o_ref * wo).sum() + (s_ref * ws).sum()).backward()
+    ((o * wo.float()).sum() + (s * ws.float()).sum()).backward()
+    for name, a, b in zip("q k v gk gv h0".split(), tri_in, ref_in):
+        if a is None:
+            continue
+        assert a.grad is not None and torch.isfinite(a.grad).all(), name
+        if gate != "reset":  # gradients at -inf gates: only finiteness (chunk_ops's own tests cover them)
+            assert rel_err(a.grad, b.grad) <= TOL, (name, rel_err(a.grad, b.grad))
+
+
+# ---------------------------------------------------------------- the cheap path: no decay, scalar decay
+
+@pytest.mark.parametrize("T", [1, 17, 64, 70])
+@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("decay,gate", [("none", "mild"), ("scalar", "mild"), ("scalar", "extreme")])
+def test_no_or_scalar_decay(T, chunk, decay, gate):
+    check(T, 24, 24, chunk, decay, gate)
+
+
+@pytest.mark.parametrize("K,V", [(16, 16), (24, 20), (16, 80)])   # 80: two V blocks of 64
+def test_shapes_scalar(K, V):
+    check(33, K, V, 16, "scalar", "mild")
+
+
+# ---------------------------------------------------------------- per-key decay (GLA): secondary chunking
+
+@pytest.mark.parametrize("T", [1, 17, 64, 70])
+@pytest.mark.parametrize("gate", ["mild", "extreme"])
+def test_key_decay_chunk16(T, gate):
+    check(T, 24, 24, 16, "key", gate)
+
+
+@pytest.mark.parametrize("T,gate", [(17, "mild"), (40, "extreme"), (64, "mild")])
+def test_key_decay_chunk32(T, gate):
+    """Two sub-chunks per chunk: the off-diagonal block through the sub-chunk's first row."""
+    check(T, 16, 16, 32, "key", gate)
+
+
+def test_key_decay_chunk_not_pow2():
+    """Chunk 20: a 32-row block with rows 20..31 masked (rows beyond the chunk are zero steps)."""
+    check(45, 16, 16, 20, "key", "extreme")
+
+
+@pytest.mark.parametrize("decay", ["key", "value"])
+def test_vector_two_v_blocks(decay):
+    """V = 80: two programs per row (BV = 64), the second one masked past column 80."""
+    check(20, 16, 80, 16, decay, "mild")
+
+
+@pytest.mark.parametrize("decay", ["scalar", "key"])
+def test_hard_resets_no_nan(decay):
+    check(40, 16, 16, 16, decay, "reset")
+
+
+def test_no_h0():
+    check(30, 16, 24, 16, "key", "mild", h0=False)
+    check(30, 16, 24, 16, "scalar", "mild", h0=False)
+
+
+@pytest.mark.parametrize("decay", ["none", "key"])
+def test_readout_before(decay):
+    check(25, 16, 16, 16, decay, "mild", before=True)
+
+
+# ---------------------------------------------------------------- per-value decay (supported too)
+
+@pytest.mark.parametrize("decay,gate", [("value", "extreme"), ("both", "mild"), ("scalar+value", "mild")])
+def test_value_decay(decay, gate):
+    check(20, 16, 16, 16, decay, gate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decay", ["value", "both"])
+@pytest.mark.parametrize("gate", ["mild", "extreme", "reset"])
+def test_value_decay_long(decay, gate):
+    check(70, 24, 20, 32, decay, gate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decay", ["none", "scalar", "key"])
+def test_chunk64_long(decay):
+    check(150, 24, 24, 64, decay, "extreme")
+
+
+# ---------------------------------------------------------------- dtypes, fallbacks, contract
+
+def test_empty():
+    o, s = triton_chunk._triton_chunk_linear(*[None if x is None else x.float() for x in
+                                               make_inputs(0, 16, 16, "key", "mild")], 16)
+    assert o.shape == (0, N, 16) and s.shape == (N, 16, 16)
+
+
+def test_float64_falls_back():
+    leaves = make_inputs(20, 16, 16, "key", "mild")
+    o, s = triton_chunk._triton_chunk_linear(*leaves, 16)
+    o_ref, s_ref = chunk_ops._chunk_linear(*leaves, 16)
+    assert o.dtype == torch.float64 and torch.equal(o, o_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    """Loaded and upcast to float32 in the kernel; outputs and gradients in the input dtype."""
+    leaves = make_inputs(20, 16, 16, "key", "mild")
+    o_ref, s_ref = chunk_ops._chunk_linear(*[None if x is None else x.to(dtype).double() for x in leaves], 16)
+    xs = [None if x is None else x.to(dtype).requires_grad_(True) for x in leaves]
+    o, s = triton_chunk._triton_chunk_linear(*xs, 16)
+    assert o.dtype == s.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3   # the rounding of the outputs themselves
+    assert rel_err(o, o_ref) <= tol and rel_err(s, s_ref) <= tol
+    (o.float().sum() + s.float().sum()).backward()
+    for x in xs:
+        if x is not None:
+            assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+
+
+def test_paste_contract(tmp_path):
+    """Header imports only math/torch/triton/tl (+ the relative import of _chunk_linear); every
+    top-level name starts with _triton_chunk; the body from the first `def` on, pasted after
+    chunk_ops's body, forms a working module."""
+    text = inspect.getsource(triton_chunk)
+    tree = ast.parse(text)
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            assert {a.name for a in node.names} <= {"math", "torch", "triton", "triton.language"}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module == "chunk_ops" and node.level == 1
+            assert [a.name for a in node.names] == ["_chunk_linear"]
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            assert node.name.startswith("_triton_chunk"), node.name
+        else:
+            assert isinstance(node, ast.Expr) and node is tree.body[0], ast.dump(node)  # the docstring
+    body = text[text.index("\ndef ") + 1:]
+    assert "import" not in body.split("\n@triton.jit")[0] and "\nimport " not in body and "\nfrom " not in body
+    co = inspect.getsource(chunk_ops)
+    src = ("import math\nimport torch\nimport torch.nn.functional as F\nimport triton\n"
+           "import triton.language as tl\n\n" + co[co.index("\ndef ") + 1:] + "\n\n" + body)
+    path = tmp_path / "pasted_triton_chunk.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("pasted_triton_chunk", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    leaves = [None if x is None else x.float() for x in make_inputs(20, 16, 16, "key", "mild")]
+    q = leaves[0].requires_grad_(True)
+    o, s = mod._triton_chunk_linear(*leaves, 16)
+    o_ref, s_ref = triton_chunk._triton_chunk_linear(*leaves, 16)
+    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+    o.sum().backward()                                 # the backward finds the pasted _chunk_linear
+    assert q.grad is not None
