@@ -18,21 +18,23 @@ from rnnc.ir import Cell, Graph
 
 from rnnc.chunkplan import plan_nodes
 
-from . import bptt, chunk_ops, triton_scan
+from . import bptt, chunk_ops, triton_chunk, triton_scan
 from .combine import combine_source
 from .prelude import PRELUDE
 
 CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see _emit_chunk)
 
 
-def _chunk_ops_source() -> str:
-    """backends/chunk_ops.py without its docstring and imports, to paste into generated modules."""
-    text = inspect.getsource(chunk_ops)
+def _paste_source(module) -> str:
+    """A backends/ module without its docstring and imports (from its first def), to paste into
+    generated modules (chunk_ops.py, triton_chunk.py)."""
+    text = inspect.getsource(module)
     body = text[text.index("\ndef ") + 1:]
     return "\n\n" + body.rstrip()
 
 
-CHUNK_OPS = _chunk_ops_source()
+CHUNK_OPS = _paste_source(chunk_ops)
+TRITON_CHUNK = _paste_source(triton_chunk)
 from .torch_expr import ATOM, Operand, TorchExpr, pyint, shape_text
 
 #: Attribute names the generated module (or nn.Module) already uses: no param may take them.
@@ -200,20 +202,12 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L("import torch.nn.functional as F")
     for line in PRELUDE.strip("\n").splitlines():
         L(line)
+    triton = (scan is not None and bool(scan.get("triton"))) or (chunk is not None and chunk.get("triton"))
+    if triton:
+        _emit_triton_header(L)
     if scan is not None and scan.get("triton"):
         L()
-        L("import os")
-        L()
-        L("import triton")
-        L("import triton.language as tl")
-        L()
         L(f"BLOCK = {triton_scan.BLOCK}  # channels per program of the fused scans")
-        L()
-        L()
-        L("def _check_triton_device(x):")
-        L("    if x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':")
-        L("        raise InputError('the triton backend runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1); '")
-        L("                         'move the inputs to the GPU, or build with backend=\"scan\"')")
         for name, (a, b, leaves, body) in scan["triton"].items():
             L()
             L()
@@ -222,6 +216,11 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     if chunk is not None:
         for line in CHUNK_OPS.splitlines():
             L(line)
+        if chunk.get("triton"):
+            L()
+            L()
+            for line in TRITON_CHUNK.splitlines():
+                L(line)
     L()
     L()
     L(f"class {cls}(nn.Module):")
@@ -322,6 +321,20 @@ def _emit_reset(L: _Lines, cell: Cell) -> None:
             L(f"self.{p.name}.copy_({vals[0].text})")
     L.dedent(2)
     L()
+
+
+def _emit_triton_header(L: _Lines) -> None:
+    L()
+    L("import os")
+    L()
+    L("import triton")
+    L("import triton.language as tl")
+    L()
+    L()
+    L("def _check_triton_device(x):")
+    L("    if x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':")
+    L("        raise InputError('the triton backend runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1); '")
+    L("                         'move the inputs to the GPU, or build with backend=\"scan\" or \"chunk\"')")
 
 
 def _emit_dispatch(L: _Lines, parallel: str) -> None:
@@ -550,7 +563,10 @@ def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
             k = f"{k} * _time_major({r.operand(sc, 'hoist').text}, B, T).unsqueeze(-1)"
         gk = seq("gk") if plan["gk"] is not None else (f"{seq('g')}.unsqueeze(-1)" if plan["g"] is not None else "None")
         gv = seq("gv") if plan["gv"] is not None else "None"
-        L(f"{target} = _chunk_linear({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size}{before})")
+        if plan.get("triton"):
+            L(f"_check_triton_device(s0_{s.name})")
+        fn = "_triton_chunk_linear" if plan.get("triton") else "_chunk_linear"
+        L(f"{target} = {fn}({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size}{before})")
     else:
         beta = seq("beta") if plan["beta"] is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
         g = seq("g") if plan["g"] is not None else "None"

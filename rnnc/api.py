@@ -85,6 +85,8 @@ def _does_not_apply(backend: str, report: Report) -> str | None:
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
+        if _triton_chunk_plan(report) is not None:
+            return None
         for name, info in report.classes.items():
             if (info["class"], info.get("transition")) not in TRITON_FUSED or info.get("coupled"):
                 return (f"state '{name}' is {info['class']}: the triton backend fuses elementwise-affine "
@@ -129,7 +131,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     cell = optimize(ir)
     report = analyze_cell(cell)
     chosen = _pick_backend(backend, report)
-    if chunk_size is not None and backend != "auto" and chosen != "chunk":
+    if chunk_size is not None and backend != "auto" and chosen not in ("chunk", "triton"):
         raise BuildError(f"chunk_size applies to the chunk backend, not to backend '{backend}'",
                          hint="drop chunk_size, or use backend='chunk' (or 'auto')")
     scan = chunk = None
@@ -140,6 +142,8 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         cell.extra_roots = ([n for pair in linear.values() for n in pair if n is not None]
                             + [n for c in combines for n in c.args_right])
         scan = {"linear": linear, "combines": combines}
+    elif chosen == "triton" and _triton_chunk_plan(report) is not None:
+        chunk = {**_triton_chunk_plan(report), "triton": True}
     elif chosen == "triton":
         linear = scan_coefficients(cell, report.stages)
         fused = {}
@@ -155,6 +159,15 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
                          chunk=chunk, loop_below=loop_below, chunk_size=chunk_size)
     return source, report
+
+
+def _triton_chunk_plan(report: Report) -> dict | None:
+    """The chunk plan when the triton chunk kernel applies (the additive form; not the delta rule yet)."""
+    try:
+        plan = chunk_plan(report.cell, report.stages, report.classes)
+    except NotChunkable:
+        return None
+    return plan if plan["kind"] == "linear" else None
 
 
 def _check_chunk_size(chunk_size) -> None:

@@ -6,7 +6,7 @@ import torch
 
 import rnnc
 
-DIMS = {"mingru": {"I": 3, "H": 5}, "hgrn": {}, "mamba": {"D": 3, "N": 2}, "minlstm": {"I": 3, "H": 5}}
+DIMS = {"mingru": {"I": 3, "H": 5}, "hgrn": {}, "minlstm": {"I": 3, "H": 5}}
 
 
 def _inputs(cell, T, dtype):
@@ -57,3 +57,10 @@ def test_triton_does_not_apply_to_nonlinear_or_delta_rule_cells():
     with pytest.raises(rnnc.BuildError, match="state 'h' is nonlinear"):
         rnnc.build("lstm", I=2, H=3, backend="triton")
     assert "triton" not in rnnc.backends_for("deltanet")
+
+
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "linear_attn", "rwkv6"])
+def test_additive_matrix_states_take_the_triton_chunk_kernel(name):
+    source = rnnc.compile(name, backend="triton")
+    assert "_triton_chunk_linear(" in source.split("class ")[-1]  # the forward calls the kernel's entry
+    assert "_Scan_" not in source  # not the fused scan, which would materialise every step's state
