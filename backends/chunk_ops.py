@@ -57,6 +57,17 @@ def _chunk_sub_size(chunk):
     return best
 
 
+def _chunk_fold_scalar(gk, gv):
+    """A scalar decay ([..., 1]) commutes with everything: fold it into the other side's gate."""
+    if gv is not None and gv.shape[-1] == 1:
+        gk = gv if gk is None else gk + gv
+        gv = None
+    if gk is not None and gk.shape[-1] == 1 and gv is not None:
+        gv = gv + gk
+        gk = None
+    return gk, gv
+
+
 def _chunk_masked_exp(d, mask):
     """exp(d) where mask, 0 elsewhere; masked entries are never exponentiated (no exp(+large), no NaN grads)."""
     return torch.exp(torch.where(mask, d, -math.inf))
@@ -254,13 +265,7 @@ def _chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     if before:
         o, S = _chunk_linear(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, gk, gv, h0, chunk)
         return _chunk_readout_before(q, h0, o), S
-    # a scalar decay commutes with everything: fold it into the other side's gate
-    if gv is not None and gv.shape[-1] == 1:
-        gk = gv if gk is None else gk + gv
-        gv = None
-    if gk is not None and gk.shape[-1] == 1 and gv is not None:
-        gv = gv + gk
-        gk = None
+    gk, gv = _chunk_fold_scalar(gk, gv)
     qc, kc, vc = _chunk_split(q, C, nt), _chunk_split(k, C, nt), _chunk_split(v, C, nt)
     gkc = None if gk is None else _chunk_split(gk, C, nt)                              # [NT, N, C, K or 1]
     gvc = None if gv is None else _chunk_split(gv, C, nt)                              # [NT, N, C, V]

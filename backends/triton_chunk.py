@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_ops import _chunk_linear
+from .chunk_ops import _chunk_fold_scalar, _chunk_linear, _chunk_readout_before
 
 
 def _triton_chunk_blocks(C, K, V):
@@ -325,13 +325,6 @@ def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     if before:
         # the readout after step t-1 with query t (as _chunk_linear / _chunk_readout_before do)
         o, S = _triton_chunk_linear(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, gk, gv, h0, C)
-        first = torch.zeros_like(o[:1]) if h0 is None else (q[:1].transpose(0, 1) @ h0.to(q.dtype)).transpose(0, 1)
-        return torch.cat([first, o[:-1]]), S
-    # a scalar decay commutes with everything: fold it into the other side's gate (as _chunk_linear does)
-    if gv is not None and gv.shape[-1] == 1:
-        gk = gv if gk is None else gk + gv
-        gv = None
-    if gk is not None and gk.shape[-1] == 1 and gv is not None:
-        gv = gv + gk
-        gk = None
+        return _chunk_readout_before(q, h0, o), S
+    gk, gv = _chunk_fold_scalar(gk, gv)
     return _triton_chunk_function.apply(q, k, v, gk, gv, h0, C)

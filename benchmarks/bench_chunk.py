@@ -18,10 +18,9 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import rnnc
-from common import median_ms
+from common import fwd_bwd, head_inputs, median_ms
 
 B, T, H, K = 2, 2048, 4, 64
 
@@ -35,26 +34,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def inputs(name: str):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for p in rnnc.load(name).cell().inputs:
-        shape = [B, T, H] + [K] * len(p.shape)
-        x = torch.randn(*shape, generator=g)
-        if p.name in ("g", "w"):  # log-space decays
-            x = F.logsigmoid(x + 3)
-        elif p.name == "beta":
-            x = torch.sigmoid(x)
-        elif p.name == "k":
-            x = F.normalize(x, dim=-1)
-        out.append(x.requires_grad_())
-    return out
-
-
-def fwd_bwd(cell, xs):
-    def run():
-        y, _ = cell(*xs)
-        y.sum().backward()
-    return run
+    return head_inputs(name, B, T, H, K)
 
 
 def _fla_naive():

@@ -34,12 +34,12 @@ def fwd_bwd(cell, xs):
 
 def head_inputs(spec: str, B: int, T: int, H: int, K: int, seed: int = 0) -> list[torch.Tensor]:
     """Inputs of a linear-attention-style cell with heads as an extra axis: [B, T, H, K] for
-    vectors (K = V), [B, T, H] for scalars; log-space gates g, beta in (0, 1), unit keys."""
+    vectors (K = V), [B, T, H] for scalars; log-space gates g and w, beta in (0, 1), unit keys."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for port in rnnc.load(spec).cell().inputs:
         x = torch.randn(B, T, H, *[K] * len(port.shape), generator=gen)
-        if port.name == "g":
+        if port.name in ("g", "w"):  # log-space decays
             x = F.logsigmoid(x + 3)
         elif port.name == "beta":
             x = torch.sigmoid(x)

@@ -192,7 +192,7 @@ def test_half_inputs(dtype):
 
 
 def test_paste_contract(tmp_path):
-    """Header imports only math/torch/triton/tl (+ the relative import of _chunk_linear); every
+    """Header imports only math/torch/triton/tl (+ relative imports of chunk_ops helpers); every
     top-level name starts with _triton_chunk; the body from the first `def` on, pasted after
     chunk_ops's body, forms a working module."""
     text = inspect.getsource(triton_chunk)
@@ -202,7 +202,7 @@ def test_paste_contract(tmp_path):
             assert {a.name for a in node.names} <= {"math", "torch", "triton", "triton.language"}
         elif isinstance(node, ast.ImportFrom):
             assert node.module == "chunk_ops" and node.level == 1
-            assert [a.name for a in node.names] == ["_chunk_linear"]
+            assert {a.name for a in node.names} <= {"_chunk_fold_scalar", "_chunk_linear", "_chunk_readout_before"}
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             assert node.name.startswith("_triton_chunk"), node.name
         else:
