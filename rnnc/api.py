@@ -100,8 +100,12 @@ def _does_not_apply(backend: str, report: Report) -> str | None:
     return None
 
 
-def _pick_backend(backend: str, report: Report | None = None) -> str:
+def _pick_backend(backend: str, report: Report | None = None, device=None) -> str:
     if backend == "auto":
+        # On CUDA, generated Triton kernels where they apply (issue 4; not yet measured on a GPU).
+        if _on_cuda(device) and report is not None and report.classes \
+                and _does_not_apply("triton", report) is None:
+            return "triton"
         # Chunk and scan beat the loop on CPU from short lengths on (benchmarks/RESULTS.md); the
         # scan of a matrix state would materialise every step's state, so those take the chunk
         # form or the loop. Below LOOP_BELOW steps the built module runs the loop itself.
@@ -122,15 +126,23 @@ def _pick_backend(backend: str, report: Report | None = None) -> str:
     return backend
 
 
+def _on_cuda(device) -> bool:
+    if device is None:
+        return False
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
 def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
-           chunk_size: int | None = None) -> tuple[str, Report]:
-    """Optimise, analyse and emit one cell: (module source, report)."""
+           chunk_size: int | None = None, device=None) -> tuple[str, Report]:
+    """Optimise, analyse and emit one cell for `device`: (module source, report)."""
     from rnnc.backends.loop import emit_module
 
     _check_chunk_size(chunk_size)
     cell = optimize(ir)
     report = analyze_cell(cell)
-    chosen = _pick_backend(backend, report)
+    chosen = _pick_backend(backend, report, device)
     if chunk_size is not None and backend != "auto" and chosen not in ("chunk", "triton"):
         raise BuildError(f"chunk_size applies to the chunk backend, not to backend '{backend}'",
                          hint="drop chunk_size, or use backend='chunk' (or 'auto')")
@@ -176,10 +188,11 @@ def _check_chunk_size(chunk_size) -> None:
                          hint="pass e.g. chunk_size=64, or leave it out for the automatic choice")
 
 
-def analyze(spec: Spec, cell: str | None = None, backend: str = "auto") -> Report:
-    """What analysis finds in the cell (after rewrites), and the lowering `backend` resolves to."""
+def analyze(spec: Spec, cell: str | None = None, backend: str = "auto", device=None) -> Report:
+    """What analysis finds in the cell (after rewrites), and the lowering `backend` resolves to
+    (on `device`: auto takes the triton backend on CUDA where it applies)."""
     report = analyze_cell(optimize(_program(spec).cell(cell)))
-    report.backend = _pick_backend(backend, report)
+    report.backend = _pick_backend(backend, report, device)
     _loop_below(backend, report)
     return report
 
@@ -250,7 +263,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     ir = prog.cell(cell)
     _check_dims(ir, dims)
     check_bound_dims(ir, dims)
-    source, report = _lower(ir, backend, backward, chunk_size=chunk_size)
+    source, report = _lower(ir, backend, backward, chunk_size=chunk_size, device=device)
     module = load_source(source, ir.name)
     module.InputError = InputError
     missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]

@@ -70,3 +70,11 @@ def test_varlen_under_auto_chooses_per_sequence_length():
 def test_an_explicit_backend_has_no_dispatch():
     source = rnnc.compile("gla", backend="chunk")
     assert "LOOP_BELOW" not in source and "_forward_loop" not in source
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("mingru", "triton"), ("gla", "triton"), ("simple_gla", "triton"), ("lstm", "loop"),
+])
+def test_auto_on_cuda_takes_the_triton_kernels_where_they_apply(name, expected):
+    assert rnnc.analyze(name, device="cuda").backend == expected
+    assert rnnc.analyze(name, device="cpu").backend != "triton"
