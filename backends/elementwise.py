@@ -2,10 +2,10 @@
 
 A fused kernel computes a cell's elementwise math (gates, activations, the a and b of a scan)
 inside the kernel from a few "leaf" tensors that PyTorch computes beforehand (projections,
-reductions, params). `split_fusable` finds that boundary in the IR; `render` writes the body
-once per dialect: Triton for the kernel, PyTorch for the backward, which differentiates the same
-math with autograd. Every value has the same shape (leaves are broadcast to the state's shape
-first), so there is no broadcasting or padding to render.
+reductions, params). `split_fusable` finds that boundary in the IR; `render` writes the body as
+Triton and `render_adjoint` its reverse-mode derivative (so the backward kernel carries the
+gradient to the leaves itself). Every value has the same shape (leaves are broadcast to the
+state's shape first), so there is no broadcasting or padding to render.
 """
 from __future__ import annotations
 
@@ -13,35 +13,50 @@ import math
 
 from rnnc.ir import Graph
 
-# op -> (Triton, PyTorch) templates over the operands' names {0}, {1}, {2}
+# op -> Triton template over the operands' names {0}, {1}, {2}
 UNARY = {
-    "exp": ("tl.exp({0})", "torch.exp({0})"),
-    "log": ("tl.log({0})", "torch.log({0})"),
-    "sigmoid": ("tl.sigmoid({0})", "torch.sigmoid({0})"),
-    "tanh": ("(2 * tl.sigmoid(2 * {0}) - 1)", "torch.tanh({0})"),  # no libdevice in the interpreter
-    "relu": ("tl.maximum({0}, 0.0)", "torch.relu({0})"),
-    "abs": ("tl.abs({0})", "torch.abs({0})"),
-    "sqrt": ("tl.sqrt({0})", "torch.sqrt({0})"),
-    "rsqrt": ("tl.rsqrt({0})", "torch.rsqrt({0})"),
-    "sin": ("tl.sin({0})", "torch.sin({0})"),
-    "cos": ("tl.cos({0})", "torch.cos({0})"),
-    "square": ("{0} * {0}", "{0} * {0}"),
-    "silu": ("{0} * tl.sigmoid({0})", "F.silu({0})"),
+    "exp": "tl.exp({0})",
+    "log": "tl.log({0})",
+    "sigmoid": "tl.sigmoid({0})",
+    "tanh": "(2 * tl.sigmoid(2 * {0}) - 1)",  # no libdevice in the interpreter
+    "relu": "tl.maximum({0}, 0.0)",
+    "abs": "tl.abs({0})",
+    "sqrt": "tl.sqrt({0})",
+    "rsqrt": "tl.rsqrt({0})",
+    "sin": "tl.sin({0})",
+    "cos": "tl.cos({0})",
+    "square": "{0} * {0}",
+    "silu": "{0} * tl.sigmoid({0})",
     # stable forms: no exp of a large positive number
-    "softplus": ("tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))", "F.softplus({0})"),
-    "logsigmoid": ("tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))", "F.logsigmoid({0})"),
-    "neg": ("-{0}", "-{0}"),
+    "softplus": "tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))",
+    "logsigmoid": "tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))",
+    "neg": "-{0}",
 }
 BINARY = {
-    "add": ("{0} + {1}", "{0} + {1}"), "sub": ("{0} - {1}", "{0} - {1}"),
-    "mul": ("{0} * {1}", "{0} * {1}"), "div": ("{0} / {1}", "{0} / {1}"),
-    "maximum": ("tl.maximum({0}, {1})", "torch.maximum({0}, {1})"),
-    "minimum": ("tl.minimum({0}, {1})", "torch.minimum({0}, {1})"),
-    "lt": ("{0} < {1}", "{0} < {1}"), "le": ("{0} <= {1}", "{0} <= {1}"),
-    "gt": ("{0} > {1}", "{0} > {1}"), "ge": ("{0} >= {1}", "{0} >= {1}"),
+    "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
+    "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",
+    "lt": "{0} < {1}", "le": "{0} <= {1}", "gt": "{0} > {1}", "ge": "{0} >= {1}",
 }
-WHERE = ("tl.where({0}, {1}, {2})", "torch.where({0}, {1}, {2})")
-DIALECTS = ("triton", "torch")
+WHERE = "tl.where({0}, {1}, {2})"
+# d(op)/d(operand i) times the adjoint {g}, over the operands {0}, {1}, {2} and the result {y}
+# (ties of maximum/minimum split the gradient in half, as torch does)
+ADJOINT = {
+    "add": ("{g}", "{g}"), "sub": ("{g}", "-{g}"), "mul": ("{g} * {1}", "{g} * {0}"),
+    "div": ("{g} / {1}", "-{g} * {y} / {1}"), "neg": ("-{g}",),
+    "exp": ("{g} * {y}",), "log": ("{g} / {0}",), "sigmoid": ("{g} * {y} * (1 - {y})",),
+    "tanh": ("{g} * (1 - {y} * {y})",), "relu": ("tl.where({0} > 0, {g}, 0.0)",),
+    "abs": ("tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))",), "sqrt": ("{g} / (2 * {y})",),
+    "rsqrt": ("-0.5 * {g} * {y} * {y} * {y}",), "sin": ("{g} * tl.cos({0})",), "cos": ("-{g} * tl.sin({0})",),
+    "square": ("2 * {g} * {0}",),
+    "silu": ("{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))",),
+    "softplus": ("{g} * tl.sigmoid({0})",), "logsigmoid": ("{g} * (1 - tl.sigmoid({0}))",),
+    "maximum": ("{g} * tl.where({0} > {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
+                "{g} * tl.where({1} > {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))"),
+    "minimum": ("{g} * tl.where({0} < {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
+                "{g} * tl.where({1} < {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))"),
+    "where": (None, "tl.where({0}, {g}, 0.0)", "tl.where({0}, 0.0, {g})"),
+    "broadcast": ("{g}",),
+}
 
 
 def _is_number(g: Graph, nid: int) -> bool:
@@ -61,7 +76,7 @@ def split_fusable(g: Graph, stages: dict[int, str], roots: list[int]) -> tuple[l
         ok = False
         if _is_number(g, nid):
             ok = True
-        elif node.op == "broadcast" or node.op in UNARY or node.op in BINARY or node.op == "where":
+        elif node.op in ADJOINT or node.op in BINARY:
             # a node of numbers only stays with PyTorch (Triton's math wants tensors)
             ok = (all(visit(a) or g[a].dtype == "float" for a in node.args)
                   and not all(_is_number(g, a) for a in node.args))
@@ -90,9 +105,8 @@ def split_fusable(g: Graph, stages: dict[int, str], roots: list[int]) -> tuple[l
     return leaves, body
 
 
-def render(g: Graph, body: list[int], names: dict[int, str], dialect: str) -> list[str]:
+def render(g: Graph, body: list[int], names: dict[int, str]) -> list[str]:
     """Assignments `t<id> = ...` for the body; `names` maps leaves to variables (and is extended)."""
-    which = DIALECTS.index(dialect)
     lines = []
     for nid in body:
         node = g[nid]
@@ -103,15 +117,34 @@ def render(g: Graph, body: list[int], names: dict[int, str], dialect: str) -> li
         if node.op == "broadcast":
             names[nid] = args[0]
             continue
-        if node.op in UNARY:
-            text = UNARY[node.op][which].format(*args)
-        elif node.op in ("maximum", "minimum") and dialect == "torch" and any(_is_number(g, a) for a in node.args):
-            x, c = (args[1], args[0]) if _is_number(g, node.args[0]) else args
-            text = f"torch.clamp({x}, {'min' if node.op == 'maximum' else 'max'}={c})"
-        elif node.op in BINARY:
-            text = BINARY[node.op][which].format(*args)
-        else:
-            text = WHERE[which].format(*args)
+        template = UNARY.get(node.op) or BINARY.get(node.op) or WHERE
         names[nid] = f"t{nid}"
-        lines.append(f"t{nid} = {text}")
+        lines.append(f"t{nid} = {template.format(*args)}")
     return lines
+
+
+def render_adjoint(g: Graph, body: list[int], names: dict[int, str], seeds: dict[int, str]
+                   ) -> tuple[list[str], dict[int, str]]:
+    """Reverse-mode code for the body (after `render`, which filled `names`): given the adjoints
+    `seeds` of some body values or leaves, defines `d<name>` for every leaf that receives one."""
+    adj: dict[int, str] = {}
+    lines = []
+
+    def add(nid: int, expr: str) -> None:
+        if _is_number(g, nid) or g[nid].dtype != "float":
+            return
+        var = f"d{nid}"
+        lines.append(f"{var} = {expr}" if nid not in adj else f"{var} = {var} + {expr}")
+        adj[nid] = var
+
+    for nid, expr in seeds.items():
+        add(nid, expr)
+    for nid in reversed(body):
+        node = g[nid]
+        if nid not in adj or node.op not in ADJOINT:
+            continue
+        args = [names[a] for a in node.args]
+        for a, rule in zip(node.args, ADJOINT[node.op]):
+            if rule is not None:
+                add(a, "(" + rule.format(*args, g=adj[nid], y=names[nid]) + ")")
+    return lines, {n: v for n, v in adj.items() if n not in body}
