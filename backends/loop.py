@@ -18,7 +18,7 @@ from rnnc.ir import Cell, Graph
 
 from rnnc.chunkplan import plan_nodes
 
-from . import bptt, chunk_ops, triton_chunk, triton_scan
+from . import bptt, chunk_ops, triton_chunk, triton_delta, triton_scan
 from .combine import combine_source
 from .prelude import PRELUDE
 
@@ -35,6 +35,7 @@ def _paste_source(module) -> str:
 
 CHUNK_OPS = _paste_source(chunk_ops)
 TRITON_CHUNK = _paste_source(triton_chunk)
+TRITON_DELTA = _paste_source(triton_delta)
 from .torch_expr import ATOM, Operand, TorchExpr, pyint, shape_text
 
 #: Attribute names the generated module (or nn.Module) already uses: no param may take them.
@@ -219,7 +220,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
         if chunk.get("triton"):
             L()
             L()
-            for line in TRITON_CHUNK.splitlines():
+            for line in (TRITON_CHUNK if chunk["kind"] == "linear" else TRITON_DELTA).splitlines():
                 L(line)
     L()
     L()
@@ -570,7 +571,10 @@ def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
     else:
         beta = seq("beta") if plan["beta"] is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
         g = seq("g") if plan["g"] is not None else "None"
-        L(f"{target} = _chunk_delta({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
+        if plan.get("triton"):
+            L(f"_check_triton_device(s0_{s.name})")
+        fn = "_triton_delta_chunk" if plan.get("triton") else "_chunk_delta"
+        L(f"{target} = {fn}({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
     out = f"out_{plan['output']}"
     if plan.get("sign", 1) < 0:
         L(f"{out} = -{out}")

@@ -174,12 +174,11 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
 
 
 def _triton_chunk_plan(report: Report) -> dict | None:
-    """The chunk plan when the triton chunk kernel applies (the additive form; not the delta rule yet)."""
+    """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule)."""
     try:
-        plan = chunk_plan(report.cell, report.stages, report.classes)
+        return chunk_plan(report.cell, report.stages, report.classes)
     except NotChunkable:
         return None
-    return plan if plan["kind"] == "linear" else None
 
 
 def _check_chunk_size(chunk_size) -> None:
