@@ -105,8 +105,9 @@ def split_fusable(g: Graph, stages: dict[int, str], roots: list[int]) -> tuple[l
     return leaves, body
 
 
-def render(g: Graph, body: list[int], names: dict[int, str]) -> list[str]:
-    """Assignments `t<id> = ...` for the body; `names` maps leaves to variables (and is extended)."""
+def render(g: Graph, body: list[int], names: dict[int, str], prefix: str = "t") -> list[str]:
+    """Assignments `<prefix><id> = ...` for the body; `names` maps leaves to variables (and is
+    extended). Bodies of two graphs in one kernel take different prefixes."""
     lines = []
     for nid in body:
         node = g[nid]
@@ -118,26 +119,27 @@ def render(g: Graph, body: list[int], names: dict[int, str]) -> list[str]:
             names[nid] = args[0]
             continue
         template = UNARY.get(node.op) or BINARY.get(node.op) or WHERE
-        names[nid] = f"t{nid}"
-        lines.append(f"t{nid} = {template.format(*args)}")
+        names[nid] = f"{prefix}{nid}"
+        lines.append(f"{prefix}{nid} = {template.format(*args)}")
     return lines
 
 
-def render_adjoint(g: Graph, body: list[int], names: dict[int, str], seeds: dict[int, str]
-                   ) -> tuple[list[str], dict[int, str]]:
-    """Reverse-mode code for the body (after `render`, which filled `names`): given the adjoints
-    `seeds` of some body values or leaves, defines `d<name>` for every leaf that receives one."""
+def render_adjoint(g: Graph, body: list[int], names: dict[int, str], seeds: list[tuple[int, str]],
+                   prefix: str = "t") -> tuple[list[str], dict[int, str]]:
+    """Reverse-mode code for the body (after `render`, which filled `names`): given adjoints of
+    some body values or leaves (`seeds`, (node, expression) pairs; a node may repeat), defines
+    `d<prefix><id>` for every leaf that receives one and returns {leaf: that variable}."""
     adj: dict[int, str] = {}
     lines = []
 
     def add(nid: int, expr: str) -> None:
         if _is_number(g, nid) or g[nid].dtype != "float":
             return
-        var = f"d{nid}"
+        var = f"d{prefix}{nid}"
         lines.append(f"{var} = {expr}" if nid not in adj else f"{var} = {var} + {expr}")
         adj[nid] = var
 
-    for nid, expr in seeds.items():
+    for nid, expr in seeds:
         add(nid, expr)
     for nid in reversed(body):
         node = g[nid]

@@ -203,16 +203,22 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L("import torch.nn.functional as F")
     for line in PRELUDE.strip("\n").splitlines():
         L(line)
-    triton = (scan is not None and bool(scan.get("triton"))) or (chunk is not None and chunk.get("triton"))
+    triton = (scan is not None and bool(scan.get("triton") or scan.get("triton_folds"))) \
+        or (chunk is not None and chunk.get("triton"))
     if triton:
         _emit_triton_header(L)
-    if scan is not None and scan.get("triton"):
+    if scan is not None and (scan.get("triton") or scan.get("triton_folds")):
         L()
         L(f"BLOCK = {triton_scan.BLOCK}  # channels per program of the fused scans")
         for name, (a, b, leaves, body) in scan["triton"].items():
             L()
             L()
             for line in triton_scan.source(name, graph, stages, a, b, leaves, body):
+                L(line)
+        for i, (c, leaves, body, cbody) in enumerate(scan.get("triton_folds", ())):
+            L()
+            L()
+            for line in triton_scan.fold_source(str(i), graph, stages, c, leaves, body, cbody):
                 L(line)
     if chunk is not None:
         for line in CHUNK_OPS.splitlines():
@@ -487,9 +493,7 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
         if s.name in fused:
             a, b, leaves, _ = fused[s.name]
             full = "".join(f", {pyint(d)}" for d in s.shape)
-            args = [f"{_scan_coefficient(r, stages, n, len(s.shape))}.expand(T, N{full}).reshape(T, -1)"
-                    if triton_scan.is_per_step(stages, n) else f"{r.tensor(n, 'const')}.expand{shape_text(s.shape)}.reshape(-1)"
-                    for n in leaves]
+            args = [_leaf_arg(r, stages, n, s.shape) for n in leaves]
             numel = " * ".join(pyint(d) for d in s.shape) or "1"
             L(f"all_{s.name} = _Scan_{s.name}.apply(T, {numel}, s0_{s.name}.reshape(-1){''.join(', ' + x for x in args)})"
               f".reshape(T, N{full})")
@@ -498,6 +502,15 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
                     for n in linear[s.name]]
             L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
     by_in = {s.node_in: s for s in cell.states}
+    for i, (c, leaves, _, _) in enumerate(scan.get("triton_folds", ())):
+        group = [by_in[a] for a in c.args_left]
+        s0 = group[0]
+        full = "".join(f", {pyint(d)}" for d in s0.shape)
+        L(f"# {', '.join(s.name for s in group)} fold with `{c.name}` in a fused Triton kernel")
+        args = [f"s0_{s.name}.reshape(-1)" for s in group] + [_leaf_arg(r, stages, n, s0.shape) for n in leaves]
+        numel = " * ".join(pyint(d) for d in s0.shape) or "1"
+        L(f"{_tuple([f'all_{s.name}' for s in group])[1:-1]} = "
+          f"(x.reshape(T, N{full}) for x in _Fold_{i}.apply(T, {numel}, {', '.join(args)}))")
     for i, c in enumerate(combines):
         group = [by_in[a] for a in c.args_left]
         fname = f"combine_{c.name}" + (f"_{i}" if i else "")
@@ -582,6 +595,14 @@ def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
         term = (f"_time_major({r.operand(t, 'hoist').text}, B, T)" if r.stages.get(t) == "hoist"
                 else r.tensor(t, "const"))
         L(f"{out} = {out} {'+' if sign > 0 else '-'} {term}")
+
+
+def _leaf_arg(r: _Renderer, stages: dict[int, str], nid: int, shape: D.Shape) -> str:
+    """A fused kernel's leaf: [T, M] when it changes per step, else [C] (the state's elements)."""
+    if triton_scan.is_per_step(stages, nid):
+        full = "".join(f", {pyint(d)}" for d in shape)
+        return f"{_scan_coefficient(r, stages, nid, len(shape))}.expand(T, N{full}).reshape(T, -1)"
+    return f"{r.tensor(nid, 'const')}.expand{shape_text(shape)}.reshape(-1)"
 
 
 def _tuple(items: list[str]) -> str:

@@ -14,7 +14,8 @@ and fp16 inputs are upcast before any arithmetic (the CPU interpreter's bf16 rul
 """
 from __future__ import annotations
 
-from rnnc.ir import Graph
+from rnnc import dims as D
+from rnnc.ir import Combine, Graph
 
 from .elementwise import render, render_adjoint, split_fusable
 
@@ -43,12 +44,12 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
              ".to(h.dtype)" for x, p in zip(ls, per_step)]
     coef = [indent + line for line in render(g, body, names)]
     coef += [f"{indent}a = {names[a]}", f"{indent}b = {names[b] if b is not None else '0.0'}"]
-    seeds = {a: "lam * prev"} | ({b: "lam"} if b is not None else {})
+    seeds = [(a, "lam * prev")] + ([(b, "lam")] if b is not None else [])
     adjoint, grads = render_adjoint(g, body, names, seeds)
     stores = []  # each leaf's gradient: per step, or summed over the steps here (over rows by the caller)
     for i, (leaf, p) in enumerate(zip(leaves, per_step)):
         d = grads.get(leaf, "0.0")
-        stores.append(f"{indent}tl.store(dl{i}_ptr + t * M + offs, {d} + h * 0, mask=mask)" if p
+        stores.append(f"{indent}tl.store(dl{i}_ptr + t * M + offs, {d} + zero, mask=mask)" if p
                       else f"{indent}acc{i} = acc{i} + {d}")
     ptrs = "".join(f"{x}_ptr, " for x in ls)
     dptrs = "".join(f"d{x}_ptr, " for x in ls)
@@ -74,9 +75,10 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
         "    mask = offs < M",
         "    h = tl.load(h0_ptr + offs, mask=mask, other=0.0)",
-        "    lam = h * 0",
-        "    carry = h * 0  # a_(t+1), the factor that carries lam_(t+1) back to step t",
-        *[f"    acc{i} = h * 0  # the constant leaf's gradient, summed over the steps" for i in consts],
+        "    zero = tl.zeros([BLOCK], dtype=h.dtype)  # (not h * 0: an infinite h would give NaN)",
+        "    lam = zero",
+        "    carry = zero  # a_(t+1), the factor that carries lam_(t+1) back to step t",
+        *[f"    acc{i} = zero  # the constant leaf's gradient, summed over the steps" for i in consts],
         "    for i in range(T):",
         "        t = T - 1 - i",
         "        lam = tl.load(g_ptr + t * M + offs, mask=mask, other=0.0).to(h.dtype) + carry * lam",
@@ -87,7 +89,7 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         *coef,
         *[indent + line for line in adjoint],
         *stores,
-        "        carry = a + h * 0",
+        "        carry = a + zero",
         "    tl.store(dh0_ptr + offs, carry * lam, mask=mask)",
         *[f"    tl.store(dl{i}_ptr + offs, acc{i}, mask=mask)" for i in consts],
         "",
@@ -118,4 +120,118 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         f"        _scan_{name}_bwd[grid](g.contiguous(), out, h0, dh0, *leaves, *dl, T, M, C, BLOCK=BLOCK)",
         "        grads = [d if x.dim() == 2 else d.view(-1, C).sum(0) for d, x in zip(dl, leaves)]",
         "        return (None, None, dh0, *[d.to(x.dtype) for d, x in zip(grads, leaves)])",
+    ]
+
+
+def fold_plan(g: Graph, c: Combine) -> tuple[list[int], list[int], list[int]] | None:
+    """(leaves, right-operand body, combine body) when a fold with combine `c` fuses into one
+    kernel: every component shaped alike (the kernel walks one block of elements), the combine's
+    ops all elementwise; else None."""
+    shapes = {tuple(D.fmt(d) for d in g[n].shape) for n in c.args_left + c.args_right}
+    if len(shapes) != 1:
+        return None
+    inputs, cbody = split_fusable(c.graph, {}, c.out)
+    if not set(inputs) <= set(c.left) | set(c.right):
+        return None
+    leaves, body = split_fusable(g, {}, c.args_right)
+    return leaves, body, cbody
+
+
+def fold_source(name: str, g: Graph, stages: dict[int, str], c: Combine, leaves: list[int], body: list[int],
+                cbody: list[int]) -> list[str]:
+    """Kernels and autograd.Function `_Fold_<name>` for states folded with combine `c`, one step
+    after another per block of elements: s_t = f(s_(t-1), x_t); the backward runs the adjoint in
+    reverse, differentiating f (rendered from its IR) with respect to both operands."""
+    k = len(c.left)
+    ls = [f"l{i}" for i in range(len(leaves))]
+    per_step = [is_per_step(stages, leaf) for leaf in leaves]
+    indent = " " * 8
+    names = dict(zip(leaves, ls))
+    loads = [f"{indent}{x} = tl.load({x}_ptr + {'t * M + offs' if p else 'offs % C'}, mask=mask, other=0.0)"
+             ".to(h0.dtype)" for x, p in zip(ls, per_step)]
+    right = [indent + line for line in render(g, body, names)]
+    cnames = {n: f"s{i}" for i, n in enumerate(c.left)} | {n: names[a] for n, a in zip(c.right, c.args_right)}
+    combine = [indent + line for line in render(c.graph, cbody, cnames, prefix="c")]
+    new = [cnames[n] for n in c.out]
+    cadj, cgrads = render_adjoint(c.graph, cbody, cnames, [(n, f"lam{i}") for i, n in enumerate(c.out)], "c")
+    radj, rgrads = render_adjoint(g, body, names, [(a, cgrads[n]) for n, a in zip(c.right, c.args_right)
+                                                   if n in cgrads])
+    stores = []
+    for i, (leaf, p) in enumerate(zip(leaves, per_step)):
+        d = rgrads.get(leaf, "0.0")
+        stores.append(f"{indent}tl.store(dl{i}_ptr + t * M + offs, {d} + zero, mask=mask)" if p
+                      else f"{indent}acc{i} = acc{i} + {d}")
+    consts = [i for i, p in enumerate(per_step) if not p]
+    sp = "".join(f"h0{i}_ptr, " for i in range(k)) + "".join(f"out{i}_ptr, " for i in range(k))
+    ptrs = "".join(f"{x}_ptr, " for x in ls)
+    grads = "".join(f"g{i}_ptr, " for i in range(k)) + "".join(f"dh0{i}_ptr, " for i in range(k))
+    dptrs = "".join(f"d{x}_ptr, " for x in ls)
+    comps = range(k)
+    return [
+        "@triton.jit",
+        f"def _fold_{name}_fwd({sp}{ptrs}T, M, C, BLOCK: tl.constexpr):",
+        f'    """s_t = {c.name}(s_(t-1), x_t) for a block of elements, the combine fused from the IR."""',
+        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = offs < M",
+        "    h0 = tl.load(h00_ptr + offs, mask=mask, other=0.0)",
+        "    zero = tl.zeros([BLOCK], dtype=h0.dtype)  # (not h0 * 0: an infinite h0 would give NaN)",
+        *[f"    s{i} = tl.load(h0{i}_ptr + offs, mask=mask, other=0.0)" for i in comps],
+        "    for t in range(T):",
+        *loads, *right, *combine,
+        f"{indent}{', '.join(f's{i}' for i in comps)} = {', '.join(f'{v} + zero' for v in new)}",
+        *[f"{indent}tl.store(out{i}_ptr + t * M + offs, s{i}, mask=mask)" for i in comps],
+        "",
+        "",
+        "@triton.jit",
+        f"def _fold_{name}_bwd({sp}{ptrs}{grads}{dptrs}T, M, C, BLOCK: tl.constexpr):",
+        '    """The adjoint in reverse: lam_t = g_t + (df/ds at step t+1)^T lam_(t+1); df/dx_t^T lam_t to the leaves."""',
+        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = offs < M",
+        "    h0 = tl.load(h00_ptr + offs, mask=mask, other=0.0)",
+        "    zero = tl.zeros([BLOCK], dtype=h0.dtype)  # (not h0 * 0: an infinite h0 would give NaN)",
+        *[f"    carry{i} = zero" for i in comps],
+        *[f"    acc{i} = zero  # the constant leaf's gradient, summed over the steps" for i in consts],
+        "    for i in range(T):",
+        "        t = T - 1 - i",
+        "        first = (offs * 0 + t) == 0  # the state before step 0 is the initial state",
+        *[f"        lam{j} = tl.load(g{j}_ptr + t * M + offs, mask=mask, other=0.0).to(h0.dtype) + carry{j}"
+          for j in comps],
+        *[f"        s{j} = tl.where(first, tl.load(h0{j}_ptr + offs, mask=mask, other=0.0), "
+          f"tl.load(out{j}_ptr + (t - 1) * M + offs, mask=mask & (first == 0), other=0.0))" for j in comps],
+        *loads, *right, *combine,
+        *[indent + line for line in cadj],
+        *[indent + line for line in radj],
+        *stores,
+        *[f"        carry{j} = {cgrads.get(n, '0.0')} + zero" for j, n in enumerate(c.left)],
+        *[f"    tl.store(dh0{j}_ptr + offs, carry{j}, mask=mask)" for j in comps],
+        *[f"    tl.store(dl{i}_ptr + offs, acc{i}, mask=mask)" for i in consts],
+        "",
+        "",
+        f"class _Fold_{name}(torch.autograd.Function):",
+        f'    """{k} state(s) folded with `{c.name}`: [M] initial values, [T, M] or [C] leaves -> {k} x [T, M]."""',
+        "",
+        "    @staticmethod",
+        "    def forward(ctx, T, C, *args):",
+        f"        h0s, leaves = [x.contiguous() for x in args[:{k}]], [x.contiguous() for x in args[{k}:]]",
+        "        _check_triton_device(h0s[0])",
+        "        M = h0s[0].numel()",
+        "        outs = [torch.empty(T, M, dtype=h0s[0].dtype, device=h0s[0].device) for _ in h0s]",
+        "        grid = (triton.cdiv(M, BLOCK),)",
+        f"        _fold_{name}_fwd[grid](*h0s, *outs, *leaves, T, M, C, BLOCK=BLOCK)",
+        "        ctx.save_for_backward(*h0s, *outs, *leaves)",
+        "        ctx.C = C",
+        "        return tuple(outs)",
+        "",
+        "    @staticmethod",
+        "    def backward(ctx, *gs):",
+        "        saved = ctx.saved_tensors",
+        f"        h0s, outs, leaves = saved[:{k}], saved[{k}:{2 * k}], saved[{2 * k}:]",
+        "        (T, M), C = outs[0].shape, ctx.C",
+        "        gs = [torch.zeros_like(o) if g is None else g.contiguous() for g, o in zip(gs, outs)]",
+        "        dh0s = [torch.empty_like(h) for h in h0s]",
+        "        dl = [torch.empty_like(outs[0]) if x.dim() == 2 else torch.empty_like(h0s[0]) for x in leaves]",
+        "        grid = (triton.cdiv(M, BLOCK),)",
+        f"        _fold_{name}_bwd[grid](*h0s, *outs, *leaves, *gs, *dh0s, *dl, T, M, C, BLOCK=BLOCK)",
+        "        grads = [d if x.dim() == 2 else d.view(-1, C).sum(0) for d, x in zip(dl, leaves)]",
+        "        return (None, None, *dh0s, *[d.to(x.dtype) for d, x in zip(grads, leaves)])",
     ]

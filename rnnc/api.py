@@ -87,8 +87,15 @@ def _does_not_apply(backend: str, report: Report) -> str | None:
             return "triton is not installed (pip install triton)"
         if _triton_chunk_plan(report) is not None:
             return None
+        folds = {s.name: triton_scan.fold_plan(report.cell.graph, c)
+                 for c in scan_groups(report.cell, report.classes) for s in report.cell.states
+                 if s.node_in in c.args_left}
         for name, info in report.classes.items():
-            if (info["class"], info.get("transition")) not in TRITON_FUSED or info.get("coupled"):
+            if info["class"] == "associative":
+                if folds.get(name) is None:
+                    return (f"state '{name}' folds with combine `{info['combine']}`, which the triton "
+                            "backend fuses only when all its components are shaped alike")
+            elif (info["class"], info.get("transition")) not in TRITON_FUSED or info.get("coupled"):
                 return (f"state '{name}' is {info['class']}: the triton backend fuses elementwise-affine "
                         "states only so far")
         return None
@@ -157,13 +164,15 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     elif chosen == "triton" and _triton_chunk_plan(report) is not None:
         chunk = {**_triton_chunk_plan(report), "triton": True}
     elif chosen == "triton":
-        linear = scan_coefficients(cell, report.stages)
+        combines = scan_groups(cell, report.classes)
+        folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
         fused = {}
-        for name, (a, b) in linear.items():
+        for name, (a, b) in scan_coefficients(cell, report.stages, skip=folded).items():
             leaves, body = triton_scan.plan(cell.graph, report.stages, a, b)
             fused[name] = (a, b, leaves, body)
-        cell.extra_roots = [n for f in fused.values() for n in f[2]]
-        scan = {"linear": {}, "combines": [], "triton": fused}
+        folds = [(c, *triton_scan.fold_plan(cell.graph, c)) for c in combines]
+        cell.extra_roots = [n for f in fused.values() for n in f[2]] + [n for f in folds for n in f[1]]
+        scan = {"linear": {}, "combines": [], "triton": fused, "triton_folds": folds}
     elif chosen == "chunk":
         chunk = chunk_plan(cell, report.stages, report.classes)
     report = analyze_cell(cell, chosen)

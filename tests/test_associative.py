@@ -6,6 +6,7 @@ import torch
 import rnnc
 
 BACKENDS = ["loop", "scan"]
+FOLDS = BACKENDS + ["triton"]  # elementwise combines with alike components also fuse into a Triton kernel
 
 
 def _grad(y, xs):
@@ -13,7 +14,7 @@ def _grad(y, xs):
     return torch.autograd.grad((y * w).sum(), xs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FOLDS)
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 65])
 def test_running_max_is_cummax(backend, T):
     cell = rnnc.build("running_max", backend=backend, D=5)
@@ -25,7 +26,7 @@ def test_running_max_is_cummax(backend, T):
     torch.testing.assert_close(_grad(y, [x])[0], _grad(ref, [x])[0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FOLDS)
 @pytest.mark.parametrize("scale", [1.0, 1e4])
 def test_running_logsumexp_is_logcumsumexp(backend, scale):
     cell = rnnc.build("running_logsumexp", backend=backend, D=4)
