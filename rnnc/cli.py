@@ -269,7 +269,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.chunk_size is not None:
         kwargs["chunk_size"] = args.chunk_size
     source = rnnc.compile(prog, **kwargs, **dims)
-    summary = rnnc.analyze(prog, cell=args.cell).summary()
+    summary = rnnc.analyze(prog, cell=args.cell, backend=kwargs.get("backend", "loop")).summary()
     if args.output:
         _write_text(args.output, source if source.endswith("\n") else source + "\n")
         _out(summary)
