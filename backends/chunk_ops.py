@@ -380,3 +380,33 @@ def _chunk_delta(q, k, v, beta, g, h0, chunk, before=False):
     D = torch.stack(deltas)
     o = qg @ H + Aqk @ D
     return _chunk_merge(o, T), S
+
+
+def _chunk_recompute_backward(fn, ctx, do, dS):
+    """The backward of a chunk kernel whose forward ran elsewhere (Triton): `fn` (the PyTorch chunk
+    form, taking the six saved inputs and the chunk size) recomputed under autograd and
+    differentiated. float16/bfloat16 are recomputed in float32; gradients return in the inputs'
+    dtypes. Returns one gradient per saved input, then None for the chunk size."""
+    inputs = ctx.saved_tensors
+    need = ctx.needs_input_grad[:6]
+    if not any(need):
+        return (None,) * 7
+    with torch.enable_grad():
+        leaves = []
+        for x, n in zip(inputs, need):
+            if x is not None:
+                x = x.detach().to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+                x.requires_grad_(n)
+            leaves.append(x)
+        o, S = fn(*leaves, ctx.chunk)
+        wrt = [x for x, n in zip(leaves, need) if n]
+        # S_T does not depend on q (nor o on anything when T == 0): differentiate only what does
+        outs = [(y, dy.to(y.dtype)) for y, dy in ((o, do), (S, dS)) if y.requires_grad]
+        if not outs:
+            return (None,) * 7
+        grads = iter(torch.autograd.grad([y for y, _ in outs], wrt, [dy for _, dy in outs], allow_unused=True))
+    out = []
+    for x, n in zip(inputs, need):
+        gx = next(grads) if n else None
+        out.append(None if gx is None else gx.to(x.dtype))
+    return (*out, None)

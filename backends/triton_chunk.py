@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_ops import _chunk_fold_scalar, _chunk_linear, _chunk_readout_before
+from .chunk_ops import _chunk_fold_scalar, _chunk_linear, _chunk_readout_before, _chunk_recompute_backward  # noqa: E501
 
 
 def _triton_chunk_blocks(C, K, V):
@@ -289,30 +289,7 @@ class _triton_chunk_function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS):
-        inputs = ctx.saved_tensors
-        need = ctx.needs_input_grad[:6]
-        if not any(need):
-            return (None,) * 7
-        with torch.enable_grad():
-            leaves = []
-            for x, n in zip(inputs, need):
-                if x is not None:
-                    # float16 / bfloat16 are recomputed in float32 (the caller's dtypes come back below)
-                    x = x.detach().to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
-                    x.requires_grad_(n)
-                leaves.append(x)
-            o, S = _chunk_linear(*leaves, ctx.chunk)
-            wrt = [x for x, n in zip(leaves, need) if n]
-            # S_T does not depend on q (nor o on anything when T == 0): differentiate only what does
-            outs = [(y, dy.to(y.dtype)) for y, dy in ((o, do), (S, dS)) if y.requires_grad]
-            if not outs:
-                return (None,) * 7
-            grads = iter(torch.autograd.grad([y for y, _ in outs], wrt, [dy for _, dy in outs], allow_unused=True))
-        out = []
-        for x, n in zip(inputs, need):
-            gx = next(grads) if n else None
-            out.append(None if gx is None else gx.to(x.dtype))
-        return (*out, None)
+        return _chunk_recompute_backward(_chunk_linear, ctx, do, dS)
 
 
 def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
