@@ -71,6 +71,21 @@ def fla_peer(name: str):
     return fns[name], f"fla {name}"
 
 
+def accelerated_scan_peer():
+    if not installed("accelerated_scan"):
+        return None, "accelerated-scan not installed"
+    try:  # the CUDA (warp) kernel is compiled on import; the Triton one is the fallback
+        from accelerated_scan.warp import scan
+        note = "accelerated_scan.warp.scan"
+    except Exception:  # noqa: BLE001 - no nvcc, no CUDA_HOME, ...
+        from accelerated_scan.scalar import scan
+        note = "accelerated_scan.scalar.scan (Triton; the warp kernel did not build)"
+
+    def run(x, g):  # h = exp(g) h + x in accelerated-scan's [B, D, T] layout
+        return scan(torch.exp(g).transpose(1, 2).contiguous(), x.transpose(1, 2).contiguous()).transpose(1, 2)
+    return run, note
+
+
 def mamba_peer():
     if not installed("mamba_ssm"):
         return None, "mamba-ssm not installed"
@@ -114,14 +129,13 @@ def cost(name: str, shape: tuple, elem: int) -> tuple[float, float, float, float
 
 
 def make(name: str, shape: tuple, dtype):
-    """(cell, inputs, peer fn or None, peer note)."""
+    """(cell, inputs, [(peer fn or None, note), ...])."""
     if name == "hgrn":
         B, T, D = shape
         cell = rnnc.build("hgrn", device="cuda", D=D)
         x = torch.randn(B, T, D, device="cuda").to(dtype).requires_grad_()
         g = F.logsigmoid(torch.randn(B, T, D, device="cuda")).to(dtype).requires_grad_()
-        peer, note = fla_peer("hgrn")
-        return cell, [x, g], peer, note
+        return cell, [x, g], [fla_peer("hgrn"), accelerated_scan_peer()]
     if name == "mamba":
         B, T, D, N = shape
         cell = rnnc.build("mamba", device="cuda", D=D, N=N)
@@ -130,7 +144,7 @@ def make(name: str, shape: tuple, dtype):
         Bm, Cm = torch.randn(B, T, N, device="cuda"), torch.randn(B, T, N, device="cuda")
         xs = [t.to(dtype).requires_grad_() for t in (u, delta, Bm, Cm)]
         run, note = mamba_peer()
-        return cell, xs, (None if run is None else (lambda *a: run(cell, *a))), note
+        return cell, xs, [((None if run is None else (lambda *a: run(cell, *a))), note)]
     if name == "lstm":
         B, T, d = shape
         cell = rnnc.build("lstm", device="cuda", I=d, H=d)
@@ -140,11 +154,10 @@ def make(name: str, shape: tuple, dtype):
                 getattr(ref, f"{n}_l0").copy_(getattr(cell, n))
         x = torch.randn(B, T, d, device="cuda").to(dtype).requires_grad_()
         ref = ref.to(dtype)
-        return cell, [x], (lambda x: ref(x)[0]), "torch.nn.LSTM (cuDNN)"
+        return cell, [x], [((lambda x: ref(x)[0]), "torch.nn.LSTM (cuDNN)")]
     B, T, H, d = shape
     cell = rnnc.build(name, device="cuda", K=d, V=d)
-    peer, note = fla_peer(name)
-    return cell, linear_inputs(name, B, T, H, d, dtype), peer, note
+    return cell, linear_inputs(name, B, T, H, d, dtype), [fla_peer(name)]
 
 
 def bench(fn, inputs) -> float:
@@ -181,20 +194,8 @@ def main() -> None:
     for name in args.rows.split(","):
         shape = rows(args.tier)[name]
         torch.manual_seed(0)
-        cell, xs, peer, note = make(name, shape, dtype)
+        cell, xs, peers = make(name, shape, dtype)
         ours = lambda *a: cell(*a)[0]  # noqa: E731
-        if peer is not None:
-            try:
-                with torch.no_grad():
-                    a, b = ours(*xs).float(), peer(*xs).float()
-            except Exception as e:  # a peer that rejects this dtype or shape: say so, time rnnc alone
-                notes.append(f"{name}: {note} failed ({type(e).__name__}: {str(e)[:80]}); peer not timed")
-                peer = None
-            else:
-                err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-                if not err <= (3e-2 if elem == 2 else 1e-3):
-                    notes.append(f"{name}: output differs from {note} (rel. err {err:.2e}); peer not timed")
-                    peer = None
         t_f = bench(lambda: ours(*xs), xs)
         t_fb = bench(fwd_bwd(ours, xs), xs)
         flops, nbytes, flops_fb, nbytes_fb = cost(name, shape, elem)
@@ -207,13 +208,26 @@ def main() -> None:
                     else f"{flops_fb / (t_fb * 1e-3) / 1e12:.1f} TFLOP/s")
         row = (f"| {name} | {shape} | {cell.backend} | {t_f:.3f} | {t_fb:.3f} | {achieved} | "
                f"{bound / (t_fb * 1e-3):.0%} |")
-        if peer is None:
-            print(row + f" {note if 'not installed' in note else '-'} | | |")
-            if "not installed" in note:
+        timed = False
+        for peer, note in peers:
+            if peer is None:
                 notes.append(f"{name}: {note}; skipped")
-            continue
-        p_fb = bench(fwd_bwd(peer, xs), xs)
-        print(row + f" {note} | {p_fb:.3f} | {p_fb / t_fb:.2f}× |")
+                continue
+            try:
+                with torch.no_grad():
+                    a, b = ours(*xs).float(), peer(*xs).float()
+            except Exception as e:  # a peer that rejects this dtype or shape: say so
+                notes.append(f"{name}: {note} failed ({type(e).__name__}: {str(e)[:80]}); not timed")
+                continue
+            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+            if not err <= (3e-2 if elem == 2 else 1e-3):
+                notes.append(f"{name}: output differs from {note} (rel. err {err:.2e}); not timed")
+                continue
+            p_fb = bench(fwd_bwd(peer, xs), xs)
+            print(row + f" {note} | {p_fb:.3f} | {p_fb / t_fb:.2f}× |", flush=True)
+            timed = True
+        if not timed:
+            print(row + " - | | |", flush=True)
     if "H100" not in name_gpu and "H200" not in name_gpu:
         notes.append(f"bounds use the H100 SXM bandwidth (3.35 TB/s): {name_gpu} is not a known part")
     for n in notes:
