@@ -64,39 +64,31 @@ def _is_number(g: Graph, nid: int) -> bool:
     return node.op == "const" and math.isfinite(float(node.attrs["value"]))
 
 
-def split_fusable(g: Graph, stages: dict[int, str], roots: list[int]) -> tuple[list[int], list[int]]:
-    """(leaves, body): the state-free nodes the roots need, split into what PyTorch computes
-    (leaves: float tensors) and the elementwise ops computed in the kernel (body, in order)."""
+def split_fusable(g: Graph, roots: list[int]) -> tuple[list[int], list[int]]:
+    """(leaves, body): the nodes the roots need, split into what PyTorch computes (leaves: float
+    tensors) and the elementwise ops computed in the kernel (body, in order)."""
     fusable: dict[int, bool] = {}
 
     def visit(nid: int) -> bool:
-        if nid in fusable:
-            return fusable[nid]
-        node = g[nid]
-        ok = False
-        if _is_number(g, nid):
-            ok = True
-        elif node.op in ADJOINT or node.op in BINARY:
+        if nid not in fusable:
+            node = g[nid]
             # a node of numbers only stays with PyTorch (Triton's math wants tensors)
-            ok = (all(visit(a) or g[a].dtype == "float" for a in node.args)
-                  and not all(_is_number(g, a) for a in node.args))
-        fusable[nid] = ok
-        return ok
+            fusable[nid] = _is_number(g, nid) or (
+                (node.op in ADJOINT or node.op in BINARY)
+                and all(visit(a) or g[a].dtype == "float" for a in node.args)
+                and not all(_is_number(g, a) for a in node.args))
+        return fusable[nid]
 
-    for r in roots:
-        visit(r)
     leaves, body, seen = [], [], set()
 
     def walk(nid: int) -> None:
         if nid in seen:
             return
         seen.add(nid)
-        if not fusable[nid]:
+        if not visit(nid):
             leaves.append(nid)
             return
         for a in g[nid].args:
-            if a not in fusable:
-                fusable[a] = visit(a)
             walk(a)
         body.append(nid)
 

@@ -22,9 +22,9 @@ from .elementwise import render, render_adjoint, split_fusable
 BLOCK = 128  # channels per program
 
 
-def plan(g: Graph, stages: dict[int, str], a: int, b: int | None) -> tuple[list[int], list[int]]:
+def plan(g: Graph, a: int, b: int | None) -> tuple[list[int], list[int]]:
     """(leaves, body) of one state's a and b."""
-    return split_fusable(g, stages, [a] + ([b] if b is not None else []))
+    return split_fusable(g, [a] + ([b] if b is not None else []))
 
 
 def is_per_step(stages: dict[int, str], leaf: int) -> bool:
@@ -130,10 +130,10 @@ def fold_plan(g: Graph, c: Combine) -> tuple[list[int], list[int], list[int]] | 
     shapes = {tuple(D.fmt(d) for d in g[n].shape) for n in c.args_left + c.args_right}
     if len(shapes) != 1:
         return None
-    inputs, cbody = split_fusable(c.graph, {}, c.out)
+    inputs, cbody = split_fusable(c.graph, c.out)
     if not set(inputs) <= set(c.left) | set(c.right):
         return None
-    leaves, body = split_fusable(g, {}, c.args_right)
+    leaves, body = split_fusable(g, c.args_right)
     return leaves, body, cbody
 
 
