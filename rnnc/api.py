@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Union
 
 from .analysis import Report, analyze_cell
-from .backends import triton_scan
+from .backends import tiles, triton_scan
 from .associative import scan_groups
 from .bind import check_bound_dims
 from .optimize import optimize
@@ -85,25 +85,44 @@ def _does_not_apply(backend: str, report: Report) -> str | None:
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
-        if _triton_chunk_plan(report) is not None:
-            return None
-        folds = {s.name: triton_scan.fold_plan(report.cell.graph, c)
-                 for c in scan_groups(report.cell, report.classes) for s in report.cell.states
-                 if s.node_in in c.args_left}
-        for name, info in report.classes.items():
-            if info["class"] == "associative":
-                if folds.get(name) is None:
-                    return (f"state '{name}' folds with combine `{info['combine']}`, which the triton "
-                            "backend fuses only when all its components are shaped alike")
-            elif (info["class"], info.get("transition")) not in TRITON_FUSED or info.get("coupled"):
-                return (f"state '{name}' is {info['class']}: the triton backend fuses elementwise-affine "
-                        "states only so far")
-        return None
+        kind, why = _triton_kind(report)
+        return None if kind else why
     if backend == "scan":
         for name, info in report.classes.items():
             if (info["class"], info.get("transition")) not in SCANNABLE or info.get("coupled"):
                 kind = info["class"] + (f" ({info['transition']} transition)" if "transition" in info else "")
                 return f"state '{name}' is {kind}: {info['why']}"
+    return None
+
+
+def _triton_kind(report: Report) -> tuple[str | None, str]:
+    """Which Triton lowering takes the cell: "chunk" (matrix states, chunkwise), "scan"
+    (elementwise-affine states and elementwise folds) or "recurrent" (any other cell whose step
+    the fused recurrent kernel can compute); (None, why not) otherwise."""
+    if _triton_chunk_plan(report) is not None:
+        return "chunk", ""
+    why = _triton_scan_why(report)
+    if why is None:
+        return "scan", ""
+    try:
+        tiles.lower(report.cell, report.stages)
+    except tiles.NotFusable as e:
+        return None, f"{why}, and the fused recurrent kernel cannot compute its step: {e}"
+    return "recurrent", ""
+
+
+def _triton_scan_why(report: Report) -> str | None:
+    """Why the fused scan kernels do not take the cell (None when they do)."""
+    folds = {s.name: triton_scan.fold_plan(report.cell.graph, c)
+             for c in scan_groups(report.cell, report.classes) for s in report.cell.states
+             if s.node_in in c.args_left}
+    for name, info in report.classes.items():
+        if info["class"] == "associative":
+            if folds.get(name) is None:
+                return (f"state '{name}' folds with combine `{info['combine']}`, which the fused scan "
+                        "takes only when all its components are shaped alike")
+        elif (info["class"], info.get("transition")) not in TRITON_FUSED or info.get("coupled"):
+            return f"state '{name}' is {info['class']}, not elementwise-affine"
     return None
 
 
@@ -153,7 +172,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     if chunk_size is not None and backend != "auto" and chosen not in ("chunk", "triton"):
         raise BuildError(f"chunk_size applies to the chunk backend, not to backend '{backend}'",
                          hint="drop chunk_size, or use backend='chunk' (or 'auto')")
-    scan = chunk = None
+    scan = chunk = recurrent = None
     if chosen == "scan":
         combines = scan_groups(cell, report.classes)
         folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
@@ -161,8 +180,10 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         cell.extra_roots = ([n for pair in linear.values() for n in pair if n is not None]
                             + [n for c in combines for n in c.args_right])
         scan = {"linear": linear, "combines": combines}
-    elif chosen == "triton" and _triton_chunk_plan(report) is not None:
+    elif chosen == "triton" and _triton_kind(report)[0] == "chunk":
         chunk = {**_triton_chunk_plan(report), "triton": True}
+    elif chosen == "triton" and _triton_kind(report)[0] == "recurrent":
+        recurrent = tiles.lower(cell, report.stages)
     elif chosen == "triton":
         combines = scan_groups(cell, report.classes)
         folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
@@ -178,7 +199,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     report = analyze_cell(cell, chosen)
     loop_below = _loop_below(backend, report)
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
-                         chunk=chunk, loop_below=loop_below, chunk_size=chunk_size)
+                         chunk=chunk, loop_below=loop_below, chunk_size=chunk_size, recurrent=recurrent)
     return source, report
 
 
