@@ -23,6 +23,9 @@ from rnnc import dims as D
 from .elementwise import ADJOINT, BINARY, UNARY, WHERE
 from .tiles import EXTRA, TileProgram, nonneg
 
+#: The largest register tile (padded elements) the kernels take: a [256, 256] weight block. Larger
+#: ones would spill far past the register file; the module refuses them with an InputError.
+MAX_TILE = 65536
 BOOL = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not"})
 
 
@@ -395,6 +398,10 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         return "".join(f", {_names(d)}" for d in shape)
 
     blocks = ", ".join(f"BS{i}=triton.next_power_of_2({_names(e)})" for i, e in enumerate(sz.exprs))
+    shapes_in_registers = [t.shape for t in tiles] + [
+        (tiles[t.args[0]].shape[0], tiles[t.args[0]].shape[1], tiles[t.args[1]].shape[1]) for t in tiles if t.op == "mm"]
+    largest = ", ".join(sorted({" * ".join(f"blocks['BS{sz.id(d)}']" for d in shape)
+                                for shape in shapes_in_registers if shape}))
     dim_vals = "".join(f"d_{n}, " for n in dims)
     unpack = f"    {', '.join(f'd_{n}' for n in dims)}{',' if len(dims) == 1 else ''} = dims" if dims else ""
     deferred = []
@@ -410,6 +417,15 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         deferred.append((t, vec, f"        dl[{k}][{sl}] += {prod}"))
     return [
         "_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}",
+        f"RECURRENT_MAX_TILE = {MAX_TILE}  # elements of the largest value the recurrent kernel holds in registers",
+        "",
+        "",
+        "def _recurrent_warps(largest):",
+        '    """Warps for the recurrent kernels: more for larger register tiles; refuse what would not fit."""',
+        "    if largest > RECURRENT_MAX_TILE:",
+        "        raise InputError(f'the fused recurrent kernel would hold {largest} elements in registers (the limit is '",
+        "                         f'{RECURRENT_MAX_TILE}); use smaller dims, or backend=\"loop\" (or \"auto\")')",
+        "    return 4 if largest <= 4096 else 8 if largest <= 16384 else 16",
         "",
         "",
         "class _Recurrent(torch.autograd.Function):",
@@ -423,18 +439,20 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         "        _check_triton_device(s0[0])",
         "        N, dt, dev = s0[0].shape[0], s0[0].dtype, s0[0].device",
         "        save = any(ctx.needs_input_grad)",
+        f"        blocks = dict({blocks})",
+        f"        warps = _recurrent_warps(max({largest}, 1))",
         *[f"        o{i} = torch.empty(T, N{shp(s)}, dtype=dt, device=dev)" for i, s in enumerate(oshapes)],
         "        fin = [torch.empty_like(x) for x in s0]",
         "        hist = [torch.empty(T, *x.shape, dtype=dt, device=dev) if save else x for x in s0]",
         f"        _rec_fwd[(N,)](*s0, *leaves, {''.join(f'o{i}, ' for i in range(no))}*fin, *hist, T, N, {dim_vals}"
-        f"SAVE=save, DT=_TL_DTYPE[dt], {blocks})",
+        f"SAVE=save, DT=_TL_DTYPE[dt], num_warps=warps, **blocks)",
         "        ctx.save_for_backward(*s0, *leaves, *(hist if save else ()))",
-        "        ctx.T, ctx.dims = T, dims",
+        "        ctx.T, ctx.dims, ctx.blocks, ctx.warps = T, dims, blocks, warps",
         "        return (" + "".join(f"o{i}, " for i in range(no)) + "*fin)",
         "",
         "    @staticmethod",
         "    def backward(ctx, *grads):",
-        "        T, dims = ctx.T, ctx.dims",
+        "        T, dims, blocks = ctx.T, ctx.dims, ctx.blocks",
         "    " + unpack if unpack else "",
         "        saved = ctx.saved_tensors",
         f"        s0, leaves, hist = saved[:{ns}], saved[{ns}:{ns + nl}], saved[{ns + nl}:]",
@@ -449,7 +467,8 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         f"        gy, xv = [{', '.join(f'gy{i}' for i in range(len(deferred)))}], "
         f"[{', '.join(f'xv{i}' for i in range(len(deferred)))}]",
         f"        _rec_bwd[(N,)](*s0, *leaves, *hist, {''.join(f'go{i}, ' for i in range(no))}*gf, *ds, *dl, "
-        f"{''.join(f'gy{i}, xv{i}, ' for i in range(len(deferred)))}T, N, {dim_vals}DT=_TL_DTYPE[dt], {blocks})",
+        f"{''.join(f'gy{i}, xv{i}, ' for i in range(len(deferred)))}T, N, {dim_vals}DT=_TL_DTYPE[dt], "
+        "num_warps=ctx.warps, **blocks)",
         *[line for _, _, line in deferred],
         "        return (None, None, *ds, *dl)",
     ]

@@ -128,9 +128,11 @@ def _triton_scan_why(report: Report) -> str | None:
 
 def _pick_backend(backend: str, report: Report | None = None, device=None) -> str:
     if backend == "auto":
-        # On CUDA, generated Triton kernels where they apply (issue 4; not yet measured on a GPU).
+        # On CUDA, generated Triton kernels where a parallel form applies (issue 4; not yet
+        # measured on a GPU). Cells only the fused recurrent kernel takes (LSTM, GRU) keep the
+        # loop: that kernel holds whole weight tiles in registers and refuses large ones.
         if _on_cuda(device) and report is not None and report.classes \
-                and _does_not_apply("triton", report) is None:
+                and importlib.util.find_spec("triton") is not None and _triton_kind(report)[0] in ("chunk", "scan"):
             return "triton"
         # Chunk and scan beat the loop on CPU from short lengths on (benchmarks/RESULTS.md); the
         # scan of a matrix state would materialise every step's state, so those take the chunk

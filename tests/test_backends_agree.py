@@ -15,7 +15,7 @@ def _inputs(name: str, B: int, T: int, heads: int, extreme: bool, dtype):
     g = torch.Generator().manual_seed(hash((name, T, extreme)) % 2**31)
     out = []
     for p in prog.inputs:
-        shape = [B, T, heads] + [DIMS[str(d)] for d in p.shape]
+        shape = [B, T, heads] + [DIMS[str(d)] if str(d) in DIMS else int(d) for d in p.shape]
         x = torch.randn(*shape, generator=g, dtype=torch.float64)
         if p.name in ("g", "w"):  # log-space decays: mild (near 0) or extreme (down to -20)
             x = -20 * torch.rand(*shape, generator=g, dtype=torch.float64) if extreme else F.logsigmoid(x + 3)

@@ -30,11 +30,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def make_pair(name: str, seed: int = 0):
+def make_pair(name: str, seed: int = 0, backend: str = "loop"):
     torch.manual_seed(seed)
     factory, gates, states = CELLS[name]
     ref = factory()
-    cell = rnnc.build(name, I=I, H=H, backend="loop")
+    cell = rnnc.build(name, I=I, H=H, backend=backend)
     sd = {k[: -len("_l0")]: v.detach().clone() for k, v in ref.state_dict().items()}
     assert set(sd) == set(PARAMS)
     result = cell.load_state_dict(sd, strict=False)
@@ -61,10 +61,15 @@ def test_param_names_and_shapes_match_torch(name):
         assert p.std() > 0
 
 
+# triton: the fused recurrent kernel (tiles.py, triton_recurrent.py), in the CPU interpreter here
+BACKENDS = ["loop", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "given_state"])
 @pytest.mark.parametrize("name", list(CELLS))
-def test_matches_torch_nn(name, with_state):
-    cell, ref, gates, states = make_pair(name, seed=1 + with_state)
+def test_matches_torch_nn(name, with_state, backend):
+    cell, ref, gates, states = make_pair(name, seed=1 + with_state, backend=backend)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(B, T, I, generator=g)
     x_ref = x.clone().requires_grad_()
@@ -126,10 +131,11 @@ def test_matches_torch_nn(name, with_state):
         assert rel_err(a, b) <= RTOL, (label, rel_err(a, b))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CELLS))
-def test_step_matches_torch_cell(name):
+def test_step_matches_torch_cell(name, backend):
     """cell.step over a short sequence reproduces torch.nn's sequence output."""
-    cell, ref, _, states = make_pair(name, seed=5)
+    cell, ref, _, states = make_pair(name, seed=5, backend=backend)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, I, generator=g)
     with torch.no_grad():

@@ -53,12 +53,6 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
         cell(torch.randn(1, 4, 3), torch.randn(1, 4, 3))
 
 
-def test_triton_does_not_apply_to_nonlinear_cells():
-    with pytest.raises(rnnc.BuildError, match="state 'h' is nonlinear"):
-        rnnc.build("lstm", I=2, H=3, backend="triton")
-    assert "triton" not in rnnc.backends_for("gru")
-
-
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_delta_rule_cells_take_the_triton_wy_kernel(name):
     source = rnnc.compile(name, backend="triton")

@@ -1,0 +1,104 @@
+"""The fused recurrent kernel (backends/tiles.py, backends/triton_recurrent.py), run by Triton's
+CPU interpreter here: the lowering that pushes split/slice/concat down to the loads, fp16 and
+float64 inputs against the loop, its refusals. LSTM/GRU/Elman against torch.nn are in
+test_library_torch_nn.py; every cell it takes is in the differential and varlen tests."""
+import pytest
+import torch
+
+import rnnc
+from rnnc.analysis import analyze_cell
+from rnnc.backends import tiles
+from rnnc.optimize import optimize
+
+
+def _program(name):
+    cell = optimize(rnnc.load(name).cell())
+    return tiles.lower(cell, analyze_cell(cell).stages)
+
+
+def test_split_becomes_row_views_of_the_weights():
+    prog = _program("lstm")
+    ops = [t.op for t in prog.tiles]
+    assert "split" not in ops and "item" not in ops
+    assert ops.count("mv") == 4  # one [H, H] block of weight_hh per gate
+    views = sorted(str(t.attrs["view"][0][0]) for t in prog.tiles if t.op == "leaf" and len(t.shape) == 2)
+    assert views == ["0", "2*H", "3*H", "H"]
+
+
+def test_concat_in_a_product_is_split_into_column_blocks():
+    prog = _program("lsrl_majority")
+    assert "concat" not in [t.op for t in prog.tiles]
+
+
+SLICED_STATE = """
+cell c(x: [4]) -> (y: [2]) {
+    state h: [4] = 0
+    h = tanh(x + h)
+    y = h[0:2]
+}
+"""
+
+
+def test_a_slice_of_a_state_is_refused_with_the_reason():
+    with pytest.raises(rnnc.BuildError, match="a slice of state 'h'"):
+        rnnc.build(SLICED_STATE, backend="triton")
+
+
+SLICES = """
+cell c(x: [4]) -> (y: [2]) {
+    param w: [6, 2] ~ normal(0, 0.5)
+    state h: [2] = 0
+    let a, b = split(w @ h + concat(x, x[1:3]), 2)
+    h = tanh(a[0:2] * sigmoid(b[1:3]) + sum(b, axis=0))
+    y = relu(h)[:, None][:, 0] - mean(x[1:3], axis=0)
+}
+"""
+
+
+@pytest.mark.parametrize("T", [1, 9])
+def test_nested_slices_and_reductions_match_the_loop(T):
+    loop = rnnc.build(SLICES, backend="loop").double()
+    tri = rnnc.build(SLICES, backend="triton").double()
+    tri.load_state_dict(loop.state_dict())
+    x = torch.randn(3, T, 4, dtype=torch.float64, requires_grad=True)
+    h0 = {"h": torch.randn(3, 2, dtype=torch.float64, requires_grad=True)}
+    (y_l, f_l), (y_t, f_t) = loop(x, state=h0), tri(x, state=h0)
+    torch.testing.assert_close(y_t, y_l)
+    torch.testing.assert_close(f_t["h"], f_l["h"])
+    loss_l = (y_l * torch.cos(y_l)).sum() + f_l["h"].sum()
+    loss_t = (y_t * torch.cos(y_t)).sum() + f_t["h"].sum()
+    for a, b in zip(torch.autograd.grad(loss_t, [x, h0["h"], tri.w]), torch.autograd.grad(loss_l, [x, h0["h"], loop.w])):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_fp16_inputs_match_the_loop(name):
+    loop = rnnc.build(name, backend="loop", I=3, H=6)
+    tri = rnnc.build(name, backend="triton", I=3, H=6)
+    tri.load_state_dict(loop.state_dict())
+    x = torch.randn(2, 21, 3).half().requires_grad_()
+    (y_l, _), (y_t, _) = loop(x), tri(x)
+    assert y_t.dtype == torch.float16
+    torch.testing.assert_close(y_t.float(), y_l.float(), rtol=2e-3, atol=2e-3)
+    (g_l,), (g_t,) = torch.autograd.grad(y_l.float().sum(), [x]), torch.autograd.grad(y_t.float().sum(), [x])
+    torch.testing.assert_close(g_t.float(), g_l.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_inference_saves_no_history():
+    """Without gradients the forward kernel writes only outputs and final states."""
+    tri = rnnc.build("lstm", backend="triton", I=3, H=4)
+    with torch.no_grad():
+        y, final = tri(torch.randn(2, 5, 3))
+    assert y.shape == (2, 5, 4) and final["c"].shape == (2, 4)
+    assert "if SAVE:" in tri.source
+
+
+def test_tiles_too_large_for_registers_are_a_clear_error():
+    tri = rnnc.build("elman", backend="triton", I=2, H=300)  # [512, 512] padded weight block
+    with pytest.raises(rnnc.InputError, match="registers"):
+        tri(torch.randn(1, 2, 2))
+
+
+def test_auto_on_cuda_keeps_the_loop_for_cells_only_the_recurrent_kernel_takes():
+    assert "triton" in rnnc.backends_for("gru")
+    assert rnnc.analyze("gru", device="cuda").backend == "loop"
