@@ -250,20 +250,24 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L(f"STATES = {tuple(s.name for s in cell.states)!r}")
     L()
     parallel = "chunk" if chunk is not None else "scan" if scan is not None else None
+    short = "recurrent" if recurrent is not None and parallel is not None else "loop"
     dispatch = parallel is not None and loop_below is not None
     if dispatch:
-        L("#: sequences shorter than this run step by step (the loop is faster there; rnnc's benchmarks)")
+        why = ("the fused recurrent kernel, as fla's layers do" if short == "recurrent"
+               else "the loop is faster there; rnnc's benchmarks")
+        L(f"#: sequences shorter than this run step by step ({why})")
         L(f"LOOP_BELOW = {loop_below}")
         L()
     _emit_init(L, cell)
     _emit_reset(L, cell)
     if dispatch:
-        _emit_dispatch(L, parallel)
+        _emit_dispatch(L, parallel, short)
     _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward, scan, chunk,
-                  f"_forward_{parallel}" if dispatch else "forward", recurrent)
+                  f"_forward_{parallel}" if dispatch else "forward", recurrent if parallel is None else None)
     if dispatch:
         r = _Renderer(graph, stages, roots)
-        _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward, None, None, "_forward_loop")
+        _emit_forward(L, cell, r, stages, input_dims, needed, generated_backward, None, None, f"_forward_{short}",
+                      recurrent if short == "recurrent" else None)
     _emit_step(L, cell)
     L("def extra_repr(self):")
     L("    return ', '.join(f'{k}={v}' for k, v in self.dims.items())")
@@ -352,15 +356,22 @@ def _emit_triton_header(L: _Lines) -> None:
     L("                         'move the inputs to the GPU, or build with backend=\"scan\" or \"chunk\"')")
 
 
-def _emit_dispatch(L: _Lines, parallel: str) -> None:
+def _emit_dispatch(L: _Lines, parallel: str, short: str) -> None:
     L("def forward(self, *args, state=None, cu_seqlens=None, **kwargs):")
     L.indent()
     L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states).')
     L()
-    L(f"Sequences of LOOP_BELOW steps or more run the {parallel} form, shorter ones the loop: the")
+    L(f"Sequences of LOOP_BELOW steps or more run the {parallel} form, shorter ones the {short} form: the")
     L(f'same results either way. cu_seqlens: see _forward_{parallel}."""')
     L("if cu_seqlens is None and _seq_len(self.INPUTS, args, kwargs) < self.LOOP_BELOW:")
-    L("    return self._forward_loop(*args, state=state, **kwargs)")
+    if short == "recurrent":  # unless its register tiles would be too large for these dims
+        L("    try:")
+        L("        return self._forward_recurrent(*args, state=state, **kwargs)")
+        L("    except InputError as e:")
+        L("        if not getattr(e, 'tiles_too_large', False):")
+        L("            raise")
+    else:
+        L(f"    return self._forward_{short}(*args, state=state, **kwargs)")
     L(f"return self._forward_{parallel}(*args, state=state, cu_seqlens=cu_seqlens, **kwargs)")
     L.dedent()
     L()

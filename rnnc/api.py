@@ -26,6 +26,9 @@ TRITON_FUSED = {("elementwise_affine", None), ("matrix_affine", "additive")}
 SCAN_FIRST = {"elementwise_affine", "associative"}
 #: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
 LOOP_BELOW = {"scan": 64, "chunk": 8}
+#: On the triton backend, sequences shorter than this (and `step`) run the fused recurrent kernel
+#: when the cell also has a parallel form: fla's layers switch to fused_recurrent at T <= 64 too.
+RECURRENT_BELOW = 65
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
@@ -200,9 +203,26 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         chunk = chunk_plan(cell, report.stages, report.classes)
     report = analyze_cell(cell, chosen)
     loop_below = _loop_below(backend, report)
+    if chosen == "triton" and recurrent is None:
+        recurrent = _recurrent_for_decoding(cell, report)
+        if recurrent is not None:
+            loop_below = RECURRENT_BELOW
+            report.notes.append(f"triton: sequences shorter than {RECURRENT_BELOW} steps (and step) run the fused "
+                                "recurrent kernel")
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
                          chunk=chunk, loop_below=loop_below, chunk_size=chunk_size, recurrent=recurrent)
     return source, report
+
+
+def _recurrent_for_decoding(cell, report: Report):
+    """The tile program for short sequences of a cell with a parallel Triton form, or None: when
+    its step has no tile form, or needs a matrix-matrix product (the delta rule's (I - b k kᵀ) S
+    would hold a [K, K, V] block in registers; the chunk kernel takes those)."""
+    try:
+        prog = tiles.lower(cell, report.stages)
+    except tiles.NotFusable:
+        return None
+    return None if any(t.op == "mm" for t in prog.tiles) else prog
 
 
 def _triton_chunk_plan(report: Report) -> dict | None:

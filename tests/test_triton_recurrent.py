@@ -102,3 +102,19 @@ def test_tiles_too_large_for_registers_are_a_clear_error():
 def test_auto_on_cuda_keeps_the_loop_for_cells_only_the_recurrent_kernel_takes():
     assert "triton" in rnnc.backends_for("gru")
     assert rnnc.analyze("gru", device="cuda").backend == "loop"
+
+
+def test_short_sequences_of_a_parallel_cell_run_the_recurrent_kernel():
+    tri = rnnc.build("gla", backend="triton")
+    assert "_forward_recurrent" in tri.source and tri.LOOP_BELOW == 65
+    assert "_forward_recurrent" not in rnnc.compile("deltanet", backend="triton")  # [K, K, V] blocks: chunk form
+
+
+def test_too_large_tiles_fall_back_to_the_parallel_form():
+    """K = V = 512 would need a [512, 512] state block: the chunk kernel runs the short sequence."""
+    loop, tri = rnnc.build("simple_gla", backend="loop"), rnnc.build("simple_gla", backend="triton")
+    q, k, v = (torch.randn(1, 2, 1, 512) * 0.1 for _ in range(3))
+    g = torch.full((1, 2, 1), -0.1)
+    (y_t, f_t), (y_l, f_l) = tri(q, k, v, g), loop(q, k, v, g)
+    torch.testing.assert_close(y_t, y_l, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f_t["S"], f_l["S"], rtol=1e-4, atol=1e-5)
