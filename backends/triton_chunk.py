@@ -1,12 +1,15 @@
-"""Chunkwise linear attention in Triton: the forward of backends/chunk_ops.py's _chunk_linear as kernels.
+"""Chunkwise linear attention in Triton: backends/chunk_ops.py's _chunk_linear as kernels.
 
-Forward in Triton, backward by the PyTorch chunk form: `_triton_chunk_linear(q, k, v, gk, gv, h0, chunk,
-before=False)` has the arguments, semantics and return value of `_chunk_linear` (read its docstring):
+`_triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False)` has the arguments, semantics and
+return value of `_chunk_linear` (read its docstring):
 S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = S_t^T q_t (before=True: S_{t-1}^T q_t),
 time-major q, k: [T, N, K], v: [T, N, V], gk: [T, N, K] or [T, N, 1] (scalar) or None, gv: [T, N, V] or
 [T, N, 1] or None, h0: [N, K, V] or None; returns (o [T, N, V], S_T [N, K, V]). The forward runs the
-kernels below; the backward (a torch.autograd.Function) recomputes the outputs with the PyTorch
-`_chunk_linear` under autograd and returns its gradients, so gradients are exactly chunk_ops's.
+kernels below. The backward runs in Triton for no decay or a scalar decay (simple GLA, RetNet, linear
+attention): the forward saves the state entering each chunk, `_triton_chunk_bwd_dh_scalar` carries the
+state's adjoint back through the chunks, `_triton_chunk_bwd_scalar` forms dq, dk, dv, dg per chunk in
+parallel. Per-key/per-value decays (GLA) recompute the outputs with the PyTorch `_chunk_linear` under
+autograd and return its gradients.
 
 Kernels: one program per (block of BV value columns, batch row n) loops over the chunks, carrying the
 state S [K, BV] in registers in float32 (all of K in one program). Per chunk it adds the inter-chunk
@@ -33,8 +36,8 @@ next_pow2(max(V, 16)) up to 64 (grid over V blocks), BT = next_pow2(max(C, 16));
 (masks). Without a GPU set TRITON_INTERPRET=1 (CPU tensors then run in Triton's interpreter).
 
 Not done in Triton: float64 inputs fall back to the PyTorch `_chunk_linear` (Triton float64 dot is
-not worth it), as does T == 0; the backward is PyTorch (above). float16/bfloat16 inputs run the kernels
-(upcast on load) and are recomputed in float32 by the backward, gradients cast back to the input dtypes.
+not worth it), as does T == 0; the backward of per-key/per-value decays (above). float16/bfloat16
+inputs run the kernels (upcast on load), gradients in float32 cast back to the input dtypes.
 
 Paste contract (like chunk_ops.py): generated standalone modules paste this file's source from its
 first top-level `def` on (the same extraction as loop.py's `_chunk_ops_source`; the first definition is
@@ -59,10 +62,11 @@ def _triton_chunk_blocks(C, K, V):
 
 
 @triton.jit
-def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, T, N, K, V, C,
-                             HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
+def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h_ptr, T, N, K, V, C,
+                             HAS_G: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """No decay (HAS_G False) or a scalar log-decay g [T, N] per step; one program per (V block, row n)."""
+    """No decay (HAS_G False) or a scalar log-decay g [T, N] per step; one program per (V block, row n).
+    With SAVE_H, the state entering each chunk goes to h [nt, N, K, V] (for the backward)."""
     i_v = tl.program_id(0)
     i_n = tl.program_id(1)
     ck = tl.arange(0, BK)
@@ -79,6 +83,8 @@ def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, T
         S = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(T, C)
     for ic in range(nt):
+        if SAVE_H:
+            tl.store(h_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, S, mask=s_msk)
         t = ic * C + rt
         m = (rt < C) & (t < T)
         row = t.to(tl.int64) * N + i_n
@@ -255,43 +261,186 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
     tl.store(s_ptr + s_off, S.to(s_ptr.dtype.element_ty), mask=s_msk)
 
 
-def _triton_chunk_forward(q, k, v, gk, gv, h0, C):
-    """Launch the kernels (no autograd). Folded gates only: gk [T, N, K] or [T, N, 1] or None, gv [T, N, V] or None."""
+@triton.jit
+def _triton_chunk_bwd_dh_scalar(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K, V, C,
+                                HAS_G: tl.constexpr, HAS_DS: tl.constexpr,
+                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The state's adjoint, chunk by chunk in reverse: dh[ic] is the gradient of the state leaving
+    chunk ic, dS_prev = e^{G_last} dS + (q e^G)^T do; dh0 the initial state's. One program per (V block, row)."""
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    rt = tl.arange(0, BT)
+    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    if HAS_DS:
+        dS = tl.load(ds_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    nt = tl.cdiv(T, C)
+    for i in range(nt):
+        ic = nt - 1 - i
+        tl.store(dh_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, dS, mask=s_msk)
+        t = ic * C + rt
+        m = (rt < C) & (t < T)
+        row = t.to(tl.int64) * N + i_n
+        q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        if HAS_G:
+            g = tl.maximum(tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32), -1e4)
+            q = q * tl.exp(tl.cumsum(g, 0))[:, None]
+            dS = dS * tl.exp(tl.sum(g, 0))
+        dS += tl.dot(tl.trans(q), do, input_precision="ieee")
+    tl.store(dh0_ptr + s_off, dS, mask=s_msk)
+
+
+@triton.jit
+def _triton_chunk_bwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+                             T, N, K, V, C, HAS_G: tl.constexpr,
+                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dq, dk, dv (and dg) of one chunk, from the states entering (h) and the adjoints leaving it (dh).
+    One program per (chunk, row), all of K and V. With P = q k^T masked by the decays D_ij = e^{G_i - G_j}:
+      dq = (do v^T * D) k + (do S^T) e^G          dk = (do v^T * D)^T q + (v dS^T) e^{G_last - G}
+      dv = (P * D)^T do + (k e^{G_last - G}) dS
+    and the log-decays' gradient dg (below; G_i = sum_{s <= i} g_s within the chunk)."""
+    ic = tl.program_id(0)
+    i_n = tl.program_id(1)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    rt = tl.arange(0, BT)
+    tri = rt[:, None] >= rt[None, :]
+    t = ic * C + rt
+    m = (rt < C) & (t < T)
+    row = t.to(tl.int64) * N + i_n
+    mqk = m[:, None] & mk[None, :]
+    mvv = m[:, None] & mv[None, :]
+    q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=mqk, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + row[:, None] * K + ck[None, :], mask=mqk, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + row[:, None] * V + cv[None, :], mask=mvv, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=mvv, other=0.0).to(tl.float32)
+    s_off = tl.cast(ic * N + i_n, tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
+    dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
+    P = tl.dot(q, tl.trans(k), input_precision="ieee")                                # [BT, BT]
+    dP = tl.dot(do, tl.trans(v), input_precision="ieee")                              # do_i . v_j
+    if HAS_G:
+        g = tl.maximum(tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32), -1e4)
+        m1 = (rt + 1 < C) & (t + 1 < T)
+        g1 = tl.maximum(tl.load(g_ptr + row + N, mask=m1, other=0.0).to(tl.float32), -1e4)
+        eG = tl.exp(tl.cumsum(g, 0))                                                   # e^{G_i}
+        eL = tl.exp(tl.cumsum(g1, 0, reverse=True))                                    # e^{G_last - G_j}
+        X = tl.cumsum(tl.where(rt[:, None] > rt[None, :], g[:, None], 0.0), 0)
+        D = tl.exp(tl.where(tri, X, float("-inf")))
+    else:
+        eG = tl.full([BT], 1.0, tl.float32)
+        eL = eG
+        D = tl.where(tri, 1.0, 0.0)
+    A = P * D
+    dA = dP * D
+    qS = tl.dot(do, tl.trans(S), input_precision="ieee") * eG[:, None]               # the inter-chunk readout's part
+    vS = tl.dot(v, tl.trans(dS), input_precision="ieee") * eL[:, None]               # the state update's part
+    dq = tl.dot(dA, k, input_precision="ieee") + qS
+    dk = tl.dot(tl.trans(dA), q, input_precision="ieee") + vS
+    dv = tl.dot(tl.trans(A), do, input_precision="ieee") + tl.dot(k * eL[:, None], dS, input_precision="ieee")
+    tl.store(dq_ptr + row[:, None] * K + ck[None, :], dq, mask=mqk)
+    tl.store(dk_ptr + row[:, None] * K + ck[None, :], dk, mask=mqk)
+    tl.store(dv_ptr + row[:, None] * V + cv[None, :], dv, mask=mvv)
+    if HAS_G:
+        # dg_s = sum_{i >= s} dG_i, summed term by term so nothing cancels (a step with no effect gets exactly 0):
+        # pairs (i >= s > j) of the intra-chunk part, the readouts of the entering state at rows i >= s, the
+        # update's terms of rows j < s, and the decay of the entering state over the whole chunk
+        before = rt[None, :] < rt[:, None]                                             # [s, j]: j < s
+        M = tl.where(rt[:, None] > rt[None, :], dP * A, 0.0)
+        intra = tl.sum(tl.where(before, tl.cumsum(M, 0, reverse=True), 0.0), 1)
+        inter = tl.cumsum(tl.sum(q * qS, 1), 0, reverse=True)
+        w = tl.sum(k * vS, 1)
+        early = tl.sum(tl.where(before, w[None, :], 0.0), 1)
+        kept = tl.exp(tl.sum(g, 0)) * tl.sum(tl.sum(S * dS, 1), 0)
+        tl.store(dg_ptr + row, intra + inter + early + kept, mask=m)
+
+
+def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
+    """Launch the backward kernels of the no-decay / scalar-decay form: (dq, dk, dv, dg, dh0) in float32."""
+    T, N, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = _triton_chunk_blocks(C, K, V)
+    nt = triton.cdiv(T, C)
+    do = do.contiguous()
+    dh = torch.empty(nt, N, K, V, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
+    gc = q if g is None else g
+    _triton_chunk_bwd_dh_scalar[(triton.cdiv(V, BV), N)](
+        q, gc, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
+        HAS_G=g is not None, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+    dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
+    dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
+    dg = torch.empty(T, N, dtype=torch.float32, device=q.device)
+    BVF = triton.next_power_of_2(max(int(V), 16))                                      # all of V in one program
+    _triton_chunk_bwd_scalar[(nt, N)](q, k, v, gc, h, dh, do, dq, dk, dv, dg, T, N, K, V, C,
+                                      HAS_G=g is not None, BT=BT, BK=BK, BV=BVF)
+    return dq, dk, dv, dg, dh0
+
+
+def _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=False):
+    """Launch the kernels (no autograd). Folded gates only: gk [T, N, K] or [T, N, 1] or None, gv [T, N, V] or
+    None. With save_h (no or scalar decay only), also the state entering each chunk, [nt, N, K, V] float32."""
     T, N, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = _triton_chunk_blocks(C, K, V)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty(T, N, V, dtype=q.dtype, device=q.device)
     S = torch.empty(N, K, V, dtype=q.dtype, device=q.device)
+    h = torch.empty(triton.cdiv(T, C), N, K, V, dtype=torch.float32, device=q.device) if save_h else None
     h0c = q if h0 is None else h0.contiguous()                                         # a dummy pointer when absent
     grid = (triton.cdiv(V, BV), N)
-    if gv is None and (gk is None or gk.shape[-1] == 1):
+    if _triton_chunk_is_scalar(gk, gv):
         g = q if gk is None else gk.contiguous()
-        _triton_chunk_fwd_scalar[grid](q, k, v, g, h0c, o, S, T, N, K, V, C,
-                                       HAS_G=gk is not None, HAS_H0=h0 is not None, BT=BT, BK=BK, BV=BV)
+        _triton_chunk_fwd_scalar[grid](q, k, v, g, h0c, o, S, q if h is None else h, T, N, K, V, C,
+                                       HAS_G=gk is not None, HAS_H0=h0 is not None, SAVE_H=save_h,
+                                       BT=BT, BK=BK, BV=BV)
     else:
         gkc = q if gk is None else gk.contiguous()
         gvc = q if gv is None else gv.contiguous()
         _triton_chunk_fwd_vector[grid](q, k, v, gkc, gvc, h0c, o, S, T, N, K, V, C,
                                        GK=gk is not None, GV=gv is not None, HAS_H0=h0 is not None,
                                        BT=BT, BC=16, BK=BK, BV=BV)
-    return o, S
+    return o, S, h
+
+
+def _triton_chunk_is_scalar(gk, gv):
+    """No decay or one scalar decay per step: the form whose backward runs in Triton too."""
+    return gv is None and (gk is None or gk.shape[-1] == 1)
 
 
 class _triton_chunk_function(torch.autograd.Function):
-    """Forward: the Triton kernels. Backward: recompute with the PyTorch `_chunk_linear` and differentiate it."""
+    """Forward: the Triton kernels. Backward: Triton kernels for no or a scalar decay (the state entering
+    each chunk saved by the forward); per-key/per-value decays recompute with the PyTorch `_chunk_linear`."""
 
     @staticmethod
     def forward(ctx, q, k, v, gk, gv, h0, C):
-        ctx.save_for_backward(q, k, v, gk, gv, h0)
-        ctx.chunk = C
-        return _triton_chunk_forward(q, k, v, gk, gv, h0, C)
+        scalar = _triton_chunk_is_scalar(gk, gv) and any(ctx.needs_input_grad)
+        o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=scalar)
+        ctx.save_for_backward(q, k, v, gk, gv, h0, h)
+        ctx.chunk, ctx.scalar = C, scalar
+        return o, S
 
     @staticmethod
     def backward(ctx, do, dS):
-        return _chunk_recompute_backward(_chunk_linear, ctx, do, dS)
-
-
+        if not ctx.scalar:
+            return _chunk_recompute_backward(_chunk_linear, ctx, do, dS)
+        q, k, v, gk, gv, h0, h = ctx.saved_tensors
+        g = None if gk is None else gk.reshape(gk.shape[0], -1).contiguous()
+        dq, dk, dv, dg, dh0 = _triton_chunk_scalar_backward(q.contiguous(), k.contiguous(), v.contiguous(), g, h,
+                                                            do, dS, ctx.chunk)
+        grads = (dq, dk, dv, None if gk is None else dg.view_as(gk), None, None if h0 is None else dh0)
+        return (*[None if d is None or not n else d.to(x.dtype)
+                  for d, n, x in zip(grads, ctx.needs_input_grad, (q, k, v, gk, gv, h0))], None)
 def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     """Drop-in for `_chunk_linear` (same arguments, semantics, returns): forward in Triton, backward by the
     PyTorch chunk form. float64 (and T == 0) go to `_chunk_linear` itself."""

@@ -104,8 +104,9 @@ def rows(tier: str) -> dict:
     lin = (8, 4096, 32, 128) if M else (2, 256, 2, 64)
     mam = (8, 4096, 4096, 16) if M else (2, 256, 256, 16)
     lstm = (16, 1024, 768) if M else (2, 64, 128)
+    fused = (16, 1024, 128) if M else (2, 64, 64)  # the recurrent kernel holds [H, H] weight blocks in registers
     return {"hgrn": scan, "mamba": mam, "gla": lin, "simple_gla": lin, "deltanet": lin, "gated_deltanet": lin,
-            "lstm": lstm}
+            "lstm": lstm, "lstm_fused": fused}
 
 
 def cost(name: str, shape: tuple, elem: int) -> tuple[float, float, float, float]:
@@ -117,7 +118,7 @@ def cost(name: str, shape: tuple, elem: int) -> tuple[float, float, float, float
         B, T, D, N = shape
         n = B * T * D
         return 8 * n * N, (3 * n + 2 * B * T * N) * elem, 20 * n * N, (8 * n + 4 * B * T * N) * elem
-    if name == "lstm":
+    if name.startswith("lstm"):
         B, T, d = shape
         return 8 * B * T * d * d, 0.0, 24 * B * T * d * d, 0.0
     B, T, H, d = shape
@@ -145,9 +146,9 @@ def make(name: str, shape: tuple, dtype):
         xs = [t.to(dtype).requires_grad_() for t in (u, delta, Bm, Cm)]
         run, note = mamba_peer()
         return cell, xs, [((None if run is None else (lambda *a: run(cell, *a))), note)]
-    if name == "lstm":
+    if name.startswith("lstm"):  # lstm: auto (the loop); lstm_fused: triton's fused recurrent kernel
         B, T, d = shape
-        cell = rnnc.build("lstm", device="cuda", I=d, H=d)
+        cell = rnnc.build("lstm", device="cuda", I=d, H=d, backend="triton" if name == "lstm_fused" else "auto")
         ref = torch.nn.LSTM(d, d, batch_first=True, device="cuda")
         with torch.no_grad():
             for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
