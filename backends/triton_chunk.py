@@ -5,11 +5,11 @@ return value of `_chunk_linear` (read its docstring):
 S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = S_t^T q_t (before=True: S_{t-1}^T q_t),
 time-major q, k: [T, N, K], v: [T, N, V], gk: [T, N, K] or [T, N, 1] (scalar) or None, gv: [T, N, V] or
 [T, N, 1] or None, h0: [N, K, V] or None; returns (o [T, N, V], S_T [N, K, V]). The forward runs the
-kernels below. The backward runs in Triton for no decay or a scalar decay (simple GLA, RetNet, linear
-attention): the forward saves the state entering each chunk, `_triton_chunk_bwd_dh_scalar` carries the
-state's adjoint back through the chunks, `_triton_chunk_bwd_scalar` forms dq, dk, dv, dg per chunk in
-parallel. Per-key/per-value decays (GLA) recompute the outputs with the PyTorch `_chunk_linear` under
-autograd and return its gradients.
+kernels below. The backward runs in Triton for no decay, a scalar decay (simple GLA, RetNet, linear
+attention) and per-key decays (GLA, RWKV-6): the forward saves the state entering each chunk,
+`_triton_chunk_bwd_dh` carries the state's adjoint back through the chunks, then `_triton_chunk_bwd_scalar`
+or `_triton_chunk_bwd_key` forms dq, dk, dv (and dg) per chunk in parallel. A per-value decay recomputes
+the outputs with the PyTorch `_chunk_linear` under autograd and returns its gradients.
 
 Kernels: one program per (block of BV value columns, batch row n) loops over the chunks, carrying the
 state S [K, BV] in registers in float32 (all of K in one program). Per chunk it adds the inter-chunk
@@ -36,7 +36,7 @@ next_pow2(max(V, 16)) up to 64 (grid over V blocks), BT = next_pow2(max(C, 16));
 (masks). Without a GPU set TRITON_INTERPRET=1 (CPU tensors then run in Triton's interpreter).
 
 Not done in Triton: float64 inputs fall back to the PyTorch `_chunk_linear` (Triton float64 dot is
-not worth it), as does T == 0; the backward of per-key/per-value decays (above). float16/bfloat16
+not worth it), as does T == 0; the backward of per-value decays (above). float16/bfloat16
 inputs run the kernels (upcast on load), gradients in float32 cast back to the input dtypes.
 
 Paste contract (like chunk_ops.py): generated standalone modules paste this file's source from its
@@ -116,10 +116,11 @@ def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h
 
 
 @triton.jit
-def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr, s_ptr, T, N, K, V, C,
-                             GK: tl.constexpr, GV: tl.constexpr, HAS_H0: tl.constexpr,
+def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr, s_ptr, h_ptr, T, N, K, V, C,
+                             GK: tl.constexpr, GV: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr,
                              BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Per-key log-decay gk [T, N, K] (GK) and/or per-value log-decay gv [T, N, V] (GV), secondary chunking."""
+    """Per-key log-decay gk [T, N, K] (GK) and/or per-value log-decay gv [T, N, V] (GV), secondary chunking.
+    With SAVE_H, the state entering each chunk goes to h [nt, N, K, V] (for the backward)."""
     i_v = tl.program_id(0)
     i_n = tl.program_id(1)
     ck = tl.arange(0, BK)
@@ -136,6 +137,8 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
         S = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(T, C)
     for ic in range(nt):
+        if SAVE_H:
+            tl.store(h_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, S, mask=s_msk)
         t0 = ic * C
         # the whole chunk's gates, for the sums over whole sub-chunks (links, before, after, total)
         tf = t0 + rt
@@ -262,11 +265,12 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
 
 
 @triton.jit
-def _triton_chunk_bwd_dh_scalar(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K, V, C,
-                                HAS_G: tl.constexpr, HAS_DS: tl.constexpr,
-                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _triton_chunk_bwd_dh(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K, V, C,
+                         HAS_G: tl.constexpr, GK: tl.constexpr, HAS_DS: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """The state's adjoint, chunk by chunk in reverse: dh[ic] is the gradient of the state leaving
-    chunk ic, dS_prev = e^{G_last} dS + (q e^G)^T do; dh0 the initial state's. One program per (V block, row)."""
+    chunk ic, dS_prev = e^{G_last} dS + (q e^G)^T do (a scalar g [T, N], or with GK per-key gk [T, N, K]);
+    dh0 the initial state's. One program per (V block, row)."""
     i_v = tl.program_id(0)
     i_n = tl.program_id(1)
     ck = tl.arange(0, BK)
@@ -289,7 +293,12 @@ def _triton_chunk_bwd_dh_scalar(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T
         row = t.to(tl.int64) * N + i_n
         q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
         do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0).to(tl.float32)
-        if HAS_G:
+        if GK:
+            g = tl.load(g_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0)
+            g = tl.maximum(g.to(tl.float32), -1e4)
+            q = q * tl.exp(tl.cumsum(g, 0))
+            dS = dS * tl.exp(tl.sum(g, 0))[:, None]
+        elif HAS_G:
             g = tl.maximum(tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32), -1e4)
             q = q * tl.exp(tl.cumsum(g, 0))[:, None]
             dS = dS * tl.exp(tl.sum(g, 0))
@@ -365,6 +374,135 @@ def _triton_chunk_bwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, 
         tl.store(dg_ptr + row, intra + inter + early + kept, mask=m)
 
 
+@triton.jit
+def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
+                          T, N, K, V, C, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dq, dk, dv of one chunk under per-key log-decays gk [T, N, K], one program per (chunk, row), all of K
+    and V, with the forward's secondary chunking: for rows i in sub-chunk a and j in sub-chunk b < a,
+    e^{G_i - G_j} = e^{G_i - G_na} e^{G_na - G_j} through a's first row n_a (both exponents <= 0), so
+      dq_a += ((do_a v_b^T) (k_b e^{G_na - G_b})) e^{G_a - G_na}
+      dk_b += ((do_a v_b^T)^T (q_a e^{G_a - G_na})) e^{G_na - G_b},   dv_b += A_ab^T do_a;
+    pairs inside a sub-chunk go row by row (exponents sum_{j < s <= i} g_s carried, masked to -inf for
+    j > i before exp), and the entering state S and leaving adjoint dS add
+      dq += (do S^T) e^G,  dk += (v dS^T) e^{G_last - G},  dv += (k e^{G_last - G}) dS."""
+    ic = tl.program_id(0)
+    i_n = tl.program_id(1)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    rt = tl.arange(0, BT)
+    rc = tl.arange(0, BC)
+    t0 = ic * C
+    s_off = tl.cast(ic * N + i_n, tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
+    dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
+    tf = t0 + rt
+    mf = (rt < C) & (tf < T)
+    rowf = tf.to(tl.int64) * N + i_n
+    gkf = tl.load(g_ptr + rowf[:, None] * K + ck[None, :], mask=mf[:, None] & mk[None, :], other=0.0)
+    gkf = tl.maximum(gkf.to(tl.float32), -1e4)
+    for a in tl.static_range(BT // BC):
+        ra = a * BC + rc
+        ta = t0 + ra
+        ma = (ra < C) & (ta < T)
+        ma1 = (rc + 1 < BC) & (ra + 1 < C) & (ta + 1 < T)
+        rowa = ta.to(tl.int64) * N + i_n
+        mak = ma[:, None] & mk[None, :]
+        mav = ma[:, None] & mv[None, :]
+        qa = tl.load(q_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
+        ka = tl.load(k_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
+        va = tl.load(v_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
+        doa = tl.load(do_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
+        ga = tl.maximum(tl.load(g_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32), -1e4)
+        ga1 = tl.load(g_ptr + (rowa + N)[:, None] * K + ck[None, :], mask=ma1[:, None] & mk, other=0.0)
+        ga1 = tl.maximum(ga1.to(tl.float32), -1e4)
+        before = tl.sum(tl.where(rt[:, None] < a * BC, gkf, 0.0), 0)                  # sum_{s < n_a}
+        after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gkf, 0.0), 0)            # sum_{s > e_a}
+        erel = tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))               # e^{G_i - G_na}
+        sfx = tl.cumsum(ga1, 0, reverse=True)                                          # sum_{j < s <= e_a}
+        eout = tl.exp(sfx + after[None, :])                                            # e^{G_last - G_j}
+        dqa = tl.dot(doa, tl.trans(S), input_precision="ieee") * tl.exp(tl.cumsum(ga, 0) + before[None, :])
+        dka = tl.dot(va, tl.trans(dS), input_precision="ieee") * eout
+        dva = tl.dot(ka * eout, dS, input_precision="ieee")
+        qrel = qa * erel
+        for b in tl.static_range(BT // BC):
+            rb = b * BC + rc
+            tb = t0 + rb
+            mb = (rb < C) & (tb < T)
+            rowb = tb.to(tl.int64) * N + i_n
+            if b < a:  # a is the query side: k_b e^{G_na - G_j}, with e_b < s <= n_a linking them
+                mb1 = (rc + 1 < BC) & (rb + 1 < C) & (tb + 1 < T)
+                kb = tl.load(k_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
+                vb = tl.load(v_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0).to(tl.float32)
+                gb1 = tl.load(g_ptr + (rowb + N)[:, None] * K + ck[None, :], mask=mb1[:, None] & mk, other=0.0)
+                gb1 = tl.maximum(gb1.to(tl.float32), -1e4)
+                link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)
+                kb = kb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + tl.sum(tl.where(link, gkf, 0.0), 0)[None, :])
+                dP = tl.dot(doa, tl.trans(vb), input_precision="ieee")                # [BC_a, BC_b]
+                dqa += tl.dot(dP, kb, input_precision="ieee") * erel
+            if b > a:  # a is the key side: q_b e^{G_i - G_nb} and k_a e^{G_nb - G_j}
+                qb = tl.load(q_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
+                dob = tl.load(do_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
+                dob = dob.to(tl.float32)
+                gb = tl.load(g_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0)
+                gb = tl.maximum(gb.to(tl.float32), -1e4)
+                qb = qb * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gb, 0.0), 0))
+                link = (rt[:, None] > (a + 1) * BC - 1) & (rt[:, None] <= b * BC)
+                ea = tl.exp(sfx + tl.sum(tl.where(link, gkf, 0.0), 0)[None, :])       # e^{G_nb - G_j}
+                dP = tl.dot(dob, tl.trans(va), input_precision="ieee")                # [BC_b, BC_a]
+                dka += tl.dot(tl.trans(dP), qb, input_precision="ieee") * ea
+                A = tl.dot(qb, tl.trans(ka * ea), input_precision="ieee")
+                dva += tl.dot(tl.trans(A), dob, input_precision="ieee")
+        # pairs inside sub-chunk a, row by row over its valid rows
+        nd = tl.minimum(tl.minimum(C - a * BC, T - (t0 + a * BC)), BC)
+        X = tl.zeros([BC, BK], dtype=tl.float32)
+        for i in range(nd):
+            ri = tl.cast((t0 + a * BC + i) * N + i_n, tl.int64)
+            qi = tl.load(q_ptr + ri * K + ck, mask=mk, other=0.0).to(tl.float32)
+            doi = tl.load(do_ptr + ri * V + cv, mask=mv, other=0.0).to(tl.float32)
+            gi = tl.maximum(tl.load(g_ptr + ri * K + ck, mask=mk, other=0.0).to(tl.float32), -1e4)
+            X = tl.where(rc[:, None] < i, X + gi[None, :], 0.0)
+            E = tl.exp(tl.where(rc[:, None] <= i, X, float("-inf")))                  # e^{G_i - G_j}, j <= i
+            dp = tl.sum(va * doi[None, :], 1)                                          # do_i . v_j
+            dqa += tl.where(rc[:, None] == i, tl.sum(dp[:, None] * ka * E, 0)[None, :], 0.0)
+            dka += dp[:, None] * qi[None, :] * E
+            dva += tl.sum(ka * E * qi[None, :], 1)[:, None] * doi[None, :]
+        tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=mak)
+        tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=mak)
+        tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=mav)
+
+
+def _triton_chunk_key_backward(q, k, v, gk, h, S, do, dS, C):
+    """Launch the per-key-decay backward: (dq, dk, dv, dgk, dh0) in float32. dgk: with G the cumsum of gk
+    inside a chunk, dG_i = q_i dq_i - k_i dk_i (+ sum_v S_new dS at the chunk's last row), and dgk its
+    reverse cumsum within the chunk (elementwise, in PyTorch, as fla does)."""
+    T, N, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = _triton_chunk_blocks(C, K, V)
+    nt = triton.cdiv(T, C)
+    do = do.contiguous()
+    dh = torch.empty(nt, N, K, V, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
+    _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
+        q, gk, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
+        HAS_G=True, GK=True, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+    dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
+    dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
+    BVF = triton.next_power_of_2(max(int(V), 16))
+    _triton_chunk_bwd_key[(nt, N)](q, k, v, gk, h, dh, do, dq, dk, dv, T, N, K, V, C,
+                                   BT=BT, BC=16, BK=BK, BV=BVF)
+    dG = q.float() * dq - k.float() * dk
+    S_new = torch.cat([h[1:], S.float()[None]])                                        # leaving each chunk
+    last = torch.clamp(torch.arange(1, nt + 1, device=q.device) * C, max=T) - 1
+    dG[last] += (S_new * dh).sum(-1)
+    pad = nt * C - T
+    dG = torch.cat([dG, dG.new_zeros(pad, N, K)]).view(nt, C, N, K)
+    dgk = dG.flip(1).cumsum(1).flip(1).reshape(nt * C, N, K)[:T]
+    return dq, dk, dv, dgk, dh0
+
+
 def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
     """Launch the backward kernels of the no-decay / scalar-decay form: (dq, dk, dv, dg, dh0) in float32."""
     T, N, K = q.shape
@@ -375,9 +513,9 @@ def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
     dh = torch.empty(nt, N, K, V, dtype=torch.float32, device=q.device)
     dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
     gc = q if g is None else g
-    _triton_chunk_bwd_dh_scalar[(triton.cdiv(V, BV), N)](
+    _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
         q, gc, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
-        HAS_G=g is not None, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+        HAS_G=g is not None, GK=False, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
     dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
     dg = torch.empty(T, N, dtype=torch.float32, device=q.device)
@@ -389,7 +527,7 @@ def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
 
 def _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=False):
     """Launch the kernels (no autograd). Folded gates only: gk [T, N, K] or [T, N, 1] or None, gv [T, N, V] or
-    None. With save_h (no or scalar decay only), also the state entering each chunk, [nt, N, K, V] float32."""
+    None. With save_h, also the state entering each chunk, [nt, N, K, V] float32."""
     T, N, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = _triton_chunk_blocks(C, K, V)
@@ -407,40 +545,47 @@ def _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=False):
     else:
         gkc = q if gk is None else gk.contiguous()
         gvc = q if gv is None else gv.contiguous()
-        _triton_chunk_fwd_vector[grid](q, k, v, gkc, gvc, h0c, o, S, T, N, K, V, C,
+        _triton_chunk_fwd_vector[grid](q, k, v, gkc, gvc, h0c, o, S, q if h is None else h, T, N, K, V, C,
                                        GK=gk is not None, GV=gv is not None, HAS_H0=h0 is not None,
-                                       BT=BT, BC=16, BK=BK, BV=BV)
+                                       SAVE_H=save_h, BT=BT, BC=16, BK=BK, BV=BV)
     return o, S, h
 
 
 def _triton_chunk_is_scalar(gk, gv):
-    """No decay or one scalar decay per step: the form whose backward runs in Triton too."""
+    """No decay or one scalar decay per step."""
     return gv is None and (gk is None or gk.shape[-1] == 1)
 
 
 class _triton_chunk_function(torch.autograd.Function):
-    """Forward: the Triton kernels. Backward: Triton kernels for no or a scalar decay (the state entering
-    each chunk saved by the forward); per-key/per-value decays recompute with the PyTorch `_chunk_linear`."""
+    """Forward: the Triton kernels. Backward: Triton kernels for no decay, a scalar decay or per-key
+    decays (the state entering each chunk saved by the forward); a per-value decay recomputes with the
+    PyTorch `_chunk_linear`."""
 
     @staticmethod
     def forward(ctx, q, k, v, gk, gv, h0, C):
-        scalar = _triton_chunk_is_scalar(gk, gv) and any(ctx.needs_input_grad)
-        o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=scalar)
-        ctx.save_for_backward(q, k, v, gk, gv, h0, h)
-        ctx.chunk, ctx.scalar = C, scalar
+        ctx.kind = None if gv is not None else "scalar" if _triton_chunk_is_scalar(gk, gv) else "key"
+        save = ctx.kind is not None and any(ctx.needs_input_grad)
+        o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=save)
+        ctx.save_for_backward(q, k, v, gk, gv, h0, h, S)
+        ctx.chunk = C
         return o, S
 
     @staticmethod
     def backward(ctx, do, dS):
-        if not ctx.scalar:
+        if ctx.kind is None:
             return _chunk_recompute_backward(_chunk_linear, ctx, do, dS)
-        q, k, v, gk, gv, h0, h = ctx.saved_tensors
-        g = None if gk is None else gk.reshape(gk.shape[0], -1).contiguous()
-        dq, dk, dv, dg, dh0 = _triton_chunk_scalar_backward(q.contiguous(), k.contiguous(), v.contiguous(), g, h,
-                                                            do, dS, ctx.chunk)
+        q, k, v, gk, gv, h0, h, S = ctx.saved_tensors
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if ctx.kind == "key":
+            dq, dk, dv, dg, dh0 = _triton_chunk_key_backward(q, k, v, gk.contiguous(), h, S, do, dS, ctx.chunk)
+        else:
+            g = None if gk is None else gk.reshape(gk.shape[0], -1).contiguous()
+            dq, dk, dv, dg, dh0 = _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, ctx.chunk)
         grads = (dq, dk, dv, None if gk is None else dg.view_as(gk), None, None if h0 is None else dh0)
         return (*[None if d is None or not n else d.to(x.dtype)
                   for d, n, x in zip(grads, ctx.needs_input_grad, (q, k, v, gk, gv, h0))], None)
+
+
 def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     """Drop-in for `_chunk_linear` (same arguments, semantics, returns): forward in Triton, backward by the
     PyTorch chunk form. float64 (and T == 0) go to `_chunk_linear` itself."""
