@@ -19,7 +19,7 @@ import sympy
 from rnnc import dims as D
 from rnnc.ir import Graph
 
-from .elementwise import ADJOINT, BINARY, UNARY, WHERE
+from .elementwise import BINARY, UNARY
 
 #: Per-op templates the tile program adds to elementwise.py's (booleans and comparisons).
 EXTRA = {"eq": "{0} == {1}", "ne": "{0} != {1}", "and": "{0} & {1}", "or": "{0} | {1}", "not": "{0} == 0"}

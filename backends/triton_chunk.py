@@ -411,7 +411,6 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
         rowa = ta.to(tl.int64) * N + i_n
         mak = ma[:, None] & mk[None, :]
         mav = ma[:, None] & mv[None, :]
-        qa = tl.load(q_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
         ka = tl.load(k_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
         va = tl.load(v_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
         doa = tl.load(do_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
@@ -426,7 +425,6 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
         dqa = tl.dot(doa, tl.trans(S), input_precision="ieee") * tl.exp(tl.cumsum(ga, 0) + before[None, :])
         dka = tl.dot(va, tl.trans(dS), input_precision="ieee") * eout
         dva = tl.dot(ka * eout, dS, input_precision="ieee")
-        qrel = qa * erel
         for b in tl.static_range(BT // BC):
             rb = b * BC + rc
             tb = t0 + rb
