@@ -78,7 +78,7 @@ def _triton_delta_factors(q, k, b, g, nd, rt, HAS_G: tl.constexpr):
         X = tl.cumsum(tl.where(strict, g[:, None], 0.0), 0)
         Gam = tl.exp(tl.where(tri, X, float("-inf")))
     else:
-        eG = tl.full([rt.shape[0]], 1.0, tl.float32)
+        eG = tl.where(rt >= 0, 1.0, 0.0)                                                # ones
         eL = eG
         Gam = tl.where(tri, 1.0, 0.0)
     A = tl.where(strict, KK * Gam, 0.0)

@@ -1,0 +1,94 @@
+"""Compile every Triton kernel a cell's triton module launches, for a real GPU, on a machine without one.
+
+Usage: python tests/aot_compile.py CELL [CELL ...]   (TRITON_INTERPRET must be unset)
+
+The interpreter (how the test suite runs kernels on CPU) accepts code that the compiler may reject, so
+this builds each cell's triton module with real @triton.jit kernels, runs a forward and backward at a
+small shape with every launch intercepted (nothing executes), and compiles each launch's kernel with
+its actual argument types and constexprs to a cubin for sm_90 (H100/H200) with Triton's bundled ptxas.
+Prints one line per distinct kernel specialisation; exits 1 on the first that does not compile.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+import rnnc
+
+TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+DIMS = {"K": 32, "V": 24, "D": 8, "N": 4, "H": 8, "I": 6}
+seen: dict[tuple, str] = {}
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument {value!r}")
+
+
+def _compile(fn: JITFunction, args: tuple, kwargs: dict) -> None:
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    signature, constexprs = {}, {}
+    for i, p in enumerate(fn.params):
+        value = args[i] if i < len(args) else kwargs.get(p.name, p.default)
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        else:
+            signature[p.name] = _type(value)
+    key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
+           tuple(options.items()))
+    if key in seen:
+        return
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    seen[key] = f"{fn.__name__}: {len(compiled.asm['cubin'])} bytes of sm_90 cubin, {options or 'default options'}"
+    print(seen[key], flush=True)
+
+
+def _intercept(self, grid):
+    return lambda *args, **kwargs: _compile(self, args, dict(kwargs))
+
+
+def _inputs(name: str, cell) -> list[torch.Tensor]:
+    out = []
+    for p in rnnc.load(name).cell().inputs:
+        shape = [2, 70, 2] + [DIMS.get(str(d), int(d) if str(d).isdigit() else 3) for d in p.shape]
+        x = torch.randn(*shape)
+        if p.name in ("g", "w"):
+            x = torch.nn.functional.logsigmoid(x)
+        out.append(x.requires_grad_())
+    return out
+
+
+def main(names: list[str]) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the kernels must be real @triton.jit functions")
+    JITFunction.__getitem__ = _intercept
+    for name in names:
+        dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
+        cell = rnnc.build(name, backend="triton", **dims)
+        os.environ["TRITON_INTERPRET"] = "1"  # only for the module's device check: CPU tensors are fine here
+        for T in (70, 3):  # the parallel form, and the recurrent kernel where short sequences take it
+            xs = [x[:, :T] for x in _inputs(name, cell)]
+            y, final = cell(*xs)
+            ys = y if isinstance(y, tuple) else (y,)
+            (sum(v.float().sum() for v in ys) + sum(f.sum() for f in final.values())).backward()
+        del os.environ["TRITON_INTERPRET"]
+    print(f"compiled {len(seen)} kernel specialisations for sm_90")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
