@@ -213,6 +213,8 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     if scan is not None and (scan.get("triton") or scan.get("triton_folds")):
         L()
         L(f"BLOCK = {triton_scan.BLOCK}  # channels per program of the fused scans")
+        for line in triton_scan.CHUNKS.strip("\n").splitlines():
+            L(line)
         for name, (a, b, leaves, body) in scan["triton"].items():
             L()
             L()

@@ -1,12 +1,18 @@
 """Generated Triton for an elementwise-affine state h_t = a_t ⊙ h_{t-1} + b_t: a fused scan.
 
 For each such state the module gets
-  _scan_<s>_fwd   one program per block of channels (the state's elements over the batch), the
-                  state in registers, sequential over time; a and b are computed in the kernel
-                  from the leaf tensors (backends/elementwise.py), so they never reach memory;
+  _scan_<s>_fwd   one program per (block of channels, chunk of steps) (channels: the state's
+                  elements over the batch), the state in registers, sequential over the chunk's
+                  steps; a and b are computed in the kernel from the leaf tensors
+                  (backends/elementwise.py), so they never reach memory;
+  _scan_<s>_sum   when time is cut into chunks (few channels, long T: `_scan_chunks`), each chunk
+                  summarised as one step from zero (A = prod a, E = its state); the states entering
+                  the chunks then follow from a scan over the P summaries (`_linear_scan`);
   _scan_<s>_bwd   the reverse scan of the adjoint, λ_t = g_t + a_{t+1} λ_{t+1}, with ∂a_t = λ_t h_{t-1}
                   and ∂b_t = λ_t carried back through the gate math to the leaves in the same
-                  kernel (a, b recomputed from the leaves, not saved), and ∂h_0 = a_1 λ_1;
+                  kernel (a, b recomputed, not saved), and ∂h_0 = a_1 λ_1; per chunk, entered with
+                  what flows in from the later chunks;
+  _scan_<s>_rsum  the adjoint's chunk summaries (for the backward's scan over chunks);
   _Scan_<s>       the autograd.Function tying them together.
 Leaves are [T, M] (M = batch rows × C state elements) or, for params, [C]; the kernels compute in the
 initial state's dtype (float32 or float64), loading every leaf with `.to(...)` first, so bf16
@@ -20,6 +26,25 @@ from rnnc.ir import Combine, Graph
 from .elementwise import render, render_adjoint, split_fusable
 
 BLOCK = 128  # channels per program
+
+#: Emitted once per module: how the fused scans cut time into chunks (not yet tuned on a GPU).
+CHUNKS = """
+SCAN_CHUNK = None  # steps per chunk of the fused scans; None: _scan_chunks chooses per call
+
+
+def _scan_chunks(T, M):
+    \"\"\"(P, L): P chunks of L steps. Time is cut only when the channels give fewer than 256 programs and
+    the sequence is long (>= 1024 steps): then into chunks of at least 256 steps, aiming at ~1024 programs.\"\"\"
+    programs = triton.cdiv(M, BLOCK)
+    if SCAN_CHUNK is not None:
+        L = SCAN_CHUNK
+    elif programs >= 256 or T < 1024:
+        L = T
+    else:
+        L = max(256, triton.cdiv(T, triton.cdiv(1024, programs)))
+    L = max(1, min(int(L), T))
+    return triton.cdiv(T, L), L
+"""
 
 
 def plan(g: Graph, a: int, b: int | None) -> tuple[list[int], list[int]]:
@@ -54,14 +79,24 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
     ptrs = "".join(f"{x}_ptr, " for x in ls)
     dptrs = "".join(f"d{x}_ptr, " for x in ls)
     consts = [i for i, p in enumerate(per_step) if not p]
-    return [
-        "@triton.jit",
-        f"def _scan_{name}_fwd(h0_ptr, out_ptr, {ptrs}T, M, C, BLOCK: tl.constexpr):",
-        '    """h_t = a_t * h_(t-1) + b_t for a block of channels; a, b from the leaves."""',
+    chunk = [  # this program's channels and its chunk of steps [t0, t0 + n)
         "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
         "    mask = offs < M",
-        "    h = tl.load(h0_ptr + offs, mask=mask, other=0.0)",
-        "    for t in range(T):",
+        "    t0 = tl.program_id(1) * L",
+        "    n = tl.minimum(L, T - t0)",
+    ]
+    a_leaves, a_body = split_fusable(g, [a])  # the reverse summary needs a only
+    a_names = dict(zip(leaves, ls))
+    a_only = [indent + line for line in render(g, a_body, a_names)]
+    a_loads = [x for x, leaf in zip(loads, leaves) if leaf in a_leaves]
+    return [
+        "@triton.jit",
+        f"def _scan_{name}_fwd(h0_ptr, out_ptr, {ptrs}T, M, C, L, BLOCK: tl.constexpr):",
+        '    """h_t = a_t * h_(t-1) + b_t for a block of channels over one chunk of steps, from the state',
+        '    entering the chunk (h0 [P, M]); a, b from the leaves."""',
+        *chunk,
+        "    h = tl.load(h0_ptr + tl.program_id(1) * M + offs, mask=mask, other=0.0)",
+        "    for t in range(t0, t0 + n):",
         *loads,
         *coef,
         "        h = a * h + b",
@@ -69,18 +104,34 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         "",
         "",
         "@triton.jit",
-        f"def _scan_{name}_bwd(g_ptr, out_ptr, h0_ptr, dh0_ptr, {ptrs}{dptrs}T, M, C, BLOCK: tl.constexpr):",
-        '    """The reverse scan of the adjoint, lam_t = g_t + a_(t+1) lam_(t+1), then da_t = lam_t h_(t-1) and',
-        '    db_t = lam_t carried back through the gate math to the leaves (a, b recomputed, not saved)."""',
-        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = offs < M",
+        f"def _scan_{name}_sum(A_ptr, E_ptr, {ptrs}T, M, C, L, BLOCK: tl.constexpr):",
+        '    """One chunk summarised as a single step from zero: A = prod a_t, E = the state it reaches."""',
+        *chunk,
+        "    h = tl.zeros([BLOCK], dtype=A_ptr.dtype.element_ty)",
+        "    A = h + 1.0",
+        "    for t in range(t0, t0 + n):",
+        *loads,
+        *coef,
+        "        h = a * h + b",
+        "        A = A * a",
+        "    tl.store(A_ptr + tl.program_id(1) * M + offs, A, mask=mask)",
+        "    tl.store(E_ptr + tl.program_id(1) * M + offs, h, mask=mask)",
+        "",
+        "",
+        "@triton.jit",
+        f"def _scan_{name}_bwd(g_ptr, out_ptr, h0_ptr, mu_ptr, dmu_ptr, {ptrs}{dptrs}T, M, C, L, BLOCK: tl.constexpr):",
+        '    """The reverse scan of the adjoint over one chunk, lam_t = g_t + a_(t+1) lam_(t+1), entered with',
+        '    mu = a_(t+1) lam_(t+1) from beyond the chunk (mu [P, M]); da_t = lam_t h_(t-1) and db_t = lam_t',
+        '    carried back through the gate math to the leaves (a, b recomputed, not saved). Leaves dmu =',
+        '    a_t0 lam_t0 (the initial state\'s gradient, for the first chunk)."""',
+        *chunk,
         "    h = tl.load(h0_ptr + offs, mask=mask, other=0.0)",
         "    zero = tl.zeros([BLOCK], dtype=h.dtype)  # (not h * 0: an infinite h would give NaN)",
-        "    lam = zero",
-        "    carry = zero  # a_(t+1), the factor that carries lam_(t+1) back to step t",
+        "    lam = tl.load(mu_ptr + tl.program_id(1) * M + offs, mask=mask, other=0.0)",
+        "    carry = zero + 1.0  # a_(t+1), the factor that carries lam_(t+1) back to step t",
         *[f"    acc{i} = zero  # the constant leaf's gradient, summed over the steps" for i in consts],
-        "    for i in range(T):",
-        "        t = T - 1 - i",
+        "    for i in range(n):",
+        "        t = t0 + n - 1 - i",
         "        lam = tl.load(g_ptr + t * M + offs, mask=mask, other=0.0).to(h.dtype) + carry * lam",
         "        first = (offs * 0 + t) == 0  # the step before t = 0 is the initial state",
         "        prev = tl.load(out_ptr + (t - 1) * M + offs, mask=mask & (first == 0), other=0.0)",
@@ -90,21 +141,51 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         *[indent + line for line in adjoint],
         *stores,
         "        carry = a + zero",
-        "    tl.store(dh0_ptr + offs, carry * lam, mask=mask)",
-        *[f"    tl.store(dl{i}_ptr + offs, acc{i}, mask=mask)" for i in consts],
+        "    tl.store(dmu_ptr + tl.program_id(1) * M + offs, carry * lam, mask=mask)",
+        *[f"    tl.store(dl{i}_ptr + tl.program_id(1) * M + offs, acc{i}, mask=mask)" for i in consts],
+        "",
+        "",
+        "@triton.jit",
+        f"def _scan_{name}_rsum(g_ptr, A_ptr, E_ptr, {ptrs}T, M, C, L, BLOCK: tl.constexpr):",
+        '    """One chunk of the adjoint\'s reverse scan summarised from zero: A = prod a_t over the chunk,',
+        '    E = a_t0 lam_t0 with nothing entering from beyond the chunk."""',
+        *chunk,
+        "    h = tl.zeros([BLOCK], dtype=A_ptr.dtype.element_ty)",
+        "    lam = h",
+        "    carry = h",
+        "    A = h + 1.0",
+        "    for i in range(n):",
+        "        t = t0 + n - 1 - i",
+        "        lam = tl.load(g_ptr + t * M + offs, mask=mask, other=0.0).to(lam.dtype) + carry * lam",
+        *a_loads,
+        *a_only,
+        f"        carry = {a_names[a]} + h",
+        "        A = A * carry",
+        "    tl.store(A_ptr + tl.program_id(1) * M + offs, A, mask=mask)",
+        "    tl.store(E_ptr + tl.program_id(1) * M + offs, carry * lam, mask=mask)",
         "",
         "",
         f"class _Scan_{name}(torch.autograd.Function):",
-        f'    """State {name} for all steps: [M] initial value, [T, M] or [C] leaves -> [T, M]."""',
+        f'    """State {name} for all steps: [M] initial value, [T, M] or [C] leaves -> [T, M]. Time is cut',
+        '    into P chunks of L steps when the channels alone give few programs (_scan_chunks): each chunk',
+        '    is summarised (A = prod a, E = its state from zero), the states entering the chunks follow by',
+        '    a scan over the P summaries, and the chunks then run in parallel from them; the backward',
+        '    does the same for the adjoint in reverse."""',
         "",
         "    @staticmethod",
         "    def forward(ctx, T, C, h0, *leaves):",
         "        _check_triton_device(h0)",
         "        h0, leaves = h0.contiguous(), [x.contiguous() for x in leaves]",
         "        M = h0.numel()",
+        "        P, L = _scan_chunks(T, M)",
         "        out = torch.empty(T, M, dtype=h0.dtype, device=h0.device)",
-        "        grid = (triton.cdiv(M, BLOCK),)",
-        f"        _scan_{name}_fwd[grid](h0, out, *leaves, T, M, C, BLOCK=BLOCK)",
+        "        grid = (triton.cdiv(M, BLOCK), P)",
+        "        enter = h0[None]",
+        "        if P > 1:",
+        "            A, E = (torch.empty(P, M, dtype=h0.dtype, device=h0.device) for _ in range(2))",
+        f"            _scan_{name}_sum[grid](A, E, *leaves, T, M, C, L, BLOCK=BLOCK)",
+        "            enter = torch.cat([h0[None], _linear_scan(A[:-1], E[:-1], h0)])",
+        f"        _scan_{name}_fwd[grid](enter.contiguous(), out, *leaves, T, M, C, L, BLOCK=BLOCK)",
         "        ctx.save_for_backward(h0, out, *leaves)",
         "        ctx.C = C",
         "        return out",
@@ -113,13 +194,21 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         "    def backward(ctx, g):",
         "        h0, out, *leaves = ctx.saved_tensors",
         "        (T, M), C = out.shape, ctx.C",
-        "        dh0 = torch.empty_like(h0)",
-        "        # per-step leaves get [T, M] gradients; constant ones [M], summed over the rows below",
-        "        dl = [torch.empty_like(out) if x.dim() == 2 else torch.empty_like(h0) for x in leaves]",
-        "        grid = (triton.cdiv(M, BLOCK),)",
-        f"        _scan_{name}_bwd[grid](g.contiguous(), out, h0, dh0, *leaves, *dl, T, M, C, BLOCK=BLOCK)",
+        "        P, L = _scan_chunks(T, M)",
+        "        g = g.contiguous()",
+        "        grid = (triton.cdiv(M, BLOCK), P)",
+        "        mu = torch.zeros(P, M, dtype=h0.dtype, device=h0.device)  # a lam entering each chunk from beyond",
+        "        if P > 1:",
+        "            A, E = (torch.empty(P, M, dtype=h0.dtype, device=h0.device) for _ in range(2))",
+        f"            _scan_{name}_rsum[grid](g, A, E, *leaves, T, M, C, L, BLOCK=BLOCK)",
+        "            mu[:-1] = _linear_scan(A[1:].flip(0), E[1:].flip(0), torch.zeros_like(h0)).flip(0)",
+        "        dmu = torch.empty(P, M, dtype=h0.dtype, device=h0.device)",
+        "        # per-step leaves get [T, M] gradients; constant ones [P, M], summed over chunks and rows below",
+        "        dl = [torch.empty_like(out) if x.dim() == 2 else torch.empty(P, M, dtype=h0.dtype, device=h0.device)",
+        "              for x in leaves]",
+        f"        _scan_{name}_bwd[grid](g, out, h0, mu, dmu, *leaves, *dl, T, M, C, L, BLOCK=BLOCK)",
         "        grads = [d if x.dim() == 2 else d.view(-1, C).sum(0) for d, x in zip(dl, leaves)]",
-        "        return (None, None, dh0, *[d.to(x.dtype) for d, x in zip(grads, leaves)])",
+        "        return (None, None, dmu[0], *[d.to(x.dtype) for d, x in zip(grads, leaves)])",
     ]
 
 

@@ -64,3 +64,30 @@ def test_additive_matrix_states_take_the_triton_chunk_kernel(name):
     source = rnnc.compile(name, backend="triton")
     assert "_triton_chunk_linear(" in source.split("class ")[-1]  # the forward calls the kernel's entry
     assert "_Scan_" not in source  # not the fused scan, which would materialise every step's state
+
+
+@pytest.mark.parametrize("name", ["mingru", "hgrn", "minlstm", "mamba"])
+@pytest.mark.parametrize("steps", [1, 8, 37])
+def test_time_chunked_scan_matches_the_loop(name, steps, monkeypatch):
+    """The chunked variant (time cut into chunks that run in parallel after a scan over their
+    summaries; on a GPU when the channels give few programs), forced here at small T."""
+    import sys
+
+    dims = {**DIMS.get(name, {}), **({"D": 3, "N": 2} if name == "mamba" else {})}
+    loop = rnnc.build(name, backend="loop", **dims).double()
+    tri = rnnc.build(name, backend="triton", **dims).double()
+    tri.load_state_dict(loop.state_dict())
+    monkeypatch.setattr(sys.modules[type(tri).__module__], "SCAN_CHUNK", steps)
+    xs = [x.double().detach().requires_grad_() for x in _inputs(loop, 37, torch.float64)]
+    if name == "mamba":
+        xs = [torch.randn(2, 37, *s, dtype=torch.float64, requires_grad=True) for s in ((3,), (3,), (2,), (2,))]
+        xs[1] = torch.nn.functional.softplus(xs[1].detach()).requires_grad_()
+    state = {s: torch.randn(v.shape, dtype=torch.float64, requires_grad=True) for s, v in loop(*xs)[1].items()}
+    (y_l, f_l), (y_t, f_t) = loop(*xs, state=state), tri(*xs, state=state)
+    torch.testing.assert_close(y_t, y_l)
+    loss_l = (y_l * torch.cos(y_l)).sum() + sum(f.sum() for f in f_l.values())
+    loss_t = (y_t * torch.cos(y_t)).sum() + sum(f.sum() for f in f_t.values())
+    wrt_l = xs + list(state.values()) + list(loop.parameters())
+    wrt_t = xs + list(state.values()) + list(tri.parameters())
+    for a, b in zip(torch.autograd.grad(loss_t, wrt_t), torch.autograd.grad(loss_l, wrt_l)):
+        torch.testing.assert_close(a, b)
