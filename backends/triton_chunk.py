@@ -6,10 +6,11 @@ S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = S_t^T q_t (befo
 time-major q, k: [T, N, K], v: [T, N, V], gk: [T, N, K] or [T, N, 1] (scalar) or None, gv: [T, N, V] or
 [T, N, 1] or None, h0: [N, K, V] or None; returns (o [T, N, V], S_T [N, K, V]). The forward runs the
 kernels below. The backward runs in Triton for no decay, a scalar decay (simple GLA, RetNet, linear
-attention) and per-key decays (GLA, RWKV-6): the forward saves the state entering each chunk,
-`_triton_chunk_bwd_dh` carries the state's adjoint back through the chunks, then `_triton_chunk_bwd_scalar`
-or `_triton_chunk_bwd_key` forms dq, dk, dv (and dg) per chunk in parallel. A per-value decay recomputes
-the outputs with the PyTorch `_chunk_linear` under autograd and returns its gradients.
+attention), per-key decays (GLA, RWKV-6) or per-value decays: the forward saves the state entering each
+chunk, `_triton_chunk_bwd_dh` carries the state's adjoint back through the chunks, then
+`_triton_chunk_bwd_scalar`, `_bwd_key` or `_bwd_value` forms dq, dk, dv (and dg) per chunk in parallel.
+Per-key and per-value decays together recompute the outputs with the PyTorch `_chunk_linear` under
+autograd and return its gradients.
 
 Kernels: one program per (block of BV value columns, batch row n) loops over the chunks, carrying the
 state S [K, BV] in registers in float32 (all of K in one program). Per chunk it adds the inter-chunk
@@ -36,7 +37,7 @@ next_pow2(max(V, 16)) up to 64 (grid over V blocks), BT = next_pow2(max(C, 16));
 (masks). Without a GPU set TRITON_INTERPRET=1 (CPU tensors then run in Triton's interpreter).
 
 Not done in Triton: float64 inputs fall back to the PyTorch `_chunk_linear` (Triton float64 dot is
-not worth it), as does T == 0; the backward of per-value decays (above). float16/bfloat16
+not worth it), as does T == 0; the backward of per-key and per-value decays together (above). float16/bfloat16
 inputs run the kernels (upcast on load), gradients in float32 cast back to the input dtypes.
 
 Paste contract (like chunk_ops.py): generated standalone modules paste this file's source from its
@@ -266,11 +267,11 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
 
 @triton.jit
 def _triton_chunk_bwd_dh(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K, V, C,
-                         HAS_G: tl.constexpr, GK: tl.constexpr, HAS_DS: tl.constexpr,
+                         HAS_G: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, HAS_DS: tl.constexpr,
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """The state's adjoint, chunk by chunk in reverse: dh[ic] is the gradient of the state leaving
-    chunk ic, dS_prev = e^{G_last} dS + (q e^G)^T do (a scalar g [T, N], or with GK per-key gk [T, N, K]);
-    dh0 the initial state's. One program per (V block, row)."""
+    chunk ic, dS_prev = e^{G_last} dS + (q e^G)^T do (a scalar g [T, N]; with GK per-key gk [T, N, K],
+    with GV per-value gv [T, N, V] on the other side); dh0 the initial state's. One program per (V block, row)."""
     i_v = tl.program_id(0)
     i_n = tl.program_id(1)
     ck = tl.arange(0, BK)
@@ -298,6 +299,11 @@ def _triton_chunk_bwd_dh(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K,
             g = tl.maximum(g.to(tl.float32), -1e4)
             q = q * tl.exp(tl.cumsum(g, 0))
             dS = dS * tl.exp(tl.sum(g, 0))[:, None]
+        elif GV:
+            g = tl.load(g_ptr + row[:, None] * V + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0)
+            g = tl.maximum(g.to(tl.float32), -1e4)
+            do = do * tl.exp(tl.cumsum(g, 0))
+            dS = dS * tl.exp(tl.sum(g, 0))[None, :]
         elif HAS_G:
             g = tl.maximum(tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32), -1e4)
             q = q * tl.exp(tl.cumsum(g, 0))[:, None]
@@ -472,6 +478,100 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
         tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=mav)
 
 
+@triton.jit
+def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
+                            T, N, K, V, C, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dq, dk, dv of one chunk under per-value log-decays gv [T, N, V]: `_triton_chunk_bwd_key` with the
+    decay on the value side. With M_ij = (do_i e^{Gv_i - Gv_j}) . v_j and P_ij = q_i . k_j (j <= i):
+      dq_i = sum_j M_ij k_j + S (do_i e^{Gv_i}),   dk_j = sum_i M_ij q_i + dS (v_j e^{Gv_last - Gv_j}),
+      dv_j = sum_i P_ij do_i e^{Gv_i - Gv_j} + (dS^T k_j) e^{Gv_last - Gv_j},
+    pairs across sub-chunks through the later sub-chunk's first row (exponents <= 0), pairs inside one
+    row by row."""
+    ic = tl.program_id(0)
+    i_n = tl.program_id(1)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    rt = tl.arange(0, BT)
+    rc = tl.arange(0, BC)
+    t0 = ic * C
+    s_off = tl.cast(ic * N + i_n, tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
+    dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
+    tf = t0 + rt
+    mf = (rt < C) & (tf < T)
+    rowf = tf.to(tl.int64) * N + i_n
+    gvf = tl.load(g_ptr + rowf[:, None] * V + cv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+    gvf = tl.maximum(gvf.to(tl.float32), -1e4)
+    for a in tl.static_range(BT // BC):
+        ra = a * BC + rc
+        ta = t0 + ra
+        ma = (ra < C) & (ta < T)
+        ma1 = (rc + 1 < BC) & (ra + 1 < C) & (ta + 1 < T)
+        rowa = ta.to(tl.int64) * N + i_n
+        mak = ma[:, None] & mk[None, :]
+        mav = ma[:, None] & mv[None, :]
+        ka = tl.load(k_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
+        va = tl.load(v_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
+        doa = tl.load(do_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
+        ga = tl.maximum(tl.load(g_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32), -1e4)
+        ga1 = tl.load(g_ptr + (rowa + N)[:, None] * V + cv[None, :], mask=ma1[:, None] & mv, other=0.0)
+        ga1 = tl.maximum(ga1.to(tl.float32), -1e4)
+        before = tl.sum(tl.where(rt[:, None] < a * BC, gvf, 0.0), 0)                  # sum_{s < n_a}
+        after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gvf, 0.0), 0)            # sum_{s > e_a}
+        sfx = tl.cumsum(ga1, 0, reverse=True)                                          # sum_{j < s <= e_a}
+        eout = tl.exp(sfx + after[None, :])                                            # e^{Gv_last - Gv_j}
+        dqa = tl.dot(doa * tl.exp(tl.cumsum(ga, 0) + before[None, :]), tl.trans(S), input_precision="ieee")
+        dka = tl.dot(va * eout, tl.trans(dS), input_precision="ieee")
+        dva = tl.dot(ka, dS, input_precision="ieee") * eout
+        dor = doa * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))           # do_i e^{Gv_i - Gv_na}
+        for b in tl.static_range(BT // BC):
+            rb = b * BC + rc
+            tb = t0 + rb
+            mb = (rb < C) & (tb < T)
+            rowb = tb.to(tl.int64) * N + i_n
+            if b < a:  # a is the query side: v_b e^{Gv_na - Gv_j}, with e_b < s <= n_a linking them
+                mb1 = (rc + 1 < BC) & (rb + 1 < C) & (tb + 1 < T)
+                kb = tl.load(k_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
+                vb = tl.load(v_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0).to(tl.float32)
+                gb1 = tl.load(g_ptr + (rowb + N)[:, None] * V + cv[None, :], mask=mb1[:, None] & mv, other=0.0)
+                gb1 = tl.maximum(gb1.to(tl.float32), -1e4)
+                link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)
+                vb = vb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + tl.sum(tl.where(link, gvf, 0.0), 0)[None, :])
+                dqa += tl.dot(tl.dot(dor, tl.trans(vb), input_precision="ieee"), kb, input_precision="ieee")
+            if b > a:  # a is the key side: do_b e^{Gv_i - Gv_nb} and v_a e^{Gv_nb - Gv_j}
+                qb = tl.load(q_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
+                dob = tl.load(do_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
+                gb = tl.load(g_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
+                gb = tl.maximum(gb.to(tl.float32), -1e4)
+                dorb = dob.to(tl.float32) * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gb, 0.0), 0))
+                link = (rt[:, None] > (a + 1) * BC - 1) & (rt[:, None] <= b * BC)
+                ea = tl.exp(sfx + tl.sum(tl.where(link, gvf, 0.0), 0)[None, :])       # e^{Gv_nb - Gv_j}
+                Mba = tl.dot(dorb, tl.trans(va * ea), input_precision="ieee")         # [BC_b, BC_a]
+                dka += tl.dot(tl.trans(Mba), qb, input_precision="ieee")
+                Pba = tl.dot(qb, tl.trans(ka), input_precision="ieee")
+                dva += tl.dot(tl.trans(Pba), dorb, input_precision="ieee") * ea
+        # pairs inside sub-chunk a, row by row over its valid rows
+        nd = tl.minimum(tl.minimum(C - a * BC, T - (t0 + a * BC)), BC)
+        X = tl.zeros([BC, BV], dtype=tl.float32)
+        for i in range(nd):
+            ri = tl.cast((t0 + a * BC + i) * N + i_n, tl.int64)
+            qi = tl.load(q_ptr + ri * K + ck, mask=mk, other=0.0).to(tl.float32)
+            doi = tl.load(do_ptr + ri * V + cv, mask=mv, other=0.0).to(tl.float32)
+            gi = tl.maximum(tl.load(g_ptr + ri * V + cv, mask=mv, other=0.0).to(tl.float32), -1e4)
+            X = tl.where(rc[:, None] < i, X + gi[None, :], 0.0)
+            E = tl.exp(tl.where(rc[:, None] <= i, X, float("-inf")))                  # e^{Gv_i - Gv_j}, j <= i
+            mij = tl.sum(va * E * doi[None, :], 1)                                     # M_ij over j
+            dqa += tl.where(rc[:, None] == i, tl.sum(mij[:, None] * ka, 0)[None, :], 0.0)
+            dka += mij[:, None] * qi[None, :]
+            dva += tl.sum(ka * qi[None, :], 1)[:, None] * doi[None, :] * E
+        tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=mak)
+        tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=mak)
+        tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=mav)
+
+
 def _triton_chunk_key_backward(q, k, v, gk, h, S, do, dS, C):
     """Launch the per-key-decay backward: (dq, dk, dv, dgk, dh0) in float32. dgk: with G the cumsum of gk
     inside a chunk, dG_i = q_i dq_i - k_i dk_i (+ sum_v S_new dS at the chunk's last row), and dgk its
@@ -485,20 +585,48 @@ def _triton_chunk_key_backward(q, k, v, gk, h, S, do, dS, C):
     dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
     _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
         q, gk, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
-        HAS_G=True, GK=True, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+        HAS_G=True, GK=True, GV=False, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
     dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
     BVF = triton.next_power_of_2(max(int(V), 16))
     _triton_chunk_bwd_key[(nt, N)](q, k, v, gk, h, dh, do, dq, dk, dv, T, N, K, V, C,
                                    BT=BT, BC=16, BK=BK, BV=BVF)
-    dG = q.float() * dq - k.float() * dk
-    S_new = torch.cat([h[1:], S.float()[None]])                                        # leaving each chunk
-    last = torch.clamp(torch.arange(1, nt + 1, device=q.device) * C, max=T) - 1
-    dG[last] += (S_new * dh).sum(-1)
-    pad = nt * C - T
-    dG = torch.cat([dG, dG.new_zeros(pad, N, K)]).view(nt, C, N, K)
-    dgk = dG.flip(1).cumsum(1).flip(1).reshape(nt * C, N, K)[:T]
+    dgk = _triton_chunk_gate_grad(q.float() * dq - k.float() * dk, h, S, dh, C, -1)
     return dq, dk, dv, dgk, dh0
+
+
+def _triton_chunk_gate_grad(dG, h, S, dh, C, axis):
+    """A per-channel log-decay's gradient from dG [T, N, D], the gradient of its within-chunk cumsum
+    G: plus the decay of the whole leaving state at each chunk's last row (sum_{other axis} S_new dS,
+    `axis` -1 for per-key, -2 for per-value), then a reverse cumsum within each chunk."""
+    T, N, D = dG.shape
+    nt = triton.cdiv(T, C)
+    S_new = torch.cat([h[1:], S.float()[None]])                                        # leaving each chunk
+    last = torch.clamp(torch.arange(1, nt + 1, device=dG.device) * C, max=T) - 1
+    dG[last] += (S_new * dh).sum(axis)
+    dG = torch.cat([dG, dG.new_zeros(nt * C - T, N, D)]).view(nt, C, N, D)
+    return dG.flip(1).cumsum(1).flip(1).reshape(nt * C, N, D)[:T]
+
+
+def _triton_chunk_value_backward(q, k, v, gv, h, S, o, do, dS, C):
+    """Launch the per-value-decay backward: (dq, dk, dv, dgv, dh0) in float32; dGv_i = do_i o_i - v_i dv_i
+    (the output side and the input side of e^{Gv_i - Gv_j}), then as for per-key decays."""
+    T, N, K = q.shape
+    V = v.shape[-1]
+    BT, BK, BV = _triton_chunk_blocks(C, K, V)
+    nt = triton.cdiv(T, C)
+    do = do.contiguous()
+    dh = torch.empty(nt, N, K, V, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
+    _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
+        q, gv, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
+        HAS_G=True, GK=False, GV=True, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+    dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
+    dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
+    _triton_chunk_bwd_value[(nt, N)](q, k, v, gv, h, dh, do, dq, dk, dv, T, N, K, V, C,
+                                     BT=BT, BC=16, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))
+    dgv = _triton_chunk_gate_grad(do.float() * o.float() - v.float() * dv, h, S, dh, C, -2)
+    return dq, dk, dv, dgv, dh0
 
 
 def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
@@ -513,7 +641,7 @@ def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
     gc = q if g is None else g
     _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
         q, gc, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
-        HAS_G=g is not None, GK=False, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+        HAS_G=g is not None, GK=False, GV=False, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
     dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
     dg = torch.empty(T, N, dtype=torch.float32, device=q.device)
@@ -555,16 +683,19 @@ def _triton_chunk_is_scalar(gk, gv):
 
 
 class _triton_chunk_function(torch.autograd.Function):
-    """Forward: the Triton kernels. Backward: Triton kernels for no decay, a scalar decay or per-key
-    decays (the state entering each chunk saved by the forward); a per-value decay recomputes with the
+    """Forward and backward in Triton (the forward saves the state entering each chunk) for no decay, a
+    scalar decay, per-key or per-value decays; per-key and per-value decays together recompute with the
     PyTorch `_chunk_linear`."""
 
     @staticmethod
     def forward(ctx, q, k, v, gk, gv, h0, C):
-        ctx.kind = None if gv is not None else "scalar" if _triton_chunk_is_scalar(gk, gv) else "key"
+        if gk is not None and gv is not None:
+            ctx.kind = None
+        else:
+            ctx.kind = "value" if gv is not None else "scalar" if _triton_chunk_is_scalar(gk, gv) else "key"
         save = ctx.kind is not None and any(ctx.needs_input_grad)
         o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=save)
-        ctx.save_for_backward(q, k, v, gk, gv, h0, h, S)
+        ctx.save_for_backward(q, k, v, gk, gv, h0, h, S, o if ctx.kind == "value" else None)
         ctx.chunk = C
         return o, S
 
@@ -572,14 +703,18 @@ class _triton_chunk_function(torch.autograd.Function):
     def backward(ctx, do, dS):
         if ctx.kind is None:
             return _chunk_recompute_backward(_chunk_linear, ctx, do, dS)
-        q, k, v, gk, gv, h0, h, S = ctx.saved_tensors
+        q, k, v, gk, gv, h0, h, S, o = ctx.saved_tensors
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        dgk = dgv = None
         if ctx.kind == "key":
-            dq, dk, dv, dg, dh0 = _triton_chunk_key_backward(q, k, v, gk.contiguous(), h, S, do, dS, ctx.chunk)
+            dq, dk, dv, dgk, dh0 = _triton_chunk_key_backward(q, k, v, gk.contiguous(), h, S, do, dS, ctx.chunk)
+        elif ctx.kind == "value":
+            dq, dk, dv, dgv, dh0 = _triton_chunk_value_backward(q, k, v, gv.contiguous(), h, S, o, do, dS, ctx.chunk)
         else:
             g = None if gk is None else gk.reshape(gk.shape[0], -1).contiguous()
             dq, dk, dv, dg, dh0 = _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, ctx.chunk)
-        grads = (dq, dk, dv, None if gk is None else dg.view_as(gk), None, None if h0 is None else dh0)
+            dgk = None if gk is None else dg.view_as(gk)
+        grads = (dq, dk, dv, dgk, dgv, None if h0 is None else dh0)
         return (*[None if d is None or not n else d.to(x.dtype)
                   for d, n, x in zip(grads, ctx.needs_input_grad, (q, k, v, gk, gv, h0))], None)
 

@@ -1,6 +1,7 @@
 """Compile every Triton kernel a cell's triton module launches, for a real GPU, on a machine without one.
 
 Usage: python tests/aot_compile.py CELL [CELL ...]   (TRITON_INTERPRET must be unset)
+       CELL may also be `:per-value`: the chunk kernels for per-value decays, which no library cell uses.
 
 The interpreter (how the test suite runs kernels on CPU) accepts code that the compiler may reject, so
 this builds each cell's triton module with real @triton.jit kernels, runs a forward and backward at a
@@ -73,11 +74,26 @@ def _inputs(name: str, cell) -> list[torch.Tensor]:
     return out
 
 
+def _per_value() -> None:
+    from rnnc.backends import triton_chunk
+
+    T, N, K, V = 40, 2, 32, 24
+    q, k = torch.randn(T, N, K), torch.randn(T, N, K)
+    v, gv = torch.randn(T, N, V), torch.nn.functional.logsigmoid(torch.randn(T, N, V))
+    for x in (q, k, v, gv):
+        x.requires_grad_()
+    o, S = triton_chunk._triton_chunk_linear(q, k, v, None, gv, None, 16)
+    (o.sum() + S.sum()).backward()
+
+
 def main(names: list[str]) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the kernels must be real @triton.jit functions")
     JITFunction.__getitem__ = _intercept
     for name in names:
+        if name == ":per-value":
+            _per_value()
+            continue
         dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
         cell = rnnc.build(name, backend="triton", **dims)
         module = sys.modules[type(cell).__module__]

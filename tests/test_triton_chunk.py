@@ -4,8 +4,9 @@ Checked: o and S_T against `_chunk_linear` in float64 (rel err <= 1e-4 relative 
 float32 inputs) for no decay, a scalar decay, a per-key decay, a per-value decay and both, mild and
 extreme (down to -20 per step) log-decays and -inf gates (hard resets), ragged T, chunk lengths 16/32
 and one that is not a power of two, K and V not powers of two, several V blocks, h0 given or not,
-before=True; gradients of every input (Triton backward kernels for no, a scalar or a per-key decay,
-checked to run without the PyTorch recompute; chunk_ops's recompute for per-value decays); float16/bfloat16
+before=True; gradients of every input (Triton backward kernels for no, a scalar, a per-key or a
+per-value decay, checked to run without the PyTorch recompute; chunk_ops's recompute when per-key and
+per-value decays come together); float16/bfloat16
 inputs; the float64 fallback; and the paste contract (the body after the first top-level `def`, pasted
 after chunk_ops's body into one file, imports and runs). Without a GPU the kernels run in Triton's CPU
 interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
@@ -109,12 +110,15 @@ def test_scalar_backward_runs_in_triton(monkeypatch, T, chunk, h0):
     check(T, 16, 80, chunk, "none", "mild", h0=h0)
 
 
+@pytest.mark.parametrize("decay", ["key", "value", "scalar+value"])
 @pytest.mark.parametrize("T,chunk,gate", [(5, 16, "extreme"), (40, 32, "mild"), (33, 24, "reset")])
-def test_key_decay_backward_runs_in_triton(monkeypatch, T, chunk, gate):
-    """Per-key decays (GLA): the dh kernel, the secondary-chunked dq/dk/dv kernel and dgk, no recompute."""
+def test_channel_decay_backward_runs_in_triton(monkeypatch, T, chunk, gate, decay):
+    """Per-key (GLA) or per-value decays: the dh kernel, the secondary-chunked dq/dk/dv kernel and the
+    gate's gradient, no recompute. (A gate with no effect at all, e.g. T = 1 without h0, gets a rounding
+    residue here rather than exactly 0: dG = q dq - k dk as fla forms it.)"""
     monkeypatch.setattr(triton_chunk, "_chunk_recompute_backward", _no_recompute)
-    check(T, 24, 20, chunk, "key", gate, h0=gate != "mild")
-    check(T, 16, 80, chunk, "key", "mild")
+    check(T, 24, 20, chunk, decay, gate, h0=gate != "mild")
+    check(T, 16, 80, chunk, decay, "mild")
 
 
 @pytest.mark.parametrize("K,V", [(16, 16), (24, 20), (16, 80)])   # 80: two V blocks of 64

@@ -39,10 +39,11 @@ def _compile(names: list[str], tmp_path) -> str:
 
 
 def test_one_cell_per_kernel_kind_compiles_for_sm90(tmp_path):
-    out = _compile(["lstm", "mingru", "gla", "gated_deltanet"], tmp_path)
+    out = _compile(["lstm", "mingru", "gla", "gated_deltanet", ":per-value"], tmp_path)
     for kernel in ("_rec_fwd", "_rec_bwd", "_scan_h_fwd", "_scan_h_bwd", "_scan_h_sum", "_scan_h_rsum",
                    "_triton_chunk_fwd_vector",
-                   "_triton_chunk_bwd_dh", "_triton_chunk_bwd_key", "_triton_delta_fwd", "_triton_delta_bwd_dh",
+                   "_triton_chunk_bwd_dh", "_triton_chunk_bwd_key", "_triton_chunk_bwd_value",
+                   "_triton_delta_fwd", "_triton_delta_bwd_dh",
                    "_triton_delta_bwd"):
         assert f"{kernel}: " in out, (kernel, out)
 
