@@ -266,6 +266,29 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
 
 
 @triton.jit
+def _triton_chunk_rows(t0, a, rc, C, T, N, i_n, BC: tl.constexpr):
+    """Sub-chunk a of the chunk starting at t0: its rows' offsets, their mask, and the mask of the row
+    below each (inside the sub-chunk) for the shifted gate loads."""
+    ra = a * BC + rc
+    ta = t0 + ra
+    m = (ra < C) & (ta < T)
+    m1 = (rc + 1 < BC) & (ra + 1 < C) & (ta + 1 < T)
+    return ta.to(tl.int64) * N + i_n, m, m1
+
+
+@triton.jit
+def _triton_chunk_tile(ptr, row, m, cols, mcols, D):
+    """Rows `row` (masked by m) of a [T, N, D] tensor, columns `cols` (masked by mcols), as float32."""
+    return tl.load(ptr + row[:, None] * D + cols[None, :], mask=m[:, None] & mcols[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _triton_chunk_gate(ptr, row, m, cols, mcols, D):
+    """A tile of log-decays, clamped at -1e4 (exp is 0 there in float32; -inf gates give no NaN)."""
+    return tl.maximum(_triton_chunk_tile(ptr, row, m, cols, mcols, D), -1e4)
+
+
+@triton.jit
 def _triton_chunk_bwd_dh(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K, V, C,
                          HAS_G: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, HAS_DS: tl.constexpr,
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -405,24 +428,14 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
     S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
     dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
     tf = t0 + rt
-    mf = (rt < C) & (tf < T)
-    rowf = tf.to(tl.int64) * N + i_n
-    gkf = tl.load(g_ptr + rowf[:, None] * K + ck[None, :], mask=mf[:, None] & mk[None, :], other=0.0)
-    gkf = tl.maximum(gkf.to(tl.float32), -1e4)
+    gkf = _triton_chunk_gate(g_ptr, tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T), ck, mk, K)
     for a in tl.static_range(BT // BC):
-        ra = a * BC + rc
-        ta = t0 + ra
-        ma = (ra < C) & (ta < T)
-        ma1 = (rc + 1 < BC) & (ra + 1 < C) & (ta + 1 < T)
-        rowa = ta.to(tl.int64) * N + i_n
-        mak = ma[:, None] & mk[None, :]
-        mav = ma[:, None] & mv[None, :]
-        ka = tl.load(k_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
-        va = tl.load(v_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
-        doa = tl.load(do_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
-        ga = tl.maximum(tl.load(g_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32), -1e4)
-        ga1 = tl.load(g_ptr + (rowa + N)[:, None] * K + ck[None, :], mask=ma1[:, None] & mk, other=0.0)
-        ga1 = tl.maximum(ga1.to(tl.float32), -1e4)
+        rowa, ma, ma1 = _triton_chunk_rows(t0, a, rc, C, T, N, i_n, BC)
+        ka = _triton_chunk_tile(k_ptr, rowa, ma, ck, mk, K)
+        va = _triton_chunk_tile(v_ptr, rowa, ma, cv, mv, V)
+        doa = _triton_chunk_tile(do_ptr, rowa, ma, cv, mv, V)
+        ga = _triton_chunk_gate(g_ptr, rowa, ma, ck, mk, K)
+        ga1 = _triton_chunk_gate(g_ptr, rowa + N, ma1, ck, mk, K)
         before = tl.sum(tl.where(rt[:, None] < a * BC, gkf, 0.0), 0)                  # sum_{s < n_a}
         after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gkf, 0.0), 0)            # sum_{s > e_a}
         erel = tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))               # e^{G_i - G_na}
@@ -432,26 +445,19 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
         dka = tl.dot(va, tl.trans(dS), input_precision="ieee") * eout
         dva = tl.dot(ka * eout, dS, input_precision="ieee")
         for b in tl.static_range(BT // BC):
-            rb = b * BC + rc
-            tb = t0 + rb
-            mb = (rb < C) & (tb < T)
-            rowb = tb.to(tl.int64) * N + i_n
+            rowb, mb, mb1 = _triton_chunk_rows(t0, b, rc, C, T, N, i_n, BC)
             if b < a:  # a is the query side: k_b e^{G_na - G_j}, with e_b < s <= n_a linking them
-                mb1 = (rc + 1 < BC) & (rb + 1 < C) & (tb + 1 < T)
-                kb = tl.load(k_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
-                vb = tl.load(v_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0).to(tl.float32)
-                gb1 = tl.load(g_ptr + (rowb + N)[:, None] * K + ck[None, :], mask=mb1[:, None] & mk, other=0.0)
-                gb1 = tl.maximum(gb1.to(tl.float32), -1e4)
+                kb = _triton_chunk_tile(k_ptr, rowb, mb, ck, mk, K)
+                vb = _triton_chunk_tile(v_ptr, rowb, mb, cv, mv, V)
+                gb1 = _triton_chunk_gate(g_ptr, rowb + N, mb1, ck, mk, K)
                 link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)
                 kb = kb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + tl.sum(tl.where(link, gkf, 0.0), 0)[None, :])
                 dP = tl.dot(doa, tl.trans(vb), input_precision="ieee")                # [BC_a, BC_b]
                 dqa += tl.dot(dP, kb, input_precision="ieee") * erel
             if b > a:  # a is the key side: q_b e^{G_i - G_nb} and k_a e^{G_nb - G_j}
-                qb = tl.load(q_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
-                dob = tl.load(do_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
-                dob = dob.to(tl.float32)
-                gb = tl.load(g_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0)
-                gb = tl.maximum(gb.to(tl.float32), -1e4)
+                qb = _triton_chunk_tile(q_ptr, rowb, mb, ck, mk, K)
+                dob = _triton_chunk_tile(do_ptr, rowb, mb, cv, mv, V)
+                gb = _triton_chunk_gate(g_ptr, rowb, mb, ck, mk, K)
                 qb = qb * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gb, 0.0), 0))
                 link = (rt[:, None] > (a + 1) * BC - 1) & (rt[:, None] <= b * BC)
                 ea = tl.exp(sfx + tl.sum(tl.where(link, gkf, 0.0), 0)[None, :])       # e^{G_nb - G_j}
@@ -473,9 +479,9 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
             dqa += tl.where(rc[:, None] == i, tl.sum(dp[:, None] * ka * E, 0)[None, :], 0.0)
             dka += dp[:, None] * qi[None, :] * E
             dva += tl.sum(ka * E * qi[None, :], 1)[:, None] * doi[None, :]
-        tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=mak)
-        tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=mak)
-        tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=mav)
+        tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=ma[:, None] & mk[None, :])
+        tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=ma[:, None] & mk[None, :])
+        tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=ma[:, None] & mv[None, :])
 
 
 @triton.jit
@@ -501,24 +507,14 @@ def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, d
     S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
     dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
     tf = t0 + rt
-    mf = (rt < C) & (tf < T)
-    rowf = tf.to(tl.int64) * N + i_n
-    gvf = tl.load(g_ptr + rowf[:, None] * V + cv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
-    gvf = tl.maximum(gvf.to(tl.float32), -1e4)
+    gvf = _triton_chunk_gate(g_ptr, tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T), cv, mv, V)
     for a in tl.static_range(BT // BC):
-        ra = a * BC + rc
-        ta = t0 + ra
-        ma = (ra < C) & (ta < T)
-        ma1 = (rc + 1 < BC) & (ra + 1 < C) & (ta + 1 < T)
-        rowa = ta.to(tl.int64) * N + i_n
-        mak = ma[:, None] & mk[None, :]
-        mav = ma[:, None] & mv[None, :]
-        ka = tl.load(k_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
-        va = tl.load(v_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
-        doa = tl.load(do_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
-        ga = tl.maximum(tl.load(g_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32), -1e4)
-        ga1 = tl.load(g_ptr + (rowa + N)[:, None] * V + cv[None, :], mask=ma1[:, None] & mv, other=0.0)
-        ga1 = tl.maximum(ga1.to(tl.float32), -1e4)
+        rowa, ma, ma1 = _triton_chunk_rows(t0, a, rc, C, T, N, i_n, BC)
+        ka = _triton_chunk_tile(k_ptr, rowa, ma, ck, mk, K)
+        va = _triton_chunk_tile(v_ptr, rowa, ma, cv, mv, V)
+        doa = _triton_chunk_tile(do_ptr, rowa, ma, cv, mv, V)
+        ga = _triton_chunk_gate(g_ptr, rowa, ma, cv, mv, V)
+        ga1 = _triton_chunk_gate(g_ptr, rowa + N, ma1, cv, mv, V)
         before = tl.sum(tl.where(rt[:, None] < a * BC, gvf, 0.0), 0)                  # sum_{s < n_a}
         after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gvf, 0.0), 0)            # sum_{s > e_a}
         sfx = tl.cumsum(ga1, 0, reverse=True)                                          # sum_{j < s <= e_a}
@@ -528,25 +524,19 @@ def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, d
         dva = tl.dot(ka, dS, input_precision="ieee") * eout
         dor = doa * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))           # do_i e^{Gv_i - Gv_na}
         for b in tl.static_range(BT // BC):
-            rb = b * BC + rc
-            tb = t0 + rb
-            mb = (rb < C) & (tb < T)
-            rowb = tb.to(tl.int64) * N + i_n
+            rowb, mb, mb1 = _triton_chunk_rows(t0, b, rc, C, T, N, i_n, BC)
             if b < a:  # a is the query side: v_b e^{Gv_na - Gv_j}, with e_b < s <= n_a linking them
-                mb1 = (rc + 1 < BC) & (rb + 1 < C) & (tb + 1 < T)
-                kb = tl.load(k_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
-                vb = tl.load(v_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0).to(tl.float32)
-                gb1 = tl.load(g_ptr + (rowb + N)[:, None] * V + cv[None, :], mask=mb1[:, None] & mv, other=0.0)
-                gb1 = tl.maximum(gb1.to(tl.float32), -1e4)
+                kb = _triton_chunk_tile(k_ptr, rowb, mb, ck, mk, K)
+                vb = _triton_chunk_tile(v_ptr, rowb, mb, cv, mv, V)
+                gb1 = _triton_chunk_gate(g_ptr, rowb + N, mb1, cv, mv, V)
                 link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)
                 vb = vb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + tl.sum(tl.where(link, gvf, 0.0), 0)[None, :])
                 dqa += tl.dot(tl.dot(dor, tl.trans(vb), input_precision="ieee"), kb, input_precision="ieee")
             if b > a:  # a is the key side: do_b e^{Gv_i - Gv_nb} and v_a e^{Gv_nb - Gv_j}
-                qb = tl.load(q_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0).to(tl.float32)
-                dob = tl.load(do_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
-                gb = tl.load(g_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
-                gb = tl.maximum(gb.to(tl.float32), -1e4)
-                dorb = dob.to(tl.float32) * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gb, 0.0), 0))
+                qb = _triton_chunk_tile(q_ptr, rowb, mb, ck, mk, K)
+                dob = _triton_chunk_tile(do_ptr, rowb, mb, cv, mv, V)
+                gb = _triton_chunk_gate(g_ptr, rowb, mb, cv, mv, V)
+                dorb = dob * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gb, 0.0), 0))
                 link = (rt[:, None] > (a + 1) * BC - 1) & (rt[:, None] <= b * BC)
                 ea = tl.exp(sfx + tl.sum(tl.where(link, gvf, 0.0), 0)[None, :])       # e^{Gv_nb - Gv_j}
                 Mba = tl.dot(dorb, tl.trans(va * ea), input_precision="ieee")         # [BC_b, BC_a]
@@ -567,9 +557,9 @@ def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, d
             dqa += tl.where(rc[:, None] == i, tl.sum(mij[:, None] * ka, 0)[None, :], 0.0)
             dka += mij[:, None] * qi[None, :]
             dva += tl.sum(ka * qi[None, :], 1)[:, None] * doi[None, :] * E
-        tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=mak)
-        tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=mak)
-        tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=mav)
+        tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=ma[:, None] & mk[None, :])
+        tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=ma[:, None] & mk[None, :])
+        tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=ma[:, None] & mv[None, :])
 
 
 def _triton_chunk_key_backward(q, k, v, gk, h, S, do, dS, C):
