@@ -435,6 +435,10 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
         base = [o.node for o in cell.outputs] + [s.node_out for s in cell.states] + [s.init for s in cell.states]
         used = cell.graph.ancestors(base)
         live = [n for n in live if n in used]
+    if recurrent is not None:  # only what the recurrent kernel loads (not e.g. the delta rule's I - b k kᵀ)
+        outs = [o.node for o in cell.outputs if stages.get(o.node) != "loop"]
+        used = cell.graph.ancestors(list(recurrent.leaves) + outs + [s.init for s in cell.states])
+        live = [n for n in live if n in used or stages[n] == "loop"]
     if chunk is not None:  # only what the chunkwise form reads (not the per-step k vᵀ, decays, ...)
         state_free_outs = [o.node for o in cell.outputs if o.name != chunk["output"]]
         used = cell.graph.ancestors(plan_nodes(chunk) + state_free_outs + [s.init for s in cell.states])

@@ -3,7 +3,9 @@
 Triton cannot slice a tensor held in registers, so `lower` rewrites the per-step ops into tiles
 in which every split, slice, integer index and concat is pushed down to the loads:
 `split(W @ h + b, 4)[1]` becomes `W[H:2H, :] @ h + b[H:2H]`, and `A @ concat(u, w)` becomes
-`A[:, :n] @ u + A[:, n:] @ w`. Each tile is one register value with symbolic sizes; its op is an
+`A[:, :n] @ u + A[:, n:] @ w`; a matrix product whose left side is built from eye, sums, scalings
+and outer products is distributed, so the delta rule's `(I - b k kᵀ) @ S` becomes `S - b k (kᵀ S)`
+with no [K, K, V] block. Each tile is one register value with symbolic sizes; its op is an
 elementwise op of elementwise.py, a contraction (mv, vm, mm, dot, outer), a reduction, an axis
 change (expand, squeeze, trans, bcast), a leaf load (a view of a value computed outside the
 recurrence) or a state. A cell that slices a state itself (nothing to push the slice into), or
@@ -190,7 +192,35 @@ class _Lowering:
                 total = piece if total is None else self.add("add", (total, piece), self.tiles[piece].shape)
                 start = start + n
             return total
+        if ra == 2 and rb == 2:
+            t = self._apply(a, b, view)
+            if t is not None:
+                return t
         return self._contract(a, b, ra, rb, view, (sympy.Integer(0), k), None)
+
+    def _apply(self, a: int, b: int, view: View) -> int | None:
+        """a @ b without forming a [M, K, N] product, when a is built from eye, sums, scalings and
+        outer products: (I - beta k kᵀ) S = S - beta k (kᵀ S), the delta rule's update. None when a
+        is anything else (then the generic product)."""
+        node = self.g[a]
+        sizes = tuple(z for _, z in view)
+        if node.op == "eye":
+            return self.lower(b, view)
+        if node.op in ("add", "sub") and all(len(self.g[x].shape) == 2 for x in node.args):
+            parts = [self._apply(x, b, view) for x in node.args]
+            return None if None in parts else self.add(node.op, tuple(parts), sizes)
+        if node.op == "mul":
+            scalars = [x for x in node.args if not self.g[x].shape]
+            mats = [x for x in node.args if len(self.g[x].shape) == 2]
+            if len(scalars) == 1 and len(mats) == 1:
+                inner = self._apply(mats[0], b, view)
+                return None if inner is None else self.add("mul", (self.full(scalars[0]), inner), sizes)
+        if node.op == "outer":  # (u wᵀ) b = u (wᵀ b)
+            u, w = node.args
+            kv = (sympy.Integer(0), self.g[w].shape[0])
+            wb = self.add("vm", (self.full(w), self.lower(b, (kv, view[1]))), (view[1][1],))
+            return self.add("outer", (self.lower(u, (view[0],)), wb), sizes)
+        return None
 
     def _contract(self, a: int, b: int, ra: int, rb: int, view: View, kv: tuple, part_is_b: bool | None) -> int:
         """One matmul a @ b over the contraction range kv (offset, size); when part_is_b is set,

@@ -216,8 +216,8 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
 
 def _recurrent_for_decoding(cell, report: Report):
     """The tile program for short sequences of a cell with a parallel Triton form, or None: when
-    its step has no tile form, or needs a matrix-matrix product (the delta rule's (I - b k kᵀ) S
-    would hold a [K, K, V] block in registers; the chunk kernel takes those)."""
+    its step has no tile form, or needs a general matrix-matrix product (a [K, K, V] block in
+    registers; the delta rule's (I - b k kᵀ) S is rewritten without one, see tiles.py)."""
     try:
         prog = tiles.lower(cell, report.stages)
     except tiles.NotFusable:

@@ -107,7 +107,17 @@ def test_auto_on_cuda_keeps_the_loop_for_cells_only_the_recurrent_kernel_takes()
 def test_short_sequences_of_a_parallel_cell_run_the_recurrent_kernel():
     tri = rnnc.build("gla", backend="triton")
     assert "_forward_recurrent" in tri.source and tri.LOOP_BELOW == 65
-    assert "_forward_recurrent" not in rnnc.compile("deltanet", backend="triton")  # [K, K, V] blocks: chunk form
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_the_delta_rule_steps_without_a_matrix_product(name):
+    """(I - b k kᵀ) S is lowered as S - b k (kᵀ S): no [K, K, V] block, and I - b k kᵀ is not even
+    formed outside the kernel, so decoding takes the recurrent kernel."""
+    prog = _program(name)
+    assert "mm" not in [t.op for t in prog.tiles]
+    source = rnnc.compile(name, backend="triton")
+    recurrent = source[source.index("def _forward_recurrent"):source.index("def step")]
+    assert "torch.eye" not in recurrent and "_Recurrent.apply" in recurrent
 
 
 def test_too_large_tiles_fall_back_to_the_parallel_form():
