@@ -5,7 +5,8 @@ in which every split, slice, integer index and concat is pushed down to the load
 `split(W @ h + b, 4)[1]` becomes `W[H:2H, :] @ h + b[H:2H]`, and `A @ concat(u, w)` becomes
 `A[:, :n] @ u + A[:, n:] @ w`; a matrix product whose left side is built from eye, sums, scalings
 and outer products is distributed, so the delta rule's `(I - b k kᵀ) @ S` becomes `S - b k (kᵀ S)`
-with no [K, K, V] block. Each tile is one register value with symbolic sizes; its op is an
+with no [K, K, V] block; per-step outer products (b k vᵀ) are formed in the kernel from their
+vectors rather than loaded. Each tile is one register value with symbolic sizes; its op is an
 elementwise op of elementwise.py, a contraction (mv, vm, mm, dot, outer), a reduction, an axis
 change (expand, squeeze, trans, bcast), a leaf load (a view of a value computed outside the
 recurrence) or a state. A cell that slices a state itself (nothing to push the slice into), or
@@ -83,7 +84,7 @@ class _Lowering:
         node = self.g[nid]
         sizes = tuple(z for _, z in view)
         whole = all(D.equal(o, 0) and D.equal(z, s) for (o, z), s in zip(view, node.shape))
-        if self.stages.get(nid, "const") != "loop":
+        if self.stages.get(nid, "const") != "loop" and not self._outer_product(nid):
             if node.op == "const" and not node.args and math.isfinite(float(node.attrs["value"])):
                 return self.add("num", (), (), value=float(node.attrs["value"]))
             if node.dtype != "float":
@@ -128,6 +129,17 @@ class _Lowering:
             t = self.add(op, args, shape)
             return t if _same(shape, sizes) else self.add("bcast", (t,), sizes)
         raise NotFusable(f"op '{op}' in the recurrence")
+
+    def _outer_product(self, nid: int) -> bool:
+        """A per-step value built by an outer product (k vᵀ, b k vᵀ): computed in the kernel from its
+        vectors, not loaded as a [T, N, K, V] tensor."""
+        node = self.g[nid]
+        if self.stages.get(nid) != "hoist":
+            return False
+        if node.op == "outer":
+            return True
+        return (node.op in ("mul", "add", "sub") and any(self._outer_product(a) for a in node.args)
+                and all(self.g[a].dtype == "float" for a in node.args))
 
     def _index(self, node, view: View) -> int:
         (x,) = node.args

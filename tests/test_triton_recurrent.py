@@ -120,6 +120,15 @@ def test_the_delta_rule_steps_without_a_matrix_product(name):
     assert "torch.eye" not in recurrent and "_Recurrent.apply" in recurrent
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "gla", "linear_attn"])
+def test_outer_products_are_formed_in_the_kernel(name):
+    """b k vᵀ comes from its vectors, not from a [T, N, K, V] tensor computed beforehand."""
+    cell = optimize(rnnc.load(name).cell())
+    prog = tiles.lower(cell, analyze_cell(cell).stages)
+    assert "outer" in [t.op for t in prog.tiles]
+    assert all(len(cell.graph[leaf].shape) <= 1 or cell.graph[leaf].op == "index" for leaf in prog.leaves)
+
+
 def test_too_large_tiles_fall_back_to_the_parallel_form():
     """K = V = 512 would need a [512, 512] state block: the chunk kernel runs the short sequence."""
     loop, tri = rnnc.build("simple_gla", backend="loop"), rnnc.build("simple_gla", backend="triton")
