@@ -49,7 +49,7 @@ def _compile(fn: JITFunction, args: tuple, kwargs: dict) -> None:
             signature[p.name], constexprs[p.name] = "constexpr", value
         else:
             signature[p.name] = _type(value)
-    key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
+    key = (fn.__name__, fn.src, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
            tuple(options.items()))
     if key in seen:
         return
