@@ -105,6 +105,13 @@ class _Render:
         # matrix-vector products with a constant matrix: the weight's gradient is formed outside
         self.deferred = [i for i, t in enumerate(prog.tiles) if t.op in ("mv", "vm")
                          and self._const_leaf(t.args[0 if t.op == "mv" else 1])]
+        # their vectors, each saved once (an LSTM's four gate products share h)
+        self.vectors = list(dict.fromkeys(self.vector(i) for i in self.deferred))
+
+    def vector(self, i: int) -> int:
+        """The vector operand of a matrix-vector product tile."""
+        t = self.prog.tiles[i]
+        return t.args[1] if t.op == "mv" else t.args[0]
 
     def _const_leaf(self, i: int) -> bool:
         t = self.prog.tiles[i]
@@ -320,17 +327,10 @@ def source(cell, prog: TileProgram) -> list[str]:
                 step_grads.append(f"{fn}({p}, {adj[j]}{'' if m is None else f', mask={m}'})")
             else:
                 const_acc.append((j, k, view, shape))
-    nd = len(r.deferred)
-    dp = "".join(f"gy{i}_ptr, xv{i}_ptr, " for i in range(nd))
-    deferred_stores = []
-    for i, j in enumerate(r.deferred):
-        t = tiles[j]
-        vec = t.args[1] if t.op == "mv" else t.args[0]
-        if j in adj:
-            deferred_stores.append(store(t.shape, f"gy{i}_ptr", "row", adj[j]))
-        else:
-            deferred_stores.append(store(t.shape, f"gy{i}_ptr", "row", f"tl.zeros({sz.blocks(t.shape)}, DT)"))
-        deferred_stores.append(store(tiles[vec].shape, f"xv{i}_ptr", "row", r.v[vec]))
+    dp = "".join(f"gy{i}_ptr, " for i in range(len(r.deferred))) + "".join(f"xv{i}_ptr, " for i in range(len(r.vectors)))
+    deferred_stores = [store(tiles[j].shape, f"gy{i}_ptr", "row",
+                             adj.get(j, f"tl.zeros({sz.blocks(tiles[j].shape)}, DT)")) for i, j in enumerate(r.deferred)]
+    deferred_stores += [store(tiles[v].shape, f"xv{i}_ptr", "row", r.v[v]) for i, v in enumerate(r.vectors)]
     acc_init = [f"    a{j} = tl.zeros({sz.blocks(shape) if shape else '[1]'}, DT)" for j, _, _, shape in const_acc]
     acc_add = [f"{ind}a{j} = a{j} + {adj[j]}" for j, _, _, _ in const_acc]
     acc_out = []
@@ -338,6 +338,7 @@ def source(cell, prog: TileProgram) -> list[str]:
         m = sz.mask(shape)
         value = f"a{j}" if shape else f"tl.sum(a{j}, axis=0)"
         acc_out.append(f"    tl.atomic_add({r.ptr(k, view, f'dl{k}_ptr')}, {value}{'' if m is None else f', mask={m}'})")
+
     def new_lam(i: int) -> str:
         j = state_tile.get(i)
         if j is None or j not in adj:  # the step does not read the state: nothing flows back
@@ -403,18 +404,17 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
     largest = ", ".join(sorted({" * ".join(f"blocks['BS{sz.id(d)}']" for d in shape)
                                 for shape in shapes_in_registers if shape}))
     dim_vals = "".join(f"d_{n}, " for n in dims)
-    unpack = f"    {', '.join(f'd_{n}' for n in dims)}{',' if len(dims) == 1 else ''} = dims" if dims else ""
-    deferred = []
+    unpack = f"        {', '.join(f'd_{n}' for n in dims)}{',' if len(dims) == 1 else ''} = dims" if dims else "        pass"
+    weight_grads = []
     for i, j in enumerate(r.deferred):
         t = tiles[j]
         mat = tiles[t.args[0] if t.op == "mv" else t.args[1]]
-        vec = tiles[t.args[1] if t.op == "mv" else t.args[0]]
-        k = mat.attrs["leaf"]
+        v = r.vectors.index(r.vector(j))
         sl = ", ".join(f"{_names(o)}:{_names(o + z)}" for o, z in mat.attrs["view"])
-        m, kk = _names(sympy.prod(t.shape)), _names(sympy.prod(vec.shape))
-        gy, xv = f"gy[{i}].reshape(-1, {m})", f"xv[{i}].reshape(-1, {kk})"
+        m, kk = _names(sympy.prod(t.shape)), _names(sympy.prod(tiles[r.vector(j)].shape))
+        gy, xv = f"gy[{i}].reshape(-1, {m})", f"xv[{v}].reshape(-1, {kk})"
         prod = f"{gy}.t() @ {xv}" if t.op == "mv" else f"{xv}.t() @ {gy}"
-        deferred.append((t, vec, f"        dl[{k}][{sl}] += {prod}"))
+        weight_grads.append(f"        dl[{mat.attrs['leaf']}][{sl}] += {prod}")
     return [
         "_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}",
         f"RECURRENT_MAX_TILE = {MAX_TILE}  # elements of the largest value the recurrent kernel holds in registers",
@@ -437,7 +437,7 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         "",
         "    @staticmethod",
         "    def forward(ctx, T, dims, *args):",
-        "    " + unpack if unpack else "",
+        unpack,
         f"        s0, leaves = [x.contiguous() for x in args[:{ns}]], [x.contiguous() for x in args[{ns}:]]",
         "        _check_triton_device(s0[0])",
         "        N, dt, dev = s0[0].shape[0], s0[0].dtype, s0[0].device",
@@ -456,7 +456,7 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         "    @staticmethod",
         "    def backward(ctx, *grads):",
         "        T, dims, blocks = ctx.T, ctx.dims, ctx.blocks",
-        "    " + unpack if unpack else "",
+        unpack,
         "        saved = ctx.saved_tensors",
         f"        s0, leaves, hist = saved[:{ns}], saved[{ns}:{ns + nl}], saved[{ns + nl}:]",
         "        N, dt, dev = s0[0].shape[0], s0[0].dtype, s0[0].device",
@@ -465,13 +465,11 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         f"        gf = [torch.zeros_like(x) if g is None else g.contiguous() for g, x in zip(grads[{no}:], s0)]",
         "        ds = [torch.empty_like(x) for x in s0]",
         "        dl = [torch.zeros_like(x) for x in leaves]",
-        *[f"        gy{i}, xv{i} = torch.empty(T, N{shp(t.shape)}, dtype=dt, device=dev), "
-          f"torch.empty(T, N{shp(v.shape)}, dtype=dt, device=dev)" for i, (t, v, _) in enumerate(deferred)],
-        f"        gy, xv = [{', '.join(f'gy{i}' for i in range(len(deferred)))}], "
-        f"[{', '.join(f'xv{i}' for i in range(len(deferred)))}]",
-        f"        _rec_bwd[(N,)](*s0, *leaves, *hist, {''.join(f'go{i}, ' for i in range(no))}*gf, *ds, *dl, "
-        f"{''.join(f'gy{i}, xv{i}, ' for i in range(len(deferred)))}T, N, {dim_vals}DT=_TL_DTYPE[dt], "
-        "num_warps=ctx.warps, **blocks)",
-        *[line for _, _, line in deferred],
+        "        # per step: the adjoint of each product with a constant matrix, and its vector",
+        f"        gy = [{', '.join(f'torch.empty(T, N{shp(tiles[j].shape)}, dtype=dt, device=dev)' for j in r.deferred)}]",
+        f"        xv = [{', '.join(f'torch.empty(T, N{shp(tiles[v].shape)}, dtype=dt, device=dev)' for v in r.vectors)}]",
+        f"        _rec_bwd[(N,)](*s0, *leaves, *hist, {''.join(f'go{i}, ' for i in range(no))}*gf, *ds, *dl, *gy, *xv, "
+        f"T, N, {dim_vals}DT=_TL_DTYPE[dt], num_warps=ctx.warps, **blocks)",
+        *weight_grads,
         "        return (None, None, *ds, *dl)",
     ]
