@@ -207,8 +207,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         recurrent = _recurrent_for_decoding(cell, report)
         if recurrent is not None:
             loop_below = RECURRENT_BELOW
-            report.notes.append(f"triton: sequences shorter than {RECURRENT_BELOW} steps (and step) run the fused "
-                                "recurrent kernel")
+    _triton_note(report)
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
                          chunk=chunk, loop_below=loop_below, chunk_size=chunk_size, recurrent=recurrent)
     return source, report
@@ -245,7 +244,22 @@ def analyze(spec: Spec, cell: str | None = None, backend: str = "auto", device=N
     report = analyze_cell(optimize(_program(spec).cell(cell)))
     report.backend = _pick_backend(backend, report, device)
     _loop_below(backend, report)
+    _triton_note(report)
     return report
+
+
+def _triton_note(report: Report) -> None:
+    """On the triton backend, which kernels run the cell (noted in the report)."""
+    if report.backend != "triton":
+        return
+    kind = _triton_kind(report)[0]
+    if kind == "recurrent":
+        report.notes.append("triton: the fused recurrent kernel (no parallel form applies)")
+        return
+    report.notes.append(f"triton: {'chunkwise' if kind == 'chunk' else 'fused scan'} kernels")
+    if _recurrent_for_decoding(report.cell, report) is not None:
+        report.notes.append(f"triton: sequences shorter than {RECURRENT_BELOW} steps (and step) run the fused "
+                            "recurrent kernel")
 
 
 def _loop_below(backend: str, report: Report) -> int | None:

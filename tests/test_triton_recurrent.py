@@ -137,3 +137,10 @@ def test_too_large_tiles_fall_back_to_the_parallel_form():
     (y_t, f_t), (y_l, f_l) = tri(q, k, v, g), loop(q, k, v, g)
     torch.testing.assert_close(y_t, y_l, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(f_t["S"], f_l["S"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_report_says_which_kernels_run():
+    assert rnnc.analyze("lstm", backend="triton").notes == ["triton: the fused recurrent kernel (no parallel form applies)"]
+    notes = rnnc.analyze("gla", backend="triton").notes
+    assert notes[0] == "triton: chunkwise kernels" and "shorter than 65 steps" in notes[1]
+    assert rnnc.analyze("mingru", backend="triton").notes[0] == "triton: fused scan kernels"
