@@ -1,5 +1,7 @@
 """The triton backend on a real GPU: every library cell it applies to agrees with the loop
-backend (values and gradients) on CUDA tensors, fp32 and bf16 inputs. Skipped without CUDA:
+backend (values, final states, gradients of the inputs and params) on CUDA tensors, fp32 and bf16
+inputs, at lengths that take the recurrent kernel (1), the parallel forms (100, 257) and the fused
+scans' time-chunked variant (2048). Skipped without CUDA:
 on CPU the same kernels are checked in Triton's interpreter (test_backends_agree.py, test_triton*.py).
 Run on a GPU machine with `python -m pytest -q tests/test_triton_gpu.py`."""
 import pytest
@@ -44,8 +46,10 @@ def test_triton_on_cuda_matches_the_loop(name, T, dtype):
     for cell in (loop, tri):
         y, final = cell(*xs)
         loss = (y.float() * torch.cos(torch.arange(y.numel(), device="cuda")).view_as(y)).sum()
-        grads = torch.autograd.grad(loss, xs)
-        outs.append([y.float(), *[f.float() for f in final.values()], *[g.float() for g in grads]])
+        params = [p for _, p in sorted(cell.named_parameters())]
+        grads = torch.autograd.grad(loss, xs + params, allow_unused=True)
+        outs.append([y.float(), *[f.float() for f in final.values()],
+                     *[g.float() for g in grads if g is not None]])
     # fp32 matmuls on the GPU may use TF32 in the loop's PyTorch ops: a looser bound than on CPU
     tol = 2e-3 if dtype == torch.float32 else 3e-2
     for a, b in zip(outs[1], outs[0]):
