@@ -63,25 +63,32 @@ def _triton_chunk_blocks(C, K, V):
 
 
 @triton.jit
+def _triton_chunk_block(ptr, i_n, i_v, K, V, LOAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A (V block i_v, row i_n) program's [BK, BV] block of a [N, K, V] state: its columns, masks and
+    offsets, and the block read from `ptr` in float32 (zeros without LOAD)."""
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    if LOAD:
+        S = tl.load(ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    return ck, cv, mk, mv, s_off, s_msk, S
+
+
+@triton.jit
 def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h_ptr, T, N, K, V, C,
                              HAS_G: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """No decay (HAS_G False) or a scalar log-decay g [T, N] per step; one program per (V block, row n).
     With SAVE_H, the state entering each chunk goes to h [nt, N, K, V] (for the backward)."""
-    i_v = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, s_off, s_msk, S = _triton_chunk_block(h0_ptr, i_n, tl.program_id(0), K, V, HAS_H0, BK, BV)
     rt = tl.arange(0, BT)
     tri = rt[:, None] >= rt[None, :]
-    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    if HAS_H0:
-        S = tl.load(h0_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(T, C)
     for ic in range(nt):
         if SAVE_H:
@@ -122,20 +129,10 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
                              BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Per-key log-decay gk [T, N, K] (GK) and/or per-value log-decay gv [T, N, V] (GV), secondary chunking.
     With SAVE_H, the state entering each chunk goes to h [nt, N, K, V] (for the backward)."""
-    i_v = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, s_off, s_msk, S = _triton_chunk_block(h0_ptr, i_n, tl.program_id(0), K, V, HAS_H0, BK, BV)
     rt = tl.arange(0, BT)
     rc = tl.arange(0, BC)
-    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    if HAS_H0:
-        S = tl.load(h0_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(T, C)
     for ic in range(nt):
         if SAVE_H:
@@ -266,6 +263,19 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
 
 
 @triton.jit
+def _triton_chunk_saved(h_ptr, dh_ptr, block, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """For a (chunk, row) backward program: all of K and V, and the [K, V] state entering the chunk (h)
+    and the adjoint leaving it (dh) at `block` = chunk * N + row, float32 as the forward saved them."""
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    s_off = tl.cast(block, tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    return ck, cv, mk, mv, tl.load(h_ptr + s_off, mask=s_msk, other=0.0), tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
+
+
+@triton.jit
 def _triton_chunk_rows(t0, a, rc, C, T, N, i_n, BC: tl.constexpr):
     """Sub-chunk a of the chunk starting at t0: its rows' offsets, their mask, and the mask of the row
     below each (inside the sub-chunk) for the shifted gate loads."""
@@ -295,19 +305,9 @@ def _triton_chunk_bwd_dh(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K,
     """The state's adjoint, chunk by chunk in reverse: dh[ic] is the gradient of the state leaving
     chunk ic, dS_prev = e^{G_last} dS + (q e^G)^T do (a scalar g [T, N]; with GK per-key gk [T, N, K],
     with GV per-value gv [T, N, V] on the other side); dh0 the initial state's. One program per (V block, row)."""
-    i_v = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, s_off, s_msk, dS = _triton_chunk_block(ds_ptr, i_n, tl.program_id(0), K, V, HAS_DS, BK, BV)
     rt = tl.arange(0, BT)
-    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    if HAS_DS:
-        dS = tl.load(ds_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(T, C)
     for i in range(nt):
         ic = nt - 1 - i
@@ -346,10 +346,7 @@ def _triton_chunk_bwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, 
     and the log-decays' gradient dg (below; G_i = sum_{s <= i} g_s within the chunk)."""
     ic = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, S, dS = _triton_chunk_saved(h_ptr, dh_ptr, ic * N + i_n, K, V, BK, BV)
     rt = tl.arange(0, BT)
     tri = rt[:, None] >= rt[None, :]
     t = ic * C + rt
@@ -361,10 +358,6 @@ def _triton_chunk_bwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, 
     k = tl.load(k_ptr + row[:, None] * K + ck[None, :], mask=mqk, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + row[:, None] * V + cv[None, :], mask=mvv, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=mvv, other=0.0).to(tl.float32)
-    s_off = tl.cast(ic * N + i_n, tl.int64) * K * V + ck[:, None] * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
-    dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
     P = tl.dot(q, tl.trans(k), input_precision="ieee")                                # [BT, BT]
     dP = tl.dot(do, tl.trans(v), input_precision="ieee")                              # do_i . v_j
     if HAS_G:
@@ -416,17 +409,10 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
       dq += (do S^T) e^G,  dk += (v dS^T) e^{G_last - G},  dv += (k e^{G_last - G}) dS."""
     ic = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, S, dS = _triton_chunk_saved(h_ptr, dh_ptr, ic * N + i_n, K, V, BK, BV)
     rt = tl.arange(0, BT)
     rc = tl.arange(0, BC)
     t0 = ic * C
-    s_off = tl.cast(ic * N + i_n, tl.int64) * K * V + ck[:, None] * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
-    dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
     tf = t0 + rt
     gkf = _triton_chunk_gate(g_ptr, tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T), ck, mk, K)
     for a in tl.static_range(BT // BC):
@@ -495,17 +481,10 @@ def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, d
     row by row."""
     ic = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, S, dS = _triton_chunk_saved(h_ptr, dh_ptr, ic * N + i_n, K, V, BK, BV)
     rt = tl.arange(0, BT)
     rc = tl.arange(0, BC)
     t0 = ic * C
-    s_off = tl.cast(ic * N + i_n, tl.int64) * K * V + ck[:, None] * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    S = tl.load(h_ptr + s_off, mask=s_msk, other=0.0)
-    dS = tl.load(dh_ptr + s_off, mask=s_msk, other=0.0)
     tf = t0 + rt
     gvf = _triton_chunk_gate(g_ptr, tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T), cv, mv, V)
     for a in tl.static_range(BT // BC):

@@ -62,6 +62,23 @@ def _triton_delta_blocks(C, K, V):
 
 
 @triton.jit
+def _triton_delta_block(ptr, i_n, i_v, K, V, LOAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A (V block i_v, row i_n) program's [BK, BV] block of a [N, K, V] state: its columns, masks and
+    offsets, and the block read from `ptr` in float32 (zeros without LOAD)."""
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
+    s_msk = mk[:, None] & mv[None, :]
+    if LOAD:
+        S = tl.load(ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    return ck, cv, mk, mv, s_off, s_msk, S
+
+
+@triton.jit
 def _triton_delta_factors(q, k, b, g, nd, rt, HAS_G: tl.constexpr):
     """One chunk's factors from its q, k [BT, BK], b [BT] and log-decays g [BT] (a dummy without HAS_G):
     (Ti, Gam, eG, eL, KK, QK) with KK = diag(b) K K^T, QK = Q K^T, Gam_ij = e^{sum_{j < s <= i} g_s} (0 above
@@ -112,19 +129,9 @@ def _triton_delta_fwd(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Gated (HAS_G: scalar log-decay g [T, N]) or plain delta rule; one program per (V block, row n).
     With SAVE_H, the state entering each chunk goes to h [nt, N, K, V] (for the backward)."""
-    i_v = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, s_off, s_msk, S = _triton_delta_block(h0_ptr, i_n, tl.program_id(0), K, V, HAS_H0, BK, BV)
     rt = tl.arange(0, BT)
-    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    if HAS_H0:
-        S = tl.load(h0_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(T, C)
     for ic in range(nt):
         if SAVE_H:
@@ -152,19 +159,9 @@ def _triton_delta_bwd_dh(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, do_ptr, ds_ptr, dh_p
     """The state's adjoint, chunk by chunk in reverse: dh[ic] is the gradient of the state leaving chunk
     ic; with dD = (tril(Q K^T) * Gam)^T do + (K e^{G_last - G}) dS (the pseudo-values' adjoint),
     dS_prev = e^{G_last} dS + (Q e^G)^T do - W^T dD. One program per (V block, row)."""
-    i_v = tl.program_id(0)
     i_n = tl.program_id(1)
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    ck, cv, mk, mv, s_off, s_msk, dS = _triton_delta_block(ds_ptr, i_n, tl.program_id(0), K, V, HAS_DS, BK, BV)
     rt = tl.arange(0, BT)
-    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    if HAS_DS:
-        dS = tl.load(ds_ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(T, C)
     for i in range(nt):
         ic = nt - 1 - i
