@@ -13,10 +13,6 @@ interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
-import inspect
-
 import pytest
 import torch
 
@@ -24,6 +20,7 @@ pytest.importorskip("triton")
 
 import rnnc.backends.chunk_ops as chunk_ops  # noqa: E402
 import rnnc.backends.triton_chunk as triton_chunk  # noqa: E402
+from paste_contract import pasted  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N = 2
@@ -221,28 +218,7 @@ def test_paste_contract(tmp_path):
     """Header imports only math/torch/triton/tl (+ relative imports of chunk_ops helpers); every
     top-level name starts with _triton_chunk; the body from the first `def` on, pasted after
     chunk_ops's body, forms a working module."""
-    text = inspect.getsource(triton_chunk)
-    tree = ast.parse(text)
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            assert {a.name for a in node.names} <= {"math", "torch", "triton", "triton.language"}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.module == "chunk_ops" and node.level == 1
-            assert {a.name for a in node.names} <= {n for n in dir(chunk_ops) if n.startswith("_chunk")}
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            assert node.name.startswith("_triton_chunk"), node.name
-        else:
-            assert isinstance(node, ast.Expr) and node is tree.body[0], ast.dump(node)  # the docstring
-    body = text[text.index("\ndef ") + 1:]
-    assert "import" not in body.split("\n@triton.jit")[0] and "\nimport " not in body and "\nfrom " not in body
-    co = inspect.getsource(chunk_ops)
-    src = ("import math\nimport torch\nimport torch.nn.functional as F\nimport triton\n"
-           "import triton.language as tl\n\n" + co[co.index("\ndef ") + 1:] + "\n\n" + body)
-    path = tmp_path / "pasted_triton_chunk.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("pasted_triton_chunk", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = pasted(triton_chunk, "_triton_chunk", tmp_path)
     leaves = [None if x is None else x.float() for x in make_inputs(20, 16, 16, "key", "mild")]
     q = leaves[0].requires_grad_(True)
     o, s = mod._triton_chunk_linear(*leaves, 16)

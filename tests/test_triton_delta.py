@@ -1,19 +1,16 @@
-"""backends/triton_delta.py: the Triton chunkwise (gated) delta-rule forward against chunk_ops._chunk_delta.
+"""backends/triton_delta.py: the Triton chunkwise (gated) delta rule, forward and backward, against chunk_ops._chunk_delta.
 
 Checked: o and S_T against `_chunk_delta` in float64 (rel err <= 1e-4 relative to the max magnitude,
 float32 inputs) with unit-norm keys, beta in (0, 1) and beta = 1, no decay, mild and extreme (down to
 -20 per step) scalar log-decays and -inf gates (hard resets), ragged T, chunk lengths 16/32 and one that
 is not a power of two, K and V not powers of two, several V blocks, h0 given or not, before=True;
-gradients of every input (the backward is chunk_ops's, recomputed); float16/bfloat16 inputs; the float64
+gradients of every input (the Triton backward kernels, against chunk_ops's autograd gradients in
+float64); float16/bfloat16 inputs; the float64
 fallback; a token-by-token recurrence as an independent reference; and the paste contract (the body
 after the first top-level `def`, pasted after chunk_ops's body into one file, imports and runs). Without
-a GPU the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
+a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
 """
 from __future__ import annotations
-
-import ast
-import importlib.util
-import inspect
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ pytest.importorskip("triton")
 
 import rnnc.backends.chunk_ops as chunk_ops  # noqa: E402
 import rnnc.backends.triton_delta as triton_delta  # noqa: E402
+from paste_contract import pasted  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N = 2
@@ -217,30 +215,7 @@ def test_paste_contract(tmp_path):
     """Header imports only math/torch/triton/tl (+ relative imports of chunk_ops helpers); every
     top-level name starts with _triton_delta; the body from the first `def` on, pasted after
     chunk_ops's body, forms a working module."""
-    text = inspect.getsource(triton_delta)
-    tree = ast.parse(text)
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            assert {a.name for a in node.names} <= {"math", "torch", "triton", "triton.language"}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.module == "chunk_ops" and node.level == 1
-            assert {a.name for a in node.names} <= {n for n in dir(chunk_ops) if n.startswith("_chunk")}
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            assert node.name.startswith("_triton_delta"), node.name
-        else:
-            assert isinstance(node, ast.Expr) and node is tree.body[0], ast.dump(node)  # the docstring
-    first = next(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
-    assert isinstance(first, ast.FunctionDef) and not first.decorator_list, first.name
-    body = text[text.index("\ndef ") + 1:]
-    assert "import" not in body.split("\n@triton.jit")[0] and "\nimport " not in body and "\nfrom " not in body
-    co = inspect.getsource(chunk_ops)
-    src = ("import math\nimport torch\nimport torch.nn.functional as F\nimport triton\n"
-           "import triton.language as tl\n\n" + co[co.index("\ndef ") + 1:] + "\n\n" + body)
-    path = tmp_path / "pasted_triton_delta.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("pasted_triton_delta", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = pasted(triton_delta, "_triton_delta", tmp_path)
     leaves = [None if x is None else x.float() for x in make_inputs(20, 16, 16, "mild")]
     q = leaves[0].requires_grad_(True)
     o, s = mod._triton_delta_chunk(*leaves, 16)
