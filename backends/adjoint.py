@@ -3,55 +3,19 @@
 For one op y = f(x0, x1, ...), `AdjointRules.rule(node, g, vals, y)` returns the contributions
 to the adjoints of its operands as (operand index, expression, kind): kind "bcast" means the
 expression has the op's broadcast shape and must be summed back to the operand's shape; "exact"
-means it already has the operand's shape. `NEEDS[op]` says which forward values a rule reads
-("args", "y"), so the forward saves exactly those.
+means it already has the operand's shape. The elementwise rules are the registry's templates
+(rnnc/registry.py: Prim.vjp, with Prim.needs saying which forward values they read, so the
+forward saves exactly those); the structural ones are methods here.
 """
 from __future__ import annotations
 
+from rnnc import registry
 from rnnc.ir import Graph, Node
 
 from .torch_expr import index_parts, pyint
 
-# Which forward values each rule needs. Ops missing here have no derivative rule (the loop then
-# falls back to autograd); ops in NO_GRAD pass no gradient at all.
-NEEDS: dict[str, tuple[str, ...]] = {
-    "add": (), "sub": (), "neg": (), "mul": ("args",), "div": ("args", "y"), "pow": ("args", "y"),
-    "mod": ("args",), "floordiv": (), "minimum": ("args",), "maximum": ("args",), "where": ("args",),
-    "sigmoid": ("y",), "tanh": ("y",), "exp": ("y",), "expm1": ("y",), "sqrt": ("y",), "rsqrt": ("y",),
-    "relu": ("y",), "log": ("args",), "log1p": ("args",), "sin": ("args",), "cos": ("args",),
-    "abs": ("args",), "sign": (), "softplus": ("args",), "silu": ("args",), "logsigmoid": ("args",),
-    "gelu": ("args",), "elu": ("args", "y"), "square": ("args",),
-    "matmul": ("args",), "outer": ("args",), "transpose": (), "reduce": ("args", "y"),
-    "softmax": ("y",), "normalize": ("args",), "concat": (), "split": (), "item": (), "index": ("args",),
-    "broadcast": ("args",),
-}
-NO_GRAD = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not", "floordiv", "sign"})
-UNARY_D = {  # d/dx as an expression of g, x, y
-    "sigmoid": "torch.ops.aten.sigmoid_backward({g}, {y})",
-    "tanh": "torch.ops.aten.tanh_backward({g}, {y})",
-    "exp": "{g} * {y}",
-    "expm1": "{g} * ({y} + 1)",
-    "sqrt": "{g} / (2 * {y})",
-    "rsqrt": "-0.5 * {g} * {y} ** 3",
-    "relu": "torch.ops.aten.threshold_backward({g}, {y}, 0)",
-    "log": "{g} / {x}",
-    "log1p": "{g} / (1 + {x})",
-    "sin": "{g} * torch.cos({x})",
-    "cos": "-{g} * torch.sin({x})",
-    "abs": "{g} * torch.sign({x})",
-    "softplus": "{g} * torch.sigmoid({x})",
-    "silu": "torch.ops.aten.silu_backward({g}, {x})",
-    "logsigmoid": "{g} * torch.sigmoid(-{x})",
-    "gelu": "torch.ops.aten.gelu_backward({g}, {x})",
-    "elu": "torch.where({x} > 0, {g}, {g} * ({y} + 1))",
-    "square": "2 * {g} * {x}",
-}
-
-
-def has_rule(node: Node) -> bool:
-    if node.op == "reduce" and node.attrs["fn"] == "prod":
-        return False  # its gradient at zeros needs care: leave it to autograd
-    return node.op in NEEDS or node.op in NO_GRAD
+#: Ops whose adjoint backends/bptt.py emits itself (see the note at the end of AdjointRules).
+EMITTED = frozenset({"matmul", "split", "item"})
 
 
 class AdjointRules:
@@ -60,52 +24,13 @@ class AdjointRules:
 
     def rule(self, nid: int, g: str, vals: list[str], y: str, batched: list[bool]) -> list[tuple[int, str, str]]:
         node = self.graph[nid]
-        op = node.op
-        if op in NO_GRAD:
+        prim = registry.get(node)
+        if prim.grad == "none":
             return []
-        if op in UNARY_D:
-            return [(0, UNARY_D[op].format(g=g, x=vals[0], y=y), "exact")]
-        return getattr(self, "_" + op)(node, g, vals, y, batched)
-
-    # -- arithmetic --
-    def _add(self, n, g, v, y, b):
-        return [(0, g, "bcast"), (1, g, "bcast")]
-
-    def _sub(self, n, g, v, y, b):
-        return [(0, g, "bcast"), (1, f"-{g}", "bcast")]
-
-    def _neg(self, n, g, v, y, b):
-        return [(0, f"-{g}", "exact")]
-
-    def _mul(self, n, g, v, y, b):
-        return [(0, f"{g} * {v[1]}", "bcast"), (1, f"{g} * {v[0]}", "bcast")]
-
-    def _div(self, n, g, v, y, b):
-        return [(0, f"{g} / {v[1]}", "bcast"), (1, f"-{g} * {y} / {v[1]}", "bcast")]
-
-    def _pow(self, n, g, v, y, b):
-        a, e = v
-        return [(0, f"{g} * {e} * {a} ** ({e} - 1)", "bcast"),
-                (1, f"torch.where(({a} == 0) & ({e} >= 0), 0.0, "
-                    f"{g} * {y} * torch.log(torch.as_tensor({a}, dtype={y}.dtype, device={y}.device)))", "bcast")]
-
-    def _mod(self, n, g, v, y, b):
-        return [(0, g, "bcast"), (1, f"-{g} * torch.floor({v[0]} / {v[1]})", "bcast")]
-
-    def _minimum(self, n, g, v, y, b):
-        return self._minmax(g, v, "<")
-
-    def _maximum(self, n, g, v, y, b):
-        return self._minmax(g, v, ">")
-
-    @staticmethod
-    def _minmax(g, v, better):
-        a, c = v  # ties share the gradient equally, as torch.minimum/maximum do
-        return [(0, f"torch.where({a} {better} {c}, {g}, torch.where({a} == {c}, {g} / 2, 0.0))", "bcast"),
-                (1, f"torch.where({c} {better} {a}, {g}, torch.where({a} == {c}, {g} / 2, 0.0))", "bcast")]
-
-    def _where(self, n, g, v, y, b):
-        return [(1, f"torch.where({v[0]}, {g}, 0.0)", "bcast"), (2, f"torch.where({v[0]}, 0.0, {g})", "bcast")]
+        if prim.elementwise:  # a broadcast result sums back to a broadcast operand
+            kind = "exact" if len(node.args) == 1 else "bcast"
+            return [(i, t.format(*vals, g=g, y=y), kind) for i, t in enumerate(prim.vjp) if t is not None]
+        return getattr(self, "_" + node.op)(node, g, vals, y, batched)
 
     # -- linear algebra --
     def _outer(self, n, g, v, y, b):
@@ -118,7 +43,7 @@ class AdjointRules:
     # -- reductions --
     def _reduce(self, n, g, v, y, b):
         x = v[0]
-        fn, ax = n.attrs["fn"], n.attrs["axis"]
+        ax = n.attrs["axis"]
         rank = len(self.graph[n.args[0]].shape)
         if rank == 0:
             return [(0, g, "exact")]
@@ -132,15 +57,8 @@ class AdjointRules:
             dims = (ax + off,)
             ge, ye = f"{g}.unsqueeze({ax + off})", f"{y}.unsqueeze({ax + off})"
             count = f"{x}.shape[{ax + off}]"
-        if fn == "sum":
-            return [(0, f"{ge}.expand_as({x})", "exact")]
-        if fn == "mean":
-            return [(0, f"{ge}.expand_as({x}) / {count}", "exact")]
-        if fn == "logsumexp":
-            return [(0, f"{ge} * torch.exp({x} - {ye})", "exact")]
-        # max / min: the gradient is shared equally by the extreme entries
-        mask = f"({x} == {ye})"
-        return [(0, f"{ge} * {mask} / {mask}.sum(dim={dims!r}, keepdim=True)", "exact")]
+        template = registry.get(n).vjp[0]
+        return [(0, template.format(x, ge=ge, ye=ye, count=count, dims=repr(dims)), "exact")]
 
     def _softmax(self, n, g, v, y, b):
         d = n.attrs["axis"] + (1 if b[0] else 0)
@@ -166,9 +84,9 @@ class AdjointRules:
     def _broadcast(self, n, g, v, y, b):
         return [(0, g, "bcast")]
 
-    # `matmul`, `split` and `item` are handled by the emitter (bptt.py): a recurrent weight's
-    # gradient is deferred to one matmul after the loop, and a split's adjoint is the
-    # concatenation of its items' adjoints. They are in NEEDS so they count as differentiable.
+    # `matmul`, `split` and `item` (EMITTED) are handled by the emitter (bptt.py): a recurrent
+    # weight's gradient is deferred to one matmul after the loop, and a split's adjoint is the
+    # concatenation of its items' adjoints. The registry marks them differentiable.
 
     @staticmethod
     def index_tuple(n: Node, batched: bool) -> str:

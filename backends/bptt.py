@@ -5,21 +5,22 @@ every step, one full-size weight-gradient matmul and accumulation per step. Inst
 runs as one `_Recurrence` autograd node: its forward steps through time without autograd,
 saving only the values the derivative rules read; its backward steps back through time with
 the adjoint code emitted here, and computes the gradient of a recurrent weight as one matmul
-over all steps. Ops without a rule (see adjoint.has_rule) make the loop fall back to autograd.
+over all steps. Ops without a rule (registry.has_vjp) make the loop fall back to autograd.
 """
 from __future__ import annotations
 
 from rnnc import dims as D
+from rnnc import registry
 from rnnc.ir import Cell
 
-from .adjoint import NEEDS, AdjointRules, has_rule
-from .torch_expr import BROADCASTING, shape_text
+from .adjoint import AdjointRules
+from .torch_expr import shape_text
 
 LEAVES = ("input", "param", "state")
 
 
 def supported(cell: Cell, loop: list[int]) -> bool:
-    return all(cell.graph[n].op in LEAVES or has_rule(cell.graph[n]) for n in loop)
+    return all(cell.graph[n].op in LEAVES or registry.has_vjp(cell.graph[n]) for n in loop)
 
 
 def _param_derived(cell: Cell, stages: dict[int, str]) -> set[int]:
@@ -38,7 +39,7 @@ def saved_nodes(cell: Cell, loop: list[int], stages: dict[int, str]) -> set[int]
     keep: set[int] = set()
     for nid in loop:
         node = g[nid]
-        needs = NEEDS.get(node.op, ())
+        needs = registry.get(node).needs
         if "y" in needs:
             keep.add(nid)
         if "args" in needs:
@@ -191,7 +192,7 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
         gv = adj[nid]
         bflags = [stages.get(a) != "const" for a in node.args]
         vals = [value(a) for a in node.args]
-        if node.op in BROADCASTING:  # pad batched operands as the forward did, so they broadcast alike
+        if registry.broadcasts(node):  # pad batched operands as the forward did, so they broadcast alike
             rank = len(node.shape)
             vals = [f"{v}[:{', None' * (rank - len(g[a].shape))}]" if b and len(g[a].shape) < rank else v
                     for v, a, b in zip(vals, node.args, bflags)]

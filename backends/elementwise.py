@@ -11,52 +11,15 @@ from __future__ import annotations
 
 import math
 
+from rnnc import registry
 from rnnc.ir import Graph
 
-# op -> Triton template over the operands' names {0}, {1}, {2}
-UNARY = {
-    "exp": "tl.exp({0})",
-    "log": "tl.log({0})",
-    "sigmoid": "tl.sigmoid({0})",
-    "tanh": "(2 * tl.sigmoid(2 * {0}) - 1)",  # no libdevice in the interpreter
-    "relu": "tl.maximum({0}, 0.0)",
-    "abs": "tl.abs({0})",
-    "sqrt": "tl.sqrt({0})",
-    "rsqrt": "tl.rsqrt({0})",
-    "sin": "tl.sin({0})",
-    "cos": "tl.cos({0})",
-    "square": "{0} * {0}",
-    "silu": "{0} * tl.sigmoid({0})",
-    # stable forms: no exp of a large positive number
-    "softplus": "tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))",
-    "logsigmoid": "tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))",
-    "neg": "-{0}",
-}
-BINARY = {
-    "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
-    "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",
-    "lt": "{0} < {1}", "le": "{0} <= {1}", "gt": "{0} > {1}", "ge": "{0} >= {1}",
-}
-WHERE = "tl.where({0}, {1}, {2})"
-# d(op)/d(operand i) times the adjoint {g}, over the operands {0}, {1}, {2} and the result {y}
-# (ties of maximum/minimum split the gradient in half, as torch does)
-ADJOINT = {
-    "add": ("{g}", "{g}"), "sub": ("{g}", "-{g}"), "mul": ("{g} * {1}", "{g} * {0}"),
-    "div": ("{g} / {1}", "-{g} * {y} / {1}"), "neg": ("-{g}",),
-    "exp": ("{g} * {y}",), "log": ("{g} / {0}",), "sigmoid": ("{g} * {y} * (1 - {y})",),
-    "tanh": ("{g} * (1 - {y} * {y})",), "relu": ("tl.where({0} > 0, {g}, 0.0)",),
-    "abs": ("tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))",), "sqrt": ("{g} / (2 * {y})",),
-    "rsqrt": ("-0.5 * {g} * {y} * {y} * {y}",), "sin": ("{g} * tl.cos({0})",), "cos": ("-{g} * tl.sin({0})",),
-    "square": ("2 * {g} * {0}",),
-    "silu": ("{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))",),
-    "softplus": ("{g} * tl.sigmoid({0})",), "logsigmoid": ("{g} * (1 - tl.sigmoid({0}))",),
-    "maximum": ("{g} * tl.where({0} > {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
-                "{g} * tl.where({1} > {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))"),
-    "minimum": ("{g} * tl.where({0} < {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
-                "{g} * tl.where({1} < {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))"),
-    "where": (None, "tl.where({0}, {g}, 0.0)", "tl.where({0}, 0.0, {g})"),
-    "broadcast": ("{g}",),
-}
+# Triton templates and adjoints come from the registry (rnnc/registry.py: Prim.triton, Prim.triton_vjp);
+# these derived tables stay for tiles.py and triton_recurrent.py, which import them.
+UNARY = registry.triton_templates(1)
+BINARY = registry.triton_templates(2)
+WHERE = registry.get("where").triton
+ADJOINT = registry.triton_adjoints()
 
 
 def _is_number(g: Graph, nid: int) -> bool:
@@ -74,7 +37,7 @@ def split_fusable(g: Graph, roots: list[int]) -> tuple[list[int], list[int]]:
             node = g[nid]
             # a node of numbers only stays with PyTorch (Triton's math wants tensors)
             fusable[nid] = _is_number(g, nid) or (
-                (node.op in ADJOINT or node.op in BINARY)
+                registry.get(node).triton is not None
                 and all(visit(a) or g[a].dtype == "float" for a in node.args)
                 and not all(_is_number(g, a) for a in node.args))
         return fusable[nid]
@@ -110,9 +73,8 @@ def render(g: Graph, body: list[int], names: dict[int, str], prefix: str = "t") 
         if node.op == "broadcast":
             names[nid] = args[0]
             continue
-        template = UNARY.get(node.op) or BINARY.get(node.op) or WHERE
         names[nid] = f"{prefix}{nid}"
-        lines.append(f"{prefix}{nid} = {template.format(*args)}")
+        lines.append(f"{prefix}{nid} = {registry.get(node).triton.format(*args)}")
     return lines
 
 
@@ -135,10 +97,11 @@ def render_adjoint(g: Graph, body: list[int], names: dict[int, str], seeds: list
         add(nid, expr)
     for nid in reversed(body):
         node = g[nid]
-        if nid not in adj or node.op not in ADJOINT:
+        rules = registry.get(node).triton_vjp
+        if nid not in adj or rules is None:
             continue
         args = [names[a] for a in node.args]
-        for a, rule in zip(node.args, ADJOINT[node.op]):
+        for a, rule in zip(node.args, rules):
             if rule is not None:
                 add(a, "(" + rule.format(*args, g=adj[nid], y=names[nid]) + ")")
     return lines, {n: v for n, v in adj.items() if n not in body}

@@ -12,25 +12,14 @@ import math
 from dataclasses import dataclass
 
 from rnnc import dims as D
+from rnnc import registry
 from rnnc.ir import Graph, Node
 
 # Python operator precedence, for parenthesising only where needed.
 ATOM, POW, UNARY, MUL, ADD, CMP, NOT = 100, 90, 80, 70, 60, 50, 40
 
-TORCH_UNARY = {
-    "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "relu": "torch.relu", "exp": "torch.exp",
-    "log": "torch.log", "softplus": "F.softplus", "silu": "F.silu", "logsigmoid": "F.logsigmoid",
-    "abs": "torch.abs", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt", "sin": "torch.sin",
-    "cos": "torch.cos", "gelu": "F.gelu", "elu": "F.elu", "sign": "torch.sign", "log1p": "torch.log1p",
-    "expm1": "torch.expm1", "square": "torch.square",
-}
-MATH_UNARY = {"sqrt": "math.sqrt", "exp": "math.exp", "log": "math.log", "sin": "math.sin", "cos": "math.cos",
-              "tanh": "math.tanh", "log1p": "math.log1p", "expm1": "math.expm1", "abs": "abs"}
-BINARY = {"add": ("+", ADD), "sub": ("-", ADD), "mul": ("*", MUL), "div": ("/", MUL), "lt": ("<", CMP), "le": ("<=", CMP), "gt": (">", CMP), "ge": (">=", CMP),
-          "eq": ("==", CMP), "ne": ("!=", CMP)}
-#: Ops whose operands broadcast against each other (render pads them first).
-BROADCASTING = frozenset(BINARY) | {"floordiv", "mod", "pow", "minimum", "maximum", "and", "or", "where"}
-REDUCE = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin"}
+#: Python's precedence of the operators the registry renders infix (Prim.infix).
+INFIX_PREC = {"+": ADD, "-": ADD, "*": MUL, "/": MUL, "<": CMP, "<=": CMP, ">": CMP, ">=": CMP, "==": CMP, "!=": CMP}
 
 
 @dataclass
@@ -71,14 +60,21 @@ class TorchExpr:
         self.graph = graph
 
     def render(self, nid: int, args: list[Operand], batched: bool) -> tuple[str, int]:
+        """The node's expression and its precedence: elementwise ops from their registry
+        templates, the structural ones from a method `_<op>`."""
         node = self.graph[nid]
-        method = getattr(self, "_" + node.op, None)
-        if node.op in BROADCASTING:  # numpy semantics per step: pad batched operands to the result's rank
+        prim = registry.get(node)
+        if registry.broadcasts(node):  # numpy semantics per step: pad batched operands to the result's rank
             args = [self.pad(x, len(node.shape)) for x in args]
-        if node.op in TORCH_UNARY:
-            return self._unary(node, args, batched)
-        if node.op in BINARY:
-            return self._binary(node, args, batched)
+        if prim.elementwise:
+            if prim.infix:
+                return self._operator(node, prim.infix, args)
+            if node.scalar and prim.math:
+                return fill(prim.math, [a.text for a in args], [a.at(ATOM) for a in args])
+            if prim.torch:
+                texts = [self.tensor(a) for a in args]
+                return fill(prim.torch, texts, texts)
+        method = getattr(self, "_" + node.op, None)
         assert method is not None, node.op
         return method(node, args, batched)
 
@@ -120,30 +116,19 @@ class TorchExpr:
         lo, hi = pyint(node.attrs["lo"]), pyint(node.attrs["hi"])
         return f"torch.arange({lo}, {hi}, dtype=cdt, device=dev)", ATOM
 
-    # -- elementwise --
-    def _unary(self, node: Node, args, batched):
-        (a,) = args
-        if node.scalar:
-            if node.op == "square":
-                return f"{a.at(POW + 1)} ** 2", POW
-            return f"{MATH_UNARY[node.op]}({a.text})", ATOM
-        return f"{TORCH_UNARY[node.op]}({self.tensor(a)})", ATOM
-
-    def _neg(self, node: Node, args, batched):
-        return f"-{args[0].at(UNARY)}", UNARY
-
-    def _not(self, node: Node, args, batched):
-        return f"torch.logical_not({args[0].text})", ATOM
-
-    def _binary(self, node: Node, args, batched):
+    # -- elementwise (the rest come from registry templates) --
+    def _operator(self, node: Node, sym: str, args: list[Operand]) -> tuple[str, int]:
+        """A Python operator: prefix when unary (`-x`), else infix with its precedence."""
+        if len(args) == 1:
+            return f"{sym}{args[0].at(UNARY)}", UNARY
         a, b = args
         fused = self._fuse_linear(node, a, b)
         if fused:
             return fused
-        sym, prec = BINARY[node.op]
+        prec = INFIX_PREC[sym]
         if a.scalar and b.scalar and not node.scalar:  # e.g. a comparison of two numbers
             a = Operand(self.tensor(a), ATOM, False, 0, False)
-        right = prec + 1 if node.op in ("sub", "div") or prec == CMP else prec
+        right = prec if sym in ("+", "*") else prec + 1  # a - (b - c), a / (b * c), no chained comparisons
         return f"{a.at(prec)} {sym} {b.at(right)}", prec
 
     @staticmethod
@@ -198,16 +183,6 @@ class TorchExpr:
             return f"torch.clamp({b.text}, {bound}={a.text})", ATOM
         return f"torch.{which}imum({a.text}, {b.text})", ATOM
 
-    def _and(self, node: Node, args, batched):
-        return self._logic(node, args, "and")
-
-    def _or(self, node: Node, args, batched):
-        return self._logic(node, args, "or")
-
-    def _logic(self, node: Node, args, which: str):
-        a, b = args
-        return f"torch.logical_{which}({a.text}, {b.text})", ATOM
-
     def _where(self, node: Node, args, batched):
         c, a, b = args
         if a.scalar and b.scalar:
@@ -260,15 +235,14 @@ class TorchExpr:
         off = 1 if a.batched else 0
         dims = (self._axis(ax, a.batched),) if ax is not None else tuple(range(off, off + a.rank))
         dim = str(dims[0]) if len(dims) == 1 else repr(dims)
-        x = a.at(ATOM)
-        if fn in REDUCE:
-            return f"{x}.{REDUCE[fn]}({'' if not a.batched and ax is None else 'dim=' + dim})", ATOM
-        if fn == "logsumexp":
-            return f"torch.logsumexp({a.text}, dim={dim})", ATOM
+        template = registry.get(node).torch
+        if template:
+            dim_kw = "" if not a.batched and ax is None else "dim=" + dim
+            return template.format(x=a.at(ATOM), text=a.text, dim=dim_kw, axes=dim), ATOM
         # prod: one axis at a time
         if len(dims) == 1:
-            return f"{x}.prod(dim={dim})", ATOM
-        return (f"{x}.flatten({off}).prod(dim=-1)" if a.batched else f"{x}.prod()"), ATOM
+            return f"{a.at(ATOM)}.prod(dim={dim})", ATOM
+        return (f"{a.at(ATOM)}.flatten({off}).prod(dim=-1)" if a.batched else f"{a.at(ATOM)}.prod()"), ATOM
 
     def _softmax(self, node: Node, args, batched):
         (a,) = args
@@ -316,3 +290,26 @@ def index_parts(items: tuple, batched: bool, as_objects: bool = False) -> list[s
         elif not as_objects:
             parts.append("None")
     return parts
+
+
+def fill(template: str, call_args: list[str], operator_args: list[str]) -> tuple[str, int]:
+    """A registry template filled in, and its precedence. A single call (`torch.exp({0})`)
+    delimits its arguments, so they go in bare (`call_args`) and it binds tightest; any other
+    form (`{0} ** 2`) takes operands that bind tightest (`operator_args`) and is parenthesised
+    wherever it is used."""
+    if _is_call(template):
+        return template.format(*call_args), ATOM
+    return template.format(*operator_args), NOT
+
+
+def _is_call(template: str) -> bool:
+    """`name(...)` whose first parenthesis closes at the very end."""
+    head, paren, _ = template.partition("(")
+    if not paren or not head.replace(".", "").replace("_", "").isalnum():
+        return False
+    depth = 0
+    for i, ch in enumerate(template[len(head):]):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return i == len(template) - len(head) - 1
+    return False

@@ -18,27 +18,13 @@ import math
 import sympy
 
 from . import dims as D
+from . import registry
 from .errors import AssociativityError
 from .ir import Cell, Combine, Graph
 
 SAMPLES = 256  # random operand triples per check
 TOLERANCE = 1e-7  # on |lhs - rhs| / (1 + |lhs| + |rhs|), float64
 MAX_SIMPLIFY_OPS = 400  # sympy.simplify only below this size (it can take very long)
-
-_SYMPY_UNARY = {
-    "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "abs": sympy.Abs, "tanh": sympy.tanh,
-    "sin": sympy.sin, "cos": sympy.cos, "sign": sympy.sign,
-    "sigmoid": lambda x: 1 / (1 + sympy.exp(-x)), "softplus": lambda x: sympy.log(1 + sympy.exp(x)),
-    "logsigmoid": lambda x: -sympy.log(1 + sympy.exp(-x)), "log1p": lambda x: sympy.log(1 + x),
-    "expm1": lambda x: sympy.exp(x) - 1, "square": lambda x: x ** 2, "rsqrt": lambda x: 1 / sympy.sqrt(x),
-    "relu": lambda x: sympy.Max(x, 0),
-}
-_SYMPY_BINARY = {
-    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "maximum": sympy.Max, "minimum": sympy.Min,
-    "lt": sympy.Lt, "le": sympy.Le, "gt": sympy.Gt, "ge": sympy.Ge, "eq": sympy.Eq, "ne": sympy.Ne,
-    "and": sympy.And, "or": sympy.Or,
-}
 
 
 # ---- which states fold with a combine ------------------------------------------------------
@@ -134,18 +120,8 @@ def _sympy_values(g: Graph, roots: list[int], env: dict[int, sympy.Expr]) -> lis
         if node.op == "const":
             v = node.attrs["value"]
             vals[nid] = sympy.oo if v == math.inf else sympy.nsimplify(v)
-        elif node.op in ("broadcast",):
-            vals[nid] = args[0]
-        elif node.op == "neg":
-            vals[nid] = -args[0]
-        elif node.op == "not":
-            vals[nid] = sympy.Not(args[0])
-        elif node.op == "where":
-            vals[nid] = sympy.Piecewise((args[1], args[0]), (args[2], True))
-        elif node.op in _SYMPY_UNARY:
-            vals[nid] = _SYMPY_UNARY[node.op](args[0])
-        elif node.op in _SYMPY_BINARY:
-            vals[nid] = _SYMPY_BINARY[node.op](*args)
+        elif (fn := registry.get(node).sympy) is not None:
+            vals[nid] = fn(*args)
         else:
             raise _NotElementwise(node.op)
     return [vals[r] for r in roots]

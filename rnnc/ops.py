@@ -1,4 +1,4 @@
-"""The op set of the IR and its typing rules (per-step shapes and dtypes).
+"""The typing rules of the IR's ops (per-step shapes and dtypes); the ops are rnnc/registry.py's.
 
 Each rule takes the operand Nodes and attributes and returns the result's (shape, dtype), or
 raises an RnncError naming the shapes involved. The elaborator uses these to build typed nodes;
@@ -7,23 +7,20 @@ the backends only ever see nodes that passed them.
 from __future__ import annotations
 
 from . import dims as D
+from . import registry
 from .errors import Loc, ShapeError, TypeError_, UnsupportedError
 from .ir import Node
 
-UNARY = frozenset({
-    "sigmoid", "tanh", "relu", "exp", "log", "softplus", "silu", "logsigmoid", "abs", "sqrt",
-    "rsqrt", "sin", "cos", "gelu", "elu", "sign", "log1p", "expm1", "square",
-})
+# Op-name sets the elaborator reads, derived from the registry (rnnc/registry.py).
+UNARY = registry.builtin_names("unary")
 #: Unary functions that Python's math module computes, so they stay compile-time scalars.
-MATH_UNARY = frozenset({"sqrt", "exp", "log", "sin", "cos", "tanh", "log1p", "expm1", "abs", "square"})
-ARITH = frozenset({"add", "sub", "mul", "div", "floordiv", "mod", "pow", "minimum", "maximum"})
-COMPARE = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
-LOGIC = frozenset({"and", "or"})
-REDUCE = frozenset({"sum", "mean", "max", "min", "prod", "logsumexp"})
+MATH_UNARY = registry.names("unary", scalar=True)
+ARITH = registry.names("arith", arity=2)
+COMPARE = registry.names("compare")
+LOGIC = registry.names("logic", arity=2)
+REDUCE = registry.builtin_names("reduce")
 
-BINOP_NAMES = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod",
-               "**": "pow", "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne",
-               "and": "and", "or": "or", "@": "matmul"}
+BINOP_NAMES = registry.symbols()
 SYMBOL = {v: k for k, v in BINOP_NAMES.items()}
 
 
@@ -56,18 +53,19 @@ def broadcast_all(nodes: list[Node], what: str, loc: Loc | None) -> D.Shape:
 
 def elementwise(op: str, args: list[Node], loc: Loc | None) -> tuple[D.Shape, str]:
     what = f"'{SYMBOL.get(op, op)}'"
-    if op in LOGIC or op == "not":
+    prim = registry.get(op)
+    if prim.kind == "logic":
         for a in args:
             _need_bool(a, what, loc)
         return broadcast_all(args, what, loc), "bool"
-    if op == "where":
+    if prim.kind == "select":
         _need_bool(args[0], "where's condition", loc)
         for a in args[1:]:
             _need_float(a, "where's values", loc)
         return broadcast_all(args, "where", loc), "float"
     for a in args:
         _need_float(a, what, loc)
-    return broadcast_all(args, what, loc), "bool" if op in COMPARE else "float"
+    return broadcast_all(args, what, loc), prim.out
 
 
 def matmul(a: Node, b: Node, loc: Loc | None) -> D.Shape:

@@ -1,0 +1,344 @@
+"""The op registry: one record per IR primitive, holding everything the compiler knows about it.
+
+An op's meaning used to be spread over a table per back end (typing sets, PyTorch and Triton
+templates, derivative rules, sympy functions), and the tables drifted apart. Here each op is
+registered once, as a `Prim`, and every module that needs a fact about an op reads it from here:
+
+  structure   kind, arity, result dtype, elementwise or not, the operand positions in which it
+              is linear (`linear_in`), whether it also computes on compile-time numbers;
+  renderings  the PyTorch template (and Python's `math` form for numbers), the Triton template,
+              the sympy function;
+  derivatives the PyTorch adjoint templates (the loop's generated backward) with the forward
+              values they read (`needs`), the Triton adjoint templates, or the fact that the op
+              passes no gradient.
+
+Templates are Python format strings over the operands `{0}`, `{1}`, `{2}`, the result `{y}` and
+the adjoint of the result `{g}`. A rendering that is None means the back end renders the op with
+a method of its own, named `_<op>` (the structural ops: matmul, index, reduce, concat, ...).
+
+`reduce` is one IR op whose facts depend on its `fn` attribute (a sum is linear, a max is not),
+so it is registered once per fn, as "reduce.sum", "reduce.max", ...; `get(node)` picks the right
+one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+
+from .ir import Node
+
+#: Kinds whose ops apply per entry, with numpy broadcasting of their operands.
+ELEMENTWISE = frozenset({"unary", "arith", "compare", "logic", "select"})
+#: `linear_in` of an op with any number of operands that is jointly linear in all of them.
+ALL = "all"
+TODO_TRITON = "no Triton template written yet"
+
+
+@dataclass(frozen=True)
+class Prim:
+    """What rnnc knows about one primitive (see the module docstring for the template syntax)."""
+
+    name: str  # the IR op, or "reduce.<fn>"
+    kind: str  # leaf | unary | arith | compare | logic | select | linalg | reduce | axis | shape
+    arity: int | None  # operand count; None: any number (concat)
+    typing: str  # "module:qualname" of the function that types it (or creates it, for leaves)
+    out: str = "float"  # result dtype: float | bool | tuple
+    symbol: str | None = None  # its infix operator in .rnn source
+    builtins: tuple[str, ...] = ()  # the .rnn functions that elaborate to it
+    scalar: bool = False  # computes on compile-time numbers too (the result stays a Python number)
+    # groups of operand positions; the op is linear jointly in each group when the others are fixed
+    linear_in: tuple[frozenset[int], ...] | str = ()
+    torch: str | None = None  # PyTorch call template (None: TorchExpr._<op>)
+    infix: str | None = None  # or the Python operator PyTorch code applies (unary when arity 1)
+    math: str | None = None  # Python template for compile-time numbers (None: no scalar form)
+    triton: str | None = None  # Triton template over same-shaped operands
+    not_fusable: str | None = None  # why an elementwise float op has no Triton template
+    sympy: Callable | None = None  # the op on sympy expressions (associativity proofs)
+    grad: str = "rule"  # rule: has a derivative rule | none: passes no gradient | autograd: no rule
+    needs: tuple[str, ...] = ()  # forward values the PyTorch rule reads: "args", "y"
+    vjp: tuple[str | None, ...] | None = None  # PyTorch adjoint per operand (None: AdjointRules._<op>)
+    triton_vjp: tuple[str | None, ...] | None = None  # Triton adjoint per operand
+
+    @property
+    def op(self) -> str:
+        """The IR op (`reduce` for every reduce.<fn>)."""
+        return self.name.split(".")[0]
+
+    @property
+    def elementwise(self) -> bool:
+        return self.kind in ELEMENTWISE
+
+    @property
+    def bool_out(self) -> bool:
+        return self.out == "bool"
+
+
+_PRIMS: dict[str, Prim] = {}
+
+
+def _register(*prims: Prim) -> None:
+    for p in prims:
+        assert p.name not in _PRIMS, f"op {p.name!r} registered twice"
+        _PRIMS[p.name] = p
+
+
+# ---- queries ----------------------------------------------------------------------------------
+
+def key(op: str | Node) -> str:
+    """The registry name of a node's op (reductions by fn)."""
+    if isinstance(op, Node):
+        return f"reduce.{op.attrs['fn']}" if op.op == "reduce" else op.op
+    return op
+
+
+def get(op: str | Node) -> Prim:
+    """The record of an op name or of a node (a node's reduce fn selects among reduce.<fn>)."""
+    name = key(op)
+    if name not in _PRIMS:
+        hint = " (reductions are registered per fn: pass the Node)" if name == "reduce" else ""
+        raise KeyError(f"no op {name!r} in the registry{hint}")
+    return _PRIMS[name]
+
+
+def prims() -> tuple[Prim, ...]:
+    """Every registered primitive, in registration order."""
+    return tuple(_PRIMS.values())
+
+
+def is_elementwise(op: str | Node) -> bool:
+    name = key(op)
+    return name != "reduce" and get(name).elementwise
+
+
+def broadcasts(op: str | Node) -> bool:
+    """An elementwise op of several operands: they broadcast against each other (numpy rules)."""
+    return is_elementwise(op) and (get(op).arity or 0) >= 2
+
+
+def linear_groups(node: Node) -> tuple[frozenset[int], ...]:
+    """Groups of operand positions in which the node's op is jointly linear, the others held fixed."""
+    groups = get(node).linear_in
+    return (frozenset(range(len(node.args))),) if groups == ALL else groups
+
+
+def linear_args(node: Node) -> frozenset[int]:
+    """The operand positions in which the op is linear when the other operands are held fixed."""
+    return frozenset().union(*linear_groups(node))
+
+
+def has_vjp(node: Node) -> bool:
+    """Whether the loop's generated backward handles the node: it has a derivative rule or passes
+    no gradient (else the loop falls back to autograd)."""
+    return get(node).grad in ("rule", "none")
+
+
+def triton_templates(arity: int) -> dict[str, str]:
+    """Triton templates of the elementwise ops with `arity` operands."""
+    return {p.name: p.triton for p in _PRIMS.values() if p.elementwise and p.arity == arity and p.triton}
+
+
+def triton_adjoints() -> dict[str, tuple[str | None, ...]]:
+    """Triton adjoint templates per operand, by op."""
+    return {p.name: p.triton_vjp for p in _PRIMS.values() if p.triton_vjp is not None}
+
+
+def names(kind: str, arity: int | None = None, scalar: bool | None = None) -> frozenset[str]:
+    """Op names of one kind (optionally one arity, or only those with/without a scalar form)."""
+    return frozenset(p.name for p in _PRIMS.values() if p.kind == kind and (arity is None or p.arity == arity)
+                     and (scalar is None or p.scalar == scalar))
+
+
+def builtin_names(kind: str) -> frozenset[str]:
+    """The .rnn functions that elaborate to ops of one kind."""
+    return frozenset(b for p in _PRIMS.values() if p.kind == kind for b in p.builtins)
+
+
+def symbols() -> dict[str, str]:
+    """.rnn infix operator -> op name."""
+    return {p.symbol: p.name for p in _PRIMS.values() if p.symbol}
+
+
+# ---- records ----------------------------------------------------------------------------------
+
+_ELAB = "rnnc.elaborate:Elaborator."
+_ONE, _TWO, _BOTH = (frozenset({0}),), (frozenset({1}),), (frozenset({0, 1}),)
+
+
+def _leaf(name: str, typing: str, scalar: bool = False) -> Prim:
+    # no operands, so no gradient to pass; input/param/state are bound by name, the rest rendered
+    return Prim(name, "leaf", 0, _ELAB + typing, scalar=scalar, grad="none")
+
+
+_register(
+    _leaf("input", "_input"), _leaf("param", "_param"), _leaf("state", "_state"),
+    _leaf("const", "_const", scalar=True), _leaf("dim", "_dim_value", scalar=True),
+    _leaf("literal", "_e_Literal"), _leaf("eye", "_builtin"), _leaf("full", "_builtin"),
+    _leaf("arange", "_builtin"),
+)
+
+
+def _unary(name: str, torch: str, triton: str | None, needs: tuple[str, ...], vjp: str | None,
+           triton_vjp: str | None, *, math: str | None = None, sympy_fn: Callable | None = None,
+           not_fusable: str | None = None) -> Prim:
+    """A unary function (a .rnn builtin of the same name)."""
+    return Prim(name, "unary", 1, "rnnc.ops:elementwise", builtins=(name,), scalar=math is not None,
+                torch=torch, math=math, triton=triton, not_fusable=not_fusable, sympy=sympy_fn,
+                grad="rule" if vjp else "none", needs=needs, vjp=(vjp,) if vjp else None,
+                triton_vjp=(triton_vjp,) if triton_vjp else None)
+
+
+_A, _Y, _AY = ("args",), ("y",), ("args", "y")
+_NO_LIBDEVICE = "no accurate Triton form without libdevice (absent in the interpreter)"
+
+_register(
+    _unary("sigmoid", "torch.sigmoid({0})", "tl.sigmoid({0})", _Y,
+           "torch.ops.aten.sigmoid_backward({g}, {y})", "{g} * {y} * (1 - {y})",
+           sympy_fn=lambda x: 1 / (1 + sympy.exp(-x))),
+    _unary("tanh", "torch.tanh({0})", "(2 * tl.sigmoid(2 * {0}) - 1)",  # no libdevice in the interpreter
+           _Y, "torch.ops.aten.tanh_backward({g}, {y})", "{g} * (1 - {y} * {y})",
+           math="math.tanh({0})", sympy_fn=sympy.tanh),
+    _unary("relu", "torch.relu({0})", "tl.maximum({0}, 0.0)", _Y,
+           "torch.ops.aten.threshold_backward({g}, {y}, 0)", "tl.where({0} > 0, {g}, 0.0)",
+           sympy_fn=lambda x: sympy.Max(x, 0)),
+    _unary("exp", "torch.exp({0})", "tl.exp({0})", _Y, "{g} * {y}", "{g} * {y}",
+           math="math.exp({0})", sympy_fn=sympy.exp),
+    _unary("log", "torch.log({0})", "tl.log({0})", _A, "{g} / {0}", "{g} / {0}",
+           math="math.log({0})", sympy_fn=sympy.log),
+    # stable Triton forms: no exp of a large positive number
+    _unary("softplus", "F.softplus({0})", "tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))", _A,
+           "{g} * torch.sigmoid({0})", "{g} * tl.sigmoid({0})",
+           sympy_fn=lambda x: sympy.log(1 + sympy.exp(x))),
+    _unary("silu", "F.silu({0})", "{0} * tl.sigmoid({0})", _A, "torch.ops.aten.silu_backward({g}, {0})",
+           "{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))"),
+    _unary("logsigmoid", "F.logsigmoid({0})", "tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))", _A,
+           "{g} * torch.sigmoid(-{0})", "{g} * (1 - tl.sigmoid({0}))",
+           sympy_fn=lambda x: -sympy.log(1 + sympy.exp(-x))),
+    _unary("abs", "torch.abs({0})", "tl.abs({0})", _A, "{g} * torch.sign({0})",
+           "tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))", math="abs({0})", sympy_fn=sympy.Abs),
+    _unary("sqrt", "torch.sqrt({0})", "tl.sqrt({0})", _Y, "{g} / (2 * {y})", "{g} / (2 * {y})",
+           math="math.sqrt({0})", sympy_fn=sympy.sqrt),
+    _unary("rsqrt", "torch.rsqrt({0})", "tl.rsqrt({0})", _Y, "-0.5 * {g} * {y} ** 3",
+           "-0.5 * {g} * {y} * {y} * {y}", sympy_fn=lambda x: 1 / sympy.sqrt(x)),
+    _unary("sin", "torch.sin({0})", "tl.sin({0})", _A, "{g} * torch.cos({0})", "{g} * tl.cos({0})",
+           math="math.sin({0})", sympy_fn=sympy.sin),
+    _unary("cos", "torch.cos({0})", "tl.cos({0})", _A, "-{g} * torch.sin({0})", "-{g} * tl.sin({0})",
+           math="math.cos({0})", sympy_fn=sympy.cos),
+    _unary("gelu", "F.gelu({0})", None, _A, "torch.ops.aten.gelu_backward({g}, {0})", None,
+           not_fusable=TODO_TRITON + " (needs erf)"),
+    _unary("elu", "F.elu({0})", None, _AY, "torch.where({0} > 0, {g}, {g} * ({y} + 1))", None,
+           not_fusable=TODO_TRITON),
+    _unary("sign", "torch.sign({0})", None, (), None, None, sympy_fn=sympy.sign, not_fusable=TODO_TRITON),
+    _unary("log1p", "torch.log1p({0})", None, _A, "{g} / (1 + {0})", None, math="math.log1p({0})",
+           sympy_fn=lambda x: sympy.log(1 + x), not_fusable=_NO_LIBDEVICE),
+    _unary("expm1", "torch.expm1({0})", None, _Y, "{g} * ({y} + 1)", None, math="math.expm1({0})",
+           sympy_fn=lambda x: sympy.exp(x) - 1, not_fusable=_NO_LIBDEVICE),
+    _unary("square", "torch.square({0})", "{0} * {0}", _A, "2 * {g} * {0}", "2 * {g} * {0}",
+           math="{0} ** 2", sympy_fn=lambda x: x ** 2),
+)
+
+# d(op)/d(operand i) * g; ties of minimum/maximum share the gradient equally, as torch does
+_MIN = ("torch.where({0} < {1}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))",
+        "torch.where({1} < {0}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))")
+_MAX = ("torch.where({0} > {1}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))",
+        "torch.where({1} > {0}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))")
+_TL_MIN = ("{g} * tl.where({0} < {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
+           "{g} * tl.where({1} < {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))")
+_TL_MAX = ("{g} * tl.where({0} > {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
+           "{g} * tl.where({1} > {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))")
+_POW = ("{g} * {1} * {0} ** ({1} - 1)",
+        "torch.where(({0} == 0) & ({1} >= 0), 0.0, "
+        "{g} * {y} * torch.log(torch.as_tensor({0}, dtype={y}.dtype, device={y}.device)))")
+
+
+def _arith(name: str, symbol: str | None, linear_in: tuple, needs: tuple[str, ...], vjp: tuple | None,
+           *, infix: str | None = None, triton: str | None = None, triton_vjp: tuple | None = None,
+           sympy_fn: Callable | None = None, arity: int = 2, builtin: bool = False) -> Prim:
+    """Arithmetic on numbers (tensors or compile-time scalars); no infix: TorchExpr._<name>."""
+    return Prim(name, "arith", arity, "rnnc.ops:elementwise", symbol=symbol,
+                builtins=(name,) if builtin else (), scalar=True, linear_in=linear_in, infix=infix,
+                triton=triton, not_fusable=None if triton else TODO_TRITON, sympy=sympy_fn,
+                grad="rule" if vjp else "none", needs=needs, vjp=vjp, triton_vjp=triton_vjp)
+
+
+_register(
+    _arith("add", "+", _BOTH, (), ("{g}", "{g}"), infix="+", triton="{0} + {1}", triton_vjp=("{g}", "{g}"),
+           sympy_fn=lambda a, b: a + b),
+    _arith("sub", "-", _BOTH, (), ("{g}", "-{g}"), infix="-", triton="{0} - {1}", triton_vjp=("{g}", "-{g}"),
+           sympy_fn=lambda a, b: a - b),
+    _arith("mul", "*", _ONE + _TWO, _A, ("{g} * {1}", "{g} * {0}"), infix="*", triton="{0} * {1}",
+           triton_vjp=("{g} * {1}", "{g} * {0}"), sympy_fn=lambda a, b: a * b),
+    _arith("div", "/", _ONE, _AY, ("{g} / {1}", "-{g} * {y} / {1}"), infix="/", triton="{0} / {1}",
+           triton_vjp=("{g} / {1}", "-{g} * {y} / {1}"), sympy_fn=lambda a, b: a / b),
+    # floor(a / b) and a - floor(a / b) * b, rendered by methods so torch can differentiate them
+    _arith("floordiv", "//", (), (), None),
+    _arith("mod", "%", (), _A, ("{g}", "-{g} * torch.floor({0} / {1})")),
+    _arith("pow", "**", (), _AY, _POW, sympy_fn=lambda a, b: a ** b),
+    _arith("minimum", None, (), _A, _MIN, triton="tl.minimum({0}, {1})", triton_vjp=_TL_MIN, sympy_fn=sympy.Min,
+           builtin=True),
+    _arith("maximum", None, (), _A, _MAX, triton="tl.maximum({0}, {1})", triton_vjp=_TL_MAX, sympy_fn=sympy.Max,
+           builtin=True),
+    _arith("neg", None, _ONE, (), ("-{g}",), infix="-", triton="-{0}", triton_vjp=("-{g}",),
+           sympy_fn=lambda a: -a, arity=1),
+)
+
+
+def _compare(name: str, symbol: str, sympy_fn: Callable) -> Prim:
+    return Prim(name, "compare", 2, "rnnc.ops:elementwise", out="bool", symbol=symbol, infix=symbol,
+                triton=f"{{0}} {symbol} {{1}}", sympy=sympy_fn, grad="none")
+
+
+def _logic(name: str, symbol: str | None, torch: str, triton: str, sympy_fn: Callable, arity: int = 2) -> Prim:
+    return Prim(name, "logic", arity, "rnnc.ops:elementwise", out="bool", symbol=symbol, torch=torch,
+                triton=triton, sympy=sympy_fn, grad="none")
+
+
+_register(
+    _compare("lt", "<", sympy.Lt), _compare("le", "<=", sympy.Le), _compare("gt", ">", sympy.Gt),
+    _compare("ge", ">=", sympy.Ge), _compare("eq", "==", sympy.Eq), _compare("ne", "!=", sympy.Ne),
+    _logic("and", "and", "torch.logical_and({0}, {1})", "{0} & {1}", sympy.And),
+    _logic("or", "or", "torch.logical_or({0}, {1})", "{0} | {1}", sympy.Or),
+    _logic("not", None, "torch.logical_not({0})", "{0} == 0", sympy.Not, arity=1),
+    Prim("where", "select", 3, "rnnc.ops:elementwise", builtins=("where",), linear_in=(frozenset({1, 2}),),
+         triton="tl.where({0}, {1}, {2})", sympy=lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
+         needs=_A, vjp=(None, "torch.where({0}, {g}, 0.0)", "torch.where({0}, 0.0, {g})"),
+         triton_vjp=(None, "tl.where({0}, {g}, 0.0)", "tl.where({0}, 0.0, {g})")),
+)
+
+# Structural ops: rendered and differentiated by methods (matmul, split and item by the emitter,
+# backends/bptt.py). Reduce templates take named fields: {x} (the operand, wrapped for a method
+# call), {text} (bare), {dim} ("dim=..." or nothing), {axes} (always explicit); the adjoint reads
+# {ge} and {ye} (g and y with the reduced axes kept), {count} and {dims}.
+_register(
+    Prim("matmul", "linalg", 2, "rnnc.ops:matmul", symbol="@", linear_in=_ONE + _TWO, needs=_A),
+    Prim("outer", "linalg", 2, "rnnc.ops:outer", builtins=("outer",), linear_in=_ONE + _TWO, needs=_A),
+    Prim("transpose", "linalg", 1, "rnnc.ops:transpose", builtins=("transpose",), linear_in=_ONE),
+)
+
+
+def _reduce(fn: str, torch: str | None, vjp: str | None, linear: bool) -> Prim:
+    return Prim(f"reduce.{fn}", "reduce", 1, "rnnc.ops:reduce", builtins=(fn,), linear_in=_ONE if linear else (),
+                torch=torch, grad="rule" if vjp else "autograd", needs=_AY, vjp=(vjp,) if vjp else None)
+
+
+_MASK = "({0} == {ye})"
+_register(
+    _reduce("sum", "{x}.sum({dim})", "{ge}.expand_as({0})", True),
+    _reduce("mean", "{x}.mean({dim})", "{ge}.expand_as({0}) / {count}", True),
+    _reduce("max", "{x}.amax({dim})", f"{{ge}} * {_MASK} / {_MASK}.sum(dim={{dims}}, keepdim=True)", False),
+    _reduce("min", "{x}.amin({dim})", f"{{ge}} * {_MASK} / {_MASK}.sum(dim={{dims}}, keepdim=True)", False),
+    _reduce("logsumexp", "torch.logsumexp({text}, dim={axes})", "{ge} * torch.exp({0} - {ye})", False),
+    # one axis at a time (TorchExpr._reduce); its gradient at zeros needs care: left to autograd
+    _reduce("prod", None, None, False),
+    Prim("softmax", "axis", 1, _ELAB + "_builtin", builtins=("softmax",), needs=_Y),
+    Prim("normalize", "axis", 1, _ELAB + "_builtin", builtins=("normalize",), needs=_A),
+    Prim("concat", "shape", None, "rnnc.ops:concat", builtins=("concat",), linear_in=ALL),
+    Prim("split", "shape", 1, _ELAB + "_split", out="tuple", builtins=("split",), linear_in=_ONE),
+    Prim("item", "shape", 1, _ELAB + "_split", linear_in=_ONE),
+    Prim("index", "shape", 1, _ELAB + "_e_Index", linear_in=_ONE, needs=_A),
+    # identity inside a same-shaped Triton body (leaves are broadcast first); the adjoint sums back
+    Prim("broadcast", "shape", 1, _ELAB + "_fit", linear_in=_ONE, triton="{0}", sympy=lambda x: x, needs=_A,
+         triton_vjp=("{g}",)),
+)
+
