@@ -67,6 +67,8 @@ class _Lowering:
         self.g, self.stages, self.state_in = g, stages, state_in
         self.tiles: list[Tile] = []
         self.memo: dict[tuple, int] = {}
+        self.lowered: dict[tuple, int] = {}  # (node, view) -> tile: a shared node is lowered once
+        self.outer: dict[int, bool] = {}  # node -> _outer_product(node), likewise
         self.leaves: list[int] = []
 
     def add(self, op: str, args: tuple, shape: tuple, **attrs) -> int:
@@ -80,7 +82,14 @@ class _Lowering:
         return self.lower(nid, _full(self.g[nid].shape))
 
     def lower(self, nid: int, view: View) -> int:
-        """The tile of node `nid` restricted to `view` (offsets and sizes per axis)."""
+        """The tile of node `nid` restricted to `view` (offsets and sizes per axis); memoised, since
+        walking shared subexpressions as a tree takes time exponential in their nesting."""
+        key = (nid, view)
+        if key not in self.lowered:
+            self.lowered[key] = self._lower(nid, view)
+        return self.lowered[key]
+
+    def _lower(self, nid: int, view: View) -> int:
         node = self.g[nid]
         sizes = tuple(z for _, z in view)
         whole = all(D.equal(o, 0) and D.equal(z, s) for (o, z), s in zip(view, node.shape))
@@ -133,13 +142,12 @@ class _Lowering:
     def _outer_product(self, nid: int) -> bool:
         """A per-step value built by an outer product (k vᵀ, b k vᵀ): computed in the kernel from its
         vectors, not loaded as a [T, N, K, V] tensor."""
-        node = self.g[nid]
-        if self.stages.get(nid) != "hoist":
-            return False
-        if node.op == "outer":
-            return True
-        return (node.op in ("mul", "add", "sub") and any(self._outer_product(a) for a in node.args)
-                and all(self.g[a].dtype == "float" for a in node.args))
+        if nid not in self.outer:
+            node = self.g[nid]
+            self.outer[nid] = self.stages.get(nid) == "hoist" and (node.op == "outer" or (
+                node.op in ("mul", "add", "sub") and any(self._outer_product(a) for a in node.args)
+                and all(self.g[a].dtype == "float" for a in node.args)))
+        return self.outer[nid]
 
     def _index(self, node, view: View) -> int:
         (x,) = node.args

@@ -108,10 +108,25 @@ def _triton_kind(report: Report) -> tuple[str | None, str]:
     if why is None:
         return "scan", ""
     try:
-        tiles.lower(report.cell, report.stages)
+        _tile_program(report.cell, report.stages)
     except tiles.NotFusable as e:
         return None, f"{why}, and the fused recurrent kernel cannot compute its step: {e}"
     return "recurrent", ""
+
+
+def _tile_program(cell, stages: dict[int, str]) -> tiles.TileProgram:
+    """tiles.lower, once per cell and stages: one build asks for it up to four times (kind, note,
+    decoding kernel, emission). The result, or the NotFusable, is kept on the cell."""
+    hit = getattr(cell, "_tile_program", None)
+    if hit is None or hit[0] != stages:
+        try:
+            hit = (dict(stages), tiles.lower(cell, stages), None)
+        except tiles.NotFusable as e:
+            hit = (dict(stages), None, e)
+        cell._tile_program = hit
+    if hit[2] is not None:
+        raise tiles.NotFusable(str(hit[2]))
+    return hit[1]
 
 
 def _triton_scan_why(report: Report) -> str | None:
@@ -188,7 +203,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     elif chosen == "triton" and _triton_kind(report)[0] == "chunk":
         chunk = {**_triton_chunk_plan(report), "triton": True}
     elif chosen == "triton" and _triton_kind(report)[0] == "recurrent":
-        recurrent = tiles.lower(cell, report.stages)
+        recurrent = _tile_program(cell, report.stages)
     elif chosen == "triton":
         combines = scan_groups(cell, report.classes)
         folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
@@ -218,7 +233,7 @@ def _recurrent_for_decoding(cell, report: Report):
     its step has no tile form, or needs a general matrix-matrix product (a [K, K, V] block in
     registers; the delta rule's (I - b k kᵀ) S is rewritten without one, see tiles.py)."""
     try:
-        prog = tiles.lower(cell, report.stages)
+        prog = _tile_program(cell, report.stages)
     except tiles.NotFusable:
         return None
     return None if any(t.op == "mm" for t in prog.tiles) else prog

@@ -60,6 +60,7 @@ class Elaborator:
         self.dims: dict[str, DimInfo] = {}
         self._dim_nodes: dict[tuple[int, str], int] = {}
         self._inline_stack: list[str] = []
+        self._inlined: dict[tuple, tuple[Graph, Value]] = {}  # (graph, def, operands, scope) -> result
         self.cell_scope = Scope("cell")
         self.kinds: dict[str, str] = {}  # cell-level name -> input/param/state/output
         self.combines: list[Combine] = []
@@ -541,6 +542,11 @@ class Elaborator:
             raise UnsupportedError(f"recursive def: {chain}", e.loc, "defs are inlined and cannot call themselves")
         args = [self._single(self.expr(a, scope, graph), a.loc) for a in e.args]
         inner = Scope(f"def {e.func}") if scope.what not in ("state init", "param init") else Scope(scope.what)
+        # A def is pure, so a second call with the same operands is the first one's result: sharing
+        # it keeps nested calls (f1(a) = f0(a) + f0(a), ...) linear in size rather than exponential.
+        key = (id(graph), e.func, tuple(args), inner.what)
+        if key in self._inlined and self._inlined[key][0] is graph:
+            return self._inlined[key][1]
         for name, v in zip(d.params, args):
             if name in inner.values:
                 raise RnncError(f"parameter '{name}' of '{e.func}' is named twice", d.loc, "give each parameter its own name")
@@ -552,7 +558,9 @@ class Elaborator:
             results = tuple(self._single(self.expr(r, inner, graph), r.loc) for r in d.returns)
         finally:
             self._inline_stack.pop()
-        return results[0] if len(results) == 1 else results
+        value = results[0] if len(results) == 1 else results
+        self._inlined[key] = (graph, value)
+        return value
 
     def _combine(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
         """Apply a declared combine: inline its body, and record the application (ir.Combine)."""

@@ -26,12 +26,18 @@ def optimize(cell: Cell) -> Cell:
 def _flatten(g: Graph, nid: int, sign: int, stages: dict[int, str], root: int, out: list) -> None:
     node = g[nid]
     inner = node.op in SUM_OPS and node.dtype == "float" and stages.get(nid) == "loop"
-    if inner and (nid == root or (node.name is None and len(g.users(nid)) == 1)):
+    if inner and (nid == root or (node.name is None and _used_once(g, nid))):
         a, b = node.args
         _flatten(g, a, sign, stages, root, out)
         _flatten(g, b, sign if node.op == "add" else -sign, stages, root, out)
     else:
         out.append((sign, nid))
+
+
+def _used_once(g: Graph, nid: int) -> bool:
+    """Whether the node is one operand of one node: `a + a` uses `a` twice, and flattening such a
+    shared sum into its user would copy its terms (exponentially many for nested `f(a) + f(a)`)."""
+    return sum(g[u].args.count(nid) for u in g.users(nid)) == 1
 
 
 def _fold(g: Graph, terms: list[tuple[int, int]], loc) -> tuple[int, int]:
@@ -52,7 +58,7 @@ def hoist_sum_terms(cell: Cell) -> None:
         if node.op not in SUM_OPS or stages.get(nid) != "loop" or node.dtype != "float":
             continue
         users = g.users(nid)
-        if node.name is None and len(users) == 1 and g[users[0]].op in SUM_OPS and stages.get(users[0]) == "loop":
+        if node.name is None and _used_once(g, nid) and g[users[0]].op in SUM_OPS and stages.get(users[0]) == "loop":
             continue  # part of a bigger sum: handled from its root
         terms: list[tuple[int, int]] = []
         _flatten(g, nid, 1, stages, nid, terms)
