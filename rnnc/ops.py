@@ -21,7 +21,7 @@ LOGIC = registry.names("logic", arity=2)
 REDUCE = registry.builtin_names("reduce")
 
 BINOP_NAMES = registry.symbols()
-SYMBOL = {v: k for k, v in BINOP_NAMES.items()}
+SYMBOL = {p.name: p.symbol for p in registry.prims() if p.symbol}  # for messages: '-' rather than 'neg'
 
 
 def _need_float(n: Node, what: str, loc: Loc | None) -> None:

@@ -45,7 +45,7 @@ class Prim:
     arity: int | None  # operand count; None: any number (concat)
     typing: str  # "module:qualname" of the function that types it (or creates it, for leaves)
     out: str = "float"  # result dtype: float | bool | tuple
-    symbol: str | None = None  # its infix operator in .rnn source
+    symbol: str | None = None  # its operator in .rnn source (infix, or prefix when unary)
     builtins: tuple[str, ...] = ()  # the .rnn functions that elaborate to it
     scalar: bool = False  # computes on compile-time numbers too (the result stays a Python number)
     # groups of operand positions; the op is linear jointly in each group when the others are fixed
@@ -155,9 +155,9 @@ def builtin_names(kind: str) -> frozenset[str]:
     return frozenset(b for p in _PRIMS.values() if p.kind == kind for b in p.builtins)
 
 
-def symbols() -> dict[str, str]:
-    """.rnn infix operator -> op name."""
-    return {p.symbol: p.name for p in _PRIMS.values() if p.symbol}
+def symbols(arity: int = 2) -> dict[str, str]:
+    """.rnn operator -> op name, for the binary (or, arity 1, the prefix) operators."""
+    return {p.symbol: p.name for p in _PRIMS.values() if p.symbol and p.arity == arity}
 
 
 # ---- records ----------------------------------------------------------------------------------
@@ -166,16 +166,16 @@ _ELAB = "rnnc.elaborate:Elaborator."
 _ONE, _TWO, _BOTH = (frozenset({0}),), (frozenset({1}),), (frozenset({0, 1}),)
 
 
-def _leaf(name: str, typing: str, scalar: bool = False) -> Prim:
+def _leaf(name: str, typing: str, builtins: tuple[str, ...] = (), scalar: bool = False) -> Prim:
     # no operands, so no gradient to pass; input/param/state are bound by name, the rest rendered
-    return Prim(name, "leaf", 0, _ELAB + typing, scalar=scalar, grad="none")
+    return Prim(name, "leaf", 0, _ELAB + typing, builtins=builtins, scalar=scalar, grad="none")
 
 
 _register(
     _leaf("input", "_input"), _leaf("param", "_param"), _leaf("state", "_state"),
     _leaf("const", "_const", scalar=True), _leaf("dim", "_dim_value", scalar=True),
-    _leaf("literal", "_e_Literal"), _leaf("eye", "_builtin"), _leaf("full", "_builtin"),
-    _leaf("arange", "_builtin"),
+    _leaf("literal", "_e_Literal"), _leaf("eye", "_builtin", ("eye",)),
+    _leaf("full", "_builtin", ("zeros", "ones")), _leaf("arange", "_builtin", ("arange",)),
 )
 
 
@@ -279,7 +279,7 @@ _register(
            builtin=True),
     _arith("maximum", None, (), _A, _MAX, triton="tl.maximum({0}, {1})", triton_vjp=_TL_MAX, sympy_fn=sympy.Max,
            builtin=True),
-    _arith("neg", None, _ONE, (), ("-{g}",), infix="-", triton="-{0}", triton_vjp=("-{g}",),
+    _arith("neg", "-", _ONE, (), ("-{g}",), infix="-", triton="-{0}", triton_vjp=("-{g}",),
            sympy_fn=lambda a: -a, arity=1),
 )
 
@@ -299,7 +299,7 @@ _register(
     _compare("ge", ">=", sympy.Ge), _compare("eq", "==", sympy.Eq), _compare("ne", "!=", sympy.Ne),
     _logic("and", "and", "torch.logical_and({0}, {1})", "{0} & {1}", sympy.And),
     _logic("or", "or", "torch.logical_or({0}, {1})", "{0} | {1}", sympy.Or),
-    _logic("not", None, "torch.logical_not({0})", "{0} == 0", sympy.Not, arity=1),
+    _logic("not", "not", "torch.logical_not({0})", "{0} == 0", sympy.Not, arity=1),
     Prim("where", "select", 3, "rnnc.ops:elementwise", builtins=("where",), linear_in=(frozenset({1, 2}),),
          triton="tl.where({0}, {1}, {2})", sympy=lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
          needs=_A, vjp=(None, "torch.where({0}, {g}, 0.0)", "torch.where({0}, 0.0, {g})"),
