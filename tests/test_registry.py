@@ -245,3 +245,13 @@ def _fused_ops(text: str) -> set[str]:
     cell = rnnc.parse(text).cell()
     _, body = elementwise.split_fusable(cell.graph, [cell.states[0].node_out])
     return {cell.graph[n].op for n in body}
+
+
+@pytest.mark.parametrize("name", sorted(registry.names("unary", scalar=True)))
+def test_compile_time_scalars_use_the_math_form(name):
+    p = registry.get(name)
+    cell = rnnc.build(f"cell c(x: [K]) -> (y: [K]) {{ y = x * {name}(0.5) + {name}(-(1 - 1.5)) ** 2 }}", K=3)
+    assert p.torch.split("(")[0] not in cell.source  # a Python number, not a tensor op
+    x = torch.randn(1, 2, 3)
+    v = getattr(torch, name)(torch.tensor(0.5, dtype=torch.float64)).item()
+    torch.testing.assert_close(cell(x)[0], x * v + v ** 2)
