@@ -527,6 +527,8 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
         elif s.name in linear:
             coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None"
                     for n in linear[s.name]]
+            if not any(stages.get(n) == "hoist" for n in linear[s.name]):  # constant a and b: T steps still
+                coef[0] = f"{coef[0]}.expand(T, {', '.join(['-1'] * (len(s.shape) + 1))})"
             L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
     by_in = {s.node_in: s for s in cell.states}
     for i, (c, leaves, _, _) in enumerate(scan.get("triton_folds", ())):
@@ -635,7 +637,7 @@ def _emit_recurrent(L: _Lines, cell: Cell, r: _Renderer, prog, loop_outs: list) 
     dims = triton_recurrent.kernel_dims(cell, prog)
     dims_text = f"({''.join(f'd_{n},' for n in dims)})"
     outs = [f"out_{name}" for name in prog.outputs] + [r.name(s.node_in) for s in cell.states]
-    L(f"{', '.join(outs)} = _Recurrent.apply(T, {dims_text}, "
+    L(f"{', '.join(outs)}{',' if len(outs) == 1 else ''} = _Recurrent.apply(T, {dims_text}, "
       f"{', '.join(f's0_{s.name}' for s in cell.states)}, {', '.join(leaves)})".replace(", )", ")"))
 
 

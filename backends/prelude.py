@@ -258,7 +258,7 @@ def _linear_scan(a, b, h0):
     sequence is scanned recursively, and the other half of the states is filled in from it. Only
     products and sums of the gates: nothing overflows or divides, and an extreme gate (a -> 0)
     just makes the products underflow to 0."""
-    full = (a.shape[0] if b is None else b.shape[0],) + tuple(h0.shape)
+    full = (max(a.shape[0], 1 if b is None else b.shape[0]),) + tuple(h0.shape)  # a or b may be constant
     a = a.expand(full)
     b = torch.zeros(full, dtype=h0.dtype, device=h0.device) if b is None else b.expand(full)
     b = torch.cat([(a[0] * h0 + b[0]).unsqueeze(0), b[1:]])

@@ -316,6 +316,8 @@ def _same(a: tuple, b: tuple) -> bool:
 def lower(cell, stages: dict[int, str]) -> TileProgram:
     """The tile program of the cell's loop stage; NotFusable when some op cannot be fused."""
     g = cell.graph
+    if not cell.states:  # every value is hoisted: there is no step-to-step work for a kernel
+        raise NotFusable("the cell has no state, so nothing runs step by step")
     lw = _Lowering(g, stages, {s.node_in: i for i, s in enumerate(cell.states)})
     states = []
     for s in cell.states:

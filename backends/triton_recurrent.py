@@ -451,7 +451,7 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         f"SAVE=save, DT=_TL_DTYPE[dt], num_warps=warps, **blocks)",
         "        ctx.save_for_backward(*s0, *leaves, *(hist if save else ()))",
         "        ctx.T, ctx.dims, ctx.blocks, ctx.warps = T, dims, blocks, warps",
-        "        return (" + "".join(f"o{i}, " for i in range(no)) + "*fin)",
+        "        return (" + "".join(f"o{i}, " for i in range(no)) + "*fin)" if no else "        return tuple(fin)",
         "",
         "    @staticmethod",
         "    def backward(ctx, *grads):",

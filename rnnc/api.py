@@ -267,6 +267,9 @@ def _triton_note(report: Report) -> None:
     """On the triton backend, which kernels run the cell (noted in the report)."""
     if report.backend != "triton":
         return
+    if not report.cell.states:
+        report.notes.append("triton: no state, so no kernel: every step is computed at once in PyTorch")
+        return
     kind = _triton_kind(report)[0]
     if kind == "recurrent":
         report.notes.append("triton: the fused recurrent kernel (no parallel form applies)")

@@ -1,10 +1,12 @@
 """Regression tests for bugs found in review, one test per bug (the docstring names it)."""
+import importlib.util
 import time
 
 import pytest
 import torch
 
 import rnnc
+from rnnc.cli import main
 
 NESTED_DEFS = ("def f0(a) = a * 0.00001 + 0.000001\n"
                + "".join(f"def f{i}(a) = f{i - 1}(a) + f{i - 1}(a)\n" for i in range(1, 17))
@@ -30,3 +32,68 @@ def test_nested_shared_defs_lower_in_linear_time():
         want.append(h)
     torch.testing.assert_close(loop(x)[0], torch.stack(want, 1))
     torch.testing.assert_close(triton(x)[0], torch.stack(want, 1))
+
+
+STATELESS = "cell b1(x: [2]) -> (y: [2]) { y = 3 * x }"
+
+
+def _load_module(source: str, tmp_path, name: str):
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stateless_cell_runs_on_every_backend(tmp_path, capsys):
+    """Bug: a cell with no state on the triton backend emitted an empty fused recurrent kernel (a
+    module that did not parse, IndentationError), and `rnnc compile --backend triton` wrote it
+    with exit status 0. A stateless cell needs no kernel: it runs as hoisted PyTorch."""
+    x = torch.randn(3, 5, 2)
+    assert "triton" in rnnc.backends_for(STATELESS)
+    for backend in rnnc.backends_for(STATELESS):
+        m = rnnc.build(STATELESS, backend=backend)
+        y, final = m(x)
+        torch.testing.assert_close(y, 3 * x)
+        assert final == {}
+        torch.testing.assert_close(m.step(x[:, 0])[0], 3 * x[:, 0])
+    standalone = _load_module(rnnc.compile(STATELESS, backend="triton"), tmp_path, "b1_triton").Cell()
+    torch.testing.assert_close(standalone(x)[0], 3 * x)
+    spec = tmp_path / "b1.rnn"
+    spec.write_text(STATELESS)
+    out = tmp_path / "b1_cli.py"
+    assert main(["compile", str(spec), "--backend", "triton", "-o", str(out)]) == 0
+    torch.testing.assert_close(_load_module(out.read_text(), tmp_path, "b1_cli").Cell()(x)[0], 3 * x)
+
+
+DEGENERATE = {
+    # the decoding kernel of a cell whose outputs are all hoisted returned `(*fin)`, a SyntaxError,
+    # and its single result was unpacked into one name without a comma
+    "no_loop_output": "cell c(x: [2]) -> (y: [2]) { state s: [2] = 1\n s = tanh(s) + x\n y = 2 * x }",
+    "state_from_input": "cell c(x: [2]) -> (y: [2]) { state s: [2] = 0\n s = x\n y = s + x }",
+    # the scan of a state with constant a and b (no per-step value) ran 1 step instead of T
+    "constant_state": "cell c(x: [2]) -> (y: [2]) { state s: [2] = 1\n s = s\n y = s * x }",
+    "constant_affine": "cell c(x: [2]) -> (y: [2]) { state s: [2] = 1\n s = 0.5 * s + 1\n y = s * x }",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+def test_degenerate_recurrences_match_the_loop_on_every_backend(name):
+    """Bug: cells whose recurrence does no per-step work (outputs all hoisted, or a state with
+    constant coefficients) failed to build on triton (SyntaxError) or ran a wrong number of steps
+    on the scan; each backend now matches the loop, values, final states and gradients."""
+    src = DEGENERATE[name]
+    ref = rnnc.build(src, backend="loop").double()
+    x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    y0, f0 = ref(x)
+    (g0,) = torch.autograd.grad(y0.sum() + f0["s"].sum(), x)
+    assert len(rnnc.backends_for(src)) > 1
+    for backend in rnnc.backends_for(src):
+        m = rnnc.build(src, backend=backend).double()
+        y, f = m(x)
+        (g,) = torch.autograd.grad(y.sum() + f["s"].sum(), x)
+        torch.testing.assert_close(y, y0)
+        torch.testing.assert_close(f["s"], f0["s"])
+        torch.testing.assert_close(g, g0)
+        torch.testing.assert_close(m.step(x[:, 0])[0], ref.step(x[:, 0])[0])
