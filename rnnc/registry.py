@@ -13,8 +13,9 @@ registered once, as a `Prim`, and every module that needs a fact about an op rea
               passes no gradient.
 
 Templates are Python format strings over the operands `{0}`, `{1}`, `{2}`, the result `{y}` and
-the adjoint of the result `{g}`. A rendering that is None means the back end renders the op with
-a method of its own, named `_<op>` (the structural ops: matmul, index, reduce, concat, ...).
+the adjoint of the result `{g}`. A PyTorch rendering or adjoint that is None means the back end
+has a method of its own for the op, named `_<op>` (the structural ops: matmul, index, reduce,
+concat, ...); a Triton template that is None means the op does not fuse into a Triton kernel.
 
 `reduce` is one IR op whose facts depend on its `fn` attribute (a sum is linear, a max is not),
 so it is registered once per fn, as "reduce.sum", "reduce.max", ...; `get(node)` picks the right
@@ -33,7 +34,7 @@ from .ir import Node
 ELEMENTWISE = frozenset({"unary", "arith", "compare", "logic", "select"})
 #: `linear_in` of an op with any number of operands that is jointly linear in all of them.
 ALL = "all"
-TODO_TRITON = "no Triton template written yet"
+_NO_TRITON_YET = "no Triton template written yet"
 
 
 @dataclass(frozen=True)
@@ -226,10 +227,10 @@ _register(
     _unary("cos", "torch.cos({0})", "tl.cos({0})", _A, "-{g} * torch.sin({0})", "-{g} * tl.sin({0})",
            math="math.cos({0})", sympy_fn=sympy.cos),
     _unary("gelu", "F.gelu({0})", None, _A, "torch.ops.aten.gelu_backward({g}, {0})", None,
-           not_fusable=TODO_TRITON + " (needs erf)"),
+           not_fusable=_NO_TRITON_YET + " (needs erf)"),
     _unary("elu", "F.elu({0})", None, _AY, "torch.where({0} > 0, {g}, {g} * ({y} + 1))", None,
-           not_fusable=TODO_TRITON),
-    _unary("sign", "torch.sign({0})", None, (), None, None, sympy_fn=sympy.sign, not_fusable=TODO_TRITON),
+           not_fusable=_NO_TRITON_YET),
+    _unary("sign", "torch.sign({0})", None, (), None, None, sympy_fn=sympy.sign, not_fusable=_NO_TRITON_YET),
     _unary("log1p", "torch.log1p({0})", None, _A, "{g} / (1 + {0})", None, math="math.log1p({0})",
            sympy_fn=lambda x: sympy.log(1 + x), not_fusable=_NO_LIBDEVICE),
     _unary("expm1", "torch.expm1({0})", None, _Y, "{g} * ({y} + 1)", None, math="math.expm1({0})",
@@ -258,7 +259,7 @@ def _arith(name: str, symbol: str | None, linear_in: tuple, needs: tuple[str, ..
     """Arithmetic on numbers (tensors or compile-time scalars); no infix: TorchExpr._<name>."""
     return Prim(name, "arith", arity, "rnnc.ops:elementwise", symbol=symbol,
                 builtins=(name,) if builtin else (), scalar=True, linear_in=linear_in, infix=infix,
-                triton=triton, not_fusable=None if triton else TODO_TRITON, sympy=sympy_fn,
+                triton=triton, not_fusable=None if triton else _NO_TRITON_YET, sympy=sympy_fn,
                 grad="rule" if vjp else "none", needs=needs, vjp=vjp, triton_vjp=triton_vjp)
 
 
