@@ -452,6 +452,8 @@ class Elaborator:
                 items.append(("int", i))
                 axis += 1
         out.extend(shape[axis:])
+        if node.scalar:  # a number is emitted as a Python float, which has no axes: x[None] is a filled tensor
+            return graph.add(Node("broadcast", (x,), tuple(out), attrs={"shape": tuple(out)}, loc=e.loc)) if out else x
         return graph.add(Node("index", (x,), tuple(out), node.dtype, attrs={"items": tuple(items)}, loc=e.loc,
                               scalar=False))
 

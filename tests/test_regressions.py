@@ -1,5 +1,6 @@
 """Regression tests for bugs found in review, one test per bug (the docstring names it)."""
 import importlib.util
+import math
 import time
 
 import pytest
@@ -97,3 +98,18 @@ def test_degenerate_recurrences_match_the_loop_on_every_backend(name):
         torch.testing.assert_close(f["s"], f0["s"])
         torch.testing.assert_close(g, g0)
         torch.testing.assert_close(m.step(x[:, 0])[0], ref.step(x[:, 0])[0])
+
+
+def test_an_indexed_number_is_a_tensor():
+    """Bug: `cos(1.0)[None]` passed the checks and failed at run time on every backend (the number
+    was emitted as a Python float and indexed); a number given axes is now a filled tensor."""
+    src = "cell c(x: [1]) -> (y: [1]) { state h: [2, 1] = 0\n h = tanh(h * cos(1.0)[None, None] + x)\n" \
+          "y = x + cos(1.0)[None] + sin(0.5)[...] }"
+    x = torch.randn(2, 3, 1, dtype=torch.float64)
+    h = torch.zeros(2, 2, 1, dtype=torch.float64)
+    for t in range(3):
+        h = torch.tanh(h * math.cos(1.0) + x[:, t, None])
+    for backend in rnnc.backends_for(src):
+        y, final = rnnc.build(src, backend=backend).double()(x)
+        torch.testing.assert_close(y, x + math.cos(1.0) + math.sin(0.5))
+        torch.testing.assert_close(final["h"], h)
