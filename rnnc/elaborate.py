@@ -500,7 +500,7 @@ class Elaborator:
     def _literal(self, e: ast.Expr):
         if isinstance(e, ast.Literal):
             items = [self._literal(i) for i in e.items]
-            kinds = {type(i) for i in items}
+            kinds = {isinstance(i, list) for i in items}  # rows or numbers (ints and floats mix freely)
             if len(kinds) > 1:
                 raise ShapeError("a literal mixes numbers and rows", e.loc, "write every row as [...]")
             if isinstance(items[0], list) and len({_shape_of(i) for i in items}) > 1:

@@ -113,3 +113,17 @@ def test_an_indexed_number_is_a_tensor():
         y, final = rnnc.build(src, backend=backend).double()(x)
         torch.testing.assert_close(y, x + math.cos(1.0) + math.sin(0.5))
         torch.testing.assert_close(final["h"], h)
+
+
+def test_a_literal_mixes_ints_and_floats():
+    """Bug: `[1, 2.5]` was rejected as "a literal mixes numbers and rows" (an int and a float are
+    both numbers); a real mix of rows and numbers is still rejected where it is written."""
+    src = "cell c(x: [2]) -> (y: [2]) { y = [1, 2.5] * x + [[1, -2], [0.5, 3]] @ x }"
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    want = torch.tensor([1, 2.5], dtype=torch.float64) * x + x @ torch.tensor([[1, -2], [0.5, 3]]).double().T
+    for backend in rnnc.backends_for(src):
+        torch.testing.assert_close(rnnc.build(src, backend=backend).double()(x)[0], want)
+    with pytest.raises(rnnc.ShapeError, match="mixes numbers and rows") as err:
+        rnnc.parse("cell c(x: [2]) -> (y: [2]) {\n    y = [[1, 2], 3] @ x\n}")
+    assert (err.value.loc.line, err.value.loc.column) == (2, 9)
+    assert err.value.hint
