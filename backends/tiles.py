@@ -9,8 +9,9 @@ with no [K, K, V] block; per-step outer products (b k vᵀ) are formed in the ke
 vectors rather than loaded. Each tile is one register value with symbolic sizes; its op is an
 elementwise op of elementwise.py, a contraction (mv, vm, mm, dot, outer), a reduction, an axis
 change (expand, squeeze, trans, bcast), a leaf load (a view of a value computed outside the
-recurrence) or a state. A cell that slices a state itself (nothing to push the slice into), or
-uses an op with no tile form, raises NotFusable with the reason.
+recurrence) or a state. A concat that is an output is kept in its parts, which the kernel stores
+apart. A cell that slices a state itself (nothing to push the slice into), uses a concat whole
+inside the step, or uses an op with no tile form, raises NotFusable with the reason.
 """
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ class TileProgram:
     leaves: list[int]
     per_step: list[bool]
     states: list[int]  # tile of each state's new value, in cell.states order
-    outputs: dict[str, int]  # loop-stage output name -> tile
+    #: loop-stage output name -> its tiles, each with the region (view) of the output it fills:
+    #: several when the output is a concat, which the kernel stores part by part
+    outputs: dict[str, list[tuple[View, int]]]
 
 
 def _full(shape: tuple) -> View:
@@ -80,6 +83,18 @@ class _Lowering:
 
     def full(self, nid: int) -> int:
         return self.lower(nid, _full(self.g[nid].shape))
+
+    def parts(self, nid: int) -> list[tuple[View, int]]:
+        """The tiles making up node `nid` whole, each with the region it fills: a concat computed in
+        the step is left in its parts (Triton cannot join register tensors; they are stored apart)."""
+        node = self.g[nid]
+        if node.op != "concat" or self.stages.get(nid) != "loop":
+            return [(_full(node.shape), self.full(nid))]
+        axis, start, out = node.attrs["axis"], sympy.Integer(0), []
+        for part in node.args:
+            out += [(_shift(view, axis, start), t) for view, t in self.parts(part)]
+            start = start + self.g[part].shape[axis]
+        return out
 
     def lower(self, nid: int, view: View) -> int:
         """The tile of node `nid` restricted to `view` (offsets and sizes per axis); memoised, since
@@ -195,7 +210,12 @@ class _Lowering:
             if nonneg(o - start) and nonneg(start + size - o - z):
                 return self.lower(part, _shift(view, axis, -start))
             start = start + size
-        raise NotFusable("a slice across the parts of a concat")
+        at = f" (line {node.loc.line})" if node.loc else ""
+        if all(D.equal(o, 0) and D.equal(z, s) for (o, z), s in zip(view, node.shape)):
+            raise NotFusable(f"a concat{at} used whole inside the step: the kernel cannot join register tiles, so a "
+                             "concat is fused only where its parts are read apart (sliced or split, times a matrix, "
+                             "or as an output)")
+        raise NotFusable(f"a slice across the parts of a concat{at}")
 
     def _matmul(self, node, view: View) -> int:
         a, b = node.args
@@ -324,6 +344,6 @@ def lower(cell, stages: dict[int, str]) -> TileProgram:
         if g[s.node_out].dtype != "float" or not s.shape:
             raise NotFusable(f"state '{s.name}' is a scalar or not a float (the kernel holds vectors and matrices)")
         states.append(lw.full(s.node_out))
-    outputs = {o.name: lw.full(o.node) for o in cell.outputs if stages.get(o.node) == "loop"}
+    outputs = {o.name: lw.parts(o.node) for o in cell.outputs if stages.get(o.node) == "loop"}
     per_step = [stages.get(n) == "hoist" for n in lw.leaves]
     return TileProgram(lw.tiles, lw.leaves, per_step, states, outputs)

@@ -265,22 +265,30 @@ def source(cell, prog: TileProgram) -> list[str]:
     outs = list(prog.outputs.items())
     shapes = [s.shape for s in cell.states]
     oshapes = [cell.graph[next(o.node for o in cell.outputs if o.name == name)].shape for name, _ in outs]
+    # each output's parts (one, or a concat's) and the variable of each part's gradient in the backward
+    pieces = [(i, p, view, t, f"go{i}" if len(parts) == 1 else f"go{i}_{p}")
+              for i, (_, parts) in enumerate(outs) for p, (view, t) in enumerate(parts)]
     dims = kernel_dims(cell, prog)
     dim_args = "".join(f"d_{n}, " for n in dims)
     blocks = ", ".join(f"BS{i}: tl.constexpr" for i in range(len(sz.exprs)))
     ind = " " * 8
 
-    def full(shape: tuple, base: str, row: str) -> str:
-        offs = "".join(f" + {sz.axis(d, i, len(shape))}{_times(_stride(shape, i))}" for i, d in enumerate(shape))
+    def full(shape: tuple, base: str, row: str, view: tuple | None = None) -> str:
+        """Pointers to a row's value of `shape`, or to the region `view` of it."""
+        offs = ""
+        for i, (o, z) in enumerate(view or tuple((sympy.Integer(0), d) for d in shape)):
+            at = sz.axis(z, i, len(shape))
+            offs += f" + {at if D.equal(o, 0) else f'({_names(o)} + {at})'}{_times(_stride(shape, i))}"
         return f"{base} + ({row}){_times(_numel(shape))}{offs}"
 
-    def store(shape: tuple, base: str, row: str, value: str, op: str = "tl.store") -> str:
-        m = sz.mask(shape)
-        return f"{op}({full(shape, base, row)}, {value}{'' if m is None else f', mask={m}'})"
+    def store(shape: tuple, base: str, row: str, value: str, op: str = "tl.store", view: tuple | None = None) -> str:
+        m = sz.mask(tuple(z for _, z in view) if view else shape)
+        return f"{op}({full(shape, base, row, view)}, {value}{'' if m is None else f', mask={m}'})"
 
-    def load(shape: tuple, base: str, row: str, extra_mask: str | None = None) -> str:
-        m = " & ".join(f"({x})" if x == extra_mask else x for x in (sz.mask(shape), extra_mask) if x)
-        return f"tl.load({full(shape, base, row)}{f', mask={m}, other=0.0' if m else ''})"
+    def load(shape: tuple, base: str, row: str, extra_mask: str | None = None, view: tuple | None = None) -> str:
+        own = sz.mask(tuple(z for _, z in view) if view else shape)
+        m = " & ".join(f"({x})" if x == extra_mask else x for x in (own, extra_mask) if x)
+        return f"tl.load({full(shape, base, row, view)}{f', mask={m}, other=0.0' if m else ''})"
 
     setup = [f"    r{i} = tl.arange(0, BS{i})" for i in range(len(sz.exprs))]
     setup += [f"    m{i} = r{i} < {_names(e)}" for i, e in enumerate(sz.exprs)]
@@ -302,14 +310,14 @@ def source(cell, prog: TileProgram) -> list[str]:
         "    for t in range(T):",
         "        row = t * N + n",
         *[ind + line for line in body],
-        *[ind + store(oshapes[i], f"o{i}_ptr", "row", r.v[t]) for i, (_, t) in enumerate(outs)],
+        *[ind + store(oshapes[i], f"o{i}_ptr", "row", r.v[t], view=view) for i, _, view, t, _ in pieces],
         f"{ind}{', '.join(state_vars)} = {', '.join(new_state)}",
         f"{ind}if SAVE:",
         *[ind + "    " + store(shapes[i], f"h{i}_ptr", "row", f"s{i}") for i in range(ns)],
         *[f"    {store(shapes[i], f'f{i}_ptr', 'n', f's{i}')}" for i in range(ns)],
     ]
     # backward: seeds are the outputs' gradients at step t and the states' carried adjoints
-    seeds = [(t, f"go{i}") for i, (_, t) in enumerate(outs)] + [(t, f"lam{i}") for i, t in enumerate(prog.states)]
+    seeds = [(t, go) for _, _, _, t, go in pieces] + [(t, f"lam{i}") for i, t in enumerate(prog.states)]
     adj_lines, adj = r.adjoint_lines(seeds)
     state_tile = {tl_.attrs["state"]: j for j, tl_ in enumerate(tiles) if tl_.op == "state"}
     leaf_tiles = {k: [j for j, t in enumerate(tiles) if t.op == "leaf" and t.attrs["leaf"] == k] for k in range(nl)}
@@ -363,7 +371,7 @@ def source(cell, prog: TileProgram) -> list[str]:
         *[f"{ind}s{i} = tl.where(t > 0, {load(shapes[i], f'h{i}_ptr', 'row - N', 't > 0')}, init{i})"
           for i in range(ns)],
         *[ind + line for line in body],
-        *[f"{ind}go{i} = {load(oshapes[i], f'go{i}_ptr', 'row')}" for i in range(len(outs))],
+        *[f"{ind}{go} = {load(oshapes[i], f'go{i}_ptr', 'row', view=view)}" for i, _, view, _, go in pieces],
         *[ind + line for line in adj_lines],
         *[ind + line for line in step_grads],
         *[ind + line for line in deferred_stores],
@@ -378,6 +386,7 @@ def source(cell, prog: TileProgram) -> list[str]:
 def kernel_dims(cell, prog: TileProgram) -> list[str]:
     """The dims the kernels take as arguments (every size, offset and stride is over them)."""
     exprs = [d for s in cell.states for d in s.shape] + [d for o in cell.outputs for d in o.shape]
+    exprs += [o for parts in prog.outputs.values() for view, _ in parts for o, _ in view]
     exprs += [d for n in prog.leaves for d in cell.graph[n].shape]
     for t in prog.tiles:
         exprs += list(t.shape) + [o for o, _ in t.attrs.get("view", ())]

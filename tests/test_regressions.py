@@ -127,3 +127,43 @@ def test_a_literal_mixes_ints_and_floats():
         rnnc.parse("cell c(x: [2]) -> (y: [2]) {\n    y = [[1, 2], 3] @ x\n}")
     assert (err.value.loc.line, err.value.loc.column) == (2, 9)
     assert err.value.hint
+
+
+CONCAT_OUTPUTS = {
+    "brief": "cell c(x: [2]) -> (y: [4]) { state c: [2] = 0\n c = c + x\n y = concat(c, x) }",
+    "nonlinear": "cell c(x: [2]) -> (y: [4]) { state c: [2] = 0\n c = tanh(c) + x\n y = concat(c, x) }",
+    "nested": "cell c(x: [2]) -> (y: [7]) { state c: [2] = 0\n c = tanh(c) + x\n"
+              "y = concat(concat(c, x * c), concat(sum(c)[None], c)) }",
+    "axis1": "cell c(x: [2]) -> (y: [2, 3]) { state c: [2] = 0\n c = tanh(c) + x\n"
+             "y = concat(c[:, None], x[:, None], (c * x)[:, None], axis=1) }",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONCAT_OUTPUTS))
+def test_a_concat_output_runs_in_the_recurrent_kernel(name):
+    """Bug: the fused recurrent kernel refused an output `concat(c, x)` of a state and a per-step
+    value, saying "a slice across the parts of a concat" in a cell with no slice; an output concat
+    is now stored part by part, and matches the loop (values, final state, gradients)."""
+    src = CONCAT_OUTPUTS[name]
+    assert "triton" in rnnc.backends_for(src)
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    results = []
+    for backend in ("loop", "triton"):
+        y, final = rnnc.build(src, backend=backend).double()(x)
+        weights = torch.arange(math.prod(y.shape[2:]), dtype=torch.float64).reshape(y.shape[2:])
+        (grad,) = torch.autograd.grad((y * weights).sum() + final["c"].sum(), x)
+        results.append((y, final["c"], grad))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_concat_used_whole_in_the_step_is_refused_with_the_reason():
+    """Bug (same): the refusal of a concat the kernel cannot take apart named a slice; it now says
+    that the concat is used whole, and a real slice across a concat's parts is still named so."""
+    whole = "cell c(x: [2]) -> (y: [4]) { state h: [2] = 0\n h = tanh(x + h)\n y = tanh(concat(h, x)) }"
+    with pytest.raises(rnnc.BuildError, match=r"a concat \(line 3\) used whole inside the step") as err:
+        rnnc.build(whole, backend="triton")
+    assert "slice" not in str(err.value).split("used whole")[0]
+    sliced = "cell c(x: [2]) -> (y: [2]) { state h: [2] = 0\n h = tanh(x + h)\n y = concat(x, h)[1:3] }"
+    with pytest.raises(rnnc.BuildError, match=r"a slice across the parts of a concat \(line 3\)"):
+        rnnc.build(sliced, backend="triton")
