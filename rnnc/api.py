@@ -10,7 +10,7 @@ from .backends import tiles, triton_scan
 from .associative import scan_groups
 from .bind import check_bound_dims
 from .optimize import optimize
-from .chunkplan import NotChunkable, chunk_plan
+from .chunkplan import NotChunkable, chunk_plan, plan_nodes
 from .scanplan import scan_coefficients
 from .errors import BuildError, InputError, SpecNotFoundError
 from .program import Program, parse_program
@@ -202,6 +202,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         scan = {"linear": linear, "combines": combines}
     elif chosen == "triton" and _triton_kind(report)[0] == "chunk":
         chunk = {**_triton_chunk_plan(report), "triton": True}
+        cell.extra_roots = plan_nodes(chunk)  # the plan may have built nodes (an update's collected v)
     elif chosen == "triton" and _triton_kind(report)[0] == "recurrent":
         recurrent = _tile_program(cell, report.stages)
     elif chosen == "triton":
@@ -216,6 +217,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         scan = {"linear": {}, "combines": [], "triton": fused, "triton_folds": folds}
     elif chosen == "chunk":
         chunk = chunk_plan(cell, report.stages, report.classes)
+        cell.extra_roots = plan_nodes(chunk)
     report = analyze_cell(cell, chosen)
     loop_below = _loop_below(backend, report)
     if chosen == "triton" and recurrent is None:

@@ -12,9 +12,10 @@ form needs log-gates to stay stable.
 from __future__ import annotations
 
 from . import dims as D
-from .ir import Cell, Graph
-from .linearity import affine_forms
-from .scanplan import _zero_state
+from .ir import Cell, Graph, Node
+from .linear_form import matrix_terms
+from .linearity import transitions
+from .scanplan import zero_state
 
 
 class NotChunkable(Exception):
@@ -31,38 +32,39 @@ def _strip_newaxis(g: Graph, nid: int) -> tuple[int, bool]:
     return nid, False
 
 
-def _log_gate(g: Graph, factor: int, K: D.Dim, V: D.Dim) -> tuple[str, int]:
-    """A decay factor -> ("k"|"v"|"s", log-gate node): exp(g)[:, None], exp(g[:, None]), exp(g) ..."""
-    base, lifted = _strip_newaxis(g, factor)
+def _log_gate(g: Graph, factor: int, size, side: str) -> int:
+    """The log-gate of a decay factor on `side` ("k": rows, exp(g)[:, None] or exp(g[:, None]);
+    "v": columns, exp(g) with g [V]; "s": a scalar exp(g))."""
+    base, _ = _strip_newaxis(g, factor)
     node = g[base]
     if node.op != "exp":
         raise NotChunkable("its decay is not written as exp(log-gate)")
-    arg, lifted_inside = _strip_newaxis(g, node.args[0])
-    shape = g[arg].shape
-    if lifted or lifted_inside:
-        if len(shape) == 1 and D.equal(shape[0], K):
-            return "k", arg
-    elif not shape:
-        return "s", arg
-    elif len(shape) == 1 and D.equal(shape[0], V):
-        return "v", arg
+    arg, _ = _strip_newaxis(g, node.args[0])
+    shape = [d for d in g[arg].shape if not D.equal(d, D.ONE)] if side != "s" else list(g[arg].shape)
+    if side == "s" and not shape and not g[arg].shape:
+        return arg
+    if side != "s" and len(g[arg].shape) == 1 and D.equal(g[arg].shape[0], size):
+        return arg
     raise NotChunkable(f"its decay has shape {D.fmt_shape(g[factor].shape)}, not per key, per value or scalar")
 
 
-def _outer_parts(g: Graph, nid: int | None) -> tuple[list[int], int, int]:
-    """scalar * ... * outer(k, v) -> ([scalars], k, v)."""
+def _update(g: Graph, nid: int | None) -> tuple[list[int], int, int]:
+    """The update c · k vᵀ as (scalar nodes c, k, v), its outer products collected first;
+    a numeric factor is folded into v."""
     if nid is None:
         raise NotChunkable("its update is zero")
-    node = g[nid]
-    if node.op == "outer":
-        return [], node.args[0], node.args[1]
-    if node.op == "mul":
-        a, b = node.args
-        for s, rest in ((a, b), (b, a)):
-            if not g[s].shape:
-                scalars, k, v = _outer_parts(g, rest)
-                return [s] + scalars, k, v
-    raise NotChunkable("its update is not an outer product k vᵀ (times scalars)")
+    terms = matrix_terms(g, nid)
+    if not terms or len(terms) != 1 or [a.kind for a in terms[0].left] != ["col", "row"] or terms[0].dots \
+            or terms[0].elem or any(inv for _, inv in terms[0].scalars):
+        raise NotChunkable("its update is not an outer product k vᵀ (times scalars)")
+    (t,) = terms
+    k, v = t.left[0].node, t.left[1].node
+    if t.sign * t.num != 1:
+        value = t.sign * t.num
+        value = int(value) if value == int(value) else float(value)
+        c = g.add(Node("const", (), (), attrs={"value": value}, scalar=True))
+        v = g.add(Node("mul", (c, v), g[v].shape))
+    return [n for n, _ in t.scalars], k, v
 
 
 def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> dict:
@@ -79,29 +81,25 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
         raise NotChunkable(f"state '{s.name}' is not read out as q @ {s.name} (before or after its update)")
     g = cell.graph
     K, V = s.shape
-    chains = affine_forms(cell, stages)[s.node_out].chains[s.name]
-    if len(chains) != 1:
+    t = transitions(cell, stages)[s.name]
+    decay = t.decay
+    if decay.elem or decay.num != 1 or any(inv for _, inv in decay.scalars) or \
+            any(a.inv for a in decay.left + decay.right):
+        raise NotChunkable("its decay is not written as exp(log-gate)")
+    if t.kind == "diagonal":
         raise NotChunkable(f"state '{s.name}' reaches its next value along several paths")
-    (chain,) = chains
-    gates = {"k": [], "v": [], "s": []}
-    matrix = None
-    for link in chain:
-        if link[0] == "scale" and not link[2]:
-            kind, gate = _log_gate(g, link[1], K, V)
-            gates[kind].append(gate)
-        elif link[0] == "left" and matrix is None:
-            matrix = link[1]
-        else:
-            raise NotChunkable("its transition is not decay ⊙ S or decay · (I − β k kᵀ) S")
+    gates = {"k": [_log_gate(g, a.node, K, "k") for a in decay.left],
+             "v": [_log_gate(g, a.node, V, "v") for a in decay.right],
+             "s": [_log_gate(g, n, None, "s") for n, _ in decay.scalars]}
     if any(len(v) > 1 for v in gates.values()):
         raise NotChunkable("it has several decays of one kind")
     try:
-        update = _zero_state(g, stages, s.node_out, {})
+        update = zero_state(g, stages, s.node_out, {})
     except ValueError as e:
         raise NotChunkable(str(e)) from None
-    scalars, k, v = _outer_parts(g, update)
+    scalars, k, v = _update(g, update)
     plan = {"state": s.name, "q": None, "k": k, "v": v, "gk": None, "gv": None, "g": None, "beta": None}
-    if matrix is None:
+    if t.kind == "identity":
         if gates["s"] and (gates["k"] or gates["v"]):
             raise NotChunkable("it mixes a scalar decay with a per-key or per-value one")
         plan["gk"] = (gates["k"] or [None])[0]
@@ -112,17 +110,13 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
     else:
         if gates["k"] or gates["v"]:
             raise NotChunkable("a delta rule with a per-key or per-value decay is not supported yet")
-        m = g[matrix]
-        low = g[m.args[1]]
-        beta, k1, k2 = None, None, None
-        if low.op == "mul":
-            (bs, kk, kk2) = _outer_parts(g, m.args[1])
-            beta, k1, k2 = (bs[0] if len(bs) == 1 else None), kk, kk2
-        elif low.op == "outer":
-            k1, k2 = low.args
-        if k1 != k2 or k1 != k or (beta is not None and scalars != [beta]) or (beta is None and scalars):
+        (low,) = t.low_rank
+        col, row = low.left
+        beta = [n for n, _ in low.scalars]
+        if low.sign > 0 or low.num != 1 or low.dots or col.node != row.node or col.node != k \
+                or sorted(beta) != sorted(scalars) or len(beta) > 1:
             raise NotChunkable("its transition I − β k kᵀ and update β k vᵀ do not share β and k")
-        plan.update(kind="delta", beta=beta, g=(gates["s"] or [None])[0], scale=[])
+        plan.update(kind="delta", beta=beta[0] if beta else None, g=(gates["s"] or [None])[0], scale=[])
     before = info["readout_of"] == "old"
     read = s.node_in if before else s.node_out
     outs = [o for o in cell.outputs if s.node_in in g.ancestors([o.node])]

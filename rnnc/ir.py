@@ -63,6 +63,15 @@ class Graph:
         for a in args:
             self.g.add_edge(a, nid)
 
+    def rewire(self, nid: int, args: tuple[int, ...]) -> None:
+        """Point a node at other operands holding the same values (op and attrs unchanged)."""
+        node = self[nid]
+        for a in set(node.args):
+            self.g.remove_edge(a, nid)
+        node.args = tuple(args)
+        for a in args:
+            self.g.add_edge(a, nid)
+
     def order(self, nodes: Iterable[int] | None = None) -> list[int]:
         """Topological order of `nodes` (all by default) within one step, ties broken by id."""
         keep = set(self.ids()) if nodes is None else set(nodes)

@@ -1,5 +1,8 @@
-"""IR rewrites that move work out of the recurrence.
+"""IR rewrites: shared subexpressions merged, work moved out of the recurrence.
 
+`merge_common`: two nodes computing the same op on the same operands become one (a def inlined
+twice, `exp(g)` written twice), so that analyses comparing values by node see equal values as
+equal, and the generated code computes each once.
 `hoist_sum_terms`: a sum inside the loop whose terms partly do not depend on the state is
 regrouped so those terms are added once, outside the loop. For LSTM,
 `W_ih x + b_ih + W_hh h + b_hh` becomes `(W_ih x + b_ih + b_hh) + W_hh h`: one add per step
@@ -19,8 +22,43 @@ SUM_OPS = ("add", "sub")
 def optimize(cell: Cell) -> Cell:
     """A rewritten copy of the cell (the original IR is left as elaborated)."""
     cell = copy.deepcopy(cell)
+    merge_common(cell)
     hoist_sum_terms(cell)
     return cell
+
+
+LEAVES = ("input", "param", "state")
+
+
+def _pinned(cell: Cell) -> set[int]:
+    """Nodes the cell's interface refers to by id: never merged away (others merge into them)."""
+    out = {p.node for p in cell.inputs} | {p.node for p in cell.outputs} | {p.node for p in cell.params}
+    out |= {n for s in cell.states for n in (s.node_in, s.node_out, s.init)}
+    for c in cell.combines:
+        out |= set(c.args_left) | set(c.args_right) | set(c.results)
+    return out | set(cell.extra_roots)
+
+
+def merge_common(cell: Cell) -> None:
+    """Common-subexpression elimination over the step graph (pure ops only; leaves stay distinct)."""
+    g = cell.graph
+    pinned = _pinned(cell)
+    seen: dict[tuple, int] = {}
+    canon: dict[int, int] = {}
+    for nid in g.order(cell.live()):
+        node = g[nid]
+        args = tuple(canon.get(a, a) for a in node.args)
+        if args != node.args:
+            g.rewire(nid, args)
+        if node.op in LEAVES:
+            continue
+        key = (node.op, args, repr(sorted(node.attrs.items())), tuple(D.fmt(d) for d in node.shape),
+               node.dtype, node.scalar)
+        first = seen.setdefault(key, nid)
+        if first != nid and nid not in pinned:
+            canon[nid] = first
+            if g[first].name is None:
+                g[first].name = node.name
 
 
 def _flatten(g: Graph, nid: int, sign: int, stages: dict[int, str], root: int, out: list) -> None:

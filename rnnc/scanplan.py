@@ -1,8 +1,8 @@
 """Rewrite an elementwise-affine state update h' = a ⊙ h + b into explicit IR nodes for a and b.
 
 The scan backend needs a and b as state-free values (computed for all steps at once) to run
-h_t = a_t ⊙ h_{t-1} + b_t as a parallel prefix scan. Both are built symbolically from the
-affine form (rnnc/linearity.py): a is the sum over the state's paths of the product of their
+h_t = a_t ⊙ h_{t-1} + b_t as a parallel prefix scan. Both are built symbolically: a from the
+canonical linear form (rnnc/linear_form.py) as the sum over its terms of the product of their
 factors; b is the next value with the state set to zero (partially evaluated). Nothing is
 computed by differencing, so an extreme gate (a ≈ 0, |b| large) loses no precision.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from . import dims as D
 from .ir import Cell, Graph, Node
-from .linearity import affine_forms
+from .linear_form import Atom, Term
+from .linearity import transitions
 
 
 def _binary(g: Graph, op: str, x: int, y: int) -> int:
@@ -18,60 +19,101 @@ def _binary(g: Graph, op: str, x: int, y: int) -> int:
     return g.add(Node(op, (x, y), shape, scalar=g[x].scalar and g[y].scalar))
 
 
-def _coefficient(g: Graph, chains: list[tuple]) -> int:
+def _const(g: Graph, value) -> int:
+    value = int(value) if value == int(value) else float(value)
+    return g.add(Node("const", (), (), attrs={"value": value}, scalar=True))
+
+
+def _index(g: Graph, x: int, items: tuple, shape: tuple) -> int:
+    return g.add(Node("index", (x,), shape, attrs={"items": items}))
+
+
+def _oriented(g: Graph, atom: Atom, rows: bool, rank: int) -> int:
+    """A diagonal atom's vector shaped to broadcast against the state: [p] scales a vector
+    state, [p, 1] the rows of a matrix state, [q] its columns."""
+    nid, shape = atom.node, g[atom.node].shape
+    vec = next((d for d in shape if not D.equal(d, D.ONE)), D.ONE)
+    if rank == 2 and rows:
+        if len(shape) == 2 and D.equal(shape[1], D.ONE):
+            return nid
+        if len(shape) == 2:  # [1, p]
+            nid = _index(g, nid, (("int", D.const(0)),), (vec,))
+        return _index(g, nid, (("slice", D.const(0), vec), ("new",)), (vec, D.ONE))
+    if len(shape) == 2 and D.equal(shape[1], D.ONE):  # [p, 1] -> [p]
+        return _index(g, nid, (("slice", D.const(0), vec), ("int", D.const(0))), (vec,))
+    return nid
+
+
+def _coefficient(g: Graph, terms: list[Term], rank: int) -> int:
+    """a = Σ_terms ± num · Π factors, for states whose terms are all diagonal."""
     total = None
-    for chain in chains:
-        term, negative = None, False
-        for link in chain:
-            if link[0] == "neg":
-                negative = not negative
-                continue
-            _, factor, divides = link
+    for t in terms:
+        factors = ([_oriented(g, x, True, rank) for x in t.left] + [_oriented(g, x, False, rank) for x in t.right])
+        invs = [x.inv for x in t.left] + [x.inv for x in t.right]
+        for nid, inv in t.scalars + t.elem:
+            factors.append(nid)
+            invs.append(inv)
+        term = None if t.num == 1 else _const(g, t.num)
+        for f, inv in zip(factors, invs):
             if term is None:
-                term = factor if not divides else _binary(g, "div", g.add(Node("const", (), (), attrs={"value": 1},
-                                                                             scalar=True)), factor)
+                term = _binary(g, "div", _const(g, 1), f) if inv else f
             else:
-                term = _binary(g, "div" if divides else "mul", term, factor)
+                term = _binary(g, "div" if inv else "mul", term, f)
         if term is None:
-            term = g.add(Node("const", (), (), attrs={"value": 1}, scalar=True))
+            term = _const(g, 1)
         if total is None:
-            total = g.add(Node("neg", (term,), g[term].shape, scalar=g[term].scalar)) if negative else term
+            total = g.add(Node("neg", (term,), g[term].shape, scalar=g[term].scalar)) if t.sign < 0 else term
         else:
-            total = _binary(g, "sub" if negative else "add", total, term)
+            total = _binary(g, "sub" if t.sign < 0 else "add", total, term)
     return total
 
 
-def _zero_state(g: Graph, stages: dict[int, str], nid: int, memo: dict) -> int | None:
-    """The node's value with every state set to 0 (None: exactly zero)."""
+def zero_state(g: Graph, stages: dict[int, str], nid: int, memo: dict) -> int | None:
+    """The node's value with every state set to 0 (None: exactly zero), by partial evaluation.
+
+    Only called on values linear (affine) in the states: each op is linear in its
+    state-dependent operands, so a zero operand gives zero, and otherwise the op is rebuilt over
+    the operands' zero-state values (a concat with a zero part gets an explicit zeros block).
+    """
     if stages.get(nid) != "loop":
         return nid
     if nid in memo:
         return memo[nid]
     node = g[nid]
+    zeros = {a: zero_state(g, stages, a, memo) for a in node.args} if node.op != "state" else {}
     if node.op == "state":
         out = None
     elif node.op in ("add", "sub"):
-        x, y = (_zero_state(g, stages, a, memo) for a in node.args)
+        x, y = (zeros[a] for a in node.args)
         if y is None:
             out = x
         elif x is None:
             out = y if node.op == "add" else g.add(Node("neg", (y,), g[y].shape))
         else:
             out = _binary(g, node.op, x, y)
-    elif node.op == "neg":
-        x = _zero_state(g, stages, node.args[0], memo)
-        out = None if x is None else g.add(Node("neg", (x,), g[x].shape))
-    elif node.op in ("mul", "div"):
-        x, y = (_zero_state(g, stages, a, memo) for a in node.args)
-        out = None if x is None or y is None else _binary(g, node.op, x, y)
-    elif node.op in ("matmul", "outer", "transpose", "index", "broadcast"):
-        # linear in their one state-dependent operand: zero in, zero out
+    elif node.op == "concat":
+        if all(zeros[a] is None for a in node.args):
+            out = None
+        else:
+            parts = tuple(zeros[a] if zeros[a] is not None else
+                          g.add(Node("full", (), g[a].shape, attrs={"value": 0})) for a in node.args)
+            out = g.add(Node("concat", parts, node.shape, attrs=dict(node.attrs)))
+    elif node.op == "where" and zeros[node.args[0]] == node.args[0]:
+        c, x, y = (zeros[a] for a in node.args)
+        if x is None and y is None:
+            out = None
+        else:
+            x, y = (v if v is not None else g.add(Node("const", (), (), attrs={"value": 0}, scalar=True)) for v in (x, y))
+            out = g.add(Node("where", (c, x, y), node.shape, attrs=dict(node.attrs)))
+    else:
         deps = [a for a in node.args if stages.get(a) == "loop"]
-        if len(deps) != 1 or _zero_state(g, stages, deps[0], memo) is not None:
+        if len(deps) != 1 or (node.op == "div" and deps[0] != node.args[0]):
             raise ValueError(f"cannot partially evaluate {node.op}")
-        out = None
-    else:  # the affine forms of scannable states only pass through the ops above
-        raise ValueError(f"cannot partially evaluate {node.op}")
+        if zeros[deps[0]] is None:
+            out = None
+        else:
+            args = tuple(zeros[a] for a in node.args)
+            out = g.add(Node(node.op, args, node.shape, node.dtype, attrs=dict(node.attrs)))
     memo[nid] = out
     return out
 
@@ -83,13 +125,13 @@ def scan_coefficients(cell: Cell, stages: dict[int, str], skip: frozenset[str] =
     Appends the new nodes to the cell's graph; the caller re-stages the cell afterwards.
     """
     g = cell.graph
-    forms = affine_forms(cell, stages)
+    found = transitions(cell, stages)
     out = {}
     for s in cell.states:
         if s.name in skip:
             continue
-        chains = forms[s.node_out].chains.get(s.name, []) if s.node_out in forms else []
-        a = _coefficient(g, chains) if chains else g.add(Node("const", (), (), attrs={"value": 0}, scalar=True))
-        b = _zero_state(g, stages, s.node_out, {})
+        t = found[s.name]
+        a = _coefficient(g, t.terms, len(s.shape)) if t.terms else _const(g, 0)
+        b = zero_state(g, stages, s.node_out, {})
         out[s.name] = (a, b)
     return out

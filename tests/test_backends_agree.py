@@ -3,40 +3,10 @@ loop backend (which defines the semantics) in values and gradients, at awkward l
 gates from mild to extreme. Never a NaN or an inf."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rnnc
 
-DIMS = {"K": 4, "V": 3, "D": 3, "N": 2, "H": 3, "I": 2}
-
-
-def _inputs(name: str, B: int, T: int, heads: int, extreme: bool, dtype):
-    prog = rnnc.load(name).cell()
-    g = torch.Generator().manual_seed(hash((name, T, extreme)) % 2**31)
-    out = []
-    for p in prog.inputs:
-        shape = [B, T, heads] + [DIMS[str(d)] if str(d) in DIMS else int(d) for d in p.shape]
-        x = torch.randn(*shape, generator=g, dtype=torch.float64)
-        if p.name in ("g", "w"):  # log-space decays: mild (near 0) or extreme (down to -20)
-            x = -20 * torch.rand(*shape, generator=g, dtype=torch.float64) if extreme else F.logsigmoid(x + 3)
-        elif p.name == "delta":  # mamba's step size, positive
-            x = F.softplus(x) * (8 if extreme else 1)
-        elif p.name == "beta":  # the delta rule's write strength, in (0, 1) (1 when extreme)
-            x = torch.ones_like(x) if extreme else torch.sigmoid(x)
-        elif p.name == "k" and "delta" in name:  # the delta rule is stable for unit keys
-            x = F.normalize(x, dim=-1)
-        out.append(x.to(dtype).requires_grad_())
-    return out
-
-
-def _grads(cell, inputs):
-    y, final = cell(*inputs)
-    ys = y if isinstance(y, tuple) else (y,)
-    w = [torch.cos(torch.arange(v.numel(), dtype=v.dtype)).view_as(v) for v in ys]
-    loss = sum((v * wi).sum() for v, wi in zip(ys, w)) + sum(f.sum() for f in final.values())
-    params = [p for _, p in sorted(cell.named_parameters())]
-    grads = torch.autograd.grad(loss, list(inputs) + params)
-    return ys, final, grads
+from helpers import DIMS, library_inputs as _inputs, outputs_and_grads as _grads  # noqa: E402
 
 
 CASES = [(name, backend) for name in rnnc.library() for backend in rnnc.backends_for(name) if backend != "loop"]

@@ -19,7 +19,8 @@ EXPECTED = {
     ("mamba", "h"): ("matrix_affine", "additive", "key_value", "contraction", "new"),
     ("deltanet", "S"): ("matrix_affine", "identity_minus_low_rank", "none", "contraction", "new"),
     ("gated_deltanet", "S"): ("matrix_affine", "identity_minus_low_rank", "scalar", "contraction", "new"),
-    ("lsrl_majority", "ones"): ("matrix_affine", "dense", "none", "other", "new"),
+    # `[[1]] @ ones`: a 1×1 literal matrix is the number 1, not a dense transition
+    ("lsrl_majority", "ones"): ("elementwise_affine", None, "none", "other", "new"),
 }
 
 
@@ -90,3 +91,63 @@ def test_hand_written_cases(case):
     got = rnnc.analyze(text).to_dict()["states"][state]
     for key, value in expected.items():
         assert got.get(key) == value, (key, got)
+
+
+@pytest.mark.parametrize("fn", ["max", "min", "prod", "logsumexp"])
+def test_a_nonlinear_reduction_of_a_state_is_nonlinear(fn):
+    """`s = x + max(s)` is not linear in s (it was once counted as matrix_affine)."""
+    text = f"""cell c(x: [H]) -> (y: [H]) {{
+        state s: [H] = 0
+        s = x + {fn}(s)
+        y = s }}"""
+    got = rnnc.analyze(text).to_dict()["states"]["s"]
+    assert got["class"] == "nonlinear", got
+    assert fn in got["why"], got
+    assert rnnc.analyze(text).backend == "loop"
+
+
+@pytest.mark.parametrize("fn", ["sum", "mean"])
+def test_a_sum_or_mean_of_a_state_is_linear(fn):
+    """h' = x + sum(h) · 1 is linear in h: a dense (all-ones) transition, not nonlinear."""
+    text = f"""cell c(x: [H]) -> (y: [H]) {{
+        state h: [H] = 0
+        h = x + 0.5 * {fn}(h)
+        y = h }}"""
+    got = rnnc.analyze(text).to_dict()["states"]["h"]
+    assert got["class"] == "matrix_affine", got
+
+
+def test_a_one_by_one_literal_matrix_is_a_number():
+    """LSRL's LinState with A = [[1]] is a plain running sum: elementwise, scanned."""
+    text = """cell c(x: [1]) -> (y: [1]) {
+        state s: [1] = 0
+        s = [[1]] @ s + [[2]] @ x
+        y = s }"""
+    rep = rnnc.analyze(text)
+    assert rep.to_dict()["states"]["s"]["class"] == "elementwise_affine"
+    assert rep.backend == "scan"
+
+
+def test_a_scaled_identity_literal_and_an_outer_product_update():
+    """`[[0.5, 0], [0, 0.5]] @ h` is 0.5 h; `h - outer(k, k) @ h` an identity-minus-low-rank map."""
+    scaled = """cell c(x: [2]) -> (y: [2]) {
+        state h: [2] = 0
+        h = [[0.5, 0], [0, 0.5]] @ h + x
+        y = h }"""
+    assert rnnc.analyze(scaled).to_dict()["states"]["h"]["decay"] == "elementwise"
+    delta = """cell c(k: [H], x: [H]) -> (y: [H]) {
+        state h: [H] = 0
+        h = h - outer(k, k) @ h + x
+        y = h }"""
+    got = rnnc.analyze(delta).to_dict()["states"]["h"]
+    assert (got["class"], got["transition"]) == ("matrix_affine", "identity_minus_low_rank"), got
+
+
+def test_dplr_transition_is_identity_plus_low_rank():
+    """RWKV-7's (I + a bᵀ) with a ≠ b is recognised (not lowered in parallel yet)."""
+    text = """cell c(q: [K], a: [K], b: [K], k: [K], v: [V]) -> (o: [V]) {
+        state S: [K, V] = 0
+        S = S + outer(a, b @ S) + outer(k, v)
+        o = q @ S }"""
+    got = rnnc.analyze(text).to_dict()["states"]["S"]
+    assert got["transition"] == "identity_plus_low_rank", got

@@ -1,0 +1,45 @@
+"""Shared test helpers: random inputs for a cell, and a loss whose gradients reach everything."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import rnnc
+
+#: Sizes of the library's dims in the differential tests (small, distinct, awkward).
+DIMS = {"K": 4, "V": 3, "D": 3, "N": 2, "H": 3, "I": 2}
+
+
+def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=None) -> list[torch.Tensor]:
+    """Inputs [B, T, heads, *shape] for the cell `spec` (name, path, source or Program), each
+    drawn from the range its name implies in the library: log-space decays `g`/`w` mild or down
+    to -20, mamba's positive `delta`, the delta rule's `beta` in (0, 1) (1 when extreme) and
+    unit keys `k` for delta-rule cells."""
+    prog = spec if isinstance(spec, rnnc.Program) else rnnc.parse(spec) if "{" in spec else rnnc.load(spec)
+    cell = prog.cell()
+    g = torch.Generator().manual_seed(hash((cell.name, T, extreme)) % 2**31 if seed is None else seed)
+    out = []
+    for p in cell.inputs:
+        shape = [B, T, heads] + [DIMS[str(d)] if str(d) in DIMS else int(d) for d in p.shape]
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if p.name in ("g", "w"):
+            x = -20 * torch.rand(*shape, generator=g, dtype=torch.float64) if extreme else F.logsigmoid(x + 3)
+        elif p.name == "delta":
+            x = F.softplus(x) * (8 if extreme else 1)
+        elif p.name == "beta":
+            x = torch.ones_like(x) if extreme else torch.sigmoid(x)
+        elif p.name == "k" and "delta" in cell.name:
+            x = F.normalize(x, dim=-1)
+        out.append(x.to(dtype).requires_grad_())
+    return out
+
+
+def outputs_and_grads(cell, inputs):
+    """(outputs, final states, gradients of a weighted loss w.r.t. the inputs and the params)."""
+    y, final = cell(*inputs)
+    ys = y if isinstance(y, tuple) else (y,)
+    w = [torch.cos(torch.arange(v.numel(), dtype=v.dtype)).view_as(v) for v in ys]
+    loss = sum((v * wi).sum() for v, wi in zip(ys, w)) + sum(f.sum() for f in final.values())
+    params = [p for _, p in sorted(cell.named_parameters())]
+    grads = torch.autograd.grad(loss, list(inputs) + params)
+    return ys, final, grads

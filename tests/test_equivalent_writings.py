@@ -1,0 +1,233 @@
+"""Algebraically equal writings of a cell get the same verdict, the same lowering and the same numbers.
+
+Every library cell is rewritten at least two ways (distributed or factored, terms reordered, the
+delta rule in both common writings, a decay applied before or after the update where the math
+is equal). The verdict per state (class, transition, decay, readout) and the backend `auto`
+picks must match the library cell's, and the rewritten cell, built with `auto` and the library
+cell's params, must give the loop's numbers and gradients at a length where the parallel form runs.
+"""
+import pytest
+import torch
+
+import rnnc
+
+from helpers import DIMS, library_inputs, outputs_and_grads
+
+LSTM_HEAD = """cell lstm(x: [I]) -> (h: [H]) {
+    param weight_ih: [4*H, I] ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param weight_hh: [4*H, H] ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param bias_ih:   [4*H]    ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param bias_hh:   [4*H]    ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    state h: [H] = 0
+    state c: [H] = 0
+"""
+GRU_HEAD = """cell gru(x: [I]) -> (h: [H]) {
+    param weight_ih: [3*H, I] ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param weight_hh: [3*H, H] ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param bias_ih:   [3*H]    ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param bias_hh:   [3*H]    ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    state h: [H] = 0
+"""
+ELMAN_HEAD = """cell elman(x: [I]) -> (h: [H]) {
+    param weight_ih: [H, I] ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param weight_hh: [H, H] ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param bias_ih:   [H]    ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    param bias_hh:   [H]    ~ uniform(-1/sqrt(H), 1/sqrt(H))
+    state h: [H] = 0
+"""
+MIN_GRU_HEAD = """cell mingru(x: [I]) -> (h: [H]) {
+    param weight_z: [H, I] ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param bias_z:   [H]    ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param weight_h: [H, I] ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param bias_h:   [H]    ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    state h: [H] = 0
+    let z = sigmoid(weight_z @ x + bias_z)
+    let h_tilde = weight_h @ x + bias_h
+"""
+MIN_LSTM_HEAD = """cell minlstm(x: [I]) -> (h: [H]) {
+    param weight_f: [H, I] ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param bias_f:   [H]    ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param weight_i: [H, I] ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param bias_i:   [H]    ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param weight_h: [H, I] ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    param bias_h:   [H]    ~ uniform(-1/sqrt(I), 1/sqrt(I))
+    state h: [H] = 0
+    let f = sigmoid(weight_f @ x + bias_f)
+    let i = sigmoid(weight_i @ x + bias_i)
+    let h_tilde = weight_h @ x + bias_h
+"""
+AAREN_HEAD = """combine softmax_merge((m1, u1, w1), (m2, u2, w2)) identity (-inf, 0, 0) {
+    let m = maximum(m1, m2)
+    let a = exp(m1 - m)
+    let b = exp(m2 - m)
+    return m, u1 * a + u2 * b, w1 * a + w2 * b
+}
+cell aaren(x: [D]) -> (o: [D]) {
+    param q:        [D]    ~ normal(0, 1/sqrt(D))
+    param weight_k: [D, D] ~ uniform(-1/sqrt(D), 1/sqrt(D))
+    param weight_v: [D, D] ~ uniform(-1/sqrt(D), 1/sqrt(D))
+    state m: [] = -inf
+    state u: [] = 0
+    state w: [D] = 0
+"""
+MAMBA_HEAD = """cell mamba(u: [D], delta: [D], B: [N], C: [N]) -> (y: [D]) {
+    param A_log:  [D, N] = log(arange(1, N + 1))
+    param D_skip: [D]    = 1
+    state h: [D, N] = 0
+    let A = -exp(A_log)
+"""
+LSRL_HEAD = """def lsrl_step(v) {
+    let r = relu([[1], [1]] @ v + [0, -1])
+    return r[0:1] - r[1:2]
+}
+def lsrl_larger(a, b) = lsrl_step([[1, -1]] @ concat(a, b))
+cell lsrl_majority(x: [1]) -> (y: [1]) {
+    state ones:  [1] = 0
+    state zeros: [1] = 0
+    let not_x = [[-1]] @ x + [1]
+"""
+
+REWRITES = {
+    "linear_attn": [
+        "S = outer(k, v) + S",
+        "S = S + 0.5 * outer(k, v) + outer(0.5 * k, v)",
+    ],
+    "simple_gla": [
+        "S = S * exp(g) + outer(k, v)",
+        "let decayed = exp(g) * S\n    S = outer(k, v) + decayed",
+    ],
+    "gla": [
+        "S = S * exp(g)[:, None] + outer(k, v)",
+        "S = (exp(g)[:, None] * eye(K)) @ S + outer(k, v)",
+        "S = exp(g[:, None]) * S + outer(k, v)",
+    ],
+    "rwkv6": [
+        "o = sum(r * u * k) * v + r @ S\n    S = outer(k, v) + S * exp(w)[:, None]",
+        "o = r @ S + sum(r * u * k) * v\n    S = exp(w)[:, None] * (eye(K) @ S) + outer(k, v)",
+    ],
+    "deltanet": [
+        "S = S + beta * outer(k, v - k @ S)",  # fla's and the DeltaNet paper's writing
+        "S = S - beta * outer(k, k @ S) + beta * outer(k, v)",
+        "S = S + outer(k, beta * (v - k @ S))",
+        "S = (eye(K) - outer(beta * k, k)) @ S + outer(k, beta * v)",
+    ],
+    "gated_deltanet": [
+        "let decayed = exp(g) * S\n    S = decayed + beta * outer(k, v - k @ decayed)",  # decay first
+        "S = exp(g) * (S - beta * outer(k, k @ S)) + beta * outer(k, v)",
+        "S = exp(g) * S - beta * exp(g) * outer(k, k @ S) + beta * outer(k, v)",
+    ],
+    "mamba": [
+        "h = h * exp(A * delta[:, None]) + outer(delta * u, B)\n    y = h @ C + D_skip * u",
+        "h = exp(delta[:, None] * A) * h + outer(u, B) * delta[:, None]\n    y = D_skip * u + h @ C",
+    ],
+    "hgrn": [
+        "h = x + h * exp(g)",
+        "h = exp(g) * h + 0.5 * x + 0.5 * x",
+    ],
+    "mingru": [
+        "h = h + z * (h_tilde - h)",  # the usual writing: interpolate towards h_tilde
+        "h = h - z * h + z * h_tilde",
+    ],
+    "minlstm": [
+        "h = (f * h + i * h_tilde) / (f + i)",
+        "h = h * (f / (f + i)) + h_tilde * (i / (f + i))",
+    ],
+    "lsrl_majority": [
+        "ones = ones + x\n    zeros = zeros + not_x\n    y = lsrl_larger(ones, zeros)",
+        "ones = [[1]] @ (ones + x)\n    zeros = [[2]] @ zeros - [[1]] @ zeros + not_x\n    y = lsrl_larger(ones, zeros)",
+    ],
+    "lstm": [
+        "let i, f, g, o = split(weight_hh @ h + bias_hh + weight_ih @ x + bias_ih, 4)\n"
+        "    c = sigmoid(i) * tanh(g) + c * sigmoid(f)\n    h = tanh(c) * sigmoid(o)",
+        "let pre = weight_ih @ x + weight_hh @ h + (bias_ih + bias_hh)\n"
+        "    c = sigmoid(pre[H:2*H]) * c + sigmoid(pre[0:H]) * tanh(pre[2*H:3*H])\n"
+        "    h = sigmoid(pre[3*H:4*H]) * tanh(c)",
+    ],
+    "gru": [
+        "let x_r, x_z, x_n = split(weight_ih @ x + bias_ih, 3)\n    let h_r, h_z, h_n = split(weight_hh @ h + bias_hh, 3)\n"
+        "    let z = sigmoid(h_z + x_z)\n    h = n_of(x_n, h_n, sigmoid(x_r + h_r)) + z * (h - n_of(x_n, h_n, sigmoid(x_r + h_r)))",
+        "let x_r, x_z, x_n = split(weight_ih @ x + bias_ih, 3)\n    let h_r, h_z, h_n = split(weight_hh @ h + bias_hh, 3)\n"
+        "    let z = sigmoid(x_z + h_z)\n    let n = tanh(x_n + sigmoid(x_r + h_r) * h_n)\n    h = n - z * n + z * h",
+    ],
+    "elman": [
+        "h = tanh(weight_hh @ h + weight_ih @ x + bias_hh + bias_ih)",
+        "h = tanh((weight_ih @ x + bias_ih) + (weight_hh @ h + bias_hh))",
+    ],
+    "aaren": [
+        "m, u, w = softmax_merge((m, u, w), ((weight_k @ x) @ q, 1, weight_v @ x))\n    o = w / u",
+        "m, u, w = softmax_merge((m, u, w), (q @ (weight_k @ x), 1.0, weight_v @ x))\n    o = w * (1 / u)",
+    ],
+    "running_max": [
+        "combine max_merge(a, b) identity -inf = maximum(b, a)\ncell running_max(x: [D]) -> (y: [D]) {\n"
+        "    state m: [D] = -inf\n    m = max_merge(m, x)\n    y = m\n}",
+        "combine max_merge(a, b) identity -inf = maximum(a, b)\ncell running_max(x: [D]) -> (y: [D]) {\n"
+        "    state m: [D] = -inf\n    m = max_merge(m, 1 * x)\n    y = m + 0\n}",
+    ],
+    "running_logsumexp": [
+        "combine logaddexp(a, b) identity -inf {\n    let m = maximum(b, a)\n"
+        "    return m + log(exp(b - m) + exp(a - m))\n}\ncell running_logsumexp(x: [D]) -> (y: [D]) {\n"
+        "    state l: [D] = -inf\n    l = logaddexp(l, x)\n    y = l\n}",
+        "combine logaddexp(a, b) identity -inf {\n    let m = maximum(a, b)\n"
+        "    return log(exp(a - m) + exp(b - m)) + m\n}\ncell running_logsumexp(x: [D]) -> (y: [D]) {\n"
+        "    state l: [D] = -inf\n    l = logaddexp(l, x)\n    y = l\n}",
+    ],
+}
+
+HEADS = {"lstm": LSTM_HEAD, "gru": GRU_HEAD, "elman": ELMAN_HEAD, "mingru": MIN_GRU_HEAD, "minlstm": MIN_LSTM_HEAD,
+         "aaren": AAREN_HEAD, "mamba": MAMBA_HEAD, "lsrl_majority": LSRL_HEAD}
+MATRIX = {"linear_attn": "(q: [K], k: [K], v: [V]) -> (o: [V])",
+          "simple_gla": "(q: [K], k: [K], v: [V], g: []) -> (o: [V])",
+          "gla": "(q: [K], k: [K], v: [V], g: [K]) -> (o: [V])",
+          "deltanet": "(q: [K], k: [K], v: [V], beta: []) -> (o: [V])",
+          "gated_deltanet": "(q: [K], k: [K], v: [V], g: [], beta: []) -> (o: [V])"}
+GRU_DEF = "def n_of(x_n, h_n, r) = tanh(x_n + r * h_n)\n"
+
+
+def source(name: str, body: str) -> str:
+    """The full spec text of one rewrite."""
+    if body.startswith("combine"):
+        return body
+    if name in MATRIX:
+        return f"cell {name}{MATRIX[name]} {{\n    state S: [K, V] = 0\n    {body}\n    o = q @ S\n}}\n"
+    if name == "rwkv6":
+        return ("cell rwkv6(r: [K], k: [K], v: [V], w: [K]) -> (o: [V]) {\n    param u: [K] = 0\n"
+                f"    state S: [K, V] = 0\n    {body}\n}}\n")
+    if name == "hgrn":
+        return f"cell hgrn(x: [D], g: [D]) -> (o: [D]) {{\n    state h: [D] = 0\n    {body}\n    o = h\n}}\n"
+    head = HEADS[name]
+    return (GRU_DEF if name == "gru" else "") + head + f"    {body}\n}}\n"
+
+
+CASES = [pytest.param(name, i, id=f"{name}-{i}") for name in sorted(REWRITES) for i in range(len(REWRITES[name]))]
+VERDICT = ("class", "transition", "decay", "coupled", "readout", "readout_of")
+
+
+def test_every_library_cell_is_rewritten_twice():
+    assert set(REWRITES) == set(rnnc.library())
+    assert all(len(v) >= 2 for v in REWRITES.values())
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_same_verdict_and_backend(name, i):
+    ref = rnnc.analyze(name).to_dict()
+    got = rnnc.analyze(source(name, REWRITES[name][i])).to_dict()
+    assert set(got["states"]) == set(ref["states"])
+    for state, want in ref["states"].items():
+        have = got["states"][state]
+        assert {k: have.get(k) for k in VERDICT} == {k: want.get(k) for k in VERDICT}, (state, have["why"])
+    assert got["backend"] == ref["backend"]
+    assert rnnc.backends_for(source(name, REWRITES[name][i])) == rnnc.backends_for(name)
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_same_numbers(name, i):
+    """The rewrite on `auto` (its parallel form at T = 70) against the library cell on the loop."""
+    dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
+    ref = rnnc.build(name, backend="loop", dtype=torch.float64, **dims)
+    cell = rnnc.build(source(name, REWRITES[name][i]), dtype=torch.float64, **dims)
+    cell.load_state_dict(ref.state_dict())
+    inputs = library_inputs(name, 2, 70, 1, False, torch.float64)
+    ys, final, grads = outputs_and_grads(cell, inputs)
+    ys_ref, final_ref, grads_ref = outputs_and_grads(ref, inputs)
+    for a, b in zip(ys + tuple(final.values()) + grads, ys_ref + tuple(final_ref.values()) + grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
