@@ -2,7 +2,7 @@
 
     python benchmarks/bench_crossover.py [--repeats 7]
 
-Sets `LOOP_BELOW` in rnnc/api.py: with backend="auto", a built module runs sequences shorter
+Sets `LOOP_BELOW` in rnnc/schedule.py: with backend="auto", a built module runs sequences shorter
 than that on the loop. Times the loop against the scan (mingru, three widths) and against the
 chunk form (gla, simple_gla, gated_deltanet at B=2, H=4, K=V=64) for short lengths; prints the
 median milliseconds of forward+backward per call.

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import rnnc
-from rnnc.api import LOOP_BELOW
+from rnnc.schedule import LOOP_BELOW
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -1,0 +1,174 @@
+"""Which lowering runs a cell: the policy in one place.
+
+Each backend says whether it applies to an analysed cell (`why_not`: None, or the reason);
+`pick` resolves "auto" (and checks an explicit choice); the thresholds that depend on
+measurements (LOOP_BELOW, RECURRENT_BELOW) live here, with the notes the report gets about them.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from .analysis import Report
+from .associative import scan_groups
+from .backends import tiles, triton_scan
+from .chunkplan import NotChunkable, chunk_plan
+from .errors import BuildError
+
+BACKENDS = ("loop", "scan", "chunk", "triton")
+SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("associative", None)}
+#: What the triton backend fuses so far: states updated elementwise, h' = a ⊙ h + b.
+TRITON_FUSED = {("elementwise_affine", None), ("matrix_affine", "additive")}
+#: The classes `auto` sends to the scan (matrix states would materialise every step's state).
+SCAN_FIRST = {"elementwise_affine", "associative"}
+#: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
+LOOP_BELOW = {"scan": 64, "chunk": 8}
+#: On the triton backend, sequences shorter than this (and `step`) run the fused recurrent kernel
+#: when the cell also has a parallel form: fla's layers switch to fused_recurrent at T <= 64 too.
+RECURRENT_BELOW = 65
+
+
+def why_not(backend: str, report: Report) -> str | None:
+    """Why `backend` cannot lower the cell (None when it can)."""
+    if backend == "chunk":
+        try:
+            chunk_plan(report.cell, report.stages, report.classes)
+        except NotChunkable as e:
+            return str(e)
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        kind, why = triton_kind(report)
+        return None if kind else why
+    if backend == "scan":
+        for name, info in report.classes.items():
+            if (info["class"], info.get("transition")) not in SCANNABLE or info.get("coupled"):
+                kind = info["class"] + (f" ({info['transition']} transition)" if "transition" in info else "")
+                return f"state '{name}' is {kind}: {info['why']}"
+    return None
+
+
+def triton_kind(report: Report) -> tuple[str | None, str]:
+    """Which Triton lowering takes the cell: "chunk" (matrix states, chunkwise), "scan"
+    (elementwise-affine states and elementwise folds) or "recurrent" (any other cell whose step
+    the fused recurrent kernel can compute); (None, why not) otherwise."""
+    if triton_chunk_plan(report) is not None:
+        return "chunk", ""
+    why = triton_scan_why(report)
+    if why is None:
+        return "scan", ""
+    try:
+        tile_program(report.cell, report.stages)
+    except tiles.NotFusable as e:
+        return None, f"{why}, and the fused recurrent kernel cannot compute its step: {e}"
+    return "recurrent", ""
+
+
+def tile_program(cell, stages: dict[int, str]) -> tiles.TileProgram:
+    """tiles.lower, once per cell and stages: one build asks for it up to four times (kind, note,
+    decoding kernel, emission). The result, or the NotFusable, is kept on the cell."""
+    hit = getattr(cell, "tile_program", None)
+    if hit is None or hit[0] != stages:
+        try:
+            hit = (dict(stages), tiles.lower(cell, stages), None)
+        except tiles.NotFusable as e:
+            hit = (dict(stages), None, e)
+        cell.tile_program = hit
+    if hit[2] is not None:
+        raise tiles.NotFusable(str(hit[2]))
+    return hit[1]
+
+
+def triton_scan_why(report: Report) -> str | None:
+    """Why the fused scan kernels do not take the cell (None when they do)."""
+    folds = {s.name: triton_scan.fold_plan(report.cell.graph, c)
+             for c in scan_groups(report.cell, report.classes) for s in report.cell.states
+             if s.node_in in c.args_left}
+    for name, info in report.classes.items():
+        if info["class"] == "associative":
+            if folds.get(name) is None:
+                return (f"state '{name}' folds with combine `{info['combine']}`, which the fused scan "
+                        "takes only when all its components are shaped alike")
+        elif (info["class"], info.get("transition")) not in TRITON_FUSED or info.get("coupled"):
+            return f"state '{name}' is {info['class']}, not elementwise-affine"
+    return None
+
+
+def pick(backend: str, report: Report | None = None, device=None) -> str:
+    if backend == "auto":
+        # On CUDA, generated Triton kernels where a parallel form applies (issue 4; not yet
+        # measured on a GPU). Cells only the fused recurrent kernel takes (LSTM, GRU) keep the
+        # loop: that kernel holds whole weight tiles in registers and refuses large ones.
+        if on_cuda(device) and report is not None and report.classes \
+                and importlib.util.find_spec("triton") is not None and triton_kind(report)[0] in ("chunk", "scan"):
+            return "triton"
+        # Chunk and scan beat the loop on CPU from short lengths on (benchmarks/RESULTS.md); the
+        # scan of a matrix state would materialise every step's state, so those take the chunk
+        # form or the loop. Below LOOP_BELOW steps the built module runs the loop itself.
+        if report is not None and report.classes:
+            if why_not("chunk", report) is None:
+                return "chunk"
+            if why_not("scan", report) is None and all(
+                    info["class"] in SCAN_FIRST for info in report.classes.values()):
+                return "scan"
+        return "loop"
+    if backend not in BACKENDS:
+        raise BuildError(f"unknown backend '{backend}'", hint=f"choose one of: auto, {', '.join(BACKENDS)}")
+    why = why_not(backend, report) if report is not None else None
+    if why:
+        cell = report.cell
+        raise BuildError(f"backend '{backend}' does not apply to cell '{cell.name}': {why}", cell.loc,
+                         "use backend='loop' (always applies) or 'auto'")
+    return backend
+
+
+def on_cuda(device) -> bool:
+    if device is None:
+        return False
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def recurrent_for_decoding(cell, report: Report):
+    """The tile program for short sequences of a cell with a parallel Triton form, or None: when
+    its step has no tile form, or needs a general matrix-matrix product (a [K, K, V] block in
+    registers; the delta rule's (I - b k kᵀ) S is rewritten without one, see tiles.py)."""
+    try:
+        prog = tile_program(cell, report.stages)
+    except tiles.NotFusable:
+        return None
+    return None if any(t.op == "mm" for t in prog.tiles) else prog
+
+
+def triton_chunk_plan(report: Report) -> dict | None:
+    """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule)."""
+    try:
+        return chunk_plan(report.cell, report.stages, report.classes)
+    except NotChunkable:
+        return None
+
+
+def triton_note(report: Report) -> None:
+    """On the triton backend, which kernels run the cell (noted in the report)."""
+    if report.backend != "triton":
+        return
+    if not report.cell.states:
+        report.notes.append("triton: no state, so no kernel: every step is computed at once in PyTorch")
+        return
+    kind = triton_kind(report)[0]
+    if kind == "recurrent":
+        report.notes.append("triton: the fused recurrent kernel (no parallel form applies)")
+        return
+    report.notes.append(f"triton: {'chunkwise' if kind == 'chunk' else 'fused scan'} kernels")
+    if recurrent_for_decoding(report.cell, report) is not None:
+        report.notes.append(f"triton: sequences shorter than {RECURRENT_BELOW} steps (and step) run the fused "
+                            "recurrent kernel")
+
+
+def loop_below(backend: str, report: Report) -> int | None:
+    """With auto and a parallel lowering: the length below which the module runs the loop (noted)."""
+    n = LOOP_BELOW.get(report.backend) if backend == "auto" else None
+    if n:
+        report.notes.append(f"auto: sequences shorter than {n} steps run on the loop (faster there)")
+    return n
