@@ -182,7 +182,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     `backward` chooses how the recurrence is differentiated, `chunk_size` the chunk backend's
     steps per chunk (see `compile`).
     """
-    from .runtime import load_source
+    from .loader import load_source
 
     prog = _program(spec)
     ir = prog.cell(cell)

@@ -1,5 +1,7 @@
 """Generated source → live module: written to a cache file named by its content hash, imported.
 
+(The code such modules call at run time is the package rnnc.runtime.)
+
 Triton (and debuggers, tracebacks, inspect) need real files, so generated code is never exec'd
 from a string. The cache directory is $RNNC_CACHE_DIR, else ~/.cache/rnnc.
 """
