@@ -89,6 +89,8 @@ class Report:
             reads = ", ".join(s["reads"]) or "no state"
             lines.append(f"  state {name}: [{', '.join(s['shape'])}]  {s['class']}: {s['why']}")
             detail = [f"next value reads {reads}"]
+            if s.get("after"):
+                detail.append(f"a parallel stage after {', '.join(s['after'])}")
             if "transition" in s:
                 detail.append(f"transition {s['transition']}, decay {s['decay']}")
             if "readout" in s:

@@ -19,11 +19,15 @@ from .ir import Cell, Graph
 from .linear_form import Decay, Transition, linear_forms, transition
 
 
-def transitions(cell: Cell, stages: dict[int, str]) -> dict[str, Transition | str]:
-    """Per state: its canonical transition, or the reason its next value is not linear."""
-    forms = linear_forms(cell, stages)
+def transitions(cell: Cell, stages: dict[int, str], only: list[str] | None = None) -> dict[str, Transition | str]:
+    """Per state (of `only`, default all): its canonical transition, or the reason its next
+    value is not linear."""
+    leaves = {s.node_in: s.name for s in cell.states if only is None or s.name in only}
+    forms = linear_forms(cell, stages, leaves)
     out: dict[str, Transition | str] = {}
     for s in cell.states:
+        if s.name not in leaves.values():
+            continue
         form = forms.get(s.node_out)
         if form is None:  # a next value outside the loop reads no state
             out[s.name] = Transition(s.name, "zero", Decay(), [])
@@ -75,8 +79,94 @@ def classify(cell: Cell, stages: dict[int, str]) -> dict[str, dict]:
     for s in cell.states:
         t = found[s.name]
         out[s.name] = {"class": "nonlinear", "why": t} if isinstance(t, str) else _info(t, len(s.shape))
+    _layers(cell, stages, out)
     _readouts(cell, stages, out)
     return out
+
+
+# ---- states in layers ------------------------------------------------------------------------
+
+def state_groups(cell: Cell) -> list[list[str]]:
+    """The states in strongly connected groups, each after the groups its next values read (at the
+    start or the end of the step): LSTM's h and c form one group; in a stack of linear layers
+    every layer's state is its own group, after the layer below."""
+    g = cell.graph
+    by_node = {n: s.name for s in cell.states for n in (s.node_in, s.node_out)}
+    reads = {s.name: {by_node[n] for n in g.ancestors([s.node_out]) if n in by_node} for s in cell.states}
+    for s in cell.states:  # a next value that *is* another state's next value reads that state
+        reads[s.name] |= {by_node[s.node_out]}
+    return [sorted(c) for c in _components([s.name for s in cell.states], reads)]
+
+
+def _components(names: list[str], reads: dict[str, set[str]]) -> list[set[str]]:
+    """Tarjan's strongly connected components, dependencies first."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(reads[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                comp.add(w)
+                if w == v:
+                    break
+            out.append(comp)
+
+    for v in names:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _group_stages(cell: Cell, stages: dict[int, str], group: list[str]) -> dict[int, str]:
+    """Stages with every other state's values taken as known for all steps (hoisted)."""
+    ins = {s.node_in for s in cell.states if s.name in group}
+    out: dict[int, str] = {}
+    for nid in cell.graph.order(stages):
+        node = cell.graph[nid]
+        if stages[nid] != "loop":
+            out[nid] = stages[nid]
+        elif nid in ins or (node.op != "state" and any(out.get(a) == "loop" for a in node.args)):
+            out[nid] = "loop"
+        else:
+            out[nid] = "hoist"
+    return out
+
+
+def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
+    """A state labelled nonlinear only because its coefficients read states of earlier groups is
+    linear in itself once those are known: it gets its class with `after` naming them."""
+    shapes = {s.name: len(s.shape) for s in cell.states}
+    nodes = {s.name: s for s in cell.states}
+    groups = state_groups(cell)
+    for k, group in enumerate(groups):
+        if k == 0 or all(out[n]["class"] != "nonlinear" for n in group):
+            continue
+        found = transitions(cell, _group_stages(cell, stages, group), group)
+        before = {n for grp in groups[:k] for n in grp}
+        for name in group:
+            t = found[name]
+            if out[name]["class"] != "nonlinear" or isinstance(t, str):
+                continue
+            s = nodes[name]
+            after = sorted(before & {m for m in before for n in cell.graph.ancestors([s.node_out])
+                                     if n in (nodes[m].node_in, nodes[m].node_out)})
+            info = _info(t, shapes[name])
+            info["after"] = after
+            info["why"] = (f"linear in itself once {', '.join(after)} {'is' if len(after) == 1 else 'are'} "
+                           f"known for every step: {info['why']}")
+            out[name] = info
 
 
 def _readouts(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:

@@ -27,8 +27,20 @@ LOOP_BELOW = {"scan": 64, "chunk": 8}
 RECURRENT_BELOW = 65
 
 
+def layered(report: Report) -> str | None:
+    """Why a state linear only given earlier states keeps the cell off the parallel forms (None
+    when no state is): each such state would be a parallel stage after those, not built yet."""
+    for name, info in report.classes.items():
+        if info.get("after"):
+            return (f"state '{name}' is linear only once {', '.join(info['after'])} is known for every step "
+                    "(a stage after them; staged lowering is not implemented yet)")
+    return None
+
+
 def why_not(backend: str, report: Report) -> str | None:
     """Why `backend` cannot lower the cell (None when it can)."""
+    if backend in ("chunk", "scan") and layered(report):
+        return layered(report)
     if backend == "chunk":
         try:
             chunk_plan(report.cell, report.stages, report.classes)
@@ -81,6 +93,8 @@ def tile_program(cell, stages: dict[int, str]) -> tiles.TileProgram:
 
 def triton_scan_why(report: Report) -> str | None:
     """Why the fused scan kernels do not take the cell (None when they do)."""
+    if layered(report):
+        return layered(report)
     folds = {s.name: triton_scan.fold_plan(report.cell.graph, c)
              for c in scan_groups(report.cell, report.classes) for s in report.cell.states
              if s.node_in in c.args_left}

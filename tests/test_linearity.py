@@ -58,13 +58,20 @@ CASES = {
         state h: [H] = 0
         h = sigmoid(h) * h + x
         y = h }""", "h", {"class": "nonlinear"}),
-    # the product of two states is not linear
+    # the product of two states on a cycle is not linear
     "product": ("""cell c(x: [H]) -> (y: [H]) {
         state a: [H] = 1
         state b: [H] = 1
         a = a * b + x
-        b = b + x
+        b = b * a + x
         y = a }""", "a", {"class": "nonlinear"}),
+    # ... but a state scaled by an earlier layer's state is linear once that layer is known
+    "layered": ("""cell c(x: [H]) -> (y: [H]) {
+        state a: [H] = 1
+        state b: [H] = 1
+        a = a * b + x
+        b = b + x
+        y = a }""", "a", {"class": "elementwise_affine", "after": ["b"]}),
     # linear in two states at once: analysed jointly, dense
     "coupled": ("""cell c(x: [H]) -> (y: [H]) {
         state a: [H] = 0
@@ -151,3 +158,32 @@ def test_dplr_transition_is_identity_plus_low_rank():
         o = q @ S }"""
     got = rnnc.analyze(text).to_dict()["states"]["S"]
     assert got["transition"] == "identity_plus_low_rank", got
+
+
+def test_states_in_layers():
+    """An LSRL-style stack: a counter, a gate computed from it, a state gated by that gate. Each is
+    linear in itself given the layers below; the groups come out in dependency order; until
+    staged lowering exists the cell runs the loop, and says why the scan does not apply."""
+    text = """cell c(x: [1]) -> (y: [1]) {
+        state n: [1] = 0
+        state s: [1] = 0
+        state m: [1] = 0
+        n = n + 1
+        s = sigmoid(n - 3) * s + x
+        m = relu(m) + s
+        y = m }"""
+    rep = rnnc.analyze(text)
+    states = rep.to_dict()["states"]
+    assert states["n"]["class"] == "elementwise_affine" and "after" not in states["n"]
+    assert states["s"]["class"] == "elementwise_affine" and states["s"]["after"] == ["n"]
+    assert states["m"]["class"] == "nonlinear"  # relu of itself: sequential whatever the layers
+    from rnnc.linearity import state_groups
+    assert state_groups(rnnc.parse(text).cell()) == [["n"], ["s"], ["m"]]
+    assert rep.backend == "loop"
+    with pytest.raises(rnnc.BuildError, match="staged lowering"):
+        rnnc.build(text, backend="scan")
+
+
+def test_lstm_states_form_one_group():
+    from rnnc.linearity import state_groups
+    assert state_groups(rnnc.load("lstm").cell()) == [["c", "h"]]
