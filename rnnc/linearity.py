@@ -149,6 +149,7 @@ def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
     linear in itself once those are known: it gets its class with `after` naming them."""
     shapes = {s.name: len(s.shape) for s in cell.states}
     nodes = {s.name: s for s in cell.states}
+    folded = {s.name for s in cell.states for c in cell.combines if s.node_in in c.args_left}
     groups = state_groups(cell)
     for k, group in enumerate(groups):
         if k == 0 or all(out[n]["class"] != "nonlinear" for n in group):
@@ -157,8 +158,8 @@ def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
         before = {n for grp in groups[:k] for n in grp}
         for name in group:
             t = found[name]
-            if out[name]["class"] != "nonlinear" or isinstance(t, str):
-                continue
+            if out[name]["class"] != "nonlinear" or isinstance(t, str) or name in folded:
+                continue  # (a combine's states get their verdict from the combine)
             s = nodes[name]
             after = sorted(before & {m for m in before for n in cell.graph.ancestors([s.node_out])
                                      if n in (nodes[m].node_in, nodes[m].node_out)})

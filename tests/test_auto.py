@@ -78,3 +78,28 @@ def test_an_explicit_backend_has_no_dispatch():
 def test_auto_on_cuda_takes_the_triton_kernels_where_they_apply(name, expected):
     assert rnnc.analyze(name, device="cuda").backend == expected
     assert rnnc.analyze(name, device="cpu").backend != "triton"
+
+
+# The lowerings each library cell gets, and auto's choice on CPU: a change to the analysis that
+# silently drops a parallel form (say, a combine's states relabelled) shows up here by name.
+LOWERINGS = {
+    "aaren": ("loop scan", "scan"), "deltanet": ("loop chunk triton", "chunk"), "elman": ("loop triton", "loop"),
+    "gated_deltanet": ("loop chunk triton", "chunk"), "gla": ("loop scan chunk triton", "chunk"),
+    "gru": ("loop triton", "loop"), "hgrn": ("loop scan triton", "scan"),
+    "linear_attn": ("loop scan chunk triton", "chunk"), "lsrl_majority": ("loop scan triton", "scan"),
+    "lstm": ("loop triton", "loop"), "mamba": ("loop scan triton", "loop"), "mingru": ("loop scan triton", "scan"),
+    "minlstm": ("loop scan triton", "scan"), "running_logsumexp": ("loop scan triton", "scan"),
+    "running_max": ("loop scan triton", "scan"), "rwkv6": ("loop scan chunk triton", "chunk"),
+    "simple_gla": ("loop scan chunk triton", "chunk"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOWERINGS))
+def test_library_lowerings(name):
+    backends, chosen = LOWERINGS[name]
+    assert " ".join(rnnc.backends_for(name)) == backends
+    assert rnnc.analyze(name).backend == chosen
+
+
+def test_every_library_cell_has_expected_lowerings():
+    assert set(LOWERINGS) == set(rnnc.library())
