@@ -84,6 +84,11 @@ class AdjointRules:
     def _broadcast(self, n, g, v, y, b):
         return [(0, g, "bcast")]
 
+    def _pad(self, n, g, v, y, b):  # only in derivative graphs; the slice it padded
+        items = ", ".join(f"{pyint(lo)}:{pyint(lo + d)}" for (lo, _), d in zip(n.attrs["widths"],
+                                                                              self.graph[n.args[0]].shape))
+        return [(0, f"{g}[{':, ' if b[0] else ''}{items}]", "exact")]
+
     # `matmul`, `split` and `item` (EMITTED) are handled by the emitter (bptt.py): a recurrent
     # weight's gradient is deferred to one matmul after the loop, and a split's adjoint is the
     # concatenation of its items' adjoints. The registry marks them differentiable.

@@ -273,6 +273,16 @@ class TorchExpr:
         (a,) = args
         return f"{a.at(ATOM)}[{', '.join(index_parts(node.attrs['items'], a.batched))}]", ATOM
 
+    def _pad(self, node: Node, args, batched):
+        """Zeros around x: F.pad takes (before, after) pairs from the last axis back, so the
+        batch axis in front is left alone."""
+        (a,) = args
+        widths = list(node.attrs["widths"])
+        while widths and widths[0] == (0, 0):
+            widths.pop(0)
+        flat = [pyint(d) for lo, hi in reversed(widths) for d in (lo, hi)]
+        return f"F.pad({a.text}, ({', '.join(flat)}))", ATOM
+
 
 def index_parts(items: tuple, batched: bool, as_objects: bool = False) -> list[str]:
     """An IR index as subscript text (`:, 0:d_H, None`), or, with as_objects, as the

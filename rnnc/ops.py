@@ -6,6 +6,8 @@ the backends only ever see nodes that passed them.
 """
 from __future__ import annotations
 
+import sympy
+
 from . import dims as D
 from . import registry
 from .errors import Loc, ShapeError, TypeError_, UnsupportedError
@@ -134,3 +136,32 @@ def transpose(x: Node, loc: Loc | None) -> D.Shape:
         raise ShapeError(f"transpose needs a matrix, got {D.fmt_shape(x.shape)}", loc,
                          "a vector needs no transpose: x @ A and A @ x both work")
     return x.shape[:-2] + (x.shape[-1], x.shape[-2])
+
+
+def index(x: Node, items: tuple) -> D.Shape:
+    """The shape of x[items] (items as the elaborator writes them: int, slice, new, ellipsis)."""
+    shape, out, axis = x.shape, [], 0
+    consumed = sum(1 for it in items if it[0] in ("int", "slice"))
+    for it in items:
+        if it[0] == "new":
+            out.append(D.ONE)
+        elif it[0] == "ellipsis":
+            n = len(shape) - consumed
+            out.extend(shape[axis:axis + n])
+            axis += n
+        elif it[0] == "slice":
+            out.append(sympy.expand(it[2] - it[1]))
+            axis += 1
+        else:
+            axis += 1
+    if axis > len(shape):
+        raise ShapeError(f"too many indices for a value of shape {D.fmt_shape(shape)}", None, "")
+    return tuple(out) + tuple(shape[axis:])
+
+
+def pad(x: Node, widths: tuple, loc: Loc | None) -> D.Shape:
+    """The shape of x with (before, after) zeros added per axis (the adjoint of an index)."""
+    _need_float(x, "pad", loc)
+    if len(widths) != len(x.shape):
+        raise ShapeError(f"pad needs one (before, after) per axis of {D.fmt_shape(x.shape)}", loc, "")
+    return tuple(sympy.expand(d + lo + hi) for d, (lo, hi) in zip(x.shape, widths))

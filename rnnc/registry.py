@@ -8,7 +8,9 @@ registered once, as a `Prim`, and every module that needs a fact about an op rea
               is linear (`linear_in`), whether it also computes on compile-time numbers;
   renderings  the PyTorch template (and Python's `math` form for numbers), the Triton template,
               the sympy function;
-  derivatives the PyTorch adjoint templates (the loop's generated backward) with the forward
+  derivatives the rules that build an op's vjp and jvp as IR (`vjp_ir`, `jvp_ir`: see
+              rnnc/derivatives.py; rnnc/autodiff.py differentiates whole graphs with them),
+              the PyTorch adjoint templates (the loop's generated backward) with the forward
               values they read (`needs`), the Triton adjoint templates, or the fact that the op
               passes no gradient.
 
@@ -28,6 +30,7 @@ from typing import Callable
 
 import sympy
 
+from . import derivatives as dv
 from .ir import Node
 
 #: Kinds whose ops apply per entry, with numpy broadcasting of their operands.
@@ -61,6 +64,8 @@ class Prim:
     needs: tuple[str, ...] = ()  # forward values the PyTorch rule reads: "args", "y"
     vjp: tuple[str | None, ...] | None = None  # PyTorch adjoint per operand (None: AdjointRules._<op>)
     triton_vjp: tuple[str | None, ...] | None = None  # Triton adjoint per operand
+    vjp_ir: dv.VjpRule | None = None  # builds the cotangent contribution per operand (rnnc/derivatives.py)
+    jvp_ir: dv.JvpRule | None = None  # builds the result's tangent from the operands' tangents
 
     @property
     def op(self) -> str:
@@ -181,62 +186,95 @@ _register(
 
 
 def _unary(name: str, torch: str, triton: str | None, needs: tuple[str, ...], vjp: str | None,
-           triton_vjp: str | None, *, math: str | None = None, sympy_fn: Callable | None = None,
-           not_fusable: str | None = None) -> Prim:
-    """A unary function (a .rnn builtin of the same name)."""
+           triton_vjp: str | None, *, d: dv.Scale | None = None, math: str | None = None,
+           sympy_fn: Callable | None = None, not_fusable: str | None = None) -> Prim:
+    """A unary function (a .rnn builtin of the same name); `d(b, v, x, y)` builds v·f'(x) in IR."""
+    vjp_ir, jvp_ir = dv.elementwise(d) if d else (None, None)
     return Prim(name, "unary", 1, "rnnc.ops:elementwise", builtins=(name,), scalar=math is not None,
                 torch=torch, math=math, triton=triton, not_fusable=not_fusable, sympy=sympy_fn,
                 grad="rule" if vjp else "none", needs=needs, vjp=(vjp,) if vjp else None,
-                triton_vjp=(triton_vjp,) if triton_vjp else None)
+                triton_vjp=(triton_vjp,) if triton_vjp else None, vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
 _A, _Y, _AY = ("args",), ("y",), ("args", "y")
+
+
+def _silu(b, v, x, y):
+    s = b.apply("sigmoid", x)
+    return b.mul(v, b.mul(s, b.add(1.0, b.mul(x, b.sub(1.0, s)))))
+
+
+def _gelu(b, v, x, y):
+    """gelu'(x) = Φ(x) + x φ(x), with Φ(x) = gelu(x) / x (1/2 at 0): the IR has no erf."""
+    cdf = b.where(b.apply("eq", x, 0.0), 0.5, b.div(y, x))
+    pdf = b.mul(b.apply("exp", b.mul(-0.5, b.mul(x, x))), 0.3989422804014327)  # 1/sqrt(2π)
+    return b.mul(v, b.add(cdf, b.mul(x, pdf)))
+
+
 _NO_LIBDEVICE = "no accurate Triton form without libdevice (absent in the interpreter)"
 
 _register(
     _unary("sigmoid", "torch.sigmoid({0})", "tl.sigmoid({0})", _Y,
            "torch.ops.aten.sigmoid_backward({g}, {y})", "{g} * {y} * (1 - {y})",
-           sympy_fn=lambda x: 1 / (1 + sympy.exp(-x))),
+           sympy_fn=lambda x: 1 / (1 + sympy.exp(-x)),
+           d=lambda b, v, x, y: b.mul(v, b.mul(y, b.sub(1.0, y)))),
     _unary("tanh", "torch.tanh({0})", "(2 * tl.sigmoid(2 * {0}) - 1)",  # no libdevice in the interpreter
            _Y, "torch.ops.aten.tanh_backward({g}, {y})", "{g} * (1 - {y} * {y})",
-           math="math.tanh({0})", sympy_fn=sympy.tanh),
+           math="math.tanh({0})", sympy_fn=sympy.tanh,
+           d=lambda b, v, x, y: b.mul(v, b.sub(1.0, b.mul(y, y)))),
     _unary("relu", "torch.relu({0})", "tl.maximum({0}, 0.0)", _Y,
            "torch.ops.aten.threshold_backward({g}, {y}, 0)", "tl.where({0} > 0, {g}, 0.0)",
-           sympy_fn=lambda x: sympy.Max(x, 0)),
+           sympy_fn=lambda x: sympy.Max(x, 0),
+           d=lambda b, v, x, y: b.where(b.apply("gt", y, 0.0), v, 0.0)),
     _unary("exp", "torch.exp({0})", "tl.exp({0})", _Y, "{g} * {y}", "{g} * {y}",
-           math="math.exp({0})", sympy_fn=sympy.exp),
+           math="math.exp({0})", sympy_fn=sympy.exp,
+           d=lambda b, v, x, y: b.mul(v, y)),
     _unary("log", "torch.log({0})", "tl.log({0})", _A, "{g} / {0}", "{g} / {0}",
-           math="math.log({0})", sympy_fn=sympy.log),
+           math="math.log({0})", sympy_fn=sympy.log,
+           d=lambda b, v, x, y: b.div(v, x)),
     # stable Triton forms: no exp of a large positive number
     _unary("softplus", "F.softplus({0})", "tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))", _A,
            "{g} * torch.sigmoid({0})", "{g} * tl.sigmoid({0})",
-           sympy_fn=lambda x: sympy.log(1 + sympy.exp(x))),
+           sympy_fn=lambda x: sympy.log(1 + sympy.exp(x)),
+           d=lambda b, v, x, y: b.mul(v, b.apply("sigmoid", x))),
     _unary("silu", "F.silu({0})", "{0} * tl.sigmoid({0})", _A, "torch.ops.aten.silu_backward({g}, {0})",
-           "{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))"),
+           "{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))",
+           d=_silu),
     _unary("logsigmoid", "F.logsigmoid({0})", "tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))", _A,
            "{g} * torch.sigmoid(-{0})", "{g} * (1 - tl.sigmoid({0}))",
-           sympy_fn=lambda x: -sympy.log(1 + sympy.exp(-x))),
+           sympy_fn=lambda x: -sympy.log(1 + sympy.exp(-x)),
+           d=lambda b, v, x, y: b.mul(v, b.apply("sigmoid", b.neg(x)))),
     _unary("abs", "torch.abs({0})", "tl.abs({0})", _A, "{g} * torch.sign({0})",
-           "tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))", math="abs({0})", sympy_fn=sympy.Abs),
+           "tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))", math="abs({0})", sympy_fn=sympy.Abs,
+           d=lambda b, v, x, y: b.mul(v, b.apply("sign", x))),
     _unary("sqrt", "torch.sqrt({0})", "tl.sqrt({0})", _Y, "{g} / (2 * {y})", "{g} / (2 * {y})",
-           math="math.sqrt({0})", sympy_fn=sympy.sqrt),
+           math="math.sqrt({0})", sympy_fn=sympy.sqrt,
+           d=lambda b, v, x, y: b.div(v, b.mul(2.0, y))),
     _unary("rsqrt", "torch.rsqrt({0})", "tl.rsqrt({0})", _Y, "-0.5 * {g} * {y} ** 3",
-           "-0.5 * {g} * {y} * {y} * {y}", sympy_fn=lambda x: 1 / sympy.sqrt(x)),
+           "-0.5 * {g} * {y} * {y} * {y}", sympy_fn=lambda x: 1 / sympy.sqrt(x),
+           d=lambda b, v, x, y: b.mul(b.mul(-0.5, v), b.apply("pow", y, 3.0))),
     _unary("sin", "torch.sin({0})", "tl.sin({0})", _A, "{g} * torch.cos({0})", "{g} * tl.cos({0})",
-           math="math.sin({0})", sympy_fn=sympy.sin),
+           math="math.sin({0})", sympy_fn=sympy.sin,
+           d=lambda b, v, x, y: b.mul(v, b.apply("cos", x))),
     _unary("cos", "torch.cos({0})", "tl.cos({0})", _A, "-{g} * torch.sin({0})", "-{g} * tl.sin({0})",
-           math="math.cos({0})", sympy_fn=sympy.cos),
+           math="math.cos({0})", sympy_fn=sympy.cos,
+           d=lambda b, v, x, y: b.neg(b.mul(v, b.apply("sin", x)))),
     _unary("gelu", "F.gelu({0})", None, _A, "torch.ops.aten.gelu_backward({g}, {0})", None,
-           not_fusable=_NO_TRITON_YET + " (needs erf)"),
+           not_fusable=_NO_TRITON_YET + " (needs erf)",
+           d=_gelu),
     _unary("elu", "F.elu({0})", None, _AY, "torch.where({0} > 0, {g}, {g} * ({y} + 1))", None,
-           not_fusable=_NO_TRITON_YET),
+           not_fusable=_NO_TRITON_YET,
+           d=lambda b, v, x, y: b.where(b.apply("gt", x, 0.0), v, b.mul(v, b.add(y, 1.0)))),
     _unary("sign", "torch.sign({0})", None, (), None, None, sympy_fn=sympy.sign, not_fusable=_NO_TRITON_YET),
     _unary("log1p", "torch.log1p({0})", None, _A, "{g} / (1 + {0})", None, math="math.log1p({0})",
-           sympy_fn=lambda x: sympy.log(1 + x), not_fusable=_NO_LIBDEVICE),
+           sympy_fn=lambda x: sympy.log(1 + x), not_fusable=_NO_LIBDEVICE,
+           d=lambda b, v, x, y: b.div(v, b.add(1.0, x))),
     _unary("expm1", "torch.expm1({0})", None, _Y, "{g} * ({y} + 1)", None, math="math.expm1({0})",
-           sympy_fn=lambda x: sympy.exp(x) - 1, not_fusable=_NO_LIBDEVICE),
+           sympy_fn=lambda x: sympy.exp(x) - 1, not_fusable=_NO_LIBDEVICE,
+           d=lambda b, v, x, y: b.mul(v, b.add(y, 1.0))),
     _unary("square", "torch.square({0})", "{0} * {0}", _A, "2 * {g} * {0}", "2 * {g} * {0}",
-           math="{0} ** 2", sympy_fn=lambda x: x ** 2),
+           math="{0} ** 2", sympy_fn=lambda x: x ** 2,
+           d=lambda b, v, x, y: b.mul(v, b.mul(2.0, x))),
 )
 
 # d(op)/d(operand i) * g; ties of minimum/maximum share the gradient equally, as torch does
@@ -248,40 +286,54 @@ _TL_MIN = ("{g} * tl.where({0} < {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
            "{g} * tl.where({1} < {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))")
 _TL_MAX = ("{g} * tl.where({0} > {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
            "{g} * tl.where({1} > {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))")
+_V = lambda b, v, *xs: v  # noqa: E731 -- ∂y/∂x_i = 1
+# a ** b: b a^(b-1) (0 where b = 0), and y log a (0 where a = 0 and b >= 0), as torch
+_POW_D = (lambda b, v, x0, x1, y: b.where(b.apply("eq", x1, 0.0), 0.0,
+                                          b.mul(v, b.mul(x1, b.apply("pow", x0, b.sub(x1, 1.0))))),
+          lambda b, v, x0, x1, y: b.where(b.apply("and", b.apply("eq", x0, 0.0), b.apply("ge", x1, 0.0)), 0.0,
+                                          b.mul(v, b.mul(y, b.apply("log", x0)))))
 _POW = ("{g} * {1} * {0} ** ({1} - 1)",
         "torch.where(({0} == 0) & ({1} >= 0), 0.0, "
         "{g} * {y} * torch.log(torch.as_tensor({0}, dtype={y}.dtype, device={y}.device)))")
 
 
 def _arith(name: str, symbol: str | None, linear_in: tuple, needs: tuple[str, ...], vjp: tuple | None,
-           *, infix: str | None = None, triton: str | None = None, triton_vjp: tuple | None = None,
-           sympy_fn: Callable | None = None, arity: int = 2, builtin: bool = False) -> Prim:
-    """Arithmetic on numbers (tensors or compile-time scalars); no infix: TorchExpr._<name>."""
+           *, d: tuple[dv.Scale, ...] = (), rules: tuple | None = None, infix: str | None = None,
+           triton: str | None = None, triton_vjp: tuple | None = None, sympy_fn: Callable | None = None,
+           arity: int = 2, builtin: bool = False) -> Prim:
+    """Arithmetic on numbers (tensors or compile-time scalars); no infix: TorchExpr._<name>.
+    `d` holds per operand `scale(b, v, *xs, y)`, which builds v·∂y/∂x_i in IR (or `rules` the
+    vjp and jvp rules themselves)."""
+    vjp_ir, jvp_ir = rules or (dv.elementwise(*d) if d else (None, None))
     return Prim(name, "arith", arity, "rnnc.ops:elementwise", symbol=symbol,
                 builtins=(name,) if builtin else (), scalar=True, linear_in=linear_in, infix=infix,
                 triton=triton, not_fusable=None if triton else _NO_TRITON_YET, sympy=sympy_fn,
-                grad="rule" if vjp else "none", needs=needs, vjp=vjp, triton_vjp=triton_vjp)
+                grad="rule" if vjp else "none", needs=needs, vjp=vjp, triton_vjp=triton_vjp,
+                vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
 _register(
-    _arith("add", "+", _BOTH, (), ("{g}", "{g}"), infix="+", triton="{0} + {1}", triton_vjp=("{g}", "{g}"),
+    _arith("add", "+", _BOTH, (), ("{g}", "{g}"), d=(_V, _V), infix="+", triton="{0} + {1}", triton_vjp=("{g}", "{g}"),
            sympy_fn=lambda a, b: a + b),
-    _arith("sub", "-", _BOTH, (), ("{g}", "-{g}"), infix="-", triton="{0} - {1}", triton_vjp=("{g}", "-{g}"),
+    _arith("sub", "-", _BOTH, (), ("{g}", "-{g}"), d=(_V, lambda b, v, x0, x1, y: b.neg(v)), infix="-", triton="{0} - {1}", triton_vjp=("{g}", "-{g}"),
            sympy_fn=lambda a, b: a - b),
     _arith("mul", "*", _ONE + _TWO, _A, ("{g} * {1}", "{g} * {0}"), infix="*", triton="{0} * {1}",
-           triton_vjp=("{g} * {1}", "{g} * {0}"), sympy_fn=lambda a, b: a * b),
+           triton_vjp=("{g} * {1}", "{g} * {0}"), sympy_fn=lambda a, b: a * b,
+           d=(lambda b, v, x0, x1, y: b.mul(v, x1), lambda b, v, x0, x1, y: b.mul(v, x0))),
     _arith("div", "/", _ONE, _AY, ("{g} / {1}", "-{g} * {y} / {1}"), infix="/", triton="{0} / {1}",
-           triton_vjp=("{g} / {1}", "-{g} * {y} / {1}"), sympy_fn=lambda a, b: a / b),
+           triton_vjp=("{g} / {1}", "-{g} * {y} / {1}"), sympy_fn=lambda a, b: a / b,
+           d=(lambda b, v, x0, x1, y: b.div(v, x1), lambda b, v, x0, x1, y: b.neg(b.div(b.mul(v, y), x1)))),
     # floor(a / b) and a - floor(a / b) * b, rendered by methods so torch can differentiate them
     _arith("floordiv", "//", (), (), None),
-    _arith("mod", "%", (), _A, ("{g}", "-{g} * torch.floor({0} / {1})")),
-    _arith("pow", "**", (), _AY, _POW, sympy_fn=lambda a, b: a ** b),
+    _arith("mod", "%", (), _A, ("{g}", "-{g} * torch.floor({0} / {1})"),
+           d=(_V, lambda b, v, x0, x1, y: b.neg(b.mul(v, b.apply("floordiv", x0, x1))))),
+    _arith("pow", "**", (), _AY, _POW, sympy_fn=lambda a, b: a ** b, d=_POW_D),
     _arith("minimum", None, (), _A, _MIN, triton="tl.minimum({0}, {1})", triton_vjp=_TL_MIN, sympy_fn=sympy.Min,
-           builtin=True),
+           builtin=True, rules=dv.min_max("lt")),
     _arith("maximum", None, (), _A, _MAX, triton="tl.maximum({0}, {1})", triton_vjp=_TL_MAX, sympy_fn=sympy.Max,
-           builtin=True),
+           builtin=True, rules=dv.min_max("gt")),
     _arith("neg", "-", _ONE, (), ("-{g}",), infix="-", triton="-{0}", triton_vjp=("-{g}",),
-           sympy_fn=lambda a: -a, arity=1),
+           sympy_fn=lambda a: -a, arity=1, d=(lambda b, v, x, y: b.neg(v),)),
 )
 
 
@@ -304,7 +356,8 @@ _register(
     Prim("where", "select", 3, "rnnc.ops:elementwise", builtins=("where",), linear_in=(frozenset({1, 2}),),
          triton="tl.where({0}, {1}, {2})", sympy=lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
          needs=_A, vjp=(None, "torch.where({0}, {g}, 0.0)", "torch.where({0}, 0.0, {g})"),
-         triton_vjp=(None, "tl.where({0}, {g}, 0.0)", "tl.where({0}, 0.0, {g})")),
+         triton_vjp=(None, "tl.where({0}, {g}, 0.0)", "tl.where({0}, 0.0, {g})"), vjp_ir=dv.WHERE[0],
+         jvp_ir=dv.WHERE[1]),
 )
 
 # Structural ops: rendered and differentiated by methods (matmul, split and item by the emitter,
@@ -312,15 +365,20 @@ _register(
 # call), {text} (bare), {dim} ("dim=..." or nothing), {axes} (always explicit); the adjoint reads
 # {ge} and {ye} (g and y with the reduced axes kept), {count} and {dims}.
 _register(
-    Prim("matmul", "linalg", 2, "rnnc.ops:matmul", symbol="@", linear_in=_ONE + _TWO, needs=_A),
-    Prim("outer", "linalg", 2, "rnnc.ops:outer", builtins=("outer",), linear_in=_ONE + _TWO, needs=_A),
-    Prim("transpose", "linalg", 1, "rnnc.ops:transpose", builtins=("transpose",), linear_in=_ONE),
+    Prim("matmul", "linalg", 2, "rnnc.ops:matmul", symbol="@", linear_in=_ONE + _TWO, needs=_A,
+         vjp_ir=dv.MATMUL[0], jvp_ir=dv.MATMUL[1]),
+    Prim("outer", "linalg", 2, "rnnc.ops:outer", builtins=("outer",), linear_in=_ONE + _TWO, needs=_A,
+         vjp_ir=dv.OUTER[0], jvp_ir=dv.OUTER[1]),
+    Prim("transpose", "linalg", 1, "rnnc.ops:transpose", builtins=("transpose",), linear_in=_ONE,
+         vjp_ir=dv.TRANSPOSE[0], jvp_ir=dv.TRANSPOSE[1]),
 )
 
 
 def _reduce(fn: str, torch: str | None, vjp: str | None, linear: bool) -> Prim:
+    vjp_ir, jvp_ir = dv.REDUCE[fn]
     return Prim(f"reduce.{fn}", "reduce", 1, "rnnc.ops:reduce", builtins=(fn,), linear_in=_ONE if linear else (),
-                torch=torch, grad="rule" if vjp else "autograd", needs=_AY, vjp=(vjp,) if vjp else None)
+                torch=torch, grad="rule" if vjp else "autograd", needs=_AY, vjp=(vjp,) if vjp else None,
+                vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
 _MASK = "({0} == {ye})"
@@ -332,14 +390,22 @@ _register(
     _reduce("logsumexp", "torch.logsumexp({text}, dim={axes})", "{ge} * torch.exp({0} - {ye})", False),
     # one axis at a time (TorchExpr._reduce); its gradient at zeros needs care: left to autograd
     _reduce("prod", None, None, False),
-    Prim("softmax", "axis", 1, _ELAB + "_builtin", builtins=("softmax",), needs=_Y),
-    Prim("normalize", "axis", 1, _ELAB + "_builtin", builtins=("normalize",), needs=_A),
-    Prim("concat", "shape", None, "rnnc.ops:concat", builtins=("concat",), linear_in=ALL),
-    Prim("split", "shape", 1, _ELAB + "_split", out="tuple", builtins=("split",), linear_in=_ONE),
-    Prim("item", "shape", 1, _ELAB + "_split", linear_in=_ONE),
-    Prim("index", "shape", 1, _ELAB + "_e_Index", linear_in=_ONE, needs=_A),
+    Prim("softmax", "axis", 1, _ELAB + "_builtin", builtins=("softmax",), needs=_Y,
+         vjp_ir=dv.SOFTMAX[0], jvp_ir=dv.SOFTMAX[1]),
+    Prim("normalize", "axis", 1, _ELAB + "_builtin", builtins=("normalize",), needs=_A,
+         vjp_ir=dv.NORMALIZE[0], jvp_ir=dv.NORMALIZE[1]),
+    Prim("concat", "shape", None, "rnnc.ops:concat", builtins=("concat",), linear_in=ALL,
+         vjp_ir=dv.CONCAT[0], jvp_ir=dv.CONCAT[1]),
+    Prim("split", "shape", 1, _ELAB + "_split", out="tuple", builtins=("split",), linear_in=_ONE,
+         vjp_ir=dv.SPLIT[0], jvp_ir=dv.SPLIT[1]),
+    Prim("item", "shape", 1, _ELAB + "_split", linear_in=_ONE, vjp_ir=dv.ITEM[0], jvp_ir=dv.ITEM[1]),
+    Prim("index", "shape", 1, _ELAB + "_e_Index", linear_in=_ONE, needs=_A, vjp_ir=dv.INDEX[0],
+         jvp_ir=dv.INDEX[1]),
     # identity inside a same-shaped Triton body (leaves are broadcast first); the adjoint sums back
     Prim("broadcast", "shape", 1, _ELAB + "_fit", linear_in=_ONE, triton="{0}", sympy=lambda x: x, needs=_A,
-         triton_vjp=("{g}",)),
+         triton_vjp=("{g}",), vjp_ir=dv.BROADCAST[0], jvp_ir=dv.BROADCAST[1]),
+    # x surrounded by zeros, (before, after) per axis: not in the language, the transpose of an
+    # index in derivative graphs (rnnc/derivatives.py)
+    Prim("pad", "shape", 1, "rnnc.ops:pad", linear_in=_ONE, vjp_ir=dv.PAD[0], jvp_ir=dv.PAD[1]),
 )
 
