@@ -505,32 +505,18 @@ def _emit_generated_loop(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, 
 
 def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop: list[int],
                loop_outs: list, scan: dict[str, tuple]) -> None:
-    """Every state by a parallel prefix scan over time, then the outputs for all steps at once."""
-    g = cell.graph
+    """Every state by a parallel prefix scan over time, then the outputs for all steps at once.
+
+    Folds come first, then the linear states in the order of `scan["linear"]`: a state in a later
+    layer has coefficients that read earlier states, computed for all steps at once from their
+    scanned sequences before its own scan."""
     linear, combines = scan["linear"], scan["combines"]
     for s in cell.states:
         init = r.tensor(s.init, "const")
         L(f"s0_{s.name} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
-    if linear:
-        L("# the recurrence as parallel scans: state' = a * state + b for all steps at once")
-    fused = scan.get("triton") or {}
-    if fused:
-        L("# the recurrence as fused Triton scans (a and b computed in the kernels from these leaves)")
-    for s in cell.states:
-        if s.name in fused:
-            a, b, leaves, _ = fused[s.name]
-            full = "".join(f", {pyint(d)}" for d in s.shape)
-            args = [_leaf_arg(r, stages, n, s.shape) for n in leaves]
-            numel = " * ".join(pyint(d) for d in s.shape) or "1"
-            L(f"all_{s.name} = _Scan_{s.name}.apply(T, {numel}, s0_{s.name}.reshape(-1){''.join(', ' + x for x in args)})"
-              f".reshape(T, N{full})")
-        elif s.name in linear:
-            coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None"
-                    for n in linear[s.name]]
-            if not any(stages.get(n) == "hoist" for n in linear[s.name]):  # constant a and b: T steps still
-                coef[0] = f"{coef[0]}.expand(T, {', '.join(['-1'] * (len(s.shape) + 1))})"
-            L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
+    rows = _AllRows(cell, r, stages, loop)
     by_in = {s.node_in: s for s in cell.states}
+    by_name = {s.name: s for s in cell.states}
     for i, (c, leaves, _, _) in enumerate(scan.get("triton_folds", ())):
         group = [by_in[a] for a in c.args_left]
         s0 = group[0]
@@ -540,6 +526,7 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
         numel = " * ".join(pyint(d) for d in s0.shape) or "1"
         L(f"{_tuple([f'all_{s.name}' for s in group])[1:-1]} = "
           f"(x.reshape(T, N{full}) for x in _Fold_{i}.apply(T, {numel}, {', '.join(args)}))")
+        rows.scanned.update(s.name for s in group)
     for i, c in enumerate(combines):
         group = [by_in[a] for a in c.args_left]
         fname = f"combine_{c.name}" + (f"_{i}" if i else "")
@@ -549,36 +536,79 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
         leaves = _tuple([_scan_operand(r, stages, n) for n in c.args_right])
         L(f"{_tuple([f'all_{s.name}' for s in group])[1:-1]} = _fold_scan({fname}, "
           f"{_tuple([f's0_{s.name}' for s in group])}, {leaves})")
-    if not loop_outs:
-        L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
-          f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
-        return
-    L("# the outputs, for all T*B*extra rows at once: the state before and after each step")
-    outs_at = {s.node_out: s for s in cell.states if stages.get(s.node_out) == "loop"}
-    needed = set()
-    stack = [o.node for o in loop_outs]
-    while stack:
-        n = stack.pop()
-        if n in needed or stages.get(n) != "loop":
-            continue
-        needed.add(n)
-        if n not in outs_at:
-            stack.extend(g[n].args)
-    for s in cell.states:
-        if s.node_in in needed:
-            L(f"{r.name(s.node_in)} = torch.cat([s0_{s.name}.unsqueeze(0), all_{s.name}[:-1]]).flatten(0, 1)")
-    for nid, s in outs_at.items():
-        if nid in needed:
-            L(f"{r.name(nid)} = all_{s.name}.flatten(0, 1)")
-    hoisted = sorted({a for n in needed if n not in outs_at for a in g[n].args if stages.get(a) == "hoist"})
-    for h in hoisted:
-        L(f"tm_{r.name(h)} = _time_major({r.operand(h, 'hoist').text}, B, T).flatten(0, 1)")
-        r.step_ref[h] = f"tm_{r.name(h)}"
-    r.emit(L, [n for n in loop if n in needed and n not in outs_at], "loop")
-    for o in loop_outs:
-        L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
+        rows.scanned.update(s.name for s in group)
+    if linear:
+        L("# the recurrence as parallel scans: state' = a * state + b for all steps at once")
+    fused = scan.get("triton") or {}
+    if fused:
+        L("# the recurrence as fused Triton scans (a and b computed in the kernels from these leaves)")
+    for name in list(fused) + list(linear):
+        s = by_name[name]
+        if name in fused:
+            a, b, leaves, _ = fused[name]
+            full = "".join(f", {pyint(d)}" for d in s.shape)
+            args = [_leaf_arg(r, stages, n, s.shape) for n in leaves]
+            numel = " * ".join(pyint(d) for d in s.shape) or "1"
+            L(f"all_{s.name} = _Scan_{s.name}.apply(T, {numel}, s0_{s.name}.reshape(-1){''.join(', ' + x for x in args)})"
+              f".reshape(T, N{full})")
+        else:
+            pair = [n for n in linear[name] if n is not None]
+            if any(stages.get(n) == "loop" for n in pair):
+                L(f"# {name}'s a and b read states scanned above: computed for all steps from their sequences")
+                rows.emit(L, pair)
+            coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None"
+                    for n in linear[name]]
+            if not any(stages.get(n) in ("hoist", "loop") for n in pair):  # constant a and b: T steps still
+                coef[0] = f"{coef[0]}.expand(T, {', '.join(['-1'] * (len(s.shape) + 1))})"
+            L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
+        rows.scanned.add(name)
+    if loop_outs:
+        L("# the outputs, for all T*B*extra rows at once: the state before and after each step")
+        rows.emit(L, [o.node for o in loop_outs])
+        for o in loop_outs:
+            L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
     L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
+
+
+class _AllRows:
+    """Emits loop values for all T*B*extra rows at once, from the scanned states' sequences (the
+    state before each step, `all_s` shifted by one, and after it), each value and sequence once."""
+
+    def __init__(self, cell: Cell, r: _Renderer, stages: dict[int, str], loop: list[int]) -> None:
+        self.cell, self.r, self.stages, self.loop = cell, r, stages, loop
+        self.scanned: set[str] = set()
+        self.done: set[int] = set()
+
+    def emit(self, L: _Lines, roots: list[int]) -> None:
+        g, r, stages = self.cell.graph, self.r, self.stages
+        outs_at = {s.node_out: s for s in self.cell.states if stages.get(s.node_out) == "loop"}
+        ins_at = {s.node_in: s for s in self.cell.states}
+        needed: set[int] = set()
+        stack = list(roots)
+        while stack:
+            n = stack.pop()
+            if n in needed or n in self.done or stages.get(n) != "loop":
+                continue
+            needed.add(n)
+            if n not in outs_at or outs_at[n].name not in self.scanned:
+                stack.extend(g[n].args)
+        for n in sorted(needed):
+            if n in ins_at:
+                s = ins_at[n]
+                L(f"{r.name(n)} = torch.cat([s0_{s.name}.unsqueeze(0), all_{s.name}[:-1]]).flatten(0, 1)")
+            elif n in outs_at and outs_at[n].name in self.scanned:
+                L(f"{r.name(n)} = all_{outs_at[n].name}.flatten(0, 1)")
+            else:
+                continue
+            self.done.add(n)
+        for h in sorted({a for n in needed if n not in self.done for a in g[n].args if stages.get(a) == "hoist"}):
+            if h not in r.step_ref:
+                L(f"tm_{r.name(h)} = _time_major({r.operand(h, 'hoist').text}, B, T).flatten(0, 1)")
+                r.step_ref[h] = f"tm_{r.name(h)}"
+        rest = [n for n in self.loop if n in needed and n not in self.done]
+        r.emit(L, rest, "loop")
+        self.done.update(needed)
 
 
 def _default_chunk_size(plan: dict) -> int:
@@ -670,6 +700,8 @@ def _scan_coefficient(r: _Renderer, stages: dict[int, str], nid: int, rank: int)
     if stages.get(nid) == "hoist":
         return f"_time_major({r.operand(nid, 'hoist').text}, B, T).reshape(T, N, {', '.join(pad + shape)})".replace(
             ", )", ")")
+    if stages.get(nid) == "loop":  # computed for all T*N rows from earlier states' sequences (_AllRows)
+        return f"{r.operand(nid, 'loop').at(ATOM)}.reshape(T, N, {', '.join(pad + shape)})".replace(", )", ")")
     value = r.tensor(nid, "const")
     return f"{value}.reshape(1, 1, {', '.join(pad + shape)})".replace(", )", ")")
 

@@ -95,6 +95,8 @@ class Report:
                 detail.append(f"transition {s['transition']}, decay {s['decay']}")
             if "readout" in s:
                 detail.append(f"read out as {s['readout']} of the {s['readout_of']} value")
+            if s.get("form"):
+                lines.append("      " + s["form"])
             lines.append("      " + "; ".join(detail))
         ops = d["ops"]
         lines.append(f"  ops: {ops['const']} constant, {ops['hoist']} hoisted over all time steps, "

@@ -672,6 +672,7 @@ class Transition:
     low_rank: list[Term] = field(default_factory=list)
     coupled: list[str] = field(default_factory=list)
     opaque: str | None = None
+    form: str = ""  # the transition as text (formula), for the report
 
 
 def _common(seqs: list[tuple[Atom, ...]], from_end: bool) -> tuple[Atom, ...]:
@@ -748,3 +749,97 @@ def transition(g: Graph, state: str, form: Form, rank: int) -> Transition:
                                and t.left[0].node is not None and t.left[1].node is not None for t in rest):
         return Transition(state, "identity_plus_low_rank", decay, terms, low_rank=rest, coupled=coupled)
     return Transition(state, "dense", decay, terms, coupled=coupled)
+
+
+# ---- printing ----------------------------------------------------------------------------------
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+def expr_text(g: Graph, nid: int | None, depth: int = 3) -> str:
+    """A short readable rendering of a state-free value: its spec name, or its expression."""
+    if nid is None:
+        return "1"
+    node = g[nid]
+    if node.name:
+        return node.name
+    if node.op == "const":
+        return repr(node.attrs["value"])
+    if depth == 0:
+        return "…"
+    args = [expr_text(g, a, depth - 1) for a in node.args]
+    if node.op not in _INFIX:
+        args = [_bare(a) for a in args]
+    if node.op in _INFIX and len(args) == 2:
+        return f"({args[0]} {_INFIX[node.op]} {args[1]})"
+    if node.op == "neg":
+        return f"-{args[0]}"
+    if node.op == "index":
+        items = ", ".join("None" if it[0] == "new" else "..." if it[0] == "ellipsis" else
+                          ":" if it[0] == "slice" else D.fmt(it[1]) for it in node.attrs["items"])
+        return f"{args[0]}[{items}]"
+    return f"{node.op}({', '.join(args)})"
+
+
+def _bare(text: str) -> str:
+    """`(a + b)` -> `a + b` where the parentheses enclose the whole text."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return text
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0 and i < len(text) - 1:
+            return text
+    return text[1:-1]
+
+
+def _atom_text(g: Graph, a: Atom) -> str:
+    x = expr_text(g, a.node)
+    if a.kind == "diag":
+        x = _bare(x)
+    if a.kind == "diag":
+        return f"diag({'1 / ' if a.inv else ''}{x})"
+    if a.kind == "row":
+        return f"{x}ᵀ"
+    if a.kind == "mat":
+        return x + ("ᵀ" if a.trans else "")
+    if a.kind == "sel":
+        return "sel"
+    return x
+
+
+def _coef_text(g: Graph, sign: int, num, scalars, elem) -> str:
+    parts = [] if num == 1 else [str(num)]
+    parts += [("1 / " if inv else "") + expr_text(g, n) for n, inv in scalars]
+    parts += [("1 / " if inv else "") + expr_text(g, n) + " ⊙" for n, inv in elem]
+    text = " · ".join(parts)
+    return ("-" if sign < 0 else "") + text
+
+
+def term_text(g: Graph, t: Term, state: str) -> str:
+    """One term: `-beta · k kᵀ S`."""
+    core = " ".join([_atom_text(g, a) for a in t.left] + [state] + [_atom_text(g, a) for a in t.right])
+    dots = "".join(f" ({expr_text(g, b)}ᵀ{expr_text(g, c)})" for b, c in t.dots)
+    coef = _coef_text(g, t.sign, t.num, t.scalars, t.elem)
+    return (f"{coef} · " if coef not in ("", "-") else coef) + core + dots
+
+
+def formula(g: Graph, t: Transition) -> str:
+    """The transition as text, decay factored out: `S' = exp(g) · (I - beta · k kᵀ) S + …`."""
+    s = t.state
+    if t.kind == "zero":
+        return f"{s}' = …  (does not read {s})"
+    if t.kind in ("dense", "diagonal") or t.opaque:
+        if t.opaque or not t.terms:
+            return f"{s}' = T({s}) + …  (through {t.opaque})"
+        return f"{s}' = " + " + ".join(term_text(g, x, s) for x in t.terms).replace("+ -", "- ") + " + …"
+    d = t.decay
+    decay = _coef_text(g, 1, d.num, d.scalars, d.elem)
+    left = " ".join(_atom_text(g, a) for a in d.left)
+    right = " ".join(_atom_text(g, a) for a in d.right)
+    inner = s if t.kind == "identity" else \
+        "(I " + " ".join(("- " if x.sign < 0 else "+ ") + term_text(g, replace(x, sign=1), "").strip()
+                         for x in t.low_rank) + f") {s}"
+    parts = [p for p in (decay + (" ⊙" if d.elem else ""), left, inner, right) if p]
+    return f"{s}' = " + " ".join(parts).replace("⊙ ⊙", "⊙") + " + …"

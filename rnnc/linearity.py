@@ -16,7 +16,7 @@ states with additive or identity-minus-low-rank transitions and a contraction re
 from __future__ import annotations
 
 from .ir import Cell, Graph
-from .linear_form import Decay, Transition, linear_forms, transition
+from .linear_form import Decay, Transition, formula, linear_forms, transition
 
 
 def transitions(cell: Cell, stages: dict[int, str], only: list[str] | None = None) -> dict[str, Transition | str]:
@@ -35,6 +35,7 @@ def transitions(cell: Cell, stages: dict[int, str], only: list[str] | None = Non
             out[s.name] = form.nonlinear
         else:
             out[s.name] = transition(cell.graph, s.name, form, len(s.shape))
+            out[s.name].form = formula(cell.graph, out[s.name])
     return out
 
 
@@ -57,14 +58,14 @@ def _info(t: Transition, rank: int) -> dict:
         return {"class": "elementwise_affine", "decay": "zero",
                 "why": "its next value does not read its previous value"}
     if t.kind == "diagonal" and rank <= 1:
-        return {"class": "elementwise_affine", "decay": t.decay.kind(rank),
+        return {"class": "elementwise_affine", "decay": t.decay.kind(rank), "form": t.form,
                 "why": f"{s}' = a ⊙ {s} + b with a and b independent of the states"}
     kind = {"diagonal": "additive", "identity": "additive"}.get(t.kind, t.kind)
     if kind == "identity_plus_low_rank" and len(t.low_rank) == 1:
         col, row = t.low_rank[0].left
         if col.node == row.node:
             kind = "identity_minus_low_rank"
-    info = {"class": "matrix_affine", "transition": kind, "decay": t.decay.kind(rank)}
+    info = {"class": "matrix_affine", "transition": kind, "decay": t.decay.kind(rank), "form": t.form}
     why = _WHAT[kind].format(s=s)
     if t.opaque:
         why += f" (its next value reads {s} through {t.opaque})"
@@ -129,7 +130,7 @@ def _components(names: list[str], reads: dict[str, set[str]]) -> list[set[str]]:
     return out
 
 
-def _group_stages(cell: Cell, stages: dict[int, str], group: list[str]) -> dict[int, str]:
+def group_stages(cell: Cell, stages: dict[int, str], group: list[str]) -> dict[int, str]:
     """Stages with every other state's values taken as known for all steps (hoisted)."""
     ins = {s.node_in for s in cell.states if s.name in group}
     out: dict[int, str] = {}
@@ -154,7 +155,7 @@ def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
     for k, group in enumerate(groups):
         if k == 0 or all(out[n]["class"] != "nonlinear" for n in group):
             continue
-        found = transitions(cell, _group_stages(cell, stages, group), group)
+        found = transitions(cell, group_stages(cell, stages, group), group)
         before = {n for grp in groups[:k] for n in grp}
         for name in group:
             t = found[name]

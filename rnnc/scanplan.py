@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import dims as D
 from .ir import Cell, Graph, Node
 from .linear_form import Atom, Term
-from .linearity import transitions
+from .linearity import group_stages, state_groups, transitions
 
 
 def _binary(g: Graph, op: str, x: int, y: int) -> int:
@@ -120,18 +120,25 @@ def zero_state(g: Graph, stages: dict[int, str], nid: int, memo: dict) -> int | 
 
 def scan_coefficients(cell: Cell, stages: dict[int, str], skip: frozenset[str] = frozenset()
                       ) -> dict[str, tuple[int, int | None]]:
-    """For each state not in `skip`: (a, b) node ids with next = a ⊙ state + b (b None when zero).
+    """For each state not in `skip`: (a, b) node ids with next = a ⊙ state + b (b None when zero),
+    in the order the states can be scanned (a state in a later layer after those it reads).
 
-    Appends the new nodes to the cell's graph; the caller re-stages the cell afterwards.
+    Each group of states is read with the other states' values as known (linearity.state_groups):
+    for a state in a later layer, a and b read earlier states, and are computed from their scanned
+    sequences. Appends the new nodes to the cell's graph; the caller re-stages the cell afterwards.
     """
     g = cell.graph
-    found = transitions(cell, stages)
+    by_name = {s.name: s for s in cell.states}
     out = {}
-    for s in cell.states:
-        if s.name in skip:
+    for group in state_groups(cell):
+        names = [n for n in group if n not in skip]
+        if not names:
             continue
-        t = found[s.name]
-        a = _coefficient(g, t.terms, len(s.shape)) if t.terms else _const(g, 0)
-        b = zero_state(g, stages, s.node_out, {})
-        out[s.name] = (a, b)
+        sub = group_stages(cell, stages, group)
+        found = transitions(cell, sub, group)
+        for name in names:
+            s, t = by_name[name], found[name]
+            a = _coefficient(g, t.terms, len(s.shape)) if t.terms else _const(g, 0)
+            b = zero_state(g, sub, s.node_out, {})
+            out[name] = (a, b)
     return out

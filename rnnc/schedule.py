@@ -28,18 +28,19 @@ RECURRENT_BELOW = 65
 
 
 def layered(report: Report) -> str | None:
-    """Why a state linear only given earlier states keeps the cell off the parallel forms (None
-    when no state is): each such state would be a parallel stage after those, not built yet."""
+    """Why a state linear only given earlier states keeps the cell off the chunk form and the
+    fused Triton scans (None when no state is): only the PyTorch scan runs such a state as a
+    parallel stage after those it reads."""
     for name, info in report.classes.items():
         if info.get("after"):
             return (f"state '{name}' is linear only once {', '.join(info['after'])} is known for every step "
-                    "(a stage after them; staged lowering is not implemented yet)")
+                    "(a stage after them: only the scan backend runs such stages)")
     return None
 
 
 def why_not(backend: str, report: Report) -> str | None:
     """Why `backend` cannot lower the cell (None when it can)."""
-    if backend in ("chunk", "scan") and layered(report):
+    if backend == "chunk" and layered(report):
         return layered(report)
     if backend == "chunk":
         try:

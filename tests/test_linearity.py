@@ -179,11 +179,23 @@ def test_states_in_layers():
     assert states["m"]["class"] == "nonlinear"  # relu of itself: sequential whatever the layers
     from rnnc.linearity import state_groups
     assert state_groups(rnnc.parse(text).cell()) == [["n"], ["s"], ["m"]]
-    assert rep.backend == "loop"
-    with pytest.raises(rnnc.BuildError, match="staged lowering"):
+    assert rep.backend == "loop"  # m is sequential whatever the layers
+    with pytest.raises(rnnc.BuildError, match="state 'm' is nonlinear"):
         rnnc.build(text, backend="scan")
+    with pytest.raises(rnnc.BuildError, match="only the scan backend runs such stages"):
+        rnnc.build(text.replace("relu(m) + s", "m + s"), backend="chunk")
 
 
 def test_lstm_states_form_one_group():
     from rnnc.linearity import state_groups
     assert state_groups(rnnc.load("lstm").cell()) == [["c", "h"]]
+
+
+def test_the_report_prints_the_canonical_form():
+    """Both writings of the gated delta rule print the same transition, decay factored out."""
+    head = "cell c(q: [K], k: [K], v: [V], g: [], beta: []) -> (o: [V]) {\n state S: [K, V] = 0\n"
+    forms = {rnnc.analyze(head + body + "\n o = q @ S }").to_dict()["states"]["S"]["form"] for body in (
+        "S = exp(g) * ((eye(K) - beta * outer(k, k)) @ S) + beta * outer(k, v)",
+        "let d = exp(g) * S\n S = d + beta * outer(k, v - k @ d)")}
+    assert forms == {"S' = exp(g) (I - beta · k kᵀ) S + …"}
+    assert "S' = exp(g) (I - beta · k kᵀ) S" in rnnc.analyze("gated_deltanet").summary()
