@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import dims as D
 from .ir import Cell, Graph, Node
-from .linear_form import matrix_terms
+from .matrix_terms import matrix_terms
 from .linearity import transitions
 from .scanplan import zero_state
 

@@ -16,7 +16,8 @@ states with additive or identity-minus-low-rank transitions and a contraction re
 from __future__ import annotations
 
 from .ir import Cell, Graph
-from .linear_form import Decay, Transition, formula, linear_forms, transition
+from .linear_form import linear_forms
+from .transition import Decay, Transition, formula, transition
 
 
 def transitions(cell: Cell, stages: dict[int, str], only: list[str] | None = None) -> dict[str, Transition | str]:
