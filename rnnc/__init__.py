@@ -4,6 +4,17 @@
     cell = rnnc.build("lstm", I=32, H=64)     # a torch.nn.Module
     y, final = cell(x)                         # x: [B, T, I]
 """
+from pathlib import Path as _Path
+
+# In a source checkout, backends/ (and grammar/, specs/) sit beside this directory; installed, setuptools'
+# package-dir puts them inside it (pyproject.toml). Searching the checkout's root for subpackages too makes
+# `rnnc.backends` import from a checkout that shadows the installed package (`python -c "import rnnc"` in
+# the repository root after a non-editable install) or with no install at all.
+_root = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "backends").is_dir() and (_root / "backends" / "__init__.py").is_file():
+    __path__.append(str(_root))
+del _Path, _root
+
 from .api import analyze, backends_for, build, compile, graph_dot, graph_svg, library, load, parse
 from .errors import (ArityError, BuildError, DimError, InputError, InternalError, RnncError, RnncSyntaxError, ShapeError,
                      SpecNotFoundError, StateError, TypeError_, UnknownNameError, UnsupportedError)
