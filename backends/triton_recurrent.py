@@ -9,7 +9,8 @@
                written per step, constant leaves' summed in registers (a matrix times a vector
                instead leaves g and the vector per step, and the wrapper forms the weight's
                gradient as one matmul over all steps, as the loop backend does);
-  _Recurrent   the autograd.Function tying them together.
+  _Recurrent   the autograd.Function tying them together (its launch helpers, _recurrent_warps and
+               the register limit RECURRENT_MAX_TILE, are in rnnc/runtime/triton_launch.py).
 Blocks are the sizes rounded up to powers of two; every reduction masks the padding (which may
 hold anything, e.g. log(0)), so padded lanes never reach a result. The kernels compute in the
 dtype of the tensors they get (the module's float32 or float64).
@@ -23,9 +24,6 @@ from rnnc import dims as D
 from .elementwise import ADJOINT, BINARY, UNARY, WHERE
 from .tiles import EXTRA, TileProgram, nonneg
 
-#: The largest register tile (padded elements) the kernels take: a [256, 256] weight block. Larger
-#: ones would spill far past the register file; the module refuses them with an InputError.
-MAX_TILE = 65536
 BOOL = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not"})
 
 
@@ -425,21 +423,6 @@ def _function(cell, r: _Render, prog: TileProgram, dims: list[str], shapes: list
         prod = f"{gy}.t() @ {xv}" if t.op == "mv" else f"{xv}.t() @ {gy}"
         weight_grads.append(f"        dl[{mat.attrs['leaf']}][{sl}] += {prod}")
     return [
-        "_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}",
-        f"RECURRENT_MAX_TILE = {MAX_TILE}  # elements of the largest value the recurrent kernel holds in registers",
-        "",
-        "",
-        "def _recurrent_warps(largest):",
-        '    """Warps for the recurrent kernels: more for larger register tiles; refuse what would not fit',
-        '    (an InputError marked `tiles_too_large`: a module with a parallel form then runs that)."""',
-        "    if largest > RECURRENT_MAX_TILE:",
-        "        err = InputError(f'the fused recurrent kernel would hold {largest} elements in registers (the limit '",
-        "                         f'is {RECURRENT_MAX_TILE}); use smaller dims, or backend=\"loop\" (or \"auto\")')",
-        "        err.tiles_too_large = True",
-        "        raise err",
-        "    return 4 if largest <= 4096 else 8 if largest <= 16384 else 16",
-        "",
-        "",
         "class _Recurrent(torch.autograd.Function):",
         f'    """`{cell.name}` over all steps in the fused kernels: {ns} initial state(s) [N, ...] and '
         f'{nl} leaves ([T, N, ...] per step, or constant) -> {no} output(s) [T, N, ...] and the final states."""',

@@ -25,27 +25,7 @@ from rnnc.ir import Combine, Graph
 
 from .elementwise import render, render_adjoint, split_fusable
 
-BLOCK = 128  # channels per program
-
-#: Emitted once per module: how the fused scans cut time into chunks (not yet tuned on a GPU).
-CHUNKS = """
-SCAN_CHUNK = None  # steps per chunk of the fused scans; None: _scan_chunks chooses per call
-
-
-def _scan_chunks(T, M):
-    \"\"\"(P, L): P chunks of L steps. Time is cut only when the channels give fewer than 256 programs and
-    the sequence is long (>= 1024 steps): then into chunks of at least 256 steps, aiming at ~1024 programs.\"\"\"
-    programs = triton.cdiv(M, BLOCK)
-    if SCAN_CHUNK is not None:
-        L = SCAN_CHUNK
-    elif programs >= 256 or T < 1024:
-        L = T
-    else:
-        L = max(256, triton.cdiv(T, triton.cdiv(1024, programs)))
-    L = max(1, min(int(L), T))
-    return triton.cdiv(T, L), L
-"""
-
+BLOCK = 128  # channels per program (the module's BLOCK; its SCAN_CHUNK cuts time, see _scan_chunks)
 
 def plan(g: Graph, a: int, b: int | None) -> tuple[list[int], list[int]]:
     """(leaves, body) of one state's a and b."""
@@ -177,7 +157,7 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         "        _check_triton_device(h0)",
         "        h0, leaves = h0.contiguous(), [x.contiguous() for x in leaves]",
         "        M = h0.numel()",
-        "        P, L = _scan_chunks(T, M)",
+        "        P, L = _scan_chunks(T, M, BLOCK, SCAN_CHUNK)",
         "        out = torch.empty(T, M, dtype=h0.dtype, device=h0.device)",
         "        grid = (triton.cdiv(M, BLOCK), P)",
         "        enter = h0[None]",
@@ -194,7 +174,7 @@ def source(name: str, g: Graph, stages: dict[int, str], a: int, b: int | None, l
         "    def backward(ctx, g):",
         "        h0, out, *leaves = ctx.saved_tensors",
         "        (T, M), C = out.shape, ctx.C",
-        "        P, L = _scan_chunks(T, M)",
+        "        P, L = _scan_chunks(T, M, BLOCK, SCAN_CHUNK)",
         "        g = g.contiguous()",
         "        grid = (triton.cdiv(M, BLOCK), P)",
         "        mu = torch.zeros(P, M, dtype=h0.dtype, device=h0.device)  # a lam entering each chunk from beyond",

@@ -65,8 +65,9 @@ def backends_for(spec: Spec, cell: str | None = None) -> list[str]:
 
 
 def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
-           chunk_size: int | None = None, device=None) -> tuple[str, Report]:
-    """Optimise, analyse and emit one cell for `device`: (module source, report)."""
+           chunk_size: int | None = None, device=None, standalone: bool = False) -> tuple[str, Report]:
+    """Optimise, analyse and emit one cell for `device`: (module source, report). The module imports
+    its runtime from rnnc.runtime, or with `standalone` carries a copy of it (backends/link.py)."""
     from rnnc.backends.loop import emit_module
 
     _check_chunk_size(chunk_size)
@@ -110,7 +111,8 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
             loop_below = schedule.RECURRENT_BELOW
     schedule.triton_note(report)
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
-                         chunk=chunk, loop_below=loop_below, chunk_size=chunk_size, recurrent=recurrent)
+                         chunk=chunk, loop_below=loop_below, chunk_size=chunk_size, recurrent=recurrent,
+                         standalone=standalone)
     return source, report
 
 
@@ -130,9 +132,11 @@ def analyze(spec: Spec, cell: str | None = None, backend: str = "auto", device=N
     return report
 
 
-def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward: str = "generated",
+def compile(spec: Spec, cell: str | None = None, backend: str = "auto", backward: str = "generated",
             chunk_size: int | None = None, **dims) -> str:  # noqa: A001
-    """Source of a standalone Python module (imports only torch) implementing the cell.
+    """Source of a standalone Python module implementing the cell: it needs only torch (and triton for
+    the triton backend), the rnnc runtime it calls copied in. `backend` as in `build` ("auto": the
+    same choice, short sequences included); `build` runs the same code, importing that runtime instead.
 
     Dims given here become the module's defaults (the constructor can still override them).
     `backward="generated"` gives the loop a generated backward through time (the default);
@@ -142,7 +146,7 @@ def compile(spec: Spec, cell: str | None = None, backend: str = "loop", backward
     """
     ir = _program(spec).cell(cell)
     _check_dims(ir, dims)
-    return _lower(ir, backend, backward, defaults=dims, chunk_size=chunk_size)[0]
+    return _lower(ir, backend, backward, defaults=dims, chunk_size=chunk_size, standalone=True)[0]
 
 
 def _check_dims(ir, dims: dict) -> None:
@@ -190,7 +194,6 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     check_bound_dims(ir, dims)
     source, report = _lower(ir, backend, backward, chunk_size=chunk_size, device=device)
     module = load_source(source, ir.name)
-    module.InputError = InputError
     missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]
     if missing:
         raise BuildError(f"dim {missing[0]} of cell '{ir.name}' is not bound", ir.dims[missing[0]].loc,

@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec_args(p)
     p.add_argument("-o", "--output", metavar="OUT.py",
                    help="file to write (default: the source goes to stdout, the summary to stderr)")
-    p.add_argument("--backend", metavar="NAME", default=None,
-                   help="lowering to emit (default: the compiler's choice; e.g. loop)")
+    p.add_argument("--backend", metavar="NAME", default="auto",
+                   help="lowering to emit: auto (default: what rnnc.build picks, short sequences on the loop), "
+                        "loop, scan, chunk or triton")
     p.add_argument("--chunk-size", metavar="N", type=int, default=None,
                    help="steps per chunk for the chunk backend (default: chosen per cell)")
     dim_args(p)
@@ -264,12 +265,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     dims = _dims(args)
     prog = _load(args.spec)
     kwargs: dict[str, Any] = {"cell": args.cell}
-    if args.backend is not None:
-        kwargs["backend"] = args.backend
+    kwargs["backend"] = args.backend
     if args.chunk_size is not None:
         kwargs["chunk_size"] = args.chunk_size
     source = rnnc.compile(prog, **kwargs, **dims)
-    summary = rnnc.analyze(prog, cell=args.cell, backend=kwargs.get("backend", "loop")).summary()
+    summary = rnnc.analyze(prog, cell=args.cell, backend=args.backend).summary()
     if args.output:
         _write_text(args.output, source if source.endswith("\n") else source + "\n")
         _out(summary)

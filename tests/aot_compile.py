@@ -75,7 +75,7 @@ def _inputs(name: str, cell) -> list[torch.Tensor]:
 
 
 def _per_value() -> None:
-    from rnnc.backends import triton_chunk
+    from rnnc.runtime import triton_chunk
 
     T, N, K, V = 40, 2, 32, 24
     q, k = torch.randn(T, N, K), torch.randn(T, N, K)

@@ -240,9 +240,10 @@ def test_compile_to_stdout_summary_to_stderr(capsys):
     captured = capsys.readouterr()
     ast.parse(captured.out)  # the module source, valid Python
     assert captured.out.strip() == rnnc.compile(rnnc.load("gla")).strip()
-    summary = rnnc.analyze(rnnc.load("gla"), backend="loop").summary()  # compile's default backend
+    summary = rnnc.analyze(rnnc.load("gla")).summary()  # compile's default backend: auto, as build's
     assert captured.err.strip() == summary.strip()
-    assert summary.startswith("cell gla") and "backend" in summary
+    assert summary.startswith("cell gla") and "backend: chunk" in summary
+    assert "(cell gla, backend chunk)" in captured.out.splitlines()[0]
 
 
 def test_compile_unwritable_output(tmp_path, capsys):

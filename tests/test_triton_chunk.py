@@ -1,4 +1,4 @@
-"""backends/triton_chunk.py: the Triton chunkwise linear-attention forward against chunk_ops._chunk_linear.
+"""rnnc/runtime/triton_chunk.py: the Triton chunkwise linear-attention forward against chunk_ops._chunk_linear.
 
 Checked: o and S_T against `_chunk_linear` in float64 (rel err <= 1e-4 relative to the max magnitude,
 float32 inputs) for no decay, a scalar decay, a per-key decay, a per-value decay and both, mild and
@@ -6,10 +6,9 @@ extreme (down to -20 per step) log-decays and -inf gates (hard resets), ragged T
 and one that is not a power of two, K and V not powers of two, several V blocks, h0 given or not,
 before=True; gradients of every input (Triton backward kernels for no, a scalar, a per-key or a
 per-value decay, checked to run without the PyTorch recompute; chunk_ops's recompute when per-key and
-per-value decays come together); float16/bfloat16
-inputs; the float64 fallback; and the paste contract (the body after the first top-level `def`, pasted
-after chunk_ops's body into one file, imports and runs). Without a GPU the kernels run in Triton's CPU
-interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
+per-value decays come together); float16/bfloat16 inputs; the float64 fallback (its standalone copy:
+tests/test_link.py). Without a GPU the kernels run in Triton's CPU interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes stay small.
 """
 from __future__ import annotations
 
@@ -18,9 +17,8 @@ import torch
 
 pytest.importorskip("triton")
 
-import rnnc.backends.chunk_ops as chunk_ops  # noqa: E402
-import rnnc.backends.triton_chunk as triton_chunk  # noqa: E402
-from paste_contract import pasted  # noqa: E402
+import rnnc.runtime.chunk as chunk_ops  # noqa: E402
+import rnnc.runtime.triton_chunk as triton_chunk  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N = 2
@@ -212,17 +210,3 @@ def test_half_inputs(dtype):
     for x in xs:
         if x is not None:
             assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
-
-
-def test_paste_contract(tmp_path):
-    """Header imports only math/torch/triton/tl (+ relative imports of chunk_ops helpers); every
-    top-level name starts with _triton_chunk; the body from the first `def` on, pasted after
-    chunk_ops's body, forms a working module."""
-    mod = pasted(triton_chunk, "_triton_chunk", tmp_path)
-    leaves = [None if x is None else x.float() for x in make_inputs(20, 16, 16, "key", "mild")]
-    q = leaves[0].requires_grad_(True)
-    o, s = mod._triton_chunk_linear(*leaves, 16)
-    o_ref, s_ref = triton_chunk._triton_chunk_linear(*leaves, 16)
-    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
-    o.sum().backward()                                 # the backward finds the pasted _chunk_linear
-    assert q.grad is not None

@@ -1,4 +1,4 @@
-"""backends/triton_delta.py: the Triton chunkwise (gated) delta rule, forward and backward, against chunk_ops._chunk_delta.
+"""rnnc/runtime/triton_delta.py: the Triton chunkwise (gated) delta rule, forward and backward, against chunk_ops._chunk_delta.
 
 Checked: o and S_T against `_chunk_delta` in float64 (rel err <= 1e-4 relative to the max magnitude,
 float32 inputs) with unit-norm keys, beta in (0, 1) and beta = 1, no decay, mild and extreme (down to
@@ -6,8 +6,8 @@ float32 inputs) with unit-norm keys, beta in (0, 1) and beta = 1, no decay, mild
 is not a power of two, K and V not powers of two, several V blocks, h0 given or not, before=True;
 gradients of every input (the Triton backward kernels, against chunk_ops's autograd gradients in
 float64); float16/bfloat16 inputs; the float64
-fallback; a token-by-token recurrence as an independent reference; and the paste contract (the body
-after the first top-level `def`, pasted after chunk_ops's body into one file, imports and runs). Without
+fallback; a token-by-token recurrence as an independent reference (its standalone copy:
+tests/test_link.py). Without
 a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
 """
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-import rnnc.backends.chunk_ops as chunk_ops  # noqa: E402
-import rnnc.backends.triton_delta as triton_delta  # noqa: E402
-from paste_contract import pasted  # noqa: E402
+import rnnc.runtime.chunk as chunk_ops  # noqa: E402
+import rnnc.runtime.triton_delta as triton_delta  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N = 2
@@ -209,19 +208,3 @@ def test_half_inputs(dtype, gate):
     for x in xs:
         if x is not None:
             assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
-
-
-def test_paste_contract(tmp_path):
-    """Header imports only math/torch/triton/tl (+ relative imports of chunk_ops helpers); every
-    top-level name starts with _triton_delta; the body from the first `def` on, pasted after
-    chunk_ops's body, forms a working module."""
-    mod = pasted(triton_delta, "_triton_delta", tmp_path)
-    leaves = [None if x is None else x.float() for x in make_inputs(20, 16, 16, "mild")]
-    q = leaves[0].requires_grad_(True)
-    o, s = mod._triton_delta_chunk(*leaves, 16)
-    o_ref, s_ref = triton_delta._triton_delta_chunk(*leaves, 16)
-    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
-    o.sum().backward()                                 # the backward finds the pasted _chunk_delta
-    assert q.grad is not None
-    ob, sb = mod._triton_delta_chunk(*leaves, 16, before=True)   # the pasted _chunk_readout_before
-    assert torch.equal(sb, s_ref)

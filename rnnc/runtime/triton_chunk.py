@@ -1,4 +1,4 @@
-"""Chunkwise linear attention in Triton: backends/chunk_ops.py's _chunk_linear as kernels.
+"""Chunkwise linear attention in Triton: rnnc/runtime/chunk.py's _chunk_linear as kernels.
 
 `_triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False)` has the arguments, semantics and
 return value of `_chunk_linear` (read its docstring):
@@ -25,7 +25,7 @@ readout (q e^G) S, the intra-chunk part, and updates S <- e^{G_last} S + (k e^{G
                             blocks go row by row (an explicit loop over the sub-chunk's valid rows, element-wise,
                             the exponents sum_{j < s <= i} g_s carried incrementally, masked to -inf
                             for j > i before exp). The value-side decay is the same construction on v.
-Numerics follow chunk_ops.py: every exponent is <= 0 and is a direct sum of gates (cumsums inside a
+Numerics follow chunk.py: every exponent is <= 0 and is a direct sum of gates (cumsums inside a
 chunk or sub-chunk, masked sums, shifted loads for exclusive suffix sums), never a difference of two
 cumulative sums; gates are clamped at -1e4 on load (exp is exactly 0 in float32 there either way), so
 -inf gates (hard resets) give no NaN. Masked/padded rows (the ragged tail, and rows of a power-of-two
@@ -39,19 +39,12 @@ next_pow2(max(V, 16)) up to 64 (grid over V blocks), BT = next_pow2(max(C, 16));
 Not done in Triton: float64 inputs fall back to the PyTorch `_chunk_linear` (Triton float64 dot is
 not worth it), as does T == 0; the backward of per-key and per-value decays together (above). float16/bfloat16
 inputs run the kernels (upcast on load), gradients in float32 cast back to the input dtypes.
-
-Paste contract (like chunk_ops.py): generated standalone modules paste this file's source from its
-first top-level `def` on (the same extraction as loop.py's `_chunk_ops_source`; the first definition is
-a plain function, not a kernel, so no decorator is cut off), right after chunk_ops.py's body. Every name
-starts with `_triton_chunk`; there are no other globals. The pasted body refers to `_chunk_linear` by
-name, which the pasted chunk_ops body defines; in this file the header's relative import provides it
-(and the extraction drops the header, so the pasted code needs only torch, triton and tl).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .chunk_ops import _chunk_fold_scalar, _chunk_linear, _chunk_readout_before, _chunk_recompute_backward  # noqa: E501
+from .chunk import _chunk_fold_scalar, _chunk_linear, _chunk_readout_before, _chunk_recompute_backward
 
 
 def _triton_chunk_blocks(C, K, V):

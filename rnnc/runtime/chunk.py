@@ -1,8 +1,6 @@
 """Chunkwise-parallel algorithms for linear recurrences, in plain PyTorch (no Triton).
 
-These functions are pasted verbatim into generated standalone modules, so this file imports only
-math, torch and torch.nn.functional, holds no other globals and no classes, and every function
-name starts with `_chunk`.
+Built chunk-backend cells import these functions; `rnnc compile` vendors the ones a cell uses.
 
 Layout: time-major with one flattened batch axis, q, k: [T, N, K], v: [T, N, V], state S: [N, K, V];
 float32 or float64 (the caller upcasts). The readout follows the update, o_t = S_t^T q_t, unscaled; with

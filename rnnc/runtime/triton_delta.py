@@ -1,4 +1,4 @@
-"""Chunkwise (gated) delta rule in Triton: backends/chunk_ops.py's _chunk_delta as kernels, forward and backward.
+"""Chunkwise (gated) delta rule in Triton: rnnc/runtime/chunk.py's _chunk_delta as kernels, forward and backward.
 
 `_triton_delta_chunk(q, k, v, beta, g, h0, chunk, before=False)` has the arguments, semantics and
 return value of `_chunk_delta` (read its docstring):
@@ -21,7 +21,7 @@ i, j; G_i = sum_{s <= i} g_s inside the chunk; Gam_ij = exp(sum_{j < s <= i} g_s
   D   = U - W S                                      (pseudo-values, with the entering state S)
   O   = (Q e^G) S + (tril(Q K^T) * Gam) D
   S  <- e^{G_last} S + (K e^{G_last - G})^T D
-Numerics follow chunk_ops.py: every exponent is <= 0 and a direct sum of gates (a cumsum inside the
+Numerics follow chunk.py: every exponent is <= 0 and a direct sum of gates (a cumsum inside the
 chunk, masked sums for sum_{j < s <= i} and sum_{s > j}), never a difference of two cumulative sums;
 the pair exponents are masked to -inf above the diagonal before exp; gates are clamped at -1e4 on load
 (exp is exactly 0 in float32 there either way), so -inf gates (hard resets) give no NaN. Masked/padded
@@ -38,44 +38,13 @@ Not done in Triton: float64 inputs fall back to the PyTorch `_chunk_delta`, as d
 float16/bfloat16 inputs run the kernels (upcast on load), gradients in float32 cast back to the input
 dtypes. The shared chunk factors (`_triton_delta_factors`) and loads (`_triton_delta_load`) are
 @triton.jit helpers the three kernels call.
-
-Paste contract (like chunk_ops.py and triton_chunk.py): generated standalone modules paste this file's
-source from its first top-level `def` on (the first definition is a plain function, not a kernel, so
-no decorator is cut off), right after chunk_ops.py's body. Every name starts with `_triton_delta`; there
-are no other globals. The pasted body refers to `_chunk_delta` and `_chunk_readout_before` by name,
-which the pasted chunk_ops body defines; in this file the header's relative import provides them (and
-the extraction drops the header, so the pasted code needs only torch, triton and tl).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .chunk_ops import _chunk_delta, _chunk_readout_before
-
-
-def _triton_delta_blocks(C, K, V):
-    """(BT, BK, BV) block sizes: powers of two, at least 16 (tl.dot's minimum); BV at most 64."""
-    BT = triton.next_power_of_2(max(int(C), 16))
-    BK = triton.next_power_of_2(max(int(K), 16))
-    BV = min(triton.next_power_of_2(max(int(V), 16)), 64)
-    return BT, BK, BV
-
-
-@triton.jit
-def _triton_delta_block(ptr, i_n, i_v, K, V, LOAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """A (V block i_v, row i_n) program's [BK, BV] block of a [N, K, V] state: its columns, masks and
-    offsets, and the block read from `ptr` in float32 (zeros without LOAD)."""
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
-    s_off = (i_n * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
-    s_msk = mk[:, None] & mv[None, :]
-    if LOAD:
-        S = tl.load(ptr + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-    return ck, cv, mk, mv, s_off, s_msk, S
+from .chunk import _chunk_delta, _chunk_readout_before
+from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks
 
 
 @triton.jit
@@ -130,7 +99,7 @@ def _triton_delta_fwd(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h
     """Gated (HAS_G: scalar log-decay g [T, N]) or plain delta rule; one program per (V block, row n).
     With SAVE_H, the state entering each chunk goes to h [nt, N, K, V] (for the backward)."""
     i_n = tl.program_id(1)
-    ck, cv, mk, mv, s_off, s_msk, S = _triton_delta_block(h0_ptr, i_n, tl.program_id(0), K, V, HAS_H0, BK, BV)
+    ck, cv, mk, mv, s_off, s_msk, S = _triton_chunk_block(h0_ptr, i_n, tl.program_id(0), K, V, HAS_H0, BK, BV)
     rt = tl.arange(0, BT)
     nt = tl.cdiv(T, C)
     for ic in range(nt):
@@ -160,7 +129,7 @@ def _triton_delta_bwd_dh(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, do_ptr, ds_ptr, dh_p
     ic; with dD = (tril(Q K^T) * Gam)^T do + (K e^{G_last - G}) dS (the pseudo-values' adjoint),
     dS_prev = e^{G_last} dS + (Q e^G)^T do - W^T dD. One program per (V block, row)."""
     i_n = tl.program_id(1)
-    ck, cv, mk, mv, s_off, s_msk, dS = _triton_delta_block(ds_ptr, i_n, tl.program_id(0), K, V, HAS_DS, BK, BV)
+    ck, cv, mk, mv, s_off, s_msk, dS = _triton_chunk_block(ds_ptr, i_n, tl.program_id(0), K, V, HAS_DS, BK, BV)
     rt = tl.arange(0, BT)
     nt = tl.cdiv(T, C)
     for i in range(nt):
@@ -251,7 +220,7 @@ def _triton_delta_forward(q, k, v, beta, g, h0, C, save_h=False):
     """Launch the kernel (no autograd); with save_h also the state entering each chunk, [nt, N, K, V] float32."""
     T, N, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = _triton_delta_blocks(C, K, V)
+    BT, BK, BV = _triton_chunk_blocks(C, K, V)
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     o = torch.empty(T, N, V, dtype=q.dtype, device=q.device)
     S = torch.empty(N, K, V, dtype=q.dtype, device=q.device)
@@ -268,7 +237,7 @@ def _triton_delta_backward(q, k, v, beta, g, h, do, dS, C):
     """Launch the backward kernels: (dq, dk, dv, dbeta, dg, dh0) in float32 (dg None without a decay)."""
     T, N, K = q.shape
     V = v.shape[-1]
-    BT, BK, BV = _triton_delta_blocks(C, K, V)
+    BT, BK, BV = _triton_chunk_blocks(C, K, V)
     nt = triton.cdiv(T, C)
     q, k, v, beta, do = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), do.contiguous()
     gc = q if g is None else g.contiguous()
