@@ -16,7 +16,7 @@ from rnnc.analysis import Report
 from rnnc.errors import UnsupportedError
 from rnnc.ir import Cell, Graph
 
-from rnnc.chunkplan import plan_nodes
+from rnnc.plans import ChunkPlan, ScanPlan
 
 from . import bptt, link, triton_recurrent, triton_scan
 from .combine import combine_source
@@ -143,22 +143,19 @@ class _Renderer:
 
 
 def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None,
-                generated_backward: bool = True, scan: dict | None = None,
-                chunk: dict | None = None, loop_below: int | None = None, chunk_size: int | None = None,
+                generated_backward: bool = True, scan: ScanPlan | None = None,
+                chunk: ChunkPlan | None = None, loop_below: int | None = None,
                 recurrent=None, standalone: bool = False) -> str:
     """The full source of a module defining the cell's nn.Module class: importing what it calls from
     rnnc.runtime, or with `standalone` a file that needs only torch (and triton), the runtime vendored
     (backends/link.py).
 
     `defaults` are dim sizes baked in as the constructor's defaults (on top of `dim N = ...`).
-    `scan` (from rnnc.scanplan and rnnc.associative) lowers the recurrence to a parallel scan;
-    `chunk` (from rnnc.chunkplan) to a chunkwise-parallel form, `chunk_size` steps a chunk (None:
-    the default for the plan's kind, see _emit_chunk). `recurrent` (a tiles.TileProgram) runs the
+    `scan` (rnnc.plans.ScanPlan) lowers the recurrence to parallel scans; `chunk`
+    (rnnc.plans.ChunkPlan) to a chunkwise-parallel form. `recurrent` (a tiles.TileProgram) runs the
     steps in one fused Triton kernel (backends/triton_recurrent.py). With `loop_below` as well, the
     module keeps the loop for sequences shorter than that many steps (where it is faster).
     """
-    if chunk is not None and chunk_size is not None:
-        chunk = {**chunk, "chunk_size": int(chunk_size)}
     for p in cell.params:
         if p.name in MODULE_ATTRS or keyword.iskeyword(p.name) or p.name.startswith("_"):
             raise UnsupportedError(f"param name '{p.name}' is reserved by torch.nn.Module", p.loc,
@@ -179,16 +176,16 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
                 **(defaults or {})}
 
     L = _Lines()
-    if scan is not None and (scan.get("triton") or scan.get("triton_folds")):
+    if scan is not None and scan.triton:
         L(f"BLOCK = {triton_scan.BLOCK}  # channels per program of the fused scans")
-        if scan["triton"]:
+        if scan.fused:
             L("SCAN_CHUNK = None  # steps per chunk of the fused scans; None: _scan_chunks chooses per call")
-        for name, (a, b, leaves, body) in scan["triton"].items():
+        for name, (a, b, leaves, body) in scan.fused.items():
             L()
             L()
             for line in triton_scan.source(name, graph, stages, a, b, leaves, body):
                 L(line)
-        for i, (c, leaves, body, cbody) in enumerate(scan.get("triton_folds", ())):
+        for i, (c, leaves, body, cbody) in enumerate(scan.folds):
             L()
             L()
             for line in triton_scan.fold_source(str(i), graph, stages, c, leaves, body, cbody):
@@ -405,8 +402,8 @@ def _emit_forward(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], i
         used = cell.graph.ancestors(list(recurrent.leaves) + outs + [s.init for s in cell.states])
         live = [n for n in live if n in used or stages[n] == "loop"]
     if chunk is not None:  # only what the chunkwise form reads (not the per-step k vᵀ, decays, ...)
-        state_free_outs = [o.node for o in cell.outputs if o.name != chunk["output"]]
-        used = cell.graph.ancestors(plan_nodes(chunk) + state_free_outs + [s.init for s in cell.states])
+        state_free_outs = [o.node for o in cell.outputs if o.name != chunk.output]
+        used = cell.graph.ancestors(chunk.nodes() + state_free_outs + [s.init for s in cell.states])
         live = [n for n in live if n in used or stages[n] == "loop"]
     const = [n for n in live if stages[n] == "const"]
     hoist = [n for n in live if stages[n] == "hoist"]
@@ -472,17 +469,17 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
                loop_outs: list, scan: dict[str, tuple]) -> None:
     """Every state by a parallel prefix scan over time, then the outputs for all steps at once.
 
-    Folds come first, then the linear states in the order of `scan["linear"]`: a state in a later
+    Folds come first, then the linear states in the order of `scan.linear`: a state in a later
     layer has coefficients that read earlier states, computed for all steps at once from their
     scanned sequences before its own scan."""
-    linear, combines = scan["linear"], scan["combines"]
+    linear, combines = scan.linear, scan.combines
     for s in cell.states:
         init = r.tensor(s.init, "const")
         L(f"s0_{s.name} = _initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)")
     rows = _AllRows(cell, r, stages, loop)
     by_in = {s.node_in: s for s in cell.states}
     by_name = {s.name: s for s in cell.states}
-    for i, (c, leaves, _, _) in enumerate(scan.get("triton_folds", ())):
+    for i, (c, leaves, _, _) in enumerate(scan.folds):
         group = [by_in[a] for a in c.args_left]
         s0 = group[0]
         full = "".join(f", {pyint(d)}" for d in s0.shape)
@@ -504,7 +501,7 @@ def _emit_scan(L: _Lines, cell: Cell, r: _Renderer, stages: dict[int, str], loop
         rows.scanned.update(s.name for s in group)
     if linear:
         L("# the recurrence as parallel scans: state' = a * state + b for all steps at once")
-    fused = scan.get("triton") or {}
+    fused = scan.fused
     if fused:
         L("# the recurrence as fused Triton scans (a and b computed in the kernels from these leaves)")
     for name in list(fused) + list(linear):
@@ -576,46 +573,46 @@ class _AllRows:
         self.done.update(needed)
 
 
-def _default_chunk_size(plan: dict) -> int:
+def _default_chunk_size(plan: ChunkPlan) -> int:
     """Steps per chunk when the caller gives none. Per-key/per-value decays cost K-wide work that
     grows with the chunk: 16 measured fastest on CPU for gla (benchmarks/RESULTS.md), 64 otherwise."""
-    return 16 if plan["kind"] == "linear" and (plan["gk"] is not None or plan["gv"] is not None) else CHUNK
+    return 16 if plan.kind == "linear" and (plan.gk is not None or plan.gv is not None) else CHUNK
 
 
 def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
     """The one matrix state by a chunkwise-parallel algorithm (backends/chunk_ops.py)."""
     (s,) = cell.states
-    size = plan.get("chunk_size") or _default_chunk_size(plan)
+    size = plan.chunk_size or _default_chunk_size(plan)
     L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (backends/chunk_ops.py)")
     L(f"s0_{s.name} = _initial(state, {s.name!r}, {r.tensor(s.init, 'const')}, B, extra, "
       f"{shape_text(s.shape)}, cdt)")
 
     def seq(key: str) -> str:
-        return f"_time_major({r.operand(plan[key], 'hoist').text}, B, T)"
+        return f"_time_major({r.operand(getattr(plan, key), 'hoist').text}, B, T)"
 
     q, k, v = seq("q"), seq("k"), seq("v")
-    target = f"out_{plan['output']}, {r.name(s.node_in)}"
-    before = ", before=True" if plan.get("before") else ""  # o_t = q_t @ S_{t-1}
-    if plan["kind"] == "linear":
-        for sc in plan["scale"]:
+    target = f"out_{plan.output}, {r.name(s.node_in)}"
+    before = ", before=True" if plan.before else ""  # o_t = q_t @ S_{t-1}
+    if plan.kind == "linear":
+        for sc in plan.scale:
             k = f"{k} * _time_major({r.operand(sc, 'hoist').text}, B, T).unsqueeze(-1)"
-        gk = seq("gk") if plan["gk"] is not None else (f"{seq('g')}.unsqueeze(-1)" if plan["g"] is not None else "None")
-        gv = seq("gv") if plan["gv"] is not None else "None"
-        if plan.get("triton"):
+        gk = seq("gk") if plan.gk is not None else (f"{seq('g')}.unsqueeze(-1)" if plan.g is not None else "None")
+        gv = seq("gv") if plan.gv is not None else "None"
+        if plan.triton:
             L(f"_check_triton_device(s0_{s.name})")
-        fn = "_triton_chunk_linear" if plan.get("triton") else "_chunk_linear"
+        fn = "_triton_chunk_linear" if plan.triton else "_chunk_linear"
         L(f"{target} = {fn}({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size}{before})")
     else:
-        beta = seq("beta") if plan["beta"] is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
-        g = seq("g") if plan["g"] is not None else "None"
-        if plan.get("triton"):
+        beta = seq("beta") if plan.beta is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
+        g = seq("g") if plan.g is not None else "None"
+        if plan.triton:
             L(f"_check_triton_device(s0_{s.name})")
-        fn = "_triton_delta_chunk" if plan.get("triton") else "_chunk_delta"
+        fn = "_triton_delta_chunk" if plan.triton else "_chunk_delta"
         L(f"{target} = {fn}({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
-    out = f"out_{plan['output']}"
-    if plan.get("sign", 1) < 0:
+    out = f"out_{plan.output}"
+    if plan.sign < 0:
         L(f"{out} = -{out}")
-    for t, sign in plan.get("extra", ()):  # the output's state-free terms, computed with the hoisted values
+    for t, sign in plan.extra:  # the output's state-free terms, computed with the hoisted values
         term = (f"_time_major({r.operand(t, 'hoist').text}, B, T)" if r.stages.get(t) == "hoist"
                 else r.tensor(t, "const"))
         L(f"{out} = {out} {'+' if sign > 0 else '-'} {term}")

@@ -4,14 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from . import schedule
+from . import plans, schedule
 from .analysis import Report, analyze_cell
-from .associative import scan_groups
-from .backends import triton_scan
 from .bind import check_bound_dims
-from .chunkplan import chunk_plan, plan_nodes
 from .optimize import optimize
-from .scanplan import scan_coefficients
 from .errors import BuildError, InputError, SpecNotFoundError
 from .program import Program, parse_program
 from .resources import specs_dir
@@ -78,31 +74,14 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         raise BuildError(f"chunk_size applies to the chunk backend, not to backend '{backend}'",
                          hint="drop chunk_size, or use backend='chunk' (or 'auto')")
     scan = chunk = recurrent = None
-    if chosen == "scan":
-        combines = scan_groups(cell, report.classes)
-        folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
-        linear = scan_coefficients(cell, report.stages, skip=folded)
-        cell.extra_roots = ([n for pair in linear.values() for n in pair if n is not None]
-                            + [n for c in combines for n in c.args_right])
-        scan = {"linear": linear, "combines": combines}
-    elif chosen == "triton" and schedule.triton_kind(report)[0] == "chunk":
-        chunk = {**schedule.triton_chunk_plan(report), "triton": True}
-        cell.extra_roots = plan_nodes(chunk)  # the plan may have built nodes (an update's collected v)
-    elif chosen == "triton" and schedule.triton_kind(report)[0] == "recurrent":
+    kind = schedule.triton_kind(report)[0] if chosen == "triton" else chosen
+    if chosen == "chunk" or kind == "chunk":
+        chunk = plans.chunk_plan(cell, report, chunk_size, triton=chosen == "triton")
+    elif kind == "recurrent":
         recurrent = schedule.tile_program(cell, report.stages)
-    elif chosen == "triton":
-        combines = scan_groups(cell, report.classes)
-        folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
-        fused = {}
-        for name, (a, b) in scan_coefficients(cell, report.stages, skip=folded).items():
-            leaves, body = triton_scan.plan(cell.graph, a, b)
-            fused[name] = (a, b, leaves, body)
-        folds = [(c, *triton_scan.fold_plan(cell.graph, c)) for c in combines]
-        cell.extra_roots = [n for f in fused.values() for n in f[2]] + [n for f in folds for n in f[1]]
-        scan = {"linear": {}, "combines": [], "triton": fused, "triton_folds": folds}
-    elif chosen == "chunk":
-        chunk = chunk_plan(cell, report.stages, report.classes)
-        cell.extra_roots = plan_nodes(chunk)
+    elif chosen in ("scan", "triton"):
+        scan = plans.scan_plan(cell, report, triton=chosen == "triton")
+    cell.extra_roots = (scan or chunk).nodes() if scan or chunk else []
     report = analyze_cell(cell, chosen)
     loop_below = schedule.loop_below(backend, report)
     if chosen == "triton" and recurrent is None:
@@ -111,8 +90,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
             loop_below = schedule.RECURRENT_BELOW
     schedule.triton_note(report)
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
-                         chunk=chunk, loop_below=loop_below, chunk_size=chunk_size, recurrent=recurrent,
-                         standalone=standalone)
+                         chunk=chunk, loop_below=loop_below, recurrent=recurrent, standalone=standalone)
     return source, report
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from . import dims as D
 from .ir import Cell, Graph, Node
 from .matrix_terms import matrix_terms
+from .plans import ChunkPlan
 from .linearity import transitions
 from .scanplan import zero_state
 
@@ -67,7 +68,7 @@ def _update(g: Graph, nid: int | None) -> tuple[list[int], int, int]:
     return [n for n, _ in t.scalars], k, v
 
 
-def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> dict:
+def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> ChunkPlan:
     """The chunk plan of a one-state cell, or NotChunkable with the reason."""
     if len(cell.states) != 1:
         raise NotChunkable("the chunk backend handles cells with one matrix state")
@@ -136,14 +137,14 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
                 D.equal(a, b) for a, b in zip(g[t].shape, out.shape)):
             raise NotChunkable(f"a term of output '{out.name}' besides q @ {s.name} has another shape")
     plan["q"] = node.args[0]
-    plan["output"] = out.name
-    plan["before"] = before    # o_t = q_t @ S_{t-1}: the state before this step's update
-    plan["sign"] = sign        # o = sign * (q @ S) + sum of the extra terms
-    plan["extra"] = extra      # [(node, +1 | -1)]: state-free terms of the output, hoisted
     for key in ("q", "k", "v", "gk", "gv", "g", "beta"):
         if plan[key] is not None and stages.get(plan[key]) != "hoist":
             raise NotChunkable(f"its {key} does not change with the inputs")
-    return plan
+    return ChunkPlan(plan["kind"], s.name, out.name, plan["q"], plan["k"], plan["v"], plan["gk"], plan["gv"],
+                     plan["g"], plan["beta"], tuple(plan["scale"]),
+                     before=before,  # o_t = q_t @ S_{t-1}: the state before this step's update
+                     sign=sign,  # o = sign * (q @ S) + the extra terms
+                     extra=tuple(extra))  # (node, ±1): state-free terms of the output, hoisted
 
 
 def _signed_terms(g: Graph, nid: int, sign: int) -> list[tuple[int, int]]:
@@ -156,9 +157,3 @@ def _signed_terms(g: Graph, nid: int, sign: int) -> list[tuple[int, int]]:
     if node.op == "neg":
         return _signed_terms(g, node.args[0], -sign)
     return [(nid, sign)]
-
-
-def plan_nodes(plan: dict) -> list[int]:
-    return ([plan[k] for k in ("q", "k", "v", "gk", "gv", "g", "beta") if plan[k] is not None] + list(plan["scale"])
-            + [t for t, _ in plan.get("extra", ())])
-

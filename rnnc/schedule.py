@@ -12,6 +12,7 @@ from .analysis import Report
 from .associative import scan_groups
 from .backends import tiles, triton_scan
 from .chunkplan import NotChunkable, chunk_plan
+from .plans import ChunkPlan
 from .errors import BuildError
 
 BACKENDS = ("loop", "scan", "chunk", "triton")
@@ -156,7 +157,7 @@ def recurrent_for_decoding(cell, report: Report):
     return None if any(t.op == "mm" for t in prog.tiles) else prog
 
 
-def triton_chunk_plan(report: Report) -> dict | None:
+def triton_chunk_plan(report: Report) -> ChunkPlan | None:
     """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule)."""
     try:
         return chunk_plan(report.cell, report.stages, report.classes)

@@ -1,0 +1,87 @@
+"""Typed lowering plans: what a parallel lowering needs from a cell, as IR node ids.
+
+A plan names the values a lowering reads (a scan's a and b, a chunk form's q, k, v, gates and β);
+planning may append the nodes it derives (a scan coefficient, an update's collected v) but never
+rewrites a node. `plan(cell, report, backend)` builds the plan of the chosen backend; the emitter
+(backends/loop.py) renders it; `nodes()` lists what must stay live.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .analysis import Report
+from .associative import scan_groups
+from .ir import Cell, Combine
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One matrix state in chunkwise form (rnnc/chunkplan.py finds the pieces):
+    linear: S' = diag(e^gk) S diag(e^gv) (e^g) + (Π scale) k vᵀ; delta: S' = e^g (I − β k kᵀ) S + β k vᵀ;
+    the output `sign · q @ S` (after the update, or before it with `before`) plus `extra` terms."""
+
+    kind: str  # "linear" | "delta"
+    state: str
+    output: str
+    q: int
+    k: int
+    v: int
+    gk: int | None = None
+    gv: int | None = None
+    g: int | None = None
+    beta: int | None = None
+    scale: tuple[int, ...] = ()
+    before: bool = False
+    sign: int = 1
+    extra: tuple[tuple[int, int], ...] = ()  # (state-free node, ±1)
+    chunk_size: int | None = None  # None: the default for the kind (backends/loop.py)
+    triton: bool = False
+
+    def nodes(self) -> list[int]:
+        keys = (self.q, self.k, self.v, self.gk, self.gv, self.g, self.beta)
+        return [n for n in keys if n is not None] + list(self.scale) + [t for t, _ in self.extra]
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """States by parallel scans: `linear` state -> (a, b) with next = a ⊙ state + b (b None: zero),
+    in scan order (a later layer after the states it reads); `combines` fold their states. On the
+    triton backend `fused` state -> (a, b, leaves, body) and `folds` (combine, leaves, body, cbody)
+    are the fused kernels' plans (backends/triton_scan.py)."""
+
+    linear: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    combines: tuple[Combine, ...] = ()
+    fused: dict[str, tuple] = field(default_factory=dict)
+    folds: tuple[tuple, ...] = ()
+
+    @property
+    def triton(self) -> bool:
+        return bool(self.fused or self.folds)
+
+    def nodes(self) -> list[int]:
+        return ([n for pair in self.linear.values() for n in pair if n is not None]
+                + [n for c in self.combines for n in c.args_right]
+                + [n for f in self.fused.values() for n in f[2]] + [n for f in self.folds for n in f[1]])
+
+
+def scan_plan(cell: Cell, report: Report, triton: bool = False) -> ScanPlan:
+    """The scan plan of an analysed cell: folds by their combines, the other states linear."""
+    from .backends import triton_scan
+    from .scanplan import scan_coefficients
+
+    combines = tuple(scan_groups(cell, report.classes))
+    folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
+    linear = scan_coefficients(cell, report.stages, skip=folded)
+    if not triton:
+        return ScanPlan(linear, combines)
+    fused = {name: (a, b, *triton_scan.plan(cell.graph, a, b)) for name, (a, b) in linear.items()}
+    folds = tuple((c, *triton_scan.fold_plan(cell.graph, c)) for c in combines)
+    return ScanPlan(fused=fused, folds=folds)
+
+
+def chunk_plan(cell: Cell, report: Report, chunk_size: int | None = None, triton: bool = False) -> ChunkPlan:
+    """The chunk plan of an analysed cell (NotChunkable with the reason when there is none)."""
+    from .chunkplan import chunk_plan as find
+
+    plan = find(cell, report.stages, report.classes)
+    return replace(plan, chunk_size=chunk_size, triton=triton)

@@ -1,0 +1,65 @@
+"""Typed plans: what the chunk and scan lowerings read from a cell, for equal writings."""
+import pytest
+
+import rnnc
+from rnnc.analysis import analyze_cell
+from rnnc.chunkplan import NotChunkable
+from rnnc.optimize import optimize
+from rnnc.plans import ChunkPlan, ScanPlan, chunk_plan, scan_plan
+
+DELTA = "cell d(q: [K], k: [K], v: [V], beta: []) -> (o: [V]) {{\n state S: [K, V] = 0\n {}\n o = q @ S }}"
+
+
+def _analysed(text: str):
+    cell = optimize(rnnc.parse(text).cell() if "{" in text else rnnc.load(text).cell())
+    return cell, analyze_cell(cell)
+
+
+def _names(cell, plan: ChunkPlan) -> dict:
+    g = cell.graph
+    return {key: g[getattr(plan, key)].name for key in ("q", "k", "v", "beta")}
+
+
+@pytest.mark.parametrize("body", [
+    "S = (eye(K) - beta * outer(k, k)) @ S + beta * outer(k, v)",
+    "S = S + beta * outer(k, v - k @ S)",
+    "S = S - outer(beta * k, k @ S) + outer(k, v * beta)",
+])
+def test_delta_rule_plans_read_the_same_inputs(body):
+    cell, report = _analysed(DELTA.format(body))
+    plan = chunk_plan(cell, report)
+    assert plan.kind == "delta" and plan.g is None and not plan.before and plan.sign == 1
+    assert _names(cell, plan) == {"q": "q", "k": "k", "v": "v", "beta": "beta"}
+
+
+def test_a_delta_rule_whose_update_does_not_match_is_refused_with_the_reason():
+    cell, report = _analysed(DELTA.format("S = S - beta * outer(k, k @ S) + outer(k, v)"))
+    with pytest.raises(NotChunkable, match="do not share β and k"):
+        chunk_plan(cell, report)
+
+
+def test_gla_plan_has_a_per_key_gate_and_rwkv_reads_before_the_update():
+    cell, report = _analysed("gla")
+    plan = chunk_plan(cell, report, chunk_size=32)
+    assert (plan.kind, cell.graph[plan.gk].name, plan.gv, plan.chunk_size) == ("linear", "g", None, 32)
+    cell, report = _analysed("rwkv6")
+    plan = chunk_plan(cell, report)
+    assert plan.before and len(plan.extra) == 1 and cell.graph[plan.gk].name == "w"
+
+
+def test_scan_plans_order_layers_and_fold_combines():
+    text = """combine mx(a, b) identity -inf = maximum(a, b)
+    cell c(x: [2]) -> (y: [2]) {
+        state u: [2] = 0
+        state n: [2] = 0
+        state m: [2] = -inf
+        u = sigmoid(n) * u + x
+        n = 0.5 * n + x
+        m = mx(m, x)
+        y = u + m }"""
+    cell, report = _analysed(text)
+    plan = scan_plan(cell, report)
+    assert isinstance(plan, ScanPlan) and not plan.triton
+    assert list(plan.linear) == ["n", "u"]  # u reads n: scanned after it
+    assert [c.name for c in plan.combines] == ["mx"]
+    assert set(plan.nodes()) >= {n for pair in plan.linear.values() for n in pair if n is not None}
