@@ -29,6 +29,7 @@ from fractions import Fraction
 import sympy
 
 from . import dims as D
+from . import registry
 from .ir import Cell, Graph
 
 MAX_TERMS = 64  # more terms than this in one value: opaque (the distribution blew up)
@@ -147,7 +148,7 @@ class _Builder:
         return ", ".join(states) or "a state"
 
     def form(self, nid: int) -> Form:
-        g, node = self.g, self.g[nid]
+        node = self.g[nid]
         if nid in self.leaves:
             name = self.leaves[nid]
             orient = {0: "scalar", 1: "col"}.get(self.rank[name], "mat")
@@ -158,21 +159,35 @@ class _Builder:
         bad = next((self.forms[a] for a in dep if self.forms[a].nonlinear), None)
         if bad is not None:
             return Form(nonlinear=bad.nonlinear)
+        # whether the op is linear in these operands is the registry's fact; how it maps the
+        # terms is this builder's rule (an op linear there but not modelled here: opaque)
+        reading = frozenset(i for i, a in enumerate(node.args) if a in dep)
+        if not any(reading <= group for group in registry.linear_groups(node)):
+            return Form(nonlinear=self.why_not_linear(node, dep))
         rule = getattr(self, "_" + node.op, None)
-        if node.op == "div" and node.args[1] in dep:
-            return Form(nonlinear=f"it divides by a value that reads state {self.reads(node.args[1])}")
-        if rule is None or (node.op in ("mul", "matmul", "outer") and len(dep) != 1):
-            if node.op in ("mul", "matmul", "outer") and len(dep) == 2:
-                a, b = dep
-                return Form(nonlinear=f"`{_describe(g, a)}` (reads state {self.reads(a)}) and "
-                                      f"`{_describe(g, b)}` (reads state {self.reads(b)}) are multiplied")
-            a = dep[0]
-            op = node.attrs["fn"] if node.op == "reduce" else node.op
-            return Form(nonlinear=f"{op}(…) is applied to `{_describe(g, a)}`, which reads state {self.reads(a)}")
+        if rule is None:
+            return self.opaque(dep, node.op)
         out = rule(nid, node, dep)
         if len(out.terms) > MAX_TERMS:
             return self.opaque(dep, f"{node.op} (more than {MAX_TERMS} terms)")
         return out
+
+    def why_not_linear(self, node, dep: list[int]) -> str:
+        g = self.g
+        if node.op == "div" and node.args[1] in dep:
+            return f"it divides by a value that reads state {self.reads(node.args[1])}"
+        if node.op == "where" and node.args[0] in dep:
+            return f"a where() condition reads state {self.reads(node.args[0])}"
+        if len(dep) >= 2 and node.op in ("mul", "matmul", "outer"):
+            a, b = dep[0], dep[-1]
+            return (f"`{_describe(g, a)}` (reads state {self.reads(a)}) and "
+                    f"`{_describe(g, b)}` (reads state {self.reads(b)}) are multiplied")
+        a = dep[0]
+        if node.op == "reduce":
+            fn = node.attrs["fn"]
+            return (f"{fn}(…) is applied to `{_describe(g, a)}`, which reads state {self.reads(a)} "
+                    f"(a {fn} reduction is not linear)")
+        return f"{node.op}(…) is applied to `{_describe(g, a)}`, which reads state {self.reads(a)}"
 
     # -- helpers --
     def opaque(self, dep: list[int], why: str) -> Form:
@@ -304,10 +319,7 @@ class _Builder:
     # -- reductions --
     def _reduce(self, nid, node, dep) -> Form:
         (a,) = dep
-        fn, ax = node.attrs["fn"], node.attrs["axis"]
-        if fn not in ("sum", "mean"):
-            return Form(nonlinear=f"{fn}(…) is applied to `{_describe(self.g, a)}`, which reads state "
-                                  f"{self.reads(a)} (a {fn} reduction is not linear)")
+        fn, ax = node.attrs["fn"], node.attrs["axis"]  # sum or mean: the registry says the others are not linear
         shape = self.g[a].shape
         count = math.prod(shape) if ax is None else shape[ax]
         factor = 1 if fn == "sum" else sympy.Integer(1) / count
@@ -395,8 +407,6 @@ class _Builder:
         return out
 
     def _where(self, nid, node, dep) -> Form:
-        if node.args[0] in dep:
-            return Form(nonlinear=f"a where() condition reads state {self.reads(node.args[0])}")
         return self.opaque(dep, "where")
 
     def _broadcast(self, nid, node, dep) -> Form:
