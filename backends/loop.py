@@ -1,4 +1,5 @@
-"""The sequential loop backend: emits a standalone PyTorch module for one cell.
+"""The sequential loop backend: emits the PyTorch module of one cell (importing its runtime, or
+standalone with the runtime vendored: backends/link.py).
 
 The emitted forward computes constants once, then every state-independent value for all time
 steps at once (one big matmul for an input projection), then steps through time with only the
