@@ -581,10 +581,10 @@ def _default_chunk_size(plan: ChunkPlan) -> int:
 
 
 def _emit_chunk(L: _Lines, cell: Cell, r: _Renderer, plan: dict) -> None:
-    """The one matrix state by a chunkwise-parallel algorithm (backends/chunk_ops.py)."""
+    """The one matrix state by a chunkwise-parallel algorithm (rnnc/runtime/chunk.py)."""
     (s,) = cell.states
     size = plan.chunk_size or _default_chunk_size(plan)
-    L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (backends/chunk_ops.py)")
+    L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (rnnc/runtime/chunk.py)")
     L(f"s0_{s.name} = _initial(state, {s.name!r}, {r.tensor(s.init, 'const')}, B, extra, "
       f"{shape_text(s.shape)}, cdt)")
 
