@@ -75,11 +75,16 @@ class Runtime:
 def free_names(source: str, filename: str = "<generated>") -> set[str]:
     """The global names a module's code reads and does not bind itself (builtins excluded)."""
     table = symtable.symtable(source, filename, "exec")
-    bound = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
     read = {s.get_name() for s in table.get_symbols() if s.is_referenced()}
     for child in table.get_children():
         read |= _global_reads(child)
-    return read - bound - _BUILTINS
+    return read - _bound_names(source, table) - _BUILTINS
+
+
+def _bound_names(source: str, table: symtable.SymbolTable | None = None) -> set[str]:
+    """The names a module binds at its top level (assignments, imports, defs and classes)."""
+    table = table or symtable.symtable(source, "<generated>", "exec")
+    return {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
 
 
 def _global_reads(table: symtable.SymbolTable) -> set[str]:
@@ -113,8 +118,9 @@ def _lines(text: list[str], node: ast.stmt) -> str:
 
 
 def _parse_module(module: str, path: Path) -> tuple[list[Definition], dict[str, str]]:
-    """A runtime module's definitions and import bindings; InternalError for anything a standalone file
-    could not carry (an import from elsewhere, a statement that is not a definition)."""
+    """A runtime module's definitions and its imports from the rest of rnnc (STANDINS); InternalError for
+    what a standalone file could not carry (an import from elsewhere, a statement that is not a
+    definition) and for a global it reads but does not bind (it would run vendored, not imported)."""
     source = path.read_text()
     tree = ast.parse(source, str(path))
     scopes = {(t.get_name(), t.get_lineno()): t for t in symtable.symtable(source, str(path), "exec").get_children()}
@@ -122,15 +128,16 @@ def _parse_module(module: str, path: Path) -> tuple[list[Definition], dict[str, 
     where = f"rnnc/runtime/{path.name}"
     defs: list[Definition] = []
     imports: dict[str, str] = {}
+    bound: set[str] = set()
     for i, node in enumerate(tree.body):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and i == 0:
             continue  # the docstring
         if isinstance(node, ast.Import):
             for a in node.names:
-                name = a.asname or a.name
                 stmt = f"import {a.name}" + (f" as {a.asname}" if a.asname else "")
-                if EXTERNAL.get(name) != stmt:
+                if EXTERNAL.get(a.asname or a.name) != stmt:
                     raise InternalError(f"{where}: `{stmt}` is not one of a standalone file's imports")
+                bound.add(a.asname or a.name)
         elif isinstance(node, ast.ImportFrom):
             if node.level == 1 or (node.module or "").startswith("rnnc.runtime"):
                 if any(a.asname for a in node.names):
@@ -139,21 +146,26 @@ def _parse_module(module: str, path: Path) -> tuple[list[Definition], dict[str, 
                 imports.update({a.name: node.module for a in node.names})
             else:
                 raise InternalError(f"{where}: a standalone file could not import from {node.module}")
+            bound.update(a.name for a in node.names)
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             scope = scopes.get((node.name, node.lineno))
             if scope is None:
                 raise InternalError(f"{where}: no scope found for {node.name}")
             reads = _global_reads(scope) | _module_scope_reads(node)
             defs.append(Definition(node.name, module, i, _lines(text, node), frozenset(reads - _BUILTINS)))
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and all(
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and all(
                 isinstance(t, ast.Name) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             reads = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-            for t in targets:
-                defs.append(Definition(t.id, module, i, _lines(text, node), frozenset(reads - _BUILTINS)))
+            defs += [Definition(t.id, module, i, _lines(text, node), frozenset(reads - _BUILTINS)) for t in targets]
         else:
             raise InternalError(f"{where} line {node.lineno}: only imports, functions, classes and constants "
                                 "may sit at the top level of a runtime module")
+    bound |= {d.name for d in defs}
+    for d in defs:
+        if d.reads - bound:
+            raise InternalError(f"{where}: {d.name} reads {', '.join(sorted(d.reads - bound))}, which the module "
+                                "neither defines nor imports")
     return defs, imports
 
 
@@ -208,6 +220,7 @@ def vendor(code: str, version: str) -> str:
     transitively, grouped by module in MODULES order and by source order within each."""
     rt = runtime()
     todo = sorted(free_names(code))
+    shadowed = _bound_names(code) & set(rt.definitions)
     seen: set[str] = set()
     external: set[str] = set()
     standins: set[str] = set()
@@ -224,6 +237,8 @@ def vendor(code: str, version: str) -> str:
             standins.add(name)
         else:
             todo.extend(sorted(rt.definitions[name].reads - seen))
+    if shadowed & seen:  # the runtime would read the generated definition, not its own, once vendored
+        raise InternalError(f"the generated code redefines {', '.join(sorted(shadowed & seen))} of rnnc.runtime")
     lines = _external_imports(external)
     for name in sorted(standins):
         lines += ["", "", STANDINS[(rt.imports[name], name)]]

@@ -195,8 +195,13 @@ def test_a_runtime_module_that_a_standalone_file_could_not_carry_is_refused(tmp_
     bad.write_text("import torch\nif torch.cuda.is_available():\n    X = 1\n")
     with pytest.raises(rnnc.InternalError, match="only imports, functions, classes and constants"):
         link._parse_module("bad", bad)
+    bad.write_text("def f():\n    return _chunk_linear()\n")  # defined in a sibling, but not imported here
+    with pytest.raises(rnnc.InternalError, match="f reads _chunk_linear, which the module neither defines"):
+        link._parse_module("bad", bad)
     with pytest.raises(rnnc.InternalError, match="reads 'nowhere'"):
         link.vendor("def f():\n    return nowhere()\n", "0")
+    with pytest.raises(rnnc.InternalError, match="redefines _gather_inputs of rnnc.runtime"):  # _varlen reads it
+        link.vendor("def _gather_inputs(*a):\n    return a\n\n\ndef f(*a):\n    return _varlen(*a)\n", "0")
 
 
 def test_names_are_resolved_by_scope_not_by_text():
