@@ -1,26 +1,48 @@
-"""The loop's generated backward: backpropagation through time emitted as PyTorch source.
+"""The loop's generated backward: backpropagation through time, rendered from the step's vjp graph.
 
 Autograd through a Python loop pays for ~10 graph nodes per step and, for a weight used at
 every step, one full-size weight-gradient matmul and accumulation per step. Instead the loop
 runs as one `_Recurrence` autograd node: its forward steps through time without autograd,
-saving only the values the derivative rules read; its backward steps back through time with
-the adjoint code emitted here, and computes the gradient of a recurrent weight as one matmul
-over all steps. Ops without a rule (registry.has_vjp) make the loop fall back to autograd.
+saving only the values the backward reads; its backward steps back through time.
+
+The backward of one step is an IR graph: rnnc/autodiff.py's vjp of the step (outputs and next
+states, seeded by their cotangents) with respect to the states, the hoisted values the loop
+reads and the param-derived constants, built from the registry's derivative rules. This module
+only renders it with the PyTorch expression renderer (torch_expr.py), in three places: nodes
+that read no per-step value before the loop, the rest in the reverse loop, and the gradient of a
+constant matrix that reaches it as an outer product of two per-step vectors (`W @ h`'s
+`outer(g, h)`) after the loop, as one matmul over all steps (`cat(g).T @ cat(h)`).
 """
 from __future__ import annotations
 
-from rnnc import dims as D
-from rnnc import registry
-from rnnc.ir import Cell
+import copy
+from dataclasses import dataclass
 
-from .adjoint import AdjointRules
-from .torch_expr import shape_text
+from rnnc import autodiff, registry
+from rnnc.ir import Cell, Graph, Node
+
+from .torch_expr import ATOM, Operand, TorchExpr
 
 LEAVES = ("input", "param", "state")
 
 
 def supported(cell: Cell, loop: list[int]) -> bool:
-    return all(cell.graph[n].op in LEAVES or registry.has_vjp(cell.graph[n]) for n in loop)
+    """Every op in the loop has an IR derivative rule (or passes no gradient)."""
+    return all(cell.graph[n].op in LEAVES or autodiff.differentiable(cell.graph[n]) for n in loop)
+
+
+@dataclass
+class StepAdjoint:
+    """One step's vjp: `graph` is the cell's graph, then (from `first` on) cotangent leaves
+    (`seeds`: leaf -> the output or state it seeds) and the derivative nodes; `grads` maps each
+    variable (state at the start of the step, hoisted value, constant) to its cotangent node."""
+
+    graph: Graph
+    first: int
+    seeds: dict[int, tuple[str, str]]  # leaf -> ("out" | "state", name)
+    grads: dict[int, int | None]
+    adjoints: dict[int, int]  # forward node -> its cotangent node (for names)
+    consts: list[int]
 
 
 def _param_derived(cell: Cell, stages: dict[int, str]) -> set[int]:
@@ -33,18 +55,99 @@ def _param_derived(cell: Cell, stages: dict[int, str]) -> set[int]:
     return out
 
 
+def _loop_reads(cell: Cell, stages: dict[int, str], loop: list[int]) -> tuple[list[int], list[int]]:
+    """(hoisted values the loop reads, param-derived constant tensors the loop reads), as loop.py
+    passes them to the recurrence."""
+    g = cell.graph
+    seqs = sorted({a for n in loop for a in g[n].args if stages.get(a) == "hoist"}
+                  | {s.node_out for s in cell.states if stages.get(s.node_out) == "hoist"})
+    derived = _param_derived(cell, stages)
+    consts = sorted({a for n in loop for a in g[n].args if stages.get(a) == "const" and a in derived
+                     and not g[a].scalar and g[a].dtype == "float"}
+                    | {s.node_out for s in cell.states if stages.get(s.node_out) == "const"
+                       and s.node_out in derived and not g[s.node_out].scalar})
+    return seqs, consts
+
+
+def step_adjoint(cell: Cell, stages: dict[int, str], loop: list[int]) -> StepAdjoint:
+    g = copy.deepcopy(cell.graph)
+    seqs, consts = _loop_reads(cell, stages, loop)
+    outs, seeds, leaves, first = [], {}, [], len(g)
+    for o in cell.outputs:
+        if stages.get(o.node) == "loop":
+            outs.append(o.node)
+            leaves.append(g.add(Node("input", (), o.shape, attrs={"name": f"g_out_{o.name}"})))
+            seeds[leaves[-1]] = ("out", o.name)
+    for s in cell.states:
+        outs.append(s.node_out)
+        leaves.append(g.add(Node("input", (), s.shape, attrs={"name": f"gs_{s.name}"})))
+        seeds[leaves[-1]] = ("state", s.name)
+    wrt = [s.node_in for s in cell.states] + seqs + consts
+    # forward values the backward may reuse: those the loop computes or reads
+    share = set(loop) | set(seqs) | {a for n in loop for a in g[n].args if stages.get(a) == "const"}
+    adjoints: dict[int, int] = {}
+    dg, cts = autodiff.vjp(g, outs, leaves, wrt, share=share, adjoints=adjoints)
+    return StepAdjoint(dg, first, seeds, dict(zip(wrt, cts)), adjoints, consts)
+
+
+def _terms(g: Graph, nid: int, first: int) -> list[int]:
+    """A derivative node as the terms its accumulation added."""
+    node = g[nid]
+    if nid >= first and node.op == "add" and all(g[a].shape == node.shape for a in node.args):
+        return [t for a in node.args for t in _terms(g, a, first)]
+    return [nid]
+
+
 def saved_nodes(cell: Cell, loop: list[int], stages: dict[int, str]) -> set[int]:
     """Loop values the backward reads (each saved once per step by the forward)."""
-    g = cell.graph
-    keep: set[int] = set()
-    for nid in loop:
-        node = g[nid]
-        needs = registry.get(node).needs
-        if "y" in needs:
-            keep.add(nid)
-        if "args" in needs:
-            keep.update(a for a in node.args if stages.get(a) == "loop")
-    return keep
+    adj = step_adjoint(cell, stages, loop)
+    plan = _Plan(adj, stages)
+    return {a for n in plan.needed | set(plan.read) for a in ([n] if n < adj.first else adj.graph[n].args)
+            if a < adj.first and stages.get(a) == "loop"}
+
+
+class _Plan:
+    """Which derivative nodes the backward computes, and how each constant's gradient is formed."""
+
+    def __init__(self, adj: StepAdjoint, stages: dict[int, str]) -> None:
+        g, first = adj.graph, adj.first
+        self.deferred: dict[int, list[tuple[int, int]]] = {}  # const -> [(g, x)]: grad = sum_t g_t^T x_t
+        self.per_step: dict[int, list[int]] = {}  # const -> terms summed over rows at every step
+        batched = _Batched(g, first, stages)
+        for c in adj.consts:
+            ct = adj.grads.get(c)
+            if ct is None:
+                continue
+            for t in _terms(g, ct, first):
+                node = g[t]
+                if (node.op == "outer" and len(g[c].shape) == 2 and t >= first
+                        and all(batched(a) for a in node.args)):
+                    self.deferred.setdefault(c, []).append(node.args)
+                else:
+                    self.per_step.setdefault(c, []).append(t)
+        self.read = [n for n, ct in adj.grads.items() if ct is not None and n not in adj.consts]
+        self.read = [adj.grads[n] for n in self.read]
+        self.read += [t for ts in self.per_step.values() for t in ts]
+        self.read += [a for pairs in self.deferred.values() for pair in pairs for a in pair]
+        self.needed = {n for n in g.ancestors(self.read) if n >= first}
+
+
+class _Batched:
+    """Whether a node of the step adjoint has a batch axis (reads a per-step value)."""
+
+    def __init__(self, g: Graph, first: int, stages: dict[int, str]) -> None:
+        self.g, self.first, self.stages, self.memo = g, first, stages, {}
+
+    def __call__(self, n: int) -> bool:
+        if n not in self.memo:
+            node = self.g[n]
+            if n < self.first:
+                self.memo[n] = self.stages.get(n, "const") != "const"
+            elif not node.args:  # a cotangent seed (batched), or a number
+                self.memo[n] = node.op == "input"
+            else:
+                self.memo[n] = any(self(a) for a in node.args)
+        return self.memo[n]
 
 
 def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], seqs: list[int],
@@ -52,13 +155,8 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     """Emit the loop as closures + `_Recurrence.apply`; leaves `out_<name>` ([T, N, ...]) and the
     final state variables bound, like the autograd loop does."""
     g = cell.graph
-    rules = AdjointRules(g)
-    derived = _param_derived(cell, stages)
-    # const tensors the loop reads whose gradient matters (they derive from a param)
-    consts = sorted({a for n in loop for a in g[n].args if stages.get(a) == "const" and a in derived
-                     and not g[a].scalar and g[a].dtype == "float"}
-                    | {s.node_out for s in cell.states if stages.get(s.node_out) == "const"
-                       and s.node_out in derived and not g[s.node_out].scalar})
+    adj = step_adjoint(cell, stages, loop)
+    consts = adj.consts
     seq_name = {n: f"seq_{r.name(n)}" for n in seqs}
     for n in seqs:
         r.step_ref[n] = f"{seq_name[n]}[t]"
@@ -100,7 +198,7 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     # ---- backward ----------------------------------------------------------------------
     L("def loop_backward(saved, grads):")
     L.indent()
-    L('"""Steps back through time, propagating adjoints with the derivative rule of each op."""')
+    L('"""Steps back through time, the adjoint of one step rendered from its vjp graph."""')
     if saved_list:
         L(f"{', '.join(saved_var[n] for n in saved_list)}{',' if len(saved_list) == 1 else ''} = saved")
     gouts = [f"g_out_{o.name}" for o in loop_outs]
@@ -108,124 +206,44 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     L(f"{', '.join(gouts + gstate)}{',' if len(gouts + gstate) == 1 else ''} = grads")
     dconst = {c: f"d_{r.name(c)}" for c in consts}
     dseq = {n: f"d_{seq_name[n]}" for n in seqs}
+    plan = _Plan(adj, stages)
+    body = _Body(adj, r, stages, plan, seq_name)
     for c in consts:
         L(f"{dconst[c]} = None")
-    lin: dict[int, tuple[str, str]] = {}  # const matrix -> (list of g, list of x) for its deferred gradient
-    body: list[str] = []
-    adj: dict[int, str] = {}
-    seq_adj: dict[int, str] = {}
-
-    def add(target: dict, nid: int, var: str, expr: str) -> None:
-        if nid in target:
-            body.append(f"{target[nid]} = {target[nid]} + {expr}")
-        else:
-            target[nid] = var
-            body.append(f"{var} = {expr}")
-
-    def contribute(node_id: int, a: int, expr: str, kind: str) -> None:
-        node, arg = g[node_id], g[a]
-        if arg.scalar or arg.dtype != "float":
-            return
-        stage = stages.get(a)
-        if stage == "const":
-            if a not in dconst:
-                return
-            body.append(f"{dconst[a]} = _acc({dconst[a]}, _sum_to({expr}, {shape_text(arg.shape)}))")
-            return
-        if kind == "bcast" and not D.shapes_equal(arg.shape, node.shape):
-            pad = len(node.shape) - len(arg.shape)
-            expr = f"_grad_to({expr}, (N,) + {shape_text(arg.shape)}, {pad})"
-        if stage == "hoist":
-            add(seq_adj, a, f"g_{seq_name[a]}", expr)
-        else:
-            add(adj, a, f"g_{r.name(a)}", expr)
-
-    def matmul_adjoint(nid: int, gv: str, vals: list[str], bflags: list[bool]) -> list[tuple[int, str, str]]:
-        a, b = g[nid].args
-        if stages.get(a) == "const" and len(g[a].shape) == 2 and len(g[b].shape) == 1 and bflags[1]:
-            if a in dconst:  # W's gradient: one matmul over all steps, after the loop
-                gs_list, xs_list = lin.setdefault(a, (f"lin_g_{r.name(a)}", f"lin_x_{r.name(a)}"))
-                body.append(f"{gs_list}.append({gv})")
-                body.append(f"{xs_list}.append({vals[1]})")
-            return [(1, f"{gv} @ {vals[0]}", "exact")]
-        ga, gb = f"g{nid}_a", f"g{nid}_b"
-        ra, rb = len(g[a].shape), len(g[b].shape)
-        body.append(f"{ga}, {gb} = _matmul_grad({gv}, {vals[0]}, {vals[1]}, {ra}, {rb})")
-        return [(0, ga, "exact"), (1, gb, "exact")]
-
-    def value(a: int) -> str:
-        stage = stages.get(a)
-        if stage == "hoist":
-            return f"{seq_name[a]}[t]"
-        if stage == "const":
-            return r.tensor(a, "const") if not g[a].scalar else r.operand(a, "const").text
-        return r.name(a)
-
-    # seeds: the adjoints arriving from later steps (states) and from this step's outputs
-    for o, go in zip(loop_outs, gouts):
-        add(adj, o.node, f"g_{r.name(o.node)}", f"{go}[t]")
-    for s, gs in zip(cell.states, gstate):
-        stage = stages.get(s.node_out)
-        if stage == "loop":
-            add(adj, s.node_out, f"g_{r.name(s.node_out)}", gs)
-        elif stage == "hoist":
-            add(seq_adj, s.node_out, f"g_{seq_name[s.node_out]}", gs)
-        elif s.node_out in dconst:
-            body.append(f"{dconst[s.node_out]} = _acc({dconst[s.node_out]}, _sum_to({gs}, {shape_text(s.shape)}))")
-    for nid in reversed(loop):
-        node = g[nid]
-        if node.op == "split" and any(u in adj for u in g.users(nid)):
-            parts = {g[u].attrs["index"]: u for u in g.users(nid)}
-            pieces = []
-            for i, size in enumerate(node.attrs["sizes"]):
-                u = parts.get(i)
-                if u is not None and u in adj:
-                    pieces.append(adj[u])
-                else:
-                    shape = node.shape[:node.attrs["axis"]] + (size,) + node.shape[node.attrs["axis"] + 1:]
-                    pieces.append(f"torch.zeros((N,) + {shape_text(shape)}, dtype=cdt, device=dev)")
-            expr = f"torch.cat([{', '.join(pieces)}], dim={node.attrs['axis'] + 1})"
-            contribute(nid, node.args[0], expr, "exact")
-            continue
-        if node.op in LEAVES or node.op in ("item", "split") or nid not in adj:
-            continue
-        gv = adj[nid]
-        bflags = [stages.get(a) != "const" for a in node.args]
-        vals = [value(a) for a in node.args]
-        if registry.broadcasts(node):  # pad batched operands as the forward did, so they broadcast alike
-            rank = len(node.shape)
-            vals = [f"{v}[:{', None' * (rank - len(g[a].shape))}]" if b and len(g[a].shape) < rank else v
-                    for v, a, b in zip(vals, node.args, bflags)]
-        if node.op == "matmul":
-            contributions = matmul_adjoint(nid, gv, vals, bflags)
-        else:
-            contributions = rules.rule(nid, gv, vals, r.name(nid), bflags)
-        for i, expr, kind in contributions:
-            contribute(nid, node.args[i], expr, kind)
+    lin = {c: (f"lin_g_{r.name(c)}", f"lin_x_{r.name(c)}") for c in plan.deferred}
     for gs_list, xs_list in lin.values():
         L(f"{gs_list}, {xs_list} = [], []")
     for n in seqs:
-        L(f"{dseq[n]} = torch.empty_like({seq_name[n]})" if n in seq_adj else f"{dseq[n]} = None")
+        L(f"{dseq[n]} = torch.empty_like({seq_name[n]})" if adj.grads.get(n) is not None else f"{dseq[n]} = None")
+    for line in body.before:
+        L(line)
     L("for t in range(T - 1, -1, -1):")
     L.indent()
-    start = len(L.lines)
     for n in saved_list:
         L(f"{r.name(n)} = {saved_var[n]}[t]")
-    for line in body:
+    for line in body.lines:
         L(line)
     for n in seqs:
-        if n in seq_adj:
-            L(f"{dseq[n]}[t] = {seq_adj[n]}")
-    for s, gs in zip(cell.states, gstate):
-        if s.node_in in adj:
-            L(f"{gs} = {adj[s.node_in]}")
-        else:
-            L(f"{gs} = torch.zeros_like({gs})")
-    if len(L.lines) == start:
+        if adj.grads.get(n) is not None:
+            L(f"{dseq[n]}[t] = {body.text(adj.grads[n])}")
+    for c, terms in plan.per_step.items():
+        for t in terms:
+            total = body.text(t, ATOM)
+            L(f"{dconst[c]} = _acc({dconst[c]}, {total}.sum(0))" if body.batched(t) else
+              f"{dconst[c]} = _acc({dconst[c]}, {total})")
+    for c, pairs in plan.deferred.items():
+        for u, x in pairs:
+            L(f"{lin[c][0]}.append({body.text(u)})")
+            L(f"{lin[c][1]}.append({body.text(x)})")
+    if cell.states:
+        new = [body.text(adj.grads[s.node_in]) if adj.grads.get(s.node_in) is not None
+               else f"torch.zeros_like({gs})" for s, gs in zip(cell.states, gstate)]
+        L(f"{', '.join(gstate)} = {', '.join(new)}")
+    else:
         L("pass")
     L.dedent()
-    for a, (gs_list, xs_list) in lin.items():
-        L(f"{dconst[a]} = _acc({dconst[a]}, torch.cat({gs_list}).t() @ torch.cat({xs_list}))")
+    for c, (gs_list, xs_list) in lin.items():
+        L(f"{dconst[c]} = _acc({dconst[c]}, torch.cat({gs_list}).t() @ torch.cat({xs_list}))")
     ret = [dconst[c] for c in consts] + gstate + [dseq[n] for n in seqs]
     L(f"return ({', '.join(ret)}{',' if len(ret) == 1 else ''})")
     L.dedent()
@@ -234,3 +252,68 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     outs = [f"out_{o.name}" for o in loop_outs] + s_in
     L(f"{', '.join(outs)}{',' if len(outs) == 1 else ''} = _Recurrence.apply(loop_forward, loop_backward, "
       f"{', '.join(tracked)})")
+
+
+class _Body:
+    """The backward's statements: derivative nodes that read no per-step value go `before` the
+    loop, the others into the loop's `lines`; a node used once is inlined into its user."""
+
+    def __init__(self, adj: StepAdjoint, r, stages: dict[int, str], plan: _Plan, seq_name: dict[int, str]) -> None:
+        self.g, self.first, self.r, self.stages = adj.graph, adj.first, r, stages
+        self.batched = _Batched(adj.graph, adj.first, stages)
+        self.expr = TorchExpr(adj.graph)
+        self.seq_name, self.seeds = seq_name, adj.seeds
+        self.operands: dict[int, Operand] = {}
+        self.before: list[str] = []
+        self.lines: list[str] = []
+        names = {}
+        for f in sorted(adj.adjoints, reverse=True):  # a node names the cotangent of the latest value it is
+            names.setdefault(adj.adjoints[f], f"g_{r.name(f)}" if f < adj.first else None)
+        g, needed = self.g, sorted(plan.needed)
+        uses = {n: 0 for n in needed}
+        for n in needed:
+            for a in g[n].args:
+                if a in uses:
+                    uses[a] += 1 if self.batched(a) == self.batched(n) else 2  # never inline across the loop
+        for n in plan.read:
+            if n in uses:
+                uses[n] += 1
+        for n in needed:
+            node = g[n]
+            if node.op == "input":
+                continue
+            args = [self.operand(a) for a in node.args]
+            text, prec = self.expr.render(n, args, self.batched(n))
+            rank = len(node.shape)
+            if (not node.args and node.op in ("const", "dim")) or (uses[n] <= 1 and len(text) <= 160):
+                self.operands[n] = Operand(text, prec, self.batched(n), rank, node.scalar)
+                continue
+            name = self._fresh(names.get(n) or f"g{n}")
+            (self.lines if self.batched(n) else self.before).append(f"{name} = {text}")
+            self.operands[n] = Operand(name, ATOM, self.batched(n), rank, node.scalar)
+
+    def _fresh(self, base: str) -> str:
+        name, k = base, 2
+        while name in self.r.used_names:
+            name, k = f"{base}_{k}", k + 1
+        self.r.used_names.add(name)
+        return name
+
+    def operand(self, n: int) -> Operand:
+        """A value of the step adjoint as the backward reads it."""
+        if n in self.operands:
+            return self.operands[n]
+        node, rank = self.g[n], len(self.g[n].shape)
+        if n in self.seeds:
+            kind, name = self.seeds[n]
+            return Operand(f"g_out_{name}[t]" if kind == "out" else f"gs_{name}", ATOM, True, rank, False)
+        stage = self.stages.get(n)
+        if stage == "hoist":
+            return Operand(f"{self.seq_name[n]}[t]", ATOM, True, rank, False)
+        if stage == "loop":
+            return Operand(self.r.name(n), ATOM, True, rank, False)
+        return self.r.operand(n, "const")
+
+    def text(self, n: int, prec: int = 0) -> str:
+        op = self.operand(n)
+        return TorchExpr.tensor(op) if op.scalar else op.at(prec)

@@ -14,7 +14,7 @@ through time needs (the adjoint of a step).
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from . import dims as D
 from . import registry
@@ -22,15 +22,19 @@ from .ir import Graph
 from .irbuild import Builder
 
 
-def vjp(graph: Graph, outputs: Sequence[int], cotangents: Sequence[int | None],
-        wrt: Sequence[int]) -> tuple[Graph, list[int | None]]:
+def vjp(graph: Graph, outputs: Sequence[int], cotangents: Sequence[int | None], wrt: Sequence[int],
+        share: Iterable[int] | None = None, adjoints: dict[int, int] | None = None) -> tuple[Graph, list[int | None]]:
     """The cotangent of each `wrt` node given the `cotangents` of the `outputs` (ids of nodes in
     `graph`, each shaped like its output, e.g. `input` leaves the caller added). Each wrt node is
-    an independent variable: what it depends on is not differentiated through."""
+    an independent variable: what it depends on is not differentiated through.
+
+    `share` limits the forward nodes the derivative may reuse when it needs an equal value (a
+    back end passes those it has at hand; the rules' own operands and results are always used).
+    `adjoints`, when given, is filled with each differentiated node's cotangent (for naming)."""
     if len(outputs) != len(cotangents):
         raise ValueError("one cotangent per output")
     g = copy.deepcopy(graph)
-    b, n0 = Builder(g), len(g)
+    b, n0 = Builder(g, share), len(g)
     for o, c in zip(outputs, cotangents):
         if c is not None and not D.shapes_equal(g[o].shape, g[c].shape):
             raise ValueError(f"cotangent %{c} {D.fmt_shape(g[c].shape)} of output %{o} {D.fmt_shape(g[o].shape)}")
@@ -51,7 +55,11 @@ def vjp(graph: Graph, outputs: Sequence[int], cotangents: Sequence[int | None],
         for a, c in zip(node.args, rule(b, node, node.args, nid, ct)):
             if c is not None and a in active:
                 _accumulate(b, adj, a, c)
-    return _compact(g, n0, [_single(adj.get(w)) for w in wrt])
+    results = [_single(adj.get(w)) for w in wrt]
+    out, new_id = _compact(g, n0, results)
+    if adjoints is not None:
+        adjoints.update((n, new_id[c]) for n, c in adj.items() if isinstance(c, int) and c in new_id)
+    return out, [None if r is None else new_id[r] for r in results]
 
 
 def jvp(graph: Graph, inputs: Sequence[int], tangents: Sequence[int | None],
@@ -77,7 +85,15 @@ def jvp(graph: Graph, inputs: Sequence[int], tangents: Sequence[int | None],
             t = rule(b, node, node.args, nid, tuple(tan.get(a) for a in node.args))
             if t is not None:
                 tan[nid] = t
-    return _compact(g, n0, [tan.get(o) for o in outputs])
+    results = [tan.get(o) for o in outputs]
+    out, new_id = _compact(g, n0, results)
+    return out, [None if r is None else new_id[r] for r in results]
+
+
+def differentiable(node) -> bool:
+    """Whether vjp and jvp can pass through the node: it has IR rules, or passes no gradient."""
+    prim = registry.get(node)
+    return prim.grad == "none" or (prim.vjp_ir is not None and prim.jvp_ir is not None)
 
 
 def _rule(node, field: str):
@@ -121,20 +137,21 @@ def _single(ct: object) -> int | None:
     return ct
 
 
-def _compact(g: Graph, n0: int, results: list[int | None]) -> tuple[Graph, list[int | None]]:
-    """Drop appended nodes no result needs (a rule's by-products for a constant operand);
-    nodes below n0 (the original graph's) keep their ids."""
+def _compact(g: Graph, n0: int, results: list[int | None]) -> tuple[Graph, dict[int, int]]:
+    """Drop appended nodes no result needs (a rule's by-products for a constant operand): the
+    graph, and the new id of each node kept (nodes below n0, the original graph's, keep theirs)."""
     live = g.ancestors(r for r in results if r is not None)
+    new_id = {n: n for n in range(n0)}
     if all(n in live for n in range(n0, len(g))):
-        return g, results
+        new_id.update((n, n) for n in range(n0, len(g)))
+        return g, new_id
     out = Graph()
     for n in range(n0):
         out.add(g[n])
     out.carries = list(g.carries)
-    new_id = {n: n for n in range(n0)}
     for n in range(n0, len(g)):
         if n in live:
             node = copy.copy(g[n])
             node.args = tuple(new_id[a] for a in node.args)
             new_id[n] = out.add(node)
-    return out, [None if r is None else new_id[r] for r in results]
+    return out, new_id

@@ -11,7 +11,7 @@ anywhere (ints are node ids); it becomes a `const` node, like a number in a spec
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Iterable, Union
 
 import sympy
 
@@ -44,10 +44,11 @@ def node_key(node: Node) -> tuple:
 class Builder:
     """Adds typed, shared nodes to `graph` (see the module docstring)."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, share: Iterable[int] | None = None) -> None:
+        """`share`: the graph's nodes a new node may be merged with (all by default)."""
         self.graph = graph
         self._memo: dict[tuple, int] = {}
-        for nid in graph.ids():
+        for nid in graph.ids() if share is None else sorted(share):
             if graph[nid].op not in _BOUND:
                 self._memo.setdefault(node_key(graph[nid]), nid)
 
@@ -257,6 +258,11 @@ class Builder:
             out = self.size(d.args[0])
             for t in d.args[1:]:
                 out = op(out, self.size(t))
+            return out
+        if d.is_Pow and d.exp.is_Integer and d.exp > 0:
+            out = base = self.size(d.base)
+            for _ in range(int(d.exp) - 1):
+                out = self.mul(out, base)
             return out
         if isinstance(d, sympy.floor):
             num, den = sympy.fraction(sympy.together(d.args[0]))

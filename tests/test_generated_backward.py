@@ -1,7 +1,7 @@
 """The loop's generated backward through time against autograd through the same loop.
 
 Each program below puts a family of ops inside the recurrence (on state-dependent values) so
-their derivative rules (backends/adjoint.py, backends/bptt.py) run; values and the gradients of
+their derivative rules (the registry's, rendered by backends/bptt.py) run; values and the gradients of
 every input, param and initial state must match backward="autograd" in float64.
 """
 import pytest
@@ -131,16 +131,19 @@ def test_scalar_per_step_gate_on_a_matrix_state():
     assert torch.autograd.gradcheck(lambda x, a: gen(x, a)[0], (x, a))
 
 
-def test_ops_without_a_rule_fall_back_to_autograd():
+def test_prod_has_a_generated_backward():
+    # prod's derivative rule is exact at zeros (the product of the other entries), so a cell
+    # using it keeps the generated backward instead of falling back to autograd through the loop
     text = """cell c(x: [K]) -> (y: []) {
         state h: [K] = 1
         h = h * x
         y = prod(h)
     }"""
     cell = rnnc.build(text, K=3, dtype=torch.float64)
-    assert "_Recurrence.apply" not in cell.source
-    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: cell(x)[0], (x,))
+    assert "_Recurrence.apply" in cell.source
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    x[0, 2, 1] = 0.0  # a zero factor from step 2 on
+    assert torch.autograd.gradcheck(lambda x: cell(x)[0], (x.requires_grad_(),))
 
 
 def test_retain_graph_and_repeated_backward():
