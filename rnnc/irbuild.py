@@ -111,6 +111,9 @@ class Builder:
             for i in (0, 1):
                 if vals[1 - i] == 0 and same(i):
                     return args[i]
+            for i in (0, 1):
+                if self.graph[args[1 - i]].op == "neg":  # a + -b
+                    return self.sub(args[i], self.graph[args[1 - i]].args[0])
         elif op == "sub":
             if vals[1] == 0 and same(0):
                 return args[0]

@@ -9,15 +9,14 @@ registered once, as a `Prim`, and every module that needs a fact about an op rea
   renderings  the PyTorch template (and Python's `math` form for numbers), the Triton template,
               the sympy function;
   derivatives the rules that build an op's vjp and jvp as IR (`vjp_ir`, `jvp_ir`: see
-              rnnc/derivatives.py; rnnc/autodiff.py differentiates whole graphs with them),
-              the PyTorch adjoint templates (the loop's generated backward) with the forward
-              values they read (`needs`), the Triton adjoint templates, or the fact that the op
-              passes no gradient.
+              rnnc/derivatives.py; rnnc/autodiff.py differentiates whole graphs with them, and
+              the loop's backward through time is rendered from those graphs), the Triton
+              adjoint templates of the fused kernels, or the fact that the op passes no gradient.
 
 Templates are Python format strings over the operands `{0}`, `{1}`, `{2}`, the result `{y}` and
-the adjoint of the result `{g}`. A PyTorch rendering or adjoint that is None means the back end
-has a method of its own for the op, named `_<op>` (the structural ops: matmul, index, reduce,
-concat, ...); a Triton template that is None means the op does not fuse into a Triton kernel.
+the adjoint of the result `{g}`. A PyTorch rendering that is None means the back end has a
+method of its own for the op, named `_<op>` (the structural ops: matmul, index, reduce, concat,
+...); a Triton template that is None means the op does not fuse into a Triton kernel.
 
 `reduce` is one IR op whose facts depend on its `fn` attribute (a sum is linear, a max is not),
 so it is registered once per fn, as "reduce.sum", "reduce.max", ...; `get(node)` picks the right
@@ -60,9 +59,7 @@ class Prim:
     triton: str | None = None  # Triton template over same-shaped operands
     not_fusable: str | None = None  # why an elementwise float op has no Triton template
     sympy: Callable | None = None  # the op on sympy expressions (associativity proofs)
-    grad: str = "rule"  # rule: has a derivative rule | none: passes no gradient | autograd: no rule
-    needs: tuple[str, ...] = ()  # forward values the PyTorch rule reads: "args", "y"
-    vjp: tuple[str | None, ...] | None = None  # PyTorch adjoint per operand (None: AdjointRules._<op>)
+    grad: str = "rule"  # rule: has derivative rules (vjp_ir, jvp_ir) | none: passes no gradient
     triton_vjp: tuple[str | None, ...] | None = None  # Triton adjoint per operand
     vjp_ir: dv.VjpRule | None = None  # builds the cotangent contribution per operand (rnnc/derivatives.py)
     jvp_ir: dv.JvpRule | None = None  # builds the result's tangent from the operands' tangents
@@ -135,9 +132,10 @@ def linear_args(node: Node) -> frozenset[int]:
 
 
 def has_vjp(node: Node) -> bool:
-    """Whether the loop's generated backward handles the node: it has a derivative rule or passes
-    no gradient (else the loop falls back to autograd)."""
-    return get(node).grad in ("rule", "none")
+    """Whether derivatives pass through the node: it has IR rules or passes no gradient (a
+    loop with an op that has neither would fall back to autograd)."""
+    p = get(node)
+    return p.grad == "none" or (p.vjp_ir is not None and p.jvp_ir is not None)
 
 
 def triton_templates(arity: int) -> dict[str, str]:
@@ -185,18 +183,14 @@ _register(
 )
 
 
-def _unary(name: str, torch: str, triton: str | None, needs: tuple[str, ...], vjp: str | None,
-           triton_vjp: str | None, *, d: dv.Scale | None = None, math: str | None = None,
-           sympy_fn: Callable | None = None, not_fusable: str | None = None) -> Prim:
+def _unary(name: str, torch: str, triton: str | None, triton_vjp: str | None, d: dv.Scale | None, *,
+           math: str | None = None, sympy_fn: Callable | None = None, not_fusable: str | None = None) -> Prim:
     """A unary function (a .rnn builtin of the same name); `d(b, v, x, y)` builds v·f'(x) in IR."""
     vjp_ir, jvp_ir = dv.elementwise(d) if d else (None, None)
     return Prim(name, "unary", 1, "rnnc.ops:elementwise", builtins=(name,), scalar=math is not None,
                 torch=torch, math=math, triton=triton, not_fusable=not_fusable, sympy=sympy_fn,
-                grad="rule" if vjp else "none", needs=needs, vjp=(vjp,) if vjp else None,
-                triton_vjp=(triton_vjp,) if triton_vjp else None, vjp_ir=vjp_ir, jvp_ir=jvp_ir)
-
-
-_A, _Y, _AY = ("args",), ("y",), ("args", "y")
+                grad="rule" if d else "none", triton_vjp=(triton_vjp,) if triton_vjp else None,
+                vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
 def _silu(b, v, x, y):
@@ -214,74 +208,49 @@ def _gelu(b, v, x, y):
 _NO_LIBDEVICE = "no accurate Triton form without libdevice (absent in the interpreter)"
 
 _register(
-    _unary("sigmoid", "torch.sigmoid({0})", "tl.sigmoid({0})", _Y,
-           "torch.ops.aten.sigmoid_backward({g}, {y})", "{g} * {y} * (1 - {y})",
-           sympy_fn=lambda x: 1 / (1 + sympy.exp(-x)),
-           d=lambda b, v, x, y: b.mul(v, b.mul(y, b.sub(1.0, y)))),
+    _unary("sigmoid", "torch.sigmoid({0})", "tl.sigmoid({0})", "{g} * {y} * (1 - {y})",
+           lambda b, v, x, y: b.apply("sigmoid_grad", v, y), sympy_fn=lambda x: 1 / (1 + sympy.exp(-x))),
     _unary("tanh", "torch.tanh({0})", "(2 * tl.sigmoid(2 * {0}) - 1)",  # no libdevice in the interpreter
-           _Y, "torch.ops.aten.tanh_backward({g}, {y})", "{g} * (1 - {y} * {y})",
-           math="math.tanh({0})", sympy_fn=sympy.tanh,
-           d=lambda b, v, x, y: b.mul(v, b.sub(1.0, b.mul(y, y)))),
-    _unary("relu", "torch.relu({0})", "tl.maximum({0}, 0.0)", _Y,
-           "torch.ops.aten.threshold_backward({g}, {y}, 0)", "tl.where({0} > 0, {g}, 0.0)",
-           sympy_fn=lambda x: sympy.Max(x, 0),
-           d=lambda b, v, x, y: b.where(b.apply("gt", y, 0.0), v, 0.0)),
-    _unary("exp", "torch.exp({0})", "tl.exp({0})", _Y, "{g} * {y}", "{g} * {y}",
-           math="math.exp({0})", sympy_fn=sympy.exp,
-           d=lambda b, v, x, y: b.mul(v, y)),
-    _unary("log", "torch.log({0})", "tl.log({0})", _A, "{g} / {0}", "{g} / {0}",
-           math="math.log({0})", sympy_fn=sympy.log,
-           d=lambda b, v, x, y: b.div(v, x)),
+           "{g} * (1 - {y} * {y})", lambda b, v, x, y: b.apply("tanh_grad", v, y),
+           math="math.tanh({0})", sympy_fn=sympy.tanh),
+    _unary("relu", "torch.relu({0})", "tl.maximum({0}, 0.0)", "tl.where({0} > 0, {g}, 0.0)",
+           lambda b, v, x, y: b.where(b.apply("gt", y, 0.0), v, 0.0), sympy_fn=lambda x: sympy.Max(x, 0)),
+    _unary("exp", "torch.exp({0})", "tl.exp({0})", "{g} * {y}", lambda b, v, x, y: b.mul(v, y),
+           math="math.exp({0})", sympy_fn=sympy.exp),
+    _unary("log", "torch.log({0})", "tl.log({0})", "{g} / {0}", lambda b, v, x, y: b.div(v, x),
+           math="math.log({0})", sympy_fn=sympy.log),
     # stable Triton forms: no exp of a large positive number
-    _unary("softplus", "F.softplus({0})", "tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))", _A,
-           "{g} * torch.sigmoid({0})", "{g} * tl.sigmoid({0})",
-           sympy_fn=lambda x: sympy.log(1 + sympy.exp(x)),
-           d=lambda b, v, x, y: b.mul(v, b.apply("sigmoid", x))),
-    _unary("silu", "F.silu({0})", "{0} * tl.sigmoid({0})", _A, "torch.ops.aten.silu_backward({g}, {0})",
-           "{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))",
-           d=_silu),
-    _unary("logsigmoid", "F.logsigmoid({0})", "tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))", _A,
-           "{g} * torch.sigmoid(-{0})", "{g} * (1 - tl.sigmoid({0}))",
-           sympy_fn=lambda x: -sympy.log(1 + sympy.exp(-x)),
-           d=lambda b, v, x, y: b.mul(v, b.apply("sigmoid", b.neg(x)))),
-    _unary("abs", "torch.abs({0})", "tl.abs({0})", _A, "{g} * torch.sign({0})",
-           "tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))", math="abs({0})", sympy_fn=sympy.Abs,
-           d=lambda b, v, x, y: b.mul(v, b.apply("sign", x))),
-    _unary("sqrt", "torch.sqrt({0})", "tl.sqrt({0})", _Y, "{g} / (2 * {y})", "{g} / (2 * {y})",
-           math="math.sqrt({0})", sympy_fn=sympy.sqrt,
-           d=lambda b, v, x, y: b.div(v, b.mul(2.0, y))),
-    _unary("rsqrt", "torch.rsqrt({0})", "tl.rsqrt({0})", _Y, "-0.5 * {g} * {y} ** 3",
-           "-0.5 * {g} * {y} * {y} * {y}", sympy_fn=lambda x: 1 / sympy.sqrt(x),
-           d=lambda b, v, x, y: b.mul(b.mul(-0.5, v), b.apply("pow", y, 3.0))),
-    _unary("sin", "torch.sin({0})", "tl.sin({0})", _A, "{g} * torch.cos({0})", "{g} * tl.cos({0})",
-           math="math.sin({0})", sympy_fn=sympy.sin,
-           d=lambda b, v, x, y: b.mul(v, b.apply("cos", x))),
-    _unary("cos", "torch.cos({0})", "tl.cos({0})", _A, "-{g} * torch.sin({0})", "-{g} * tl.sin({0})",
-           math="math.cos({0})", sympy_fn=sympy.cos,
-           d=lambda b, v, x, y: b.neg(b.mul(v, b.apply("sin", x)))),
-    _unary("gelu", "F.gelu({0})", None, _A, "torch.ops.aten.gelu_backward({g}, {0})", None,
-           not_fusable=_NO_TRITON_YET + " (needs erf)",
-           d=_gelu),
-    _unary("elu", "F.elu({0})", None, _AY, "torch.where({0} > 0, {g}, {g} * ({y} + 1))", None,
-           not_fusable=_NO_TRITON_YET,
-           d=lambda b, v, x, y: b.where(b.apply("gt", x, 0.0), v, b.mul(v, b.add(y, 1.0)))),
-    _unary("sign", "torch.sign({0})", None, (), None, None, sympy_fn=sympy.sign, not_fusable=_NO_TRITON_YET),
-    _unary("log1p", "torch.log1p({0})", None, _A, "{g} / (1 + {0})", None, math="math.log1p({0})",
-           sympy_fn=lambda x: sympy.log(1 + x), not_fusable=_NO_LIBDEVICE,
-           d=lambda b, v, x, y: b.div(v, b.add(1.0, x))),
-    _unary("expm1", "torch.expm1({0})", None, _Y, "{g} * ({y} + 1)", None, math="math.expm1({0})",
-           sympy_fn=lambda x: sympy.exp(x) - 1, not_fusable=_NO_LIBDEVICE,
-           d=lambda b, v, x, y: b.mul(v, b.add(y, 1.0))),
-    _unary("square", "torch.square({0})", "{0} * {0}", _A, "2 * {g} * {0}", "2 * {g} * {0}",
-           math="{0} ** 2", sympy_fn=lambda x: x ** 2,
-           d=lambda b, v, x, y: b.mul(v, b.mul(2.0, x))),
+    _unary("softplus", "F.softplus({0})", "tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))",
+           "{g} * tl.sigmoid({0})", lambda b, v, x, y: b.mul(v, b.apply("sigmoid", x)),
+           sympy_fn=lambda x: sympy.log(1 + sympy.exp(x))),
+    _unary("silu", "F.silu({0})", "{0} * tl.sigmoid({0})",
+           "{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))", _silu),
+    _unary("logsigmoid", "F.logsigmoid({0})", "tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))",
+           "{g} * (1 - tl.sigmoid({0}))", lambda b, v, x, y: b.mul(v, b.apply("sigmoid", b.neg(x))),
+           sympy_fn=lambda x: -sympy.log(1 + sympy.exp(-x))),
+    _unary("abs", "torch.abs({0})", "tl.abs({0})", "tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))",
+           lambda b, v, x, y: b.mul(v, b.apply("sign", x)), math="abs({0})", sympy_fn=sympy.Abs),
+    _unary("sqrt", "torch.sqrt({0})", "tl.sqrt({0})", "{g} / (2 * {y})", lambda b, v, x, y: b.div(v, b.mul(2.0, y)),
+           math="math.sqrt({0})", sympy_fn=sympy.sqrt),
+    _unary("rsqrt", "torch.rsqrt({0})", "tl.rsqrt({0})", "-0.5 * {g} * {y} * {y} * {y}",
+           lambda b, v, x, y: b.mul(b.mul(-0.5, v), b.apply("pow", y, 3.0)), sympy_fn=lambda x: 1 / sympy.sqrt(x)),
+    _unary("sin", "torch.sin({0})", "tl.sin({0})", "{g} * tl.cos({0})", lambda b, v, x, y: b.mul(v, b.apply("cos", x)),
+           math="math.sin({0})", sympy_fn=sympy.sin),
+    _unary("cos", "torch.cos({0})", "tl.cos({0})", "-{g} * tl.sin({0})",
+           lambda b, v, x, y: b.neg(b.mul(v, b.apply("sin", x))), math="math.cos({0})", sympy_fn=sympy.cos),
+    _unary("gelu", "F.gelu({0})", None, None, _gelu, not_fusable=_NO_TRITON_YET + " (needs erf)"),
+    _unary("elu", "F.elu({0})", None, None, lambda b, v, x, y: b.where(b.apply("gt", x, 0.0), v, b.mul(v, b.add(y, 1.0))),
+           not_fusable=_NO_TRITON_YET),
+    _unary("sign", "torch.sign({0})", None, None, None, sympy_fn=sympy.sign, not_fusable=_NO_TRITON_YET),
+    _unary("log1p", "torch.log1p({0})", None, None, lambda b, v, x, y: b.div(v, b.add(1.0, x)), math="math.log1p({0})",
+           sympy_fn=lambda x: sympy.log(1 + x), not_fusable=_NO_LIBDEVICE),
+    _unary("expm1", "torch.expm1({0})", None, None, lambda b, v, x, y: b.mul(v, b.add(y, 1.0)), math="math.expm1({0})",
+           sympy_fn=lambda x: sympy.exp(x) - 1, not_fusable=_NO_LIBDEVICE),
+    _unary("square", "torch.square({0})", "{0} * {0}", "2 * {g} * {0}", lambda b, v, x, y: b.mul(v, b.mul(2.0, x)),
+           math="{0} ** 2", sympy_fn=lambda x: x ** 2),
 )
 
-# d(op)/d(operand i) * g; ties of minimum/maximum share the gradient equally, as torch does
-_MIN = ("torch.where({0} < {1}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))",
-        "torch.where({1} < {0}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))")
-_MAX = ("torch.where({0} > {1}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))",
-        "torch.where({1} > {0}, {g}, torch.where({0} == {1}, {g} / 2, 0.0))")
+# Triton adjoints; ties of minimum/maximum share the gradient equally, as torch does
 _TL_MIN = ("{g} * tl.where({0} < {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
            "{g} * tl.where({1} < {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))")
 _TL_MAX = ("{g} * tl.where({0} > {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
@@ -292,48 +261,51 @@ _POW_D = (lambda b, v, x0, x1, y: b.where(b.apply("eq", x1, 0.0), 0.0,
                                           b.mul(v, b.mul(x1, b.apply("pow", x0, b.sub(x1, 1.0))))),
           lambda b, v, x0, x1, y: b.where(b.apply("and", b.apply("eq", x0, 0.0), b.apply("ge", x1, 0.0)), 0.0,
                                           b.mul(v, b.mul(y, b.apply("log", x0)))))
-_POW = ("{g} * {1} * {0} ** ({1} - 1)",
-        "torch.where(({0} == 0) & ({1} >= 0), 0.0, "
-        "{g} * {y} * torch.log(torch.as_tensor({0}, dtype={y}.dtype, device={y}.device)))")
 
 
-def _arith(name: str, symbol: str | None, linear_in: tuple, needs: tuple[str, ...], vjp: tuple | None,
-           *, d: tuple[dv.Scale, ...] = (), rules: tuple | None = None, infix: str | None = None,
+def _arith(name: str, symbol: str | None, linear_in: tuple, d: tuple[dv.Scale, ...] = (), *,
+           rules: tuple | None = None, infix: str | None = None, torch: str | None = None,
            triton: str | None = None, triton_vjp: tuple | None = None, sympy_fn: Callable | None = None,
-           arity: int = 2, builtin: bool = False) -> Prim:
-    """Arithmetic on numbers (tensors or compile-time scalars); no infix: TorchExpr._<name>.
+           arity: int = 2, builtin: bool = False, scalar: bool = True) -> Prim:
+    """Arithmetic on numbers (tensors or compile-time scalars); no infix or template: TorchExpr._<name>.
     `d` holds per operand `scale(b, v, *xs, y)`, which builds v·∂y/∂x_i in IR (or `rules` the
-    vjp and jvp rules themselves)."""
+    vjp and jvp rules themselves); none: the op passes no gradient."""
     vjp_ir, jvp_ir = rules or (dv.elementwise(*d) if d else (None, None))
+    not_fusable = None if triton else _NO_TRITON_YET if symbol or builtin else "not in the language"
     return Prim(name, "arith", arity, "rnnc.ops:elementwise", symbol=symbol,
-                builtins=(name,) if builtin else (), scalar=True, linear_in=linear_in, infix=infix,
-                triton=triton, not_fusable=None if triton else _NO_TRITON_YET, sympy=sympy_fn,
-                grad="rule" if vjp else "none", needs=needs, vjp=vjp, triton_vjp=triton_vjp,
-                vjp_ir=vjp_ir, jvp_ir=jvp_ir)
+                builtins=(name,) if builtin else (), scalar=scalar, linear_in=linear_in, infix=infix, torch=torch,
+                triton=triton, not_fusable=not_fusable, sympy=sympy_fn,
+                grad="rule" if vjp_ir else "none", triton_vjp=triton_vjp, vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
 _register(
-    _arith("add", "+", _BOTH, (), ("{g}", "{g}"), d=(_V, _V), infix="+", triton="{0} + {1}", triton_vjp=("{g}", "{g}"),
+    _arith("add", "+", _BOTH, (_V, _V), infix="+", triton="{0} + {1}", triton_vjp=("{g}", "{g}"),
            sympy_fn=lambda a, b: a + b),
-    _arith("sub", "-", _BOTH, (), ("{g}", "-{g}"), d=(_V, lambda b, v, x0, x1, y: b.neg(v)), infix="-", triton="{0} - {1}", triton_vjp=("{g}", "-{g}"),
-           sympy_fn=lambda a, b: a - b),
-    _arith("mul", "*", _ONE + _TWO, _A, ("{g} * {1}", "{g} * {0}"), infix="*", triton="{0} * {1}",
-           triton_vjp=("{g} * {1}", "{g} * {0}"), sympy_fn=lambda a, b: a * b,
-           d=(lambda b, v, x0, x1, y: b.mul(v, x1), lambda b, v, x0, x1, y: b.mul(v, x0))),
-    _arith("div", "/", _ONE, _AY, ("{g} / {1}", "-{g} * {y} / {1}"), infix="/", triton="{0} / {1}",
-           triton_vjp=("{g} / {1}", "-{g} * {y} / {1}"), sympy_fn=lambda a, b: a / b,
-           d=(lambda b, v, x0, x1, y: b.div(v, x1), lambda b, v, x0, x1, y: b.neg(b.div(b.mul(v, y), x1)))),
+    _arith("sub", "-", _BOTH, (_V, lambda b, v, x0, x1, y: b.neg(v)), infix="-", triton="{0} - {1}",
+           triton_vjp=("{g}", "-{g}"), sympy_fn=lambda a, b: a - b),
+    _arith("mul", "*", _ONE + _TWO, (lambda b, v, x0, x1, y: b.mul(v, x1), lambda b, v, x0, x1, y: b.mul(v, x0)),
+           infix="*", triton="{0} * {1}", triton_vjp=("{g} * {1}", "{g} * {0}"), sympy_fn=lambda a, b: a * b),
+    _arith("div", "/", _ONE, (lambda b, v, x0, x1, y: b.div(v, x1), lambda b, v, x0, x1, y: b.neg(b.div(b.mul(v, y), x1))),
+           infix="/", triton="{0} / {1}", triton_vjp=("{g} / {1}", "-{g} * {y} / {1}"), sympy_fn=lambda a, b: a / b),
     # floor(a / b) and a - floor(a / b) * b, rendered by methods so torch can differentiate them
-    _arith("floordiv", "//", (), (), None),
-    _arith("mod", "%", (), _A, ("{g}", "-{g} * torch.floor({0} / {1})"),
-           d=(_V, lambda b, v, x0, x1, y: b.neg(b.mul(v, b.apply("floordiv", x0, x1))))),
-    _arith("pow", "**", (), _AY, _POW, sympy_fn=lambda a, b: a ** b, d=_POW_D),
-    _arith("minimum", None, (), _A, _MIN, triton="tl.minimum({0}, {1})", triton_vjp=_TL_MIN, sympy_fn=sympy.Min,
-           builtin=True, rules=dv.min_max("lt")),
-    _arith("maximum", None, (), _A, _MAX, triton="tl.maximum({0}, {1})", triton_vjp=_TL_MAX, sympy_fn=sympy.Max,
-           builtin=True, rules=dv.min_max("gt")),
-    _arith("neg", "-", _ONE, (), ("-{g}",), infix="-", triton="-{0}", triton_vjp=("-{g}",),
-           sympy_fn=lambda a: -a, arity=1, d=(lambda b, v, x, y: b.neg(v),)),
+    _arith("floordiv", "//", ()),
+    _arith("mod", "%", (), (_V, lambda b, v, x0, x1, y: b.neg(b.mul(v, b.apply("floordiv", x0, x1))))),
+    _arith("pow", "**", (), _POW_D, sympy_fn=lambda a, b: a ** b),
+    _arith("minimum", None, (), rules=dv.min_max("lt"), triton="tl.minimum({0}, {1})", triton_vjp=_TL_MIN,
+           sympy_fn=sympy.Min, builtin=True),
+    _arith("maximum", None, (), rules=dv.min_max("gt"), triton="tl.maximum({0}, {1})", triton_vjp=_TL_MAX,
+           sympy_fn=sympy.Max, builtin=True),
+    _arith("neg", "-", _ONE, (lambda b, v, x, y: b.neg(v),), infix="-", triton="-{0}", triton_vjp=("-{g}",),
+           sympy_fn=lambda a: -a, arity=1),
+    # Not in the language (so never in a fused Triton body): v times sigmoid's or tanh's derivative,
+    # read from y, as one kernel, which torch's own backward uses too; a generated backward
+    # through time calls them at every step.
+    _arith("sigmoid_grad", None, _ONE, (lambda b, w, v, y, r: b.apply("sigmoid_grad", w, y),
+                                        lambda b, w, v, y, r: b.mul(b.mul(w, v), b.sub(1.0, b.mul(2.0, y)))),
+           torch="torch.ops.aten.sigmoid_backward({0}, {1})", sympy_fn=lambda v, y: v * y * (1 - y), scalar=False),
+    _arith("tanh_grad", None, _ONE, (lambda b, w, v, y, r: b.apply("tanh_grad", w, y),
+                                     lambda b, w, v, y, r: b.mul(b.mul(-2.0, w), b.mul(v, y))),
+           torch="torch.ops.aten.tanh_backward({0}, {1})", sympy_fn=lambda v, y: v * (1 - y * y), scalar=False),
 )
 
 
@@ -355,57 +327,50 @@ _register(
     _logic("not", "not", "torch.logical_not({0})", "{0} == 0", sympy.Not, arity=1),
     Prim("where", "select", 3, "rnnc.ops:elementwise", builtins=("where",), linear_in=(frozenset({1, 2}),),
          triton="tl.where({0}, {1}, {2})", sympy=lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
-         needs=_A, vjp=(None, "torch.where({0}, {g}, 0.0)", "torch.where({0}, 0.0, {g})"),
          triton_vjp=(None, "tl.where({0}, {g}, 0.0)", "tl.where({0}, 0.0, {g})"), vjp_ir=dv.WHERE[0],
          jvp_ir=dv.WHERE[1]),
 )
 
-# Structural ops: rendered and differentiated by methods (matmul, split and item by the emitter,
-# backends/bptt.py). Reduce templates take named fields: {x} (the operand, wrapped for a method
-# call), {text} (bare), {dim} ("dim=..." or nothing), {axes} (always explicit); the adjoint reads
-# {ge} and {ye} (g and y with the reduced axes kept), {count} and {dims}.
+# Structural ops: rendered by TorchExpr methods, differentiated by rnnc/derivatives.py. Reduce
+# templates take named fields: {x} (the operand, wrapped for a method call), {text} (bare), {dim}
+# ("dim=..." or nothing), {axes} (always explicit).
 _register(
-    Prim("matmul", "linalg", 2, "rnnc.ops:matmul", symbol="@", linear_in=_ONE + _TWO, needs=_A,
+    Prim("matmul", "linalg", 2, "rnnc.ops:matmul", symbol="@", linear_in=_ONE + _TWO,
          vjp_ir=dv.MATMUL[0], jvp_ir=dv.MATMUL[1]),
-    Prim("outer", "linalg", 2, "rnnc.ops:outer", builtins=("outer",), linear_in=_ONE + _TWO, needs=_A,
+    Prim("outer", "linalg", 2, "rnnc.ops:outer", builtins=("outer",), linear_in=_ONE + _TWO,
          vjp_ir=dv.OUTER[0], jvp_ir=dv.OUTER[1]),
     Prim("transpose", "linalg", 1, "rnnc.ops:transpose", builtins=("transpose",), linear_in=_ONE,
          vjp_ir=dv.TRANSPOSE[0], jvp_ir=dv.TRANSPOSE[1]),
 )
 
 
-def _reduce(fn: str, torch: str | None, vjp: str | None, linear: bool) -> Prim:
+def _reduce(fn: str, torch: str | None, linear: bool) -> Prim:
     vjp_ir, jvp_ir = dv.REDUCE[fn]
     return Prim(f"reduce.{fn}", "reduce", 1, "rnnc.ops:reduce", builtins=(fn,), linear_in=_ONE if linear else (),
-                torch=torch, grad="rule" if vjp else "autograd", needs=_AY, vjp=(vjp,) if vjp else None,
-                vjp_ir=vjp_ir, jvp_ir=jvp_ir)
+                torch=torch, vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
-_MASK = "({0} == {ye})"
 _register(
-    _reduce("sum", "{x}.sum({dim})", "{ge}.expand_as({0})", True),
-    _reduce("mean", "{x}.mean({dim})", "{ge}.expand_as({0}) / {count}", True),
-    _reduce("max", "{x}.amax({dim})", f"{{ge}} * {_MASK} / {_MASK}.sum(dim={{dims}}, keepdim=True)", False),
-    _reduce("min", "{x}.amin({dim})", f"{{ge}} * {_MASK} / {_MASK}.sum(dim={{dims}}, keepdim=True)", False),
-    _reduce("logsumexp", "torch.logsumexp({text}, dim={axes})", "{ge} * torch.exp({0} - {ye})", False),
-    # one axis at a time (TorchExpr._reduce); its gradient at zeros needs care: left to autograd
-    _reduce("prod", None, None, False),
-    Prim("softmax", "axis", 1, _ELAB + "_builtin", builtins=("softmax",), needs=_Y,
-         vjp_ir=dv.SOFTMAX[0], jvp_ir=dv.SOFTMAX[1]),
-    Prim("normalize", "axis", 1, _ELAB + "_builtin", builtins=("normalize",), needs=_A,
-         vjp_ir=dv.NORMALIZE[0], jvp_ir=dv.NORMALIZE[1]),
+    _reduce("sum", "{x}.sum({dim})", True),
+    _reduce("mean", "{x}.mean({dim})", True),
+    _reduce("max", "{x}.amax({dim})", False),
+    _reduce("min", "{x}.amin({dim})", False),
+    _reduce("logsumexp", "torch.logsumexp({text}, dim={axes})", False),
+    _reduce("prod", None, False),  # one axis at a time (TorchExpr._reduce)
+    Prim("softmax", "axis", 1, _ELAB + "_builtin", builtins=("softmax",), vjp_ir=dv.SOFTMAX[0],
+         jvp_ir=dv.SOFTMAX[1]),
+    Prim("normalize", "axis", 1, _ELAB + "_builtin", builtins=("normalize",), vjp_ir=dv.NORMALIZE[0],
+         jvp_ir=dv.NORMALIZE[1]),
     Prim("concat", "shape", None, "rnnc.ops:concat", builtins=("concat",), linear_in=ALL,
          vjp_ir=dv.CONCAT[0], jvp_ir=dv.CONCAT[1]),
     Prim("split", "shape", 1, _ELAB + "_split", out="tuple", builtins=("split",), linear_in=_ONE,
          vjp_ir=dv.SPLIT[0], jvp_ir=dv.SPLIT[1]),
     Prim("item", "shape", 1, _ELAB + "_split", linear_in=_ONE, vjp_ir=dv.ITEM[0], jvp_ir=dv.ITEM[1]),
-    Prim("index", "shape", 1, _ELAB + "_e_Index", linear_in=_ONE, needs=_A, vjp_ir=dv.INDEX[0],
-         jvp_ir=dv.INDEX[1]),
+    Prim("index", "shape", 1, _ELAB + "_e_Index", linear_in=_ONE, vjp_ir=dv.INDEX[0], jvp_ir=dv.INDEX[1]),
     # identity inside a same-shaped Triton body (leaves are broadcast first); the adjoint sums back
-    Prim("broadcast", "shape", 1, _ELAB + "_fit", linear_in=_ONE, triton="{0}", sympy=lambda x: x, needs=_A,
+    Prim("broadcast", "shape", 1, _ELAB + "_fit", linear_in=_ONE, triton="{0}", sympy=lambda x: x,
          triton_vjp=("{g}",), vjp_ir=dv.BROADCAST[0], jvp_ir=dv.BROADCAST[1]),
     # x surrounded by zeros, (before, after) per axis: not in the language, the transpose of an
     # index in derivative graphs (rnnc/derivatives.py)
     Prim("pad", "shape", 1, "rnnc.ops:pad", linear_in=_ONE, vjp_ir=dv.PAD[0], jvp_ir=dv.PAD[1]),
 )
-

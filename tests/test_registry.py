@@ -1,8 +1,8 @@
 """rnnc/registry.py: every op has the rules its back ends need, and the rules are right.
 
 The structural checks walk every registered Prim; the numerical ones build a tiny cell per op
-and compare the loop's generated backward (the registry's PyTorch adjoints) with autograd through
-the same loop, and the Triton scan (the registry's Triton templates and adjoints) with the loop.
+and compare the loop's generated backward (rendered from the registry's IR derivative rules) with
+autograd through the same loop, and the Triton scan (the registry's Triton templates and adjoints) with the loop.
 """
 import importlib
 import re
@@ -14,12 +14,13 @@ import torch
 
 import rnnc
 from rnnc import elaborate, registry
-from rnnc.backends import adjoint, elementwise, torch_expr
+from rnnc.backends import elementwise, torch_expr
 from rnnc.ir import Node
 
 PRIMS = registry.prims()
 ROOT = Path(__file__).resolve().parent.parent
-DIFFERENTIABLE = [p.name for p in PRIMS if p.elementwise and p.grad == "rule"]
+IN_LANGUAGE = [p for p in PRIMS if p.symbol or p.builtins]  # the rest only appear in derivative graphs
+DIFFERENTIABLE = [p.name for p in IN_LANGUAGE if p.elementwise and p.grad == "rule"]
 TRITON_DIFFERENTIABLE = [p.name for p in PRIMS if p.elementwise and p.triton_vjp]
 BOUND_BY_NAME = {"input", "param", "state", "item"}  # loop.py binds them (an item by destructuring its split)
 POSITIVE = {"log", "sqrt", "rsqrt", "log1p", "pow"}  # take their (first) operand from (1.5, 2.5)
@@ -62,16 +63,12 @@ def test_every_op_has_the_rules_its_backends_need(p):
     if p.triton_vjp is not None:
         assert p.triton and len(p.triton_vjp) == p.arity
         assert all(t is None or _fields(t) <= operands | {"g", "y"} for t in p.triton_vjp)
-    # derivatives: a rule when it has a gradient, none when it has not
-    assert p.grad in ("rule", "none", "autograd") and set(p.needs) <= {"args", "y"}
+    # derivatives: IR rules when it has a gradient (tests/test_autodiff.py checks them), none when not
+    assert p.grad in ("rule", "none")
     if p.grad == "rule":
-        assert (p.vjp is not None or hasattr(adjoint.AdjointRules, "_" + p.op)
-                or p.op in adjoint.EMITTED), f"{p.name}: differentiable but no PyTorch adjoint"
-        if p.elementwise:
-            assert p.vjp is not None and len(p.vjp) == p.arity
-            assert all(t is None or _fields(t) <= operands | {"g", "y"} for t in p.vjp)
+        assert callable(p.vjp_ir) and callable(p.jvp_ir), f"{p.name}: differentiable but no derivative rule"
     else:
-        assert p.vjp is None and p.triton_vjp is None
+        assert p.vjp_ir is None and p.jvp_ir is None and p.triton_vjp is None
     # linearity: groups of valid operand positions
     if p.linear_in != registry.ALL:
         assert all(g and max(g) < (p.arity or 0) for g in p.linear_in), p.name
@@ -104,7 +101,7 @@ def _node(op: str, nargs: int, **attrs) -> Node:
 def test_only_sum_and_mean_reductions_are_linear(fn):
     node = _node("reduce", 1, fn=fn, axis=None)
     assert registry.linear_args(node) == (frozenset({0}) if fn in ("sum", "mean") else frozenset())
-    assert registry.has_vjp(node) == (fn != "prod")  # prod's gradient is left to autograd
+    assert registry.has_vjp(node)
 
 
 def test_linear_args():
@@ -124,7 +121,7 @@ def test_queries():
     assert not registry.is_elementwise("matmul") and not registry.is_elementwise(_node("reduce", 1, fn="sum"))
     assert registry.broadcasts("add") and not registry.broadcasts("neg") and not registry.broadcasts("concat")
     assert registry.get(_node("reduce", 1, fn="max")).name == "reduce.max"
-    assert not registry.has_vjp(_node("reduce", 1, fn="prod")) and registry.has_vjp(_node("lt", 2))
+    assert registry.has_vjp(_node("reduce", 1, fn="prod")) and registry.has_vjp(_node("lt", 2))
     with pytest.raises(KeyError, match="per fn"):
         registry.get("reduce")
 
@@ -186,7 +183,7 @@ def _agree(a, b, values: float = 1e-12) -> None:
 
 
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
-def test_pytorch_adjoint_matches_autograd(name):
+def test_generated_backward_matches_autograd(name):
     p = registry.get(name)
     text = _cell(_term(p))
     gen = rnnc.build(text, K=3, dtype=torch.float64, backend="loop", backward="generated")
