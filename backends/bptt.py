@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from rnnc import autodiff, registry
+from rnnc import autodiff
 from rnnc.ir import Cell, Graph, Node
 
 from .torch_expr import ATOM, Operand, TorchExpr
@@ -125,8 +125,8 @@ class _Plan:
                     self.deferred.setdefault(c, []).append(node.args)
                 else:
                     self.per_step.setdefault(c, []).append(t)
-        self.read = [n for n, ct in adj.grads.items() if ct is not None and n not in adj.consts]
-        self.read = [adj.grads[n] for n in self.read]
+        # the values the backward writes out: variables' cotangents, constants' terms and factors
+        self.read = [ct for n, ct in adj.grads.items() if ct is not None and n not in adj.consts]
         self.read += [t for ts in self.per_step.values() for t in ts]
         self.read += [a for pairs in self.deferred.values() for pair in pairs for a in pair]
         self.needed = {n for n in g.ancestors(self.read) if n >= first}
@@ -154,7 +154,6 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
                     loop_outs: list, saved: set[int]) -> None:
     """Emit the loop as closures + `_Recurrence.apply`; leaves `out_<name>` ([T, N, ...]) and the
     final state variables bound, like the autograd loop does."""
-    g = cell.graph
     adj = step_adjoint(cell, stages, loop)
     consts = adj.consts
     seq_name = {n: f"seq_{r.name(n)}" for n in seqs}
@@ -303,7 +302,7 @@ class _Body:
         """A value of the step adjoint as the backward reads it."""
         if n in self.operands:
             return self.operands[n]
-        node, rank = self.g[n], len(self.g[n].shape)
+        rank = len(self.g[n].shape)
         if n in self.seeds:
             kind, name = self.seeds[n]
             return Operand(f"g_out_{name}[t]" if kind == "out" else f"gs_{name}", ATOM, True, rank, False)

@@ -292,6 +292,7 @@ def _split_vjp(b: Builder, n: Node, xs: tuple, y: int, g: dict) -> tuple:
     return (b.concat(parts, ax),)
 
 
-SPLIT = (_split_vjp, lambda b, n, xs, y, ts: None if ts[0] is None else b.split(ts[0], n.attrs["axis"], n.attrs["sizes"]))
+SPLIT = (_split_vjp,
+         lambda b, n, xs, y, ts: None if ts[0] is None else b.split(ts[0], n.attrs["axis"], n.attrs["sizes"]))
 ITEM = (lambda b, n, xs, y, g: ({n.attrs["index"]: g},),
         lambda b, n, xs, y, ts: None if ts[0] is None else b.item(ts[0], n.attrs["index"]))

@@ -276,7 +276,8 @@ class Builder:
     def index(self, x: int, items: tuple[Item, ...]) -> int:
         if not items:
             return x
-        return self.node("index", (x,), ops.index(self.graph[x], items), self.graph[x].dtype, attrs={"items": tuple(items)})
+        shape = ops.index(self.graph[x], items)
+        return self.node("index", (x,), shape, self.graph[x].dtype, attrs={"items": tuple(items)})
 
     def pad(self, x: int, widths: tuple[tuple[D.Dim, D.Dim], ...]) -> int:
         """x surrounded by zeros: `widths` gives (before, after) per axis."""
