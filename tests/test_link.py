@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,15 @@ def test_compiling_imports_neither_torch_nor_triton():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_no_runtime_definition_is_dead():
+    """Every runtime definition is read by another one or named by the compiler's emitters (backends/,
+    rnnc/ outside rnnc/runtime/): a helper whose last caller went away is deleted, not shipped."""
+    root = Path(rnnc.__file__).resolve().parent.parent
+    emitters = "\n".join(p.read_text() for p in [*(root / "backends").glob("*.py"), *(root / "rnnc").glob("*.py")])
+    rt = link.runtime()
+    dead = [name for name in rt.definitions
+            if not any(name in d.reads for d in rt.definitions.values())
+            and not re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", emitters)]
+    assert not dead, dead

@@ -1,6 +1,6 @@
 """What the loop's backward runs: the recurrence as one autograd node whose backward is generated
-(`_Recurrence`), the helpers the generated derivative rules call (backends/adjoint.py, bptt.py), and the
-one-matmul weight gradient of the autograd fallback (`_DeferredWeight`).
+(`_Recurrence`, backends/bptt.py), the gradient accumulation that generated backward calls (`_acc`), and
+the one-matmul weight gradient of the autograd fallback (`_DeferredWeight`).
 """
 import torch
 import torch.nn.functional as F
@@ -23,55 +23,6 @@ class _Recurrence(torch.autograd.Function):
 
 def _acc(total, part):
     return part if total is None else total + part
-
-
-def _sum_to(g, shape):
-    """Sum a broadcast gradient back to `shape` (leading axes, then axes of size 1)."""
-    if g.shape == shape:
-        return g
-    lead = g.dim() - len(shape)
-    if lead:
-        g = g.sum(dim=tuple(range(lead)))
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    return g.sum(dim=dims, keepdim=True) if dims else g
-
-
-def _grad_to(g, shape, pad):
-    """The gradient of a batched operand that was padded with `pad` axes after its batch axis."""
-    if pad:
-        g = g.sum(dim=tuple(range(1, 1 + pad)))
-    return _sum_to(g, shape)
-
-
-def _matmul_grad(g, a, b, ra, rb):
-    """Gradients of a @ b (per-step ranks ra, rb <= 2; either operand may lack the batch axis)."""
-    if ra == 1 and rb == 1:  # a dot product: g has no per-step axes
-        g = g.unsqueeze(-1)
-        return _sum_to(g * b, a.shape), _sum_to(g * a, b.shape)
-    A = a.unsqueeze(-2) if ra == 1 else a
-    Bm = b.unsqueeze(-1) if rb == 1 else b
-    G = g.unsqueeze(-2) if ra == 1 else g
-    G = G.unsqueeze(-1) if rb == 1 else G
-    da = G @ Bm.transpose(-1, -2)
-    db = A.transpose(-1, -2) @ G
-    da = da.squeeze(-2) if ra == 1 else da
-    db = db.squeeze(-1) if rb == 1 else db
-    return _sum_to(da, a.shape), _sum_to(db, b.shape)
-
-
-def _normalize_grad(g, x, dim, eps=1e-12):
-    norm = x.norm(dim=dim, keepdim=True)
-    n = norm.clamp_min(eps)
-    inner = (g * x).sum(dim, keepdim=True)
-    return g / n - torch.where(norm > eps, x * inner / n ** 3, 0.0)
-
-
-def _index_grad(g, x, index, newaxes):
-    if newaxes:
-        g = g.squeeze(newaxes)
-    out = torch.zeros_like(x)
-    out[index] = g
-    return out
 
 
 class _DeferredWeight:
