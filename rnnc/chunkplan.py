@@ -1,6 +1,6 @@
 """Find the pieces of a chunkable matrix recurrence in the IR: q, k, v, gates, beta.
 
-The chunk backend runs flash-linear-attention-style chunkwise algorithms (backends/chunk_ops.py):
+The chunk backend runs flash-linear-attention-style chunkwise algorithms (rnnc/runtime/chunk.py):
     additive:   S' = diag(e^gk) S diag(e^gv) + k vᵀ          (gk/gv: key/value/scalar log-decay)
     delta rule: S' = e^g (I - β k kᵀ) S + β k vᵀ
 with the readout o = q @ S' (after the update) or o = q @ S (before it, as RWKV's), plus any
