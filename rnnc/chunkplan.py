@@ -5,9 +5,10 @@ The chunk backend runs flash-linear-attention-style chunkwise algorithms (rnnc/r
     delta rule: S' = e^g (I - β k kᵀ) S + β k vᵀ
 with the readout o = q @ S' (after the update) or o = q @ S (before it, as RWKV's), plus any
 state-free terms added to it (RWKV-6's bonus), which the hoisted code computes for all steps. This
-module matches a cell's single matrix state against those forms, returning IR node ids for each
-piece, or the reason it does not match. Decays must be written in log space, as exp(g): the chunk
-form needs log-gates to stay stable.
+module reads a cell's single matrix state's canonical transition (rnnc/transition.py: the decay
+factored out, identity or I − β k kᵀ left) and its update's collected outer product, and returns a
+ChunkPlan of IR node ids, or the reason it does not fit. Decays must be written in log space, as
+exp(g): the chunk form needs log-gates to stay stable.
 """
 from __future__ import annotations
 
