@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from rnnc import autodiff
 from rnnc.ir import Cell, Graph, Node
 
+from .render import next_state
 from .torch_expr import ATOM, Operand, TorchExpr
 
 LEAVES = ("input", "param", "state")
@@ -56,7 +57,7 @@ def _param_derived(cell: Cell, stages: dict[int, str]) -> set[int]:
 
 
 def _loop_reads(cell: Cell, stages: dict[int, str], loop: list[int]) -> tuple[list[int], list[int]]:
-    """(hoisted values the loop reads, param-derived constant tensors the loop reads), as loop.py
+    """(hoisted values the loop reads, param-derived constant tensors the loop reads), as emit_loop.py
     passes them to the recurrence."""
     g = cell.graph
     seqs = sorted({a for n in loop for a in g[n].args if stages.get(a) == "hoist"}
@@ -183,8 +184,7 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     for o in loop_outs:
         L(f"out_{o.name}.append({r.operand(o.node, 'loop').text})")
     if cell.states:
-        from .loop import _next_state
-        rhs = [_next_state(r, s.node_out, s.shape, stages) for s in cell.states]
+        rhs = [next_state(r, s.node_out, s.shape, stages) for s in cell.states]
         L(f"{', '.join(s_in)} = {', '.join(rhs)}")
     if len(L.lines) == start:
         L("pass")

@@ -1,13 +1,17 @@
 """The Python source of a declared associative combine, as a function over rows of operands.
 
-`combine_source` renders the combine's own graph (ir.Combine.graph) with the expression renderer
-of the loop backend: every operand has one leading axis of rows, so one call combines many pairs
-at once. The scan backend nests it in the generated forward (it reads `cdt`, `dev` and dim sizes
-`d_*` from there); rnnc/associative.py executes it to check associativity on random operands.
+`combine_source` renders the combine's own graph (ir.Combine.graph) with the renderer every
+lowering shares (backends/render.py): every operand has one leading axis of rows, so one call
+combines many pairs at once. The scan backend nests it in the generated forward (it reads `cdt`,
+`dev` and dim sizes `d_*` from there); rnnc/associative.py executes it to check associativity on
+random operands.
 """
 from __future__ import annotations
 
 from rnnc.ir import Combine
+
+from .render import Lines, Renderer
+from .torch_expr import shape_text
 
 
 def _stages(c: Combine) -> dict[int, str]:
@@ -22,19 +26,16 @@ def _stages(c: Combine) -> dict[int, str]:
 
 def combine_source(c: Combine, fname: str, indent: str = "") -> list[str]:
     """Lines of `def fname(a_x, ..., b_x, ...)` returning the combined tuple, rows first."""
-    from .loop import _Lines, _Renderer
-    from .torch_expr import shape_text
-
     g = c.graph
     stages = _stages(c)
-    r = _Renderer(g, stages, set(c.out))
+    r = Renderer(g, stages, set(c.out))
     params = []
     for side, ids in (("a", c.left), ("b", c.right)):
         for nid in ids:
             r.names[nid] = f"{side}_{g[nid].name}"
             r.used_names.add(r.names[nid])
             params.append(r.names[nid])
-    L = _Lines()
+    L = Lines()
     L(f"def {fname}({', '.join(params)}):")
     L.indent()
     L(f'"""combine {c.name}: one leading axis of rows on every operand."""')

@@ -64,7 +64,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
            chunk_size: int | None = None, device=None, standalone: bool = False) -> tuple[str, Report]:
     """Optimise, analyse and emit one cell for `device`: (module source, report). The module imports
     its runtime from rnnc.runtime, or with `standalone` carries a copy of it (backends/link.py)."""
-    from rnnc.backends.loop import emit_module
+    from rnnc.backends.assemble import emit_module
 
     _check_chunk_size(chunk_size)
     cell = optimize(ir)

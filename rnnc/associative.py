@@ -208,12 +208,12 @@ def _identity_values(c: Combine, sizes: dict[str, int]) -> list:
 
 
 def _identity_source(c: Combine) -> list[str]:
-    from rnnc.backends.loop import _Lines, _Renderer
+    from rnnc.backends.render import Lines, Renderer
 
     g = c.graph
     nodes = g.order(g.ancestors(c.identity))
-    r = _Renderer(g, {n: "const" for n in nodes}, set(c.identity))
-    L = _Lines()
+    r = Renderer(g, {n: "const" for n in nodes}, set(c.identity))
+    L = Lines()
     L("def _identity():")
     L.indent()
     r.emit(L, nodes, "const")

@@ -2,8 +2,9 @@
 
 A plan names the values a lowering reads (a scan's a and b, a chunk form's q, k, v, gates and β);
 planning may append the nodes it derives (a scan coefficient, an update's collected v) but never
-rewrites a node. `plan(cell, report, backend)` builds the plan of the chosen backend; the emitter
-(backends/loop.py) renders it; `nodes()` lists what must stay live.
+rewrites a node. `scan_plan` and `chunk_plan` build the plan of the chosen backend; the lowering's
+fragment (backends/emit_scan.py, emit_chunk.py, emit_loop.py) renders it; `nodes()` lists what
+must stay live.
 """
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from dataclasses import dataclass, field, replace
 from .analysis import Report
 from .associative import scan_groups
 from .ir import Cell, Combine
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """The sequential loop: its backward through time generated (backends/bptt.py), or autograd's
+    through the Python loop (`backward="autograd"`, the reference the generated one is tested against)."""
+
+    generated_backward: bool = True
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,7 @@ class ChunkPlan:
     before: bool = False
     sign: int = 1
     extra: tuple[tuple[int, int], ...] = ()  # (state-free node, ±1)
-    chunk_size: int | None = None  # None: the default for the kind (backends/loop.py)
+    chunk_size: int | None = None  # None: the default for the kind (backends/emit_chunk.py)
     triton: bool = False
 
     def nodes(self) -> list[int]:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CODE = """
 import sys
 sys.path += {site!r}
-import rnnc, rnnc.backends.loop
+import rnnc, rnnc.backends.assemble
 assert rnnc.__file__.startswith({root!r}), rnnc.__file__
 assert rnnc.backends.__file__.startswith({root!r}), rnnc.backends.__file__
 assert not any('editable' in type(f).__name__.lower() for f in sys.meta_path)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_LANGUAGE = [p for p in PRIMS if p.symbol or p.builtins]  # the rest only appear in derivative graphs
 DIFFERENTIABLE = [p.name for p in IN_LANGUAGE if p.elementwise and p.grad == "rule"]
 TRITON_DIFFERENTIABLE = [p.name for p in PRIMS if p.elementwise and p.triton_vjp]
-BOUND_BY_NAME = {"input", "param", "state", "item"}  # loop.py binds them (an item by destructuring its split)
+BOUND_BY_NAME = {"input", "param", "state", "item"}  # the generated forward binds them (backends/assemble.py; an item by destructuring its split)
 POSITIVE = {"log", "sqrt", "rsqrt", "log1p", "pow"}  # take their (first) operand from (1.5, 2.5)
 
 

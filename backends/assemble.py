@@ -1,0 +1,341 @@
+"""Assembles the generated module of one cell, for every backend: the header (backends/link.py:
+importing the runtime, or standalone with it vendored), the class, `__init__`/`reset_parameters`,
+`forward` and `step`.
+
+`forward`'s common part is here: input checks, dims, dtypes, the constants once, then every
+state-independent value for all time steps at once (one big matmul for an input projection), the
+outputs and final states returned. The recurrence between is one lowering's fragment, each in its
+own module with one interface, `emit(L, rec, plan)` (rec: render.Recurrence; plan: its typed plan):
+emit_loop.py (the sequential loop, rnnc's semantics), emit_scan.py, emit_chunk.py and
+emit_recurrent.py (the fused Triton kernel); those with kernels of their own also have
+`kernels(L, ...)`, emitted before the class. With a parallel plan and `loop_below`, `forward`
+dispatches on the sequence length between two such forwards.
+"""
+from __future__ import annotations
+
+import keyword
+from pathlib import Path
+from typing import Callable, Union
+
+from rnnc import dims as D
+from rnnc.analysis import Report
+from rnnc.errors import UnsupportedError
+from rnnc.ir import Cell
+from rnnc.plans import ChunkPlan, LoopPlan, ScanPlan
+
+from . import emit_chunk, emit_loop, emit_recurrent, emit_scan, link
+from .render import Lines, Recurrence, Renderer, node_dims
+from .tiles import TileProgram
+from .torch_expr import shape_text
+
+#: A lowering's plan: the sequential loop's, a scan's, a chunk form's, or the fused recurrent kernel's tiles.
+Plan = Union[LoopPlan, ScanPlan, ChunkPlan, TileProgram]
+
+#: Each lowering's fragment by the type of its plan: `emit(L, rec, plan)` (see render.Recurrence).
+FRAGMENTS: dict[type, Callable[[Lines, Recurrence, Plan], None]] = {
+    LoopPlan: emit_loop.emit, ScanPlan: emit_scan.emit, ChunkPlan: emit_chunk.emit, TileProgram: emit_recurrent.emit,
+}
+
+#: Attribute names the generated module (or nn.Module) already uses: no param may take them.
+MODULE_ATTRS = frozenset({
+    "DIMS", "INPUTS", "OUTPUTS", "STATES", "DEFAULTS", "REQUIRED", "SPEC", "dims", "step", "forward",
+    "reset_parameters", "extra_repr", "source", "backend", "training", "parameters", "buffers", "modules",
+    "children", "state_dict", "load_state_dict", "to", "cuda", "cpu", "float", "double", "half", "bfloat16",
+    "train", "eval", "apply", "register_buffer", "register_parameter", "zero_grad", "type", "requires_grad_",
+    "named_parameters", "named_buffers", "named_modules", "named_children", "add_module", "get_parameter",
+    "get_submodule", "get_buffer", "share_memory", "dump_patches", "call_super_init", "compile",
+})
+
+
+def class_name(cell: Cell) -> str:
+    """The generated class's name: `gated_deltanet` -> `GatedDeltanetCell`."""
+    return "".join(part.capitalize() for part in cell.name.split("_") if part) + "Cell"
+
+
+def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None,
+                generated_backward: bool = True, scan: ScanPlan | None = None,
+                chunk: ChunkPlan | None = None, loop_below: int | None = None,
+                recurrent: TileProgram | None = None, standalone: bool = False) -> str:
+    """The full source of a module defining the cell's nn.Module class: importing what it calls from
+    rnnc.runtime, or with `standalone` a file that needs only torch (and triton), the runtime vendored
+    (backends/link.py).
+
+    `defaults` are dim sizes baked in as the constructor's defaults (on top of `dim N = ...`).
+    `scan` (rnnc.plans.ScanPlan) lowers the recurrence to parallel scans; `chunk`
+    (rnnc.plans.ChunkPlan) to a chunkwise-parallel form. `recurrent` (a tiles.TileProgram) runs the
+    steps in one fused Triton kernel (backends/emit_recurrent.py). With `loop_below` as well, the
+    module keeps the loop for sequences shorter than that many steps (where it is faster).
+    """
+    for p in cell.params:
+        if p.name in MODULE_ATTRS or keyword.iskeyword(p.name) or p.name.startswith("_"):
+            raise UnsupportedError(f"param name '{p.name}' is reserved by torch.nn.Module", p.loc,
+                                   "rename the param")
+    stages = report.stages
+    graph = cell.graph
+    roots = {o.node for o in cell.outputs} | {s.node_out for s in cell.states} | {s.init for s in cell.states}
+    r = Renderer(graph, stages, roots)
+    cls = class_name(cell)
+    dim_names = list(cell.dims)
+    param_dims = sorted({n for p in cell.params for d in p.shape for n in D.free_names(d)})
+    needed = sorted({n for s in cell.states for d in s.shape for n in D.free_names(d)}
+                    | {n for p in cell.outputs for d in p.shape for n in D.free_names(d)}
+                    | {n for p in cell.inputs for d in p.shape for n in D.free_names(d)}
+                    | set(param_dims) | {n for nid in stages for n in node_dims(graph, nid)})
+    defaults = {**{d.name: int(d.default) for d in cell.dims.values() if d.default is not None},
+                **(defaults or {})}
+
+    L = Lines()
+    if scan is not None and scan.triton:
+        emit_scan.kernels(L, cell, stages, scan)
+    if recurrent is not None:
+        emit_recurrent.kernels(L, cell, recurrent)
+    L(f"class {cls}(nn.Module):")
+    L.indent()
+    L(f'"""One step of `{cell.name}`, run over sequences shaped [B, T, *extra, *declared]."""')
+    L()
+    L(f"DIMS = {tuple(dim_names)!r}")
+    L(f"DEFAULTS = {defaults!r}")
+    L(f"REQUIRED = {tuple(param_dims)!r}")
+    L(f"INPUTS = {tuple(p.name for p in cell.inputs)!r}")
+    L(f"OUTPUTS = {tuple(p.name for p in cell.outputs)!r}")
+    L(f"STATES = {tuple(s.name for s in cell.states)!r}")
+    L()
+    parallel = "chunk" if chunk is not None else "scan" if scan is not None else None
+    short = "recurrent" if recurrent is not None and parallel is not None else "loop"
+    dispatch = parallel is not None and loop_below is not None
+    if dispatch:
+        why = ("the fused recurrent kernel, as fla's layers do" if short == "recurrent"
+               else "the loop is faster there; rnnc's benchmarks")
+        L(f"#: sequences shorter than this run step by step ({why})")
+        L(f"LOOP_BELOW = {loop_below}")
+        L()
+    _emit_init(L, cell)
+    _emit_reset(L, cell)
+    if dispatch:
+        _emit_dispatch(L, parallel, short)
+    loop_plan = LoopPlan(generated_backward)
+    plan = next(p for p in (chunk, scan, recurrent, loop_plan) if p is not None)
+    _emit_forward(L, cell, r, stages, needed, plan, f"_forward_{parallel}" if dispatch else "forward")
+    if dispatch:  # the short sequences' forward, with a renderer of its own (its names start afresh)
+        short_plan = recurrent if short == "recurrent" else loop_plan
+        _emit_forward(L, cell, Renderer(graph, stages, roots), stages, needed, short_plan, f"_forward_{short}")
+    _emit_step(L, cell)
+    L("def extra_repr(self):")
+    L("    return ', '.join(f'{k}={v}' for k, v in self.dims.items())")
+    L.dedent()
+    L()
+    L()
+    L(f"Cell = {cls}")
+    code = "\n".join(L.lines) + "\n"
+    spec = Path(cell.file).name  # never the absolute path of the spec or of rnnc's install
+    if standalone:
+        header = link.vendor(code, _version())
+        needs = "torch and triton" if "\nimport triton\n" in header else "torch"
+        note = [f"Standalone: needs only {needs}; what it calls from the rnnc runtime is copied in below.",
+                "Regenerate with `rnnc compile` rather than editing."]
+    else:
+        header = link.imports(code)
+        note = ["Imports what it calls from rnnc.runtime (`rnnc compile` writes the standalone form)."]
+    summary = [line.replace("\\", "/").replace(str(cell.file), spec).rstrip() for line in report.summary().splitlines()]
+    doc = [f"{cls}: generated by rnnc from {spec} (cell {cell.name}, backend {report.backend}).", "", *note, "",
+           *summary]
+    if standalone:
+        header += f"\n\n\n# {'-' * 20} generated for cell {cell.name} {'-' * 20}"
+    return '"""' + "\n".join(doc) + '\n"""\n' + header + "\n\n\n" + code
+
+
+def _version() -> str:
+    import rnnc
+
+    return rnnc.__version__
+
+
+def _emit_init(L: Lines, cell: Cell) -> None:
+    L("def __init__(self, *, device=None, dtype=None, **dims):")
+    L.indent()
+    L("super().__init__()")
+    L("for key in dims:")
+    L("    if key not in self.DIMS:")
+    L("        raise InputError(f\"unknown dim {key!r}; this cell's dims are {', '.join(self.DIMS) or 'none'}\")")
+    L("self.dims = dict(self.DEFAULTS)")
+    L("for key, value in dims.items():")
+    L("    if value is None:")
+    L("        continue")
+    L("    if isinstance(value, bool) or not isinstance(value, int) or value < 1:")
+    L("        raise InputError(f'dim {key} must be a positive integer, got {value!r}')")
+    L("    self.dims[key] = value")
+    L("_need_dims(self.dims, self.REQUIRED, 'the params need them')")
+    for name in sorted({n for p in cell.params for d in p.shape for n in D.free_names(d)}):
+        L(f"d_{name} = self.dims[{name!r}]")
+    for p in cell.params:
+        L(f"self.{p.name} = nn.Parameter(torch.empty({shape_text(p.shape)}, device=device, dtype=dtype))")
+    L("self.reset_parameters()")
+    L.dedent()
+    L()
+
+
+def _emit_reset(L: Lines, cell: Cell) -> None:
+    L("def reset_parameters(self):")
+    L.indent()
+    if not cell.params:
+        L("pass")
+        L.dedent()
+        L()
+        return
+    g = cell.init_graph
+    stages = {n: "const" for n in g.ids()}
+    L("with torch.no_grad():")
+    L.indent()
+    used = sorted({n for nid in g.ids() for n in node_dims(g, nid)})
+    for name in used:
+        L(f"d_{name} = self.dims[{name!r}]")
+    for p in cell.params:
+        kind, *args = p.init
+        if kind == "value":
+            L(f"cdt, dev = self.{p.name}.dtype, self.{p.name}.device")
+        r = Renderer(g, stages, set())
+        r.used_names = {"cdt", "dev"}
+        r.emit(L, g.order(g.ancestors(args)), "const")
+        vals = [r.operand(a, "const") for a in args]
+        if kind in ("uniform", "normal"):
+            num = ", ".join(v.text if v.scalar else f"float({v.text})" for v in vals)
+            L(f"nn.init.{kind}_(self.{p.name}, *_check_init({p.name!r}, {kind!r}, {num}))")
+        else:
+            L(f"self.{p.name}.copy_({vals[0].text})")
+    L.dedent(2)
+    L()
+
+
+def _emit_dispatch(L: Lines, parallel: str, short: str) -> None:
+    L("def forward(self, *args, state=None, cu_seqlens=None, **kwargs):")
+    L.indent()
+    L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states).')
+    L()
+    L(f"Sequences of LOOP_BELOW steps or more run the {parallel} form, shorter ones the {short} form: the")
+    L(f'same results either way. cu_seqlens: see _forward_{parallel}."""')
+    L("if cu_seqlens is None and _seq_len(self.INPUTS, args, kwargs) < self.LOOP_BELOW:")
+    if short == "recurrent":  # unless its register tiles would be too large for these dims
+        L("    try:")
+        L("        return self._forward_recurrent(*args, state=state, **kwargs)")
+        L("    except InputError as e:")
+        L("        if not getattr(e, 'tiles_too_large', False):")
+        L("            raise")
+    else:
+        L(f"    return self._forward_{short}(*args, state=state, **kwargs)")
+    L(f"return self._forward_{parallel}(*args, state=state, cu_seqlens=cu_seqlens, **kwargs)")
+    L.dedent()
+    L()
+
+
+def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], needed: list[str], plan: Plan,
+                  method: str = "forward") -> None:
+    """One forward method: the common prologue and epilogue around the fragment of `plan`'s lowering."""
+    names = [p.name for p in cell.inputs]
+    ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
+    L(f"def {method}(self, *args, state=None, cu_seqlens=None, **kwargs):")
+    L.indent()
+    L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states).')
+    L()
+    L("With cu_seqlens (sequence boundaries in a packed [1, T, ...] batch), every sequence runs")
+    L('from its own initial state and ends with its own final state, as if run alone."""')
+    L("if cu_seqlens is not None:")
+    L("    return _varlen(self, args, kwargs, state, cu_seqlens)")
+    args = [f"in_{n}" for n in names]
+    if names:
+        L(f"{', '.join(args)}{',' if len(args) == 1 else ''} = _gather_inputs(self.INPUTS, args, kwargs)")
+        L(f"lead = _batch_shape(self.INPUTS, ({', '.join(args)},), {ranks!r}, 2)")
+        L("B, T, extra = lead[0], lead[1], lead[2:]")
+        L("if T == 0:")
+        L("    raise InputError('empty sequence: inputs have T = 0 time steps')")
+    else:
+        L("raise InputError('a cell without inputs cannot be run')")
+        L.dedent()
+        L()
+        return
+    L("_check_state_keys(state, self.STATES)")
+    L("dims, origin = dict(self.dims), {k: 'set when the cell was built' for k in self.dims}")
+    for p, a in zip(cell.inputs, args):
+        for i, d in enumerate(p.shape):
+            if d.is_Symbol:
+                axis = i - len(p.shape)
+                L(f"_bind(dims, origin, {d.name!r}, {a}.shape[{axis}], \"input '{p.name}' axis {axis}\")")
+    if needed:
+        L(f"_need_dims(dims, {tuple(needed)!r}, 'they cannot be inferred from the inputs')")
+        for n in needed:
+            L(f"d_{n} = dims[{n!r}]")
+    for p, a in zip(cell.inputs, args):
+        text = ", ".join(D.fmt(d) for d in p.shape)
+        L(f"_check_shape({p.name!r}, {a}, {shape_text(p.shape)}, {text!r}, 2)")
+    dtypes = ", ".join([f"{a}.dtype" for a in args] + [f"self.{p.name}.dtype" for p in cell.params])
+    L(f"cdt = _compute_dtype(({dtypes},))")
+    L(f"odt = _output_dtype(({', '.join(a + '.dtype' for a in args)},), cdt)")
+    L(f"dev = {args[0]}.device")
+    L("N = B * math.prod(extra)")
+    live = cell.graph.order(stages)
+    for p in cell.params:
+        if p.node in stages:
+            L(f"{r.name(p.node)} = self.{p.name}.to(cdt)")
+    for p, a in zip(cell.inputs, args):
+        if p.node in stages:
+            L(f"{r.name(p.node)} = {a}.reshape(-1, *{a}.shape[{a}.dim() - {len(p.shape)}:]).to(cdt)"
+              if p.shape else f"{r.name(p.node)} = {a}.reshape(-1).to(cdt)")
+    if isinstance(plan, (LoopPlan, TileProgram)) and cell.extra_roots:  # not a parallel plan's values
+        base = [o.node for o in cell.outputs] + [s.node_out for s in cell.states] + [s.init for s in cell.states]
+        used = cell.graph.ancestors(base)
+        live = [n for n in live if n in used]
+    if isinstance(plan, TileProgram):  # only what the recurrent kernel loads (not e.g. the delta rule's I - b k kᵀ)
+        outs = [o.node for o in cell.outputs if stages.get(o.node) != "loop"]
+        used = cell.graph.ancestors(list(plan.leaves) + outs + [s.init for s in cell.states])
+        live = [n for n in live if n in used or stages[n] == "loop"]
+    if isinstance(plan, ChunkPlan):  # only what the chunkwise form reads (not the per-step k vᵀ, decays, ...)
+        state_free_outs = [o.node for o in cell.outputs if o.name != plan.output]
+        used = cell.graph.ancestors(plan.nodes() + state_free_outs + [s.init for s in cell.states])
+        live = [n for n in live if n in used or stages[n] == "loop"]
+    const = [n for n in live if stages[n] == "const"]
+    hoist = [n for n in live if stages[n] == "hoist"]
+    loop = [n for n in live if stages[n] == "loop"]
+    if const:
+        L("# constants: params and literals only, computed once")
+        r.emit(L, const, "const")
+    if any(cell.graph[n].op != "input" for n in hoist):
+        L("# state-independent values, for all B*T*extra rows at once")
+        r.emit(L, hoist, "hoist")
+    into_loop = sorted({a for n in loop for a in cell.graph[n].args if stages.get(a) == "hoist"}
+                       | {s.node_out for s in cell.states if stages.get(s.node_out) == "hoist"})
+    loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
+    if cell.states or loop_outs:  # else nothing is carried from step to step: no loop at all
+        FRAGMENTS[type(plan)](L, Recurrence(cell, r, stages, loop, into_loop, loop_outs), plan)
+    results = []
+    for o in cell.outputs:
+        stage = stages.get(o.node)
+        if stage == "loop":
+            results.append(f"_unsteps(out_{o.name}, B, extra).to(odt)")
+        elif stage == "hoist":
+            results.append(f"{r.operand(o.node, 'hoist').text}.reshape(B, T, *extra, *{shape_text(o.shape)}).to(odt)")
+        else:
+            results.append(f"{r.tensor(o.node, 'const')}.expand(B, T, *extra, *{shape_text(o.shape)}).to(odt)")
+    final = ", ".join(f"{s.name!r}: {r.name(s.node_in)}.reshape(B, *extra, *{shape_text(s.shape)})"
+                      for s in cell.states)
+    L(f"final = {{{final}}}")
+    if len(results) == 1:
+        L(f"return {results[0]}, final")
+    else:
+        L(f"return ({', '.join(results)}), final")
+    L.dedent()
+    L()
+
+
+def _emit_step(L: Lines, cell: Cell) -> None:
+    L("def step(self, *args, state=None, **kwargs):")
+    L.indent()
+    L('"""One time step: inputs [B, *extra, ...] -> (outputs [B, *extra, ...], new state dict)."""')
+    L("inputs = _gather_inputs(self.INPUTS, args, kwargs)")
+    L("_batch_shape(self.INPUTS, inputs, " + repr(tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs))
+      + ", 1)")
+    L("outputs, final = self.forward(*[x.unsqueeze(1) for x in inputs], state=state)")
+    if len(cell.outputs) == 1:
+        L("return outputs.squeeze(1), final")
+    else:
+        L("return tuple(y.squeeze(1) for y in outputs), final")
+    L.dedent()
+    L()

@@ -1,0 +1,56 @@
+"""The chunk lowering's fragment: the one matrix state by a chunkwise-parallel algorithm
+(rnnc/runtime/chunk.py, or its Triton kernels on the triton backend), the output's state-free
+terms added from the hoisted values.
+"""
+from __future__ import annotations
+
+from rnnc.plans import ChunkPlan
+
+from .render import Lines, Recurrence
+
+CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see default_chunk_size)
+
+
+def default_chunk_size(plan: ChunkPlan) -> int:
+    """Steps per chunk when the caller gives none. Per-key/per-value decays cost K-wide work that
+    grows with the chunk: 16 measured fastest on CPU for gla (benchmarks/RESULTS.md), 64 otherwise."""
+    return 16 if plan.kind == "linear" and (plan.gk is not None or plan.gv is not None) else CHUNK
+
+
+def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
+    """The one matrix state by a chunkwise-parallel algorithm (rnnc/runtime/chunk.py)."""
+    cell, r = rec.cell, rec.r
+    (s,) = cell.states
+    size = plan.chunk_size or default_chunk_size(plan)
+    L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (rnnc/runtime/chunk.py)")
+    L(f"s0_{s.name} = {rec.initial(s)}")
+
+    def seq(key: str) -> str:
+        return f"_time_major({r.operand(getattr(plan, key), 'hoist').text}, B, T)"
+
+    q, k, v = seq("q"), seq("k"), seq("v")
+    target = f"out_{plan.output}, {r.name(s.node_in)}"
+    before = ", before=True" if plan.before else ""  # o_t = q_t @ S_{t-1}
+    if plan.kind == "linear":
+        for sc in plan.scale:
+            k = f"{k} * _time_major({r.operand(sc, 'hoist').text}, B, T).unsqueeze(-1)"
+        gk = seq("gk") if plan.gk is not None else (f"{seq('g')}.unsqueeze(-1)" if plan.g is not None else "None")
+        gv = seq("gv") if plan.gv is not None else "None"
+        if plan.triton:
+            L(f"_check_triton_device(s0_{s.name})")
+        fn = "_triton_chunk_linear" if plan.triton else "_chunk_linear"
+        L(f"{target} = {fn}({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size}{before})")
+    else:
+        beta = seq("beta") if plan.beta is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
+        g = seq("g") if plan.g is not None else "None"
+        if plan.triton:
+            L(f"_check_triton_device(s0_{s.name})")
+        fn = "_triton_delta_chunk" if plan.triton else "_chunk_delta"
+        L(f"{target} = {fn}({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
+    out = f"out_{plan.output}"
+    if plan.sign < 0:
+        L(f"{out} = -{out}")
+    for t, sign in plan.extra:  # the output's state-free terms, computed with the hoisted values
+        term = (f"_time_major({r.operand(t, 'hoist').text}, B, T)" if r.stages.get(t) == "hoist"
+                else r.tensor(t, "const"))
+        L(f"{out} = {out} {'+' if sign > 0 else '-'} {term}")
