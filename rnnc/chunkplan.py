@@ -16,7 +16,8 @@ from . import dims as D
 from .ir import Cell, Graph, Node
 from .matrix_terms import matrix_terms
 from .plans import ChunkPlan
-from .linearity import transitions
+from .linear_form import same
+from .linearity import contraction, transitions
 from .scanplan import zero_state
 
 
@@ -120,24 +121,23 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
             raise NotChunkable("its transition I − β k kᵀ and update β k vᵀ do not share β and k")
         plan.update(kind="delta", beta=beta[0] if beta else None, g=(gates["s"] or [None])[0], scale=[])
     before = info["readout_of"] == "old"
-    read = s.node_in if before else s.node_out
     outs = [o for o in cell.outputs if s.node_in in g.ancestors([o.node])]
     if len(outs) != 1:
         raise NotChunkable("exactly one output must read the state")
     (out,) = outs
-    terms = _signed_terms(g, out.node, 1)
-    reads = [(t, sign) for t, sign in terms if stages.get(t) == "loop"]
-    if len(reads) != 1:
+    read = contraction(cell, stages, s.name, out.node)
+    if read is None or read[3] != "left":
         raise NotChunkable(f"output '{out.name}' is not q @ {s.name} plus state-free terms")
-    (mm, sign), extra = reads[0], [(t, sg) for t, sg in terms if stages.get(t) != "loop"]
-    node = g[mm]
-    if node.op != "matmul" or node.args[1] != read or stages.get(node.args[0]) == "loop":
-        raise NotChunkable(f"output '{out.name}' is not q @ {s.name} plus state-free terms")
-    for t, _ in extra:
-        if stages.get(t) not in ("hoist", "const") or len(g[t].shape) != len(out.shape) or not all(
-                D.equal(a, b) for a, b in zip(g[t].shape, out.shape)):
-            raise NotChunkable(f"a term of output '{out.name}' besides q @ {s.name} has another shape")
-    plan["q"] = node.args[0]
+    _, q, sign, _ = read
+    read_node = s.node_in if before else s.node_out
+    try:  # the state-free rest of the output: the output with the state read set to zero
+        rest = zero_state(g, stages, out.node, {read_node: None})
+    except ValueError as e:
+        raise NotChunkable(str(e)) from None
+    if rest is not None and (stages.get(rest) == "loop" or not same(g[rest].shape, out.shape)):
+        raise NotChunkable(f"a term of output '{out.name}' besides q @ {s.name} has another shape")
+    extra = [] if rest is None else [(rest, 1)]
+    plan["q"] = q
     for key in ("q", "k", "v", "gk", "gv", "g", "beta"):
         if plan[key] is not None and stages.get(plan[key]) != "hoist":
             raise NotChunkable(f"its {key} does not change with the inputs")
@@ -146,15 +146,3 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
                      before=before,  # o_t = q_t @ S_{t-1}: the state before this step's update
                      sign=sign,  # o = sign * (q @ S) + the extra terms
                      extra=tuple(extra))  # (node, ±1): state-free terms of the output, hoisted
-
-
-def _signed_terms(g: Graph, nid: int, sign: int) -> list[tuple[int, int]]:
-    """The terms of a sum through add/sub/neg, each with its sign: a - (b + c) -> [(a, 1), (b, -1), (c, -1)]."""
-    node = g[nid]
-    if node.op == "add":
-        return [t for a in node.args for t in _signed_terms(g, a, sign)]
-    if node.op == "sub":
-        return _signed_terms(g, node.args[0], sign) + _signed_terms(g, node.args[1], -sign)
-    if node.op == "neg":
-        return _signed_terms(g, node.args[0], -sign)
-    return [(nid, sign)]

@@ -15,8 +15,9 @@ states with additive or identity-minus-low-rank transitions and a contraction re
 """
 from __future__ import annotations
 
-from .ir import Cell, Graph
+from .ir import Cell
 from .linear_form import linear_forms
+from .matrix_terms import collect, expand
 from .transition import Decay, Transition, formula, transition
 
 
@@ -172,8 +173,39 @@ def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
             out[name] = info
 
 
+def contraction(cell: Cell, stages: dict[int, str], state: str, out: int) -> tuple[str, int, int, str] | None:
+    """("old" | "new", q, sign, side) when the value `out` is ± q @ S (side "left") or ± S @ q
+    ("right") of the state before or after its update, plus state-free terms, in any writing
+    (`q @ S`, `sum(q[:, None] * S, axis=0)`, ...); None otherwise. Read off the value's canonical
+    form over S's two values."""
+    s = next(x for x in cell.states if x.name == state)
+    leaves = {s.node_in: "old"} | ({s.node_out: "new"} if s.node_out != s.node_in else {})
+    form = linear_forms(cell, stages, leaves).get(out)
+    if form is None or form.nonlinear or form.opaque:
+        return None
+    terms = []
+    for t in form.terms:
+        ex = expand(cell.graph, t)
+        if ex is None:
+            return None
+        terms += ex
+    terms = collect(terms)
+    if len(terms) != 1:
+        return None
+    (t,) = terms
+    if t.elem or t.dots or t.scalars or t.num != 1:
+        return None
+    side, atoms = ("left", t.left) if t.orient == "row" and not t.right else \
+        ("right", t.right) if t.orient == "col" and not t.left else (None, ())
+    if side is None or [a.kind for a in atoms] != ["row" if side == "left" else "col"] \
+            or atoms[0].node is None or stages.get(atoms[0].node) == "loop":
+        return None
+    return t.state, atoms[0].node, t.sign, side
+
+
 def _readouts(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
-    """Mark the states the outputs read through a contraction `q @ S` (what a chunkwise form needs)."""
+    """How the outputs read each state: through a contraction `q @ S` (what a chunkwise form
+    needs), as the state itself, or otherwise; of its value before or after the update."""
     g = cell.graph
     for s in cell.states:
         info = out[s.name]
@@ -183,9 +215,9 @@ def _readouts(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
             if s.node_in not in deps:
                 continue
             new = s.node_out in deps and s.node_out != s.node_in
-            terms = _state_terms(g, stages, o.node)
-            if all(g[t].op == "matmul" and any(stages.get(a) != "loop" for a in g[t].args) for t in terms):
-                kinds.add(("contraction", "new" if new else "old"))
+            read = contraction(cell, stages, s.name, o.node) if len(s.shape) == 2 else None
+            if read is not None:
+                kinds.add(("contraction", read[0]))
             elif o.node in (s.node_out, s.node_in):
                 kinds.add(("state", "new" if o.node == s.node_out else "old"))
             else:
@@ -193,11 +225,3 @@ def _readouts(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
         if kinds:
             info["readout"] = sorted({k for k, _ in kinds})[0] if len(kinds) == 1 else "mixed"
             info["readout_of"] = sorted({w for _, w in kinds})[0] if len({w for _, w in kinds}) == 1 else "both"
-
-
-def _state_terms(g: Graph, stages: dict[int, str], nid: int) -> list[int]:
-    """The state-dependent terms of a sum (through add/sub/neg), e.g. `q @ S` in `q @ S + d * x`."""
-    node = g[nid]
-    if node.op in ("add", "sub", "neg"):
-        return [t for a in node.args if stages.get(a) == "loop" for t in _state_terms(g, stages, a)]
-    return [nid]

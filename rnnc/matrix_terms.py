@@ -121,7 +121,7 @@ def expand(g: Graph, t: Term) -> list[Term] | None:
             new = Term(t.state, t.orient, t.sign * lt.sign * rt.sign, t.num * lt.num * rt.num,
                        tuple(sorted(t.scalars + lt.scalars + rt.scalars)), tuple(sorted(t.elem + lt.elem + rt.elem)),
                        lt.left, rt.left, t.dots + lt.dots + rt.dots)
-            out.append(_dots(new))
+            out.append(_dots(g, new))
     return out
 
 
@@ -167,13 +167,35 @@ def _peel(g: Graph, atom: Atom) -> Term:
     return Term("", "mat", sign, num, tuple(sorted(scalars)), left=(replace(atom, node=node),))
 
 
-def _dots(t: Term) -> Term:
-    """Adjacent row·col atoms on either side become a scalar inner product."""
+def _vector(g: Graph, nid: int) -> int | None:
+    """The vector a diagonal atom's node holds: `q[:, None]` -> q, a vector itself; None otherwise."""
+    node = g[nid]
+    if len(node.shape) == 1:
+        return nid
+    items = node.attrs.get("items", ()) if node.op == "index" else ()
+    if len(node.shape) == 2 and len(items) == 2 and items[0][0] == "slice" and items[1][0] == "new" \
+            and len(g[node.args[0]].shape) == 1 and D.equal(items[0][1], 0) \
+            and D.equal(items[0][2], g[node.args[0]].shape[0]):
+        return node.args[0]
+    return None
+
+
+def _dots(g: Graph, t: Term) -> Term:
+    """Adjacent row·col atoms on either side become a scalar inner product, and a sum over an
+    axis after a diagonal scaling a contraction: 1ᵀ diag(q) = qᵀ (`sum(q[:, None] * S, 0)` = q @ S)."""
     sides = []
     dots = list(t.dots)
     for atoms in (t.left, t.right):
         out: list[Atom] = []
         for atom in atoms:
+            if out and out[-1].kind == "row" and out[-1].node is None and atom.kind == "diag" and not atom.inv \
+                    and _vector(g, atom.node) is not None:
+                out[-1] = Atom("row", _vector(g, atom.node))
+                continue
+            if out and out[-1].kind == "diag" and not out[-1].inv and atom.kind == "col" and atom.node is None \
+                    and _vector(g, out[-1].node) is not None:
+                out[-1] = Atom("col", _vector(g, out[-1].node))
+                continue
             if out and out[-1].kind == "row" and atom.kind == "col":
                 dots.append(tuple(sorted((out[-1].node, atom.node), key=lambda x: -1 if x is None else x)))
                 out.pop()

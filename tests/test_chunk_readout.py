@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import rnnc
 
+from helpers import library_inputs  # noqa: E402
+
 K, V = 4, 3
 
 CELLS = {
@@ -102,7 +104,7 @@ def test_rwkv6_chunk_reads_the_state_before_the_update():
 
 @pytest.mark.parametrize("body,why", [
     ("o = q @ S + sum(v)", "another shape"),             # a scalar term broadcast over V
-    ("o = q @ S + k @ S", "plus state-free terms"),      # two readouts
+    ("o = q @ S + k @ S", "not read out as q @ S"),      # two readouts
     ("o = 2 * (q @ S)", "not read out as q @ S"),        # a scaled readout
 ])
 def test_other_readouts_are_refused(body, why):
@@ -116,3 +118,22 @@ cell c(q: [K], k: [K], v: [V]) -> (o: [V]) {{
     with pytest.raises(rnnc.BuildError) as info:
         rnnc.build(prog, backend="chunk")
     assert why in str(info.value)
+
+
+@pytest.mark.parametrize("readout", ["o = sum(q[:, None] * S, axis=0)", "o = -(0 * v - sum(q[:, None] * S, axis=0))"])
+def test_a_readout_written_as_a_sum_chunks_like_q_at_S(readout):
+    """`sum(q[:, None] * S, axis=0)` is q @ S: the same verdict, plan and numbers."""
+    text = f"""cell c(q: [K], k: [K], v: [V], g: [K]) -> (o: [V]) {{
+    state S: [K, V] = 0
+    S = exp(g)[:, None] * S + outer(k, v)
+    {readout}
+}}"""
+    info = rnnc.analyze(text).to_dict()["states"]["S"]
+    assert (info["readout"], info["readout_of"]) == ("contraction", "new")
+    assert rnnc.analyze(text).backend == "chunk"
+    ref = rnnc.build("gla", backend="loop", dtype=torch.float64)
+    cell = rnnc.build(text, backend="chunk", dtype=torch.float64)
+    xs = library_inputs("gla", 2, 37, 2, False, torch.float64)
+    (y, f), (yr, fr) = cell(*xs), ref(*xs)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(f["S"], fr["S"])
