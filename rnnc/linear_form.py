@@ -32,6 +32,9 @@ from . import dims as D
 from . import registry
 from .ir import Cell, Graph
 
+#: Ops that carry a transposed term through (the others make it opaque): sums, sign, scalar
+#: scalings, a matrix-vector product (which undoes the transpose) and another transpose.
+_TRANSPOSE_SAFE = frozenset({"add", "sub", "neg", "mul", "div", "matmul", "transpose"})
 MAX_TERMS = 64  # more terms than this in one value: opaque (the distribution blew up)
 
 
@@ -70,15 +73,16 @@ class Term:
     left: tuple[Atom, ...] = ()
     right: tuple[Atom, ...] = ()
     dots: tuple[tuple[int | None, int | None], ...] = ()  # scalar inner products bᵀc (None: ones)
+    trans: bool = False  # the value is the transpose of the matrix above (orient "mat" only)
 
     def key(self) -> tuple:
         """Everything but the numeric coefficient: terms with equal keys add up."""
-        return (self.state, self.orient, self.scalars, self.elem, self.left, self.right, self.dots)
+        return (self.state, self.orient, self.scalars, self.elem, self.left, self.right, self.dots, self.trans)
 
     @property
     def diagonal(self) -> bool:
         """Only diagonal atoms: an elementwise scaling of the state."""
-        return all(a.kind == "diag" for a in self.left + self.right) and not self.dots
+        return all(a.kind == "diag" for a in self.left + self.right) and not self.dots and not self.trans
 
 
 def scale(t: Term, sign: int = 1, num=1, scalars=(), elem=()) -> Term:
@@ -133,6 +137,7 @@ class _Builder:
         self.leaves = leaves  # node -> the state name it stands for
         self.rank = {name: len(self.g[n].shape) for n, name in leaves.items()}
         self.forms: dict[int, Form] = {}
+        self.op = ""  # the op whose rule is running (each() checks transposed terms against it)
 
     def loop(self, nid: int) -> bool:
         return self.stages.get(nid) == "loop"
@@ -167,6 +172,7 @@ class _Builder:
         rule = getattr(self, "_" + node.op, None)
         if rule is None:
             return self.opaque(dep, node.op)
+        self.op = node.op
         out = rule(nid, node, dep)
         if len(out.terms) > MAX_TERMS:
             return self.opaque(dep, f"{node.op} (more than {MAX_TERMS} terms)")
@@ -202,6 +208,8 @@ class _Builder:
         src = self.forms[a]
         out = Form(opaque=dict(src.opaque))
         for t in src.terms:
+            if t.trans and self.op not in _TRANSPOSE_SAFE:  # (L S R)ᵀ: only these ops are modelled
+                return self.opaque([a], why)
             new = fn(t)
             if new is None or (new.elem and not new.diagonal):  # E ⊙ (A S) has no form here
                 return self.opaque([a], why)
@@ -245,6 +253,8 @@ class _Builder:
             if ones(fs) and same(ys, rs):
                 split = factors(g, f, inv)
                 return None if split is None else scale(t, *split)
+            if t.trans:
+                return None
             pad = (D.ONE,) * (len(rs) - len(fs)) + tuple(fs)
             if same(ys, rs):
                 if t.orient == "mat":
@@ -281,6 +291,8 @@ class _Builder:
             vec = len(g[A].shape) == 1
 
             def left(t: Term):
+                if t.trans:  # a @ (L S R)ᵀ = L S R a as a vector
+                    return replace(t, trans=False, orient="col", right=t.right + (Atom("col", A),)) if vec else None
                 if t.orient in ("mat", "col"):
                     atom = Atom("row", A) if vec else Atom("mat", A)
                     orient = {("mat", True): "row", ("mat", False): "mat", ("col", True): "scalar",
@@ -295,6 +307,8 @@ class _Builder:
         vec = len(g[B].shape) == 1
 
         def right(t: Term):
+            if t.trans:  # (L S R)ᵀ b = bᵀ L S R as a vector
+                return replace(t, trans=False, orient="row", left=(Atom("row", B),) + t.left) if vec else None
             if t.orient in ("mat", "row"):
                 atom = Atom("col", B) if vec else Atom("mat", B)
                 orient = {("mat", True): "col", ("mat", False): "mat", ("row", True): "scalar",
@@ -415,7 +429,7 @@ class _Builder:
         return self.opaque(dep, "broadcast")
 
     def _transpose(self, nid, node, dep) -> Form:
-        return self.opaque(dep, "transpose")
+        return self.each(dep[0], lambda t: replace(t, trans=not t.trans) if t.orient == "mat" else None, "transpose")
 
 
 def factors(g: Graph, f: int, inv: bool):

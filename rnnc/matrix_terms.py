@@ -120,7 +120,7 @@ def expand(g: Graph, t: Term) -> list[Term] | None:
         for rt in rights:
             new = Term(t.state, t.orient, t.sign * lt.sign * rt.sign, t.num * lt.num * rt.num,
                        tuple(sorted(t.scalars + lt.scalars + rt.scalars)), tuple(sorted(t.elem + lt.elem + rt.elem)),
-                       lt.left, rt.left, t.dots + lt.dots + rt.dots)
+                       lt.left, rt.left, t.dots + lt.dots + rt.dots, t.trans)
             out.append(_dots(g, new))
     return out
 

@@ -89,6 +89,8 @@ def transition(g: Graph, state: str, form: Form, rank: int) -> Transition:
     coupled = sorted(form.states - {state})
     if state in form.opaque:
         return Transition(state, "dense", Decay(), [], coupled=coupled, opaque=form.opaque[state])
+    if any(t.trans for t in form.of(state)):
+        return Transition(state, "dense", Decay(), [], coupled=coupled, opaque="a transpose")
     terms: list[Term] = []
     for t in form.of(state):
         ex = expand(g, t)

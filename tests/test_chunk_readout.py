@@ -120,9 +120,10 @@ cell c(q: [K], k: [K], v: [V]) -> (o: [V]) {{
     assert why in str(info.value)
 
 
-@pytest.mark.parametrize("readout", ["o = sum(q[:, None] * S, axis=0)", "o = -(0 * v - sum(q[:, None] * S, axis=0))"])
-def test_a_readout_written_as_a_sum_chunks_like_q_at_S(readout):
-    """`sum(q[:, None] * S, axis=0)` is q @ S: the same verdict, plan and numbers."""
+@pytest.mark.parametrize("readout", ["o = sum(q[:, None] * S, axis=0)", "o = -(0 * v - sum(q[:, None] * S, axis=0))",
+                                     "o = transpose(S) @ q", "o = q @ transpose(transpose(S))"])
+def test_other_writings_of_the_readout_chunk_like_q_at_S(readout):
+    """`sum(q[:, None] * S, axis=0)` and `transpose(S) @ q` are q @ S: the same verdict, backend and numbers."""
     text = f"""cell c(q: [K], k: [K], v: [V], g: [K]) -> (o: [V]) {{
     state S: [K, V] = 0
     S = exp(g)[:, None] * S + outer(k, v)

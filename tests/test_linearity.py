@@ -199,3 +199,14 @@ def test_the_report_prints_the_canonical_form():
         "let d = exp(g) * S\n S = d + beta * outer(k, v - k @ d)")}
     assert forms == {"S' = exp(g) (I - beta · k kᵀ) S + …"}
     assert "S' = exp(g) (I - beta · k kᵀ) S" in rnnc.analyze("gated_deltanet").summary()
+
+
+def test_a_transposed_state_is_linear_but_dense():
+    """S' = Sᵀ + ... is linear (a permutation of entries): dense, never nonlinear."""
+    text = """cell c(k: [K], v: [K]) -> (o: [K]) {
+        state S: [K, K] = 0
+        S = transpose(S) + outer(k, v)
+        o = k @ S }"""
+    got = rnnc.analyze(text).to_dict()["states"]["S"]
+    assert (got["class"], got["transition"]) == ("matrix_affine", "dense"), got
+    assert "transpose" in got["why"]
