@@ -229,7 +229,7 @@ class TorchExpr:
     # -- reductions and normalisations --
     def _reduce(self, node: Node, args, batched):
         (a,) = args
-        fn, ax = node.attrs["fn"], node.attrs["axis"]
+        ax = node.attrs["axis"]
         if a.rank == 0:
             return a.text, a.prec
         off = 1 if a.batched else 0

@@ -19,6 +19,7 @@ from . import dims as D
 from .ir import Graph
 from .linear_form import MAX_TERMS, Atom, Term, factors, number, ones, same, scale
 
+
 def decompose(g: Graph, nid: int, trans: bool = False) -> list[Term] | None:
     """A state-free matrix as a sum of terms over a placeholder (state ""): identity, diagonal,
     low-rank (col·row) and dense atoms; None when it has more than MAX_TERMS terms."""

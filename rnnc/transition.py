@@ -14,6 +14,7 @@ from .ir import Graph
 from .linear_form import Atom, Form, Term
 from .matrix_terms import collect, expand
 
+
 @dataclass
 class Decay:
     """The factors common to every term of a transition: S' = decay ⊙ (T S) + U."""
