@@ -26,7 +26,10 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     L(f"s0_{s.name} = {rec.initial(s)}")
 
     def seq(key: str) -> str:
-        return f"_time_major({r.operand(getattr(plan, key), 'hoist').text}, B, T)"
+        nid = getattr(plan, key)
+        if r.stages.get(nid) != "hoist":  # a constant (a fixed decay's log-gate): the same every step
+            return f"torch.full((T, N), {r.operand(nid, 'const').text}, dtype=cdt, device=dev)"
+        return f"_time_major({r.operand(nid, 'hoist').text}, B, T)"
 
     q, k, v = seq("q"), seq("k"), seq("v")
     target = f"out_{plan.output}, {r.name(s.node_in)}"

@@ -12,6 +12,8 @@ exp(g): the chunk form needs log-gates to stay stable.
 """
 from __future__ import annotations
 
+import math
+
 from . import dims as D
 from .ir import Cell, Graph, Node
 from .matrix_terms import matrix_terms
@@ -33,6 +35,14 @@ def _strip_newaxis(g: Graph, nid: int) -> tuple[int, bool]:
             and D.equal(items[0][2], g[node.args[0]].shape[0]):
         return node.args[0], True
     return nid, False
+
+
+def _constant_decay_ok(num) -> bool:
+    """A numeric decay factor the chunk form takes: 1, or a positive number (its log is the gate)."""
+    try:
+        return num == 1 or float(num) > 0
+    except TypeError:  # a symbolic one (a mean's 1/K)
+        return False
 
 
 def _log_gate(g: Graph, factor: int, size, side: str) -> int:
@@ -86,14 +96,16 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
     K, V = s.shape
     t = transitions(cell, stages)[s.name]
     decay = t.decay
-    if decay.elem or decay.num != 1 or any(inv for _, inv in decay.scalars) or \
-            any(a.inv for a in decay.left + decay.right):
-        raise NotChunkable("its decay is not written as exp(log-gate)")
+    if decay.elem or any(inv for _, inv in decay.scalars) or any(a.inv for a in decay.left + decay.right) \
+            or not _constant_decay_ok(decay.num):
+        raise NotChunkable("its decay is not written as exp(log-gate) or a positive constant")
     if t.kind == "diagonal":
         raise NotChunkable(f"state '{s.name}' reaches its next value along several paths")
     gates = {"k": [_log_gate(g, a.node, K, "k") for a in decay.left],
              "v": [_log_gate(g, a.node, V, "v") for a in decay.right],
              "s": [_log_gate(g, n, None, "s") for n, _ in decay.scalars]}
+    if decay.num != 1:  # a constant decay γ (RetNet's): the constant log-gate log γ every step
+        gates["s"].append(g.add(Node("const", (), (), attrs={"value": math.log(decay.num)}, scalar=True)))
     if any(len(v) > 1 for v in gates.values()):
         raise NotChunkable("it has several decays of one kind")
     try:
@@ -138,9 +150,11 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
         raise NotChunkable(f"a term of output '{out.name}' besides q @ {s.name} has another shape")
     extra = [] if rest is None else [(rest, 1)]
     plan["q"] = q
-    for key in ("q", "k", "v", "gk", "gv", "g", "beta"):
+    for key in ("q", "k", "v", "gk", "gv", "beta"):
         if plan[key] is not None and stages.get(plan[key]) != "hoist":
             raise NotChunkable(f"its {key} does not change with the inputs")
+    if plan["g"] is not None and stages.get(plan["g"], "const") not in ("hoist", "const"):
+        raise NotChunkable("its decay reads the state")
     return ChunkPlan(plan["kind"], s.name, out.name, plan["q"], plan["k"], plan["v"], plan["gk"], plan["gv"],
                      plan["g"], plan["beta"], tuple(plan["scale"]),
                      before=before,  # o_t = q_t @ S_{t-1}: the state before this step's update

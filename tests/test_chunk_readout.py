@@ -138,3 +138,35 @@ def test_other_writings_of_the_readout_chunk_like_q_at_S(readout):
     (y, f), (yr, fr) = cell(*xs), ref(*xs)
     torch.testing.assert_close(y, yr)
     torch.testing.assert_close(f["S"], fr["S"])
+
+
+@pytest.mark.parametrize("decay", ["0.9 * S", "S * 0.9", "exp(-0.1) * S", "S - 0.1 * S"])
+def test_a_constant_decay_chunks(decay):
+    """A fixed decay γ (RetNet's), written as a number, exp of a number or distributed, is the
+    constant log-gate log γ: the chunk form applies and gives the loop's values and gradients."""
+    text = f"""cell c(q: [K], k: [K], v: [V]) -> (o: [V]) {{
+    state S: [K, V] = 0
+    S = {decay} + outer(k, v)
+    o = q @ S
+}}"""
+    assert rnnc.analyze(text).backend == "chunk"
+    ref = rnnc.build(text, backend="loop", dtype=torch.float64, K=4, V=3)
+    cell = rnnc.build(text, backend="chunk", dtype=torch.float64, K=4, V=3, chunk_size=16)
+    xs = library_inputs(text, 2, 37, 2, False, torch.float64, seed=1)
+    (y, f), (yr, fr) = cell(*xs), ref(*xs)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(f["S"], fr["S"])
+    grads = torch.autograd.grad(y.sum() + f["S"].sum(), xs)
+    grads_ref = torch.autograd.grad(yr.sum() + fr["S"].sum(), xs)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_negative_constant_decay_is_refused_with_the_reason():
+    text = """cell c(q: [K], k: [K], v: [V]) -> (o: [V]) {
+    state S: [K, V] = 0
+    S = -0.5 * S + outer(k, v)
+    o = q @ S
+}"""
+    with pytest.raises(rnnc.BuildError, match="positive constant"):
+        rnnc.build(text, backend="chunk")
