@@ -18,23 +18,13 @@ from . import dims as D
 from .ir import Cell, Graph, Node
 from .matrix_terms import matrix_terms
 from .plans import ChunkPlan
-from .linear_form import same
+from .linear_form import same, strip_newaxis
 from .linearity import contraction, transitions
 from .scanplan import zero_state
 
 
 class NotChunkable(Exception):
     pass
-
-
-def _strip_newaxis(g: Graph, nid: int) -> tuple[int, bool]:
-    """x[:, None] -> (x, True); anything else -> (nid, False)."""
-    node = g[nid]
-    items = node.attrs.get("items", ()) if node.op == "index" else ()
-    if len(items) == 2 and items[0][0] == "slice" and items[1][0] == "new" and items[0][1] == 0 \
-            and D.equal(items[0][2], g[node.args[0]].shape[0]):
-        return node.args[0], True
-    return nid, False
 
 
 def _constant_decay_ok(num) -> bool:
@@ -48,11 +38,11 @@ def _constant_decay_ok(num) -> bool:
 def _log_gate(g: Graph, factor: int, size, side: str) -> int:
     """The log-gate of a decay factor on `side` ("k": rows, exp(g)[:, None] or exp(g[:, None]);
     "v": columns, exp(g) with g [V]; "s": a scalar exp(g))."""
-    base, _ = _strip_newaxis(g, factor)
+    base, _ = strip_newaxis(g, factor)
     node = g[base]
     if node.op != "exp":
         raise NotChunkable("its decay is not written as exp(log-gate)")
-    arg, _ = _strip_newaxis(g, node.args[0])
+    arg, _ = strip_newaxis(g, node.args[0])
     shape = [d for d in g[arg].shape if not D.equal(d, D.ONE)] if side != "s" else list(g[arg].shape)
     if side == "s" and not shape and not g[arg].shape:
         return arg

@@ -453,6 +453,16 @@ def factors(g: Graph, f: int, inv: bool):
     return (1, 1, [(f, inv)])
 
 
+def strip_newaxis(g: Graph, nid: int) -> tuple[int, bool]:
+    """`x[:, None]` of a vector x -> (x, True); anything else -> (nid, False)."""
+    node = g[nid]
+    items = node.attrs.get("items", ()) if node.op == "index" else ()
+    if len(items) == 2 and items[0][0] == "slice" and items[1][0] == "new" and len(g[node.args[0]].shape) == 1 \
+            and D.equal(items[0][1], 0) and D.equal(items[0][2], g[node.args[0]].shape[0]):
+        return node.args[0], True
+    return nid, False
+
+
 def number(g: Graph, nid: int):
     """The value of a numeric constant or one-element literal (None when it is not one)."""
     node = g[nid]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .ir import Cell
 from .linear_form import linear_forms
-from .matrix_terms import collect, expand
+from .matrix_terms import normal_terms
 from .transition import Decay, Transition, formula, transition
 
 
@@ -164,8 +164,8 @@ def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
             if out[name]["class"] != "nonlinear" or isinstance(t, str) or name in folded:
                 continue  # (a combine's states get their verdict from the combine)
             s = nodes[name]
-            after = sorted(before & {m for m in before for n in cell.graph.ancestors([s.node_out])
-                                     if n in (nodes[m].node_in, nodes[m].node_out)})
+            reads = cell.graph.ancestors([s.node_out])
+            after = sorted(m for m in before if {nodes[m].node_in, nodes[m].node_out} & reads)
             info = _info(t, shapes[name])
             info["after"] = after
             info["why"] = (f"linear in itself once {', '.join(after)} {'is' if len(after) == 1 else 'are'} "
@@ -183,14 +183,8 @@ def contraction(cell: Cell, stages: dict[int, str], state: str, out: int) -> tup
     form = linear_forms(cell, stages, leaves).get(out)
     if form is None or form.nonlinear or form.opaque:
         return None
-    terms = []
-    for t in form.terms:
-        ex = expand(cell.graph, t)
-        if ex is None:
-            return None
-        terms += ex
-    terms = collect(terms)
-    if len(terms) != 1:
+    terms = normal_terms(cell.graph, form.terms)
+    if terms is None or len(terms) != 1:
         return None
     (t,) = terms
     if t.elem or t.dots or t.scalars or t.num != 1:

@@ -17,7 +17,7 @@ import sympy
 
 from . import dims as D
 from .ir import Graph
-from .linear_form import MAX_TERMS, Atom, Term, factors, number, ones, same, scale
+from .linear_form import MAX_TERMS, Atom, Term, factors, number, ones, same, scale, strip_newaxis
 
 
 def decompose(g: Graph, nid: int, trans: bool = False) -> list[Term] | None:
@@ -170,15 +170,10 @@ def _peel(g: Graph, atom: Atom) -> Term:
 
 def _vector(g: Graph, nid: int) -> int | None:
     """The vector a diagonal atom's node holds: `q[:, None]` -> q, a vector itself; None otherwise."""
-    node = g[nid]
-    if len(node.shape) == 1:
+    if len(g[nid].shape) == 1:
         return nid
-    items = node.attrs.get("items", ()) if node.op == "index" else ()
-    if len(node.shape) == 2 and len(items) == 2 and items[0][0] == "slice" and items[1][0] == "new" \
-            and len(g[node.args[0]].shape) == 1 and D.equal(items[0][1], 0) \
-            and D.equal(items[0][2], g[node.args[0]].shape[0]):
-        return node.args[0]
-    return None
+    base, stripped = strip_newaxis(g, nid)
+    return base if stripped else None
 
 
 def _dots(g: Graph, t: Term) -> Term:
@@ -190,12 +185,12 @@ def _dots(g: Graph, t: Term) -> Term:
         out: list[Atom] = []
         for atom in atoms:
             if out and out[-1].kind == "row" and out[-1].node is None and atom.kind == "diag" and not atom.inv \
-                    and _vector(g, atom.node) is not None:
-                out[-1] = Atom("row", _vector(g, atom.node))
+                    and (vec := _vector(g, atom.node)) is not None:
+                out[-1] = Atom("row", vec)
                 continue
             if out and out[-1].kind == "diag" and not out[-1].inv and atom.kind == "col" and atom.node is None \
-                    and _vector(g, out[-1].node) is not None:
-                out[-1] = Atom("col", _vector(g, out[-1].node))
+                    and (vec := _vector(g, out[-1].node)) is not None:
+                out[-1] = Atom("col", vec)
                 continue
             if out and out[-1].kind == "row" and atom.kind == "col":
                 dots.append(tuple(sorted((out[-1].node, atom.node), key=lambda x: -1 if x is None else x)))
@@ -204,6 +199,18 @@ def _dots(g: Graph, t: Term) -> Term:
             out.append(atom)
         sides.append(tuple(out))
     return replace(t, left=sides[0], right=sides[1], dots=tuple(sorted(dots, key=repr)))
+
+
+def normal_terms(g: Graph, terms: list[Term]) -> list[Term] | None:
+    """Terms expanded (`expand`) and collected: the normal form equal maps share; None when the
+    expansion blows up."""
+    out: list[Term] = []
+    for t in terms:
+        ex = expand(g, t)
+        if ex is None:
+            return None
+        out.extend(ex)
+    return collect(out)
 
 
 def collect(terms: list[Term]) -> list[Term]:

@@ -41,8 +41,8 @@ def layered(report: Report) -> str | None:
 
 def why_not(backend: str, report: Report) -> str | None:
     """Why `backend` cannot lower the cell (None when it can)."""
-    if backend == "chunk" and layered(report):
-        return layered(report)
+    if backend == "chunk" and (why := layered(report)):
+        return why
     if backend == "chunk":
         try:
             chunk_plan(report.cell, report.stages, report.classes)
@@ -95,8 +95,8 @@ def tile_program(cell, stages: dict[int, str]) -> tiles.TileProgram:
 
 def triton_scan_why(report: Report) -> str | None:
     """Why the fused scan kernels do not take the cell (None when they do)."""
-    if layered(report):
-        return layered(report)
+    if why := layered(report):
+        return why
     folds = {s.name: triton_scan.fold_plan(report.cell.graph, c)
              for c in scan_groups(report.cell, report.classes) for s in report.cell.states
              if s.node_in in c.args_left}

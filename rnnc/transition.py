@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from . import dims as D
 from .ir import Graph
 from .linear_form import Atom, Form, Term
-from .matrix_terms import collect, expand
+from .matrix_terms import normal_terms
 
 
 @dataclass
@@ -92,13 +92,9 @@ def transition(g: Graph, state: str, form: Form, rank: int) -> Transition:
         return Transition(state, "dense", Decay(), [], coupled=coupled, opaque=form.opaque[state])
     if any(t.trans for t in form.of(state)):
         return Transition(state, "dense", Decay(), [], coupled=coupled, opaque="a transpose")
-    terms: list[Term] = []
-    for t in form.of(state):
-        ex = expand(g, t)
-        if ex is None:
-            return Transition(state, "dense", Decay(), [], coupled=coupled, opaque="too many terms")
-        terms.extend(ex)
-    terms = collect(terms)
+    terms = normal_terms(g, form.of(state))
+    if terms is None:
+        return Transition(state, "dense", Decay(), [], coupled=coupled, opaque="too many terms")
     if not terms:
         return Transition(state, "zero", Decay(), [], coupled=coupled)
     if all(t.diagonal for t in terms) and (len(terms) > 1 or rank <= 1):
