@@ -48,13 +48,10 @@ def _coefficient(g: Graph, terms: list[Term], rank: int) -> int:
     """a = Σ_terms ± num · Π factors, for states whose terms are all diagonal."""
     total = None
     for t in terms:
-        factors = ([_oriented(g, x, True, rank) for x in t.left] + [_oriented(g, x, False, rank) for x in t.right])
-        invs = [x.inv for x in t.left] + [x.inv for x in t.right]
-        for nid, inv in t.scalars + t.elem:
-            factors.append(nid)
-            invs.append(inv)
+        factors = ([(_oriented(g, x, True, rank), x.inv) for x in t.left]
+                   + [(_oriented(g, x, False, rank), x.inv) for x in t.right] + list(t.scalars + t.elem))
         term = None if t.num == 1 else _const(g, t.num)
-        for f, inv in zip(factors, invs):
+        for f, inv in factors:
             if term is None:
                 term = _binary(g, "div", _const(g, 1), f) if inv else f
             else:
