@@ -13,6 +13,7 @@ from lark import Token, Transformer, v_args
 
 from . import ast
 from .errors import Loc, RnncSyntaxError
+from .parser_tables import load_parser
 from .resources import grammar_file
 
 #: Words that cannot name a value, function or cell (Python keywords and the language's own).
@@ -28,8 +29,7 @@ _TOKEN_NAMES = {
 
 @functools.lru_cache(maxsize=1)
 def _lark() -> lark.Lark:
-    return lark.Lark(grammar_file().read_text(), parser="lalr", propagate_positions=True,
-                     maybe_placeholders=True)
+    return load_parser(grammar_file().read_text(), propagate_positions=True, maybe_placeholders=True)
 
 
 def parse_module(text: str, filename: str = "<string>") -> ast.Module:
