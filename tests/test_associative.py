@@ -39,6 +39,40 @@ def test_running_logsumexp_is_logcumsumexp(backend, scale):
     torch.testing.assert_close(g, g_ref)
 
 
+def _logcumsumexp_grad(x, w):
+    """d/dx of sum(w * logcumsumexp(x, dim=1)) in float64: sum over t >= i of w_t * softmax weight
+    exp(x_i - y_t), which is 0 for a masked x_i = -inf (torch's own gradient is NaN there)."""
+    y = torch.logcumsumexp(x, dim=1)
+    T = x.shape[1]
+    weight = torch.exp(x[:, :, None] - y[:, None, :]).nan_to_num(0.0)  # [B, i, t]; -inf - -inf -> 0
+    causal = torch.ones(T, T, dtype=torch.bool).triu()  # t >= i
+    return (weight * causal[None, :, :, None] * w[:, None, :]).sum(2)
+
+
+@pytest.mark.parametrize("backend", FOLDS)
+@pytest.mark.parametrize("T", [3, 65])
+def test_running_logsumexp_with_masked_steps(backend, T):
+    """Masked logits (-inf) at the start, in the middle and everywhere: logaddexp(-inf, -inf) is
+    -inf, not NaN, so the sequence goes on as torch.logcumsumexp's (-inf, 0, 1.31 for -inf, 0, 1),
+    and the masked steps get a zero gradient, never NaN (issue 10, item 6)."""
+    cell = rnnc.build("running_logsumexp", backend=backend, D=4)
+    x = torch.randn(3, T, 4, dtype=torch.float64)
+    x[:, 0, 0] = x[:, :, 1] = -torch.inf           # a masked first step; a column masked throughout
+    x[:, : T // 2, 2] = x[:, T // 3, 3] = -torch.inf  # a masked first half; one masked step mid-sequence
+    x[:, :3, 0] = torch.tensor([-torch.inf, 0.0, 1.0], dtype=torch.float64)
+    x.requires_grad_()
+    y, final = cell(x)
+    ref = torch.logcumsumexp(x, dim=1)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y[0, :3, 0], torch.tensor([-torch.inf, 0.0, 1.3132616875182228], dtype=torch.float64))
+    torch.testing.assert_close(final["l"], ref[:, -1])
+    w = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    g = torch.autograd.grad((y * w).sum(), x)[0]
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, _logcumsumexp_grad(x.detach(), w))
+    assert (g[x.detach() == -torch.inf] == 0).all()
+
+
 def _softmax_attention(x, q, wk, wv):
     """Aaren's output written as plain causal softmax attention with one learned query."""
     s = (x @ wk.T) @ q  # [B, T]
