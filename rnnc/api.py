@@ -75,14 +75,16 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
                          hint="drop chunk_size, or use backend='chunk' (or 'auto')")
     scan = chunk = recurrent = None
     kind = schedule.triton_kind(report)[0] if chosen == "triton" else chosen
+    lowered = cell.derived()  # what the plan derives is appended here; the analysed cell stays as it is
     if chosen == "chunk" or kind == "chunk":
-        chunk = plans.chunk_plan(cell, report, chunk_size, triton=chosen == "triton")
+        chunk = plans.chunk_plan(lowered, report, chunk_size, triton=chosen == "triton")
     elif kind == "recurrent":
         recurrent = schedule.tile_program(cell, report.stages)
     elif chosen in ("scan", "triton"):
-        scan = plans.scan_plan(cell, report, triton=chosen == "triton")
-    cell.extra_roots = (scan or chunk).nodes() if scan or chunk else []
-    report = analyze_cell(cell, chosen)
+        scan = plans.scan_plan(lowered, report, triton=chosen == "triton")
+    lowered.extra_roots = (scan or chunk).nodes() if scan or chunk else []
+    cell = lowered
+    report = analyze_cell(cell, chosen)  # the values the plan reads are hoisted like any other
     loop_below = schedule.loop_below(backend, report)
     if chosen == "triton" and recurrent is None:
         recurrent = schedule.recurrent_for_decoding(cell, report)

@@ -9,7 +9,7 @@ Printed, a cell reads like a jaxpr: one line per op.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 
@@ -52,6 +52,15 @@ class Graph:
 
     def __getitem__(self, nid: int) -> Node:
         return self.nodes[nid]
+
+    def extensible(self) -> "Graph":
+        """A copy that new nodes can be appended to without touching this graph (the nodes
+        themselves are shared: a copy is for appending, not for rewriting)."""
+        out = Graph()
+        out.nodes = list(self.nodes)
+        out._users = [dict(u) for u in self._users]
+        out.carries = list(self.carries)
+        return out
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -193,6 +202,11 @@ class Cell:
 
     def live(self) -> set[int]:
         return self.graph.ancestors(self.roots())
+
+    def derived(self) -> "Cell":
+        """The cell a lowering plan extends with the values it derives (a scan's coefficients, a
+        chunk form's gates): same ids, a graph of its own, so planning never changes this cell."""
+        return replace(self, graph=self.graph.extensible(), extra_roots=list(self.extra_roots))
 
     def __str__(self) -> str:
         return format_cell(self)

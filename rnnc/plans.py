@@ -1,8 +1,8 @@
 """Typed lowering plans: what a parallel lowering needs from a cell, as IR node ids.
 
 A plan names the values a lowering reads (a scan's a and b, a chunk form's q, k, v, gates and β);
-planning may append the nodes it derives (a scan coefficient, an update's collected v) but never
-rewrites a node. `scan_plan` and `chunk_plan` build the plan of the chosen backend; the lowering's
+planning appends the nodes it derives (a scan coefficient, an update's collected v) to the cell it
+is given, which is `Cell.derived()` of the analysed one, so the analysed IR never changes. `scan_plan` and `chunk_plan` build the plan of the chosen backend; the lowering's
 fragment (backends/emit_scan.py, emit_chunk.py, emit_loop.py) renders it; `nodes()` lists what
 must stay live.
 """

@@ -45,7 +45,7 @@ def why_not(backend: str, report: Report) -> str | None:
         return why
     if backend == "chunk":
         try:
-            chunk_plan(report.cell, report.stages, report.classes)
+            chunk_plan(report.cell.derived(), report.stages, report.classes)
         except NotChunkable as e:
             return str(e)
         return None
@@ -160,7 +160,7 @@ def recurrent_for_decoding(cell, report: Report):
 def triton_chunk_plan(report: Report) -> ChunkPlan | None:
     """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule)."""
     try:
-        return chunk_plan(report.cell, report.stages, report.classes)
+        return chunk_plan(report.cell.derived(), report.stages, report.classes)
     except NotChunkable:
         return None
 

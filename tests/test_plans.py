@@ -63,3 +63,23 @@ def test_scan_plans_order_layers_and_fold_combines():
     assert list(plan.linear) == ["n", "u"]  # u reads n: scanned after it
     assert [c.name for c in plan.combines] == ["mx"]
     assert set(plan.nodes()) >= {n for pair in plan.linear.values() for n in pair if n is not None}
+
+
+
+@pytest.mark.parametrize("backend, text", [
+    ("chunk", "cell r(q: [K], k: [K], v: [V]) -> (o: [V]) {\n state S: [K, V] = 0\n"
+              " S = 0.9 * S + outer(k, v)\n o = q @ S }"),
+    ("scan", "cell c(x: [2], a: [2]) -> (y: [2]) {\n state h: [2] = 0\n h = h - a * h + x\n y = h }"),
+])
+def test_planning_and_scheduling_never_change_the_analysed_cell(backend, text):
+    from rnnc import schedule
+
+    cell, report = _analysed(text)
+    before = [(n.op, n.args) for n in cell.graph.nodes]
+    for name in schedule.BACKENDS:
+        schedule.why_not(name, report)
+    lowered = cell.derived()
+    plan = chunk_plan(lowered, report) if backend == "chunk" else scan_plan(lowered, report)
+    assert [(n.op, n.args) for n in cell.graph.nodes] == before
+    assert len(lowered.graph) > len(cell.graph)  # the plan derived values of its own (log 0.9; 1 - a)
+    assert max(plan.nodes()) < len(lowered.graph)
