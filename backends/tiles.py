@@ -25,8 +25,7 @@ from rnnc.ir import Graph
 
 from .elementwise import BINARY, UNARY
 
-#: Per-op templates the tile program adds to elementwise.py's (booleans and comparisons).
-EXTRA = {"eq": "{0} == {1}", "ne": "{0} != {1}", "and": "{0} & {1}", "or": "{0} | {1}", "not": "{0} == 0"}
+#: The reductions the kernel computes itself (the others make a cell not fusable).
 REDUCE = {"sum", "mean"}
 
 
@@ -147,7 +146,7 @@ class _Lowering:
             (x,) = node.args
             t = self.lower(x, _operand_view(self.g[x].shape, node.shape, view))
             return t if _same(self.tiles[t].shape, sizes) else self.add("bcast", (t,), sizes)
-        if op in UNARY or op in BINARY or op in EXTRA or op == "where":
+        if op in UNARY or op in BINARY or op == "where":
             args = tuple(self.lower(a, _operand_view(self.g[a].shape, node.shape, view)) for a in node.args)
             shape = _broadcast([self.tiles[a].shape for a in args])
             t = self.add(op, args, shape)

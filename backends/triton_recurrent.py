@@ -20,11 +20,12 @@ from __future__ import annotations
 import sympy
 
 from rnnc import dims as D
+from rnnc import registry
 
 from .elementwise import ADJOINT, BINARY, UNARY, WHERE
-from .tiles import EXTRA, TileProgram, nonneg
+from .tiles import TileProgram, nonneg
 
-BOOL = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not"})
+BOOL = registry.names("compare") | registry.names("logic")  # no adjoint flows through these
 
 
 def _names(d) -> str:
@@ -163,7 +164,7 @@ class _Render:
             return f"tl.trans({a[0]})"
         if t.op == "bcast":
             return f"{a[0]} + tl.zeros({sz.blocks(t.shape)}, DT)"
-        template = UNARY.get(t.op) or BINARY.get(t.op) or EXTRA.get(t.op) or WHERE
+        template = UNARY.get(t.op) or BINARY.get(t.op) or WHERE
         return template.format(*a)
 
     def forward_lines(self) -> list[str]:

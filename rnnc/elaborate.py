@@ -14,7 +14,7 @@ from typing import Union
 
 import sympy
 
-from . import ast, ops
+from . import ast, ops, registry
 from . import dims as D
 from .errors import (ArityError, DimError, Loc, RnncError, ShapeError, StateError, TypeError_,
                      UnknownNameError, UnsupportedError)
@@ -22,9 +22,8 @@ from .ir import Cell, Combine, DimInfo, Graph, Node, Param, Port, State
 
 Value = Union[int, tuple]  # a node id, or a tuple of node ids (split / multi-value def)
 
-CONSTRUCTORS = {"eye", "zeros", "ones", "arange"}
-OTHER_BUILTINS = {"where", "clamp", "outer", "transpose", "softmax", "normalize", "concat", "split"}
-BUILTINS = ops.UNARY | ops.REDUCE | {"minimum", "maximum"} | CONSTRUCTORS | OTHER_BUILTINS
+#: The .rnn functions: those the registry's ops elaborate from, and clamp (written here as minimum/maximum).
+BUILTINS = registry.builtin_names() | {"clamp"}
 DISTRIBUTIONS = {"uniform": ("lo", "hi"), "normal": ("mean", "std")}
 #: Names that would collide with keyword arguments of build() / forward().
 RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec", "chunk_size"})

@@ -154,9 +154,9 @@ def names(kind: str, arity: int | None = None, scalar: bool | None = None) -> fr
                      and (scalar is None or p.scalar == scalar))
 
 
-def builtin_names(kind: str) -> frozenset[str]:
-    """The .rnn functions that elaborate to ops of one kind."""
-    return frozenset(b for p in _PRIMS.values() if p.kind == kind for b in p.builtins)
+def builtin_names(kind: str | None = None) -> frozenset[str]:
+    """The .rnn functions that elaborate to ops of one kind (of any kind by default)."""
+    return frozenset(b for p in _PRIMS.values() if kind in (None, p.kind) for b in p.builtins)
 
 
 def symbols(arity: int = 2) -> dict[str, str]:
