@@ -164,8 +164,10 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     """A torch.nn.Module running the cell; dims (e.g. H=64) bind sizes the spec leaves symbolic.
 
     `backward` chooses how the recurrence is differentiated, `chunk_size` the chunk backend's
-    steps per chunk (see `compile`).
+    steps per chunk (see `compile`). The module pickles (`torch.save`) as its spec text and these
+    arguments, and loads in a fresh process by regenerating its code (rnnc/saving.py).
     """
+    from . import saving
     from .loader import load_source
 
     prog = _program(spec)
@@ -186,4 +188,6 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
                          "check the initialiser's arguments for these dims") from None
     instance.source = source
     instance.backend = report.backend
+    instance._rnnc_recipe = saving.recipe(prog, cell, backend, backward, chunk_size, device, dims)
+    module.Cell.__reduce__ = saving.reduce_cell
     return instance
