@@ -19,11 +19,12 @@ from .api import analyze, backends_for, build, compile, graph_dot, graph_svg, li
 from .errors import (ArityError, BuildError, DimError, InputError, InternalError, RnncError, RnncSyntaxError, ShapeError,
                      SpecNotFoundError, StateError, TypeError_, UnknownNameError, UnsupportedError)
 from .program import Program
+from . import nn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
+    "nn", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
     "RnncError", "RnncSyntaxError", "UnknownNameError", "ShapeError", "DimError", "StateError", "ArityError",
     "TypeError_", "UnsupportedError", "SpecNotFoundError", "BuildError", "InputError", "InternalError",
 ]
