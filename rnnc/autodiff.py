@@ -145,10 +145,7 @@ def _compact(g: Graph, n0: int, results: list[int | None]) -> tuple[Graph, dict[
     if all(n in live for n in range(n0, len(g))):
         new_id.update((n, n) for n in range(n0, len(g)))
         return g, new_id
-    out = Graph()
-    for n in range(n0):
-        out.add(g[n])
-    out.carries = list(g.carries)
+    out = g.head(n0)
     for n in range(n0, len(g)):
         if n in live:
             node = copy.copy(g[n])

@@ -50,6 +50,18 @@ class Graph:
             self._users[a][nid] = None
         return nid
 
+    def head(self, n: int) -> "Graph":
+        """A graph of this one's first n nodes (same ids; carries kept). Rewritten nodes may read
+        later ids (`rewire`), so users are filled in after all n nodes are there."""
+        out = Graph()
+        out.nodes = self.nodes[:n]
+        out._users = [{} for _ in range(n)]
+        for nid, node in enumerate(out.nodes):
+            for a in node.args:
+                out._users[a][nid] = None
+        out.carries = list(self.carries)
+        return out
+
     def __getitem__(self, nid: int) -> Node:
         return self.nodes[nid]
 

@@ -85,7 +85,7 @@ def zero_state(g: Graph, stages: dict[int, str], nid: int, memo: dict) -> int | 
         if y is None:
             out = x
         elif x is None:
-            out = y if node.op == "add" else g.add(Node("neg", (y,), g[y].shape))
+            out = y if node.op == "add" else g.add(Node("neg", (y,), g[y].shape, scalar=g[y].scalar))
         else:
             out = _binary(g, node.op, x, y)
     elif node.op == "concat":
@@ -110,7 +110,9 @@ def zero_state(g: Graph, stages: dict[int, str], nid: int, memo: dict) -> int | 
             out = None
         else:
             args = tuple(zeros[a] for a in node.args)
-            out = g.add(Node(node.op, args, node.shape, node.dtype, attrs=dict(node.attrs)))
+            scalar = all(g[a].scalar for a in args)  # e.g. (h + 1) * 2: a compile-time number
+            out = g.add(Node(node.op, args, () if scalar else node.shape, node.dtype, attrs=dict(node.attrs),
+                             scalar=scalar))
     memo[nid] = out
     return out
 
