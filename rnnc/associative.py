@@ -9,8 +9,11 @@ identity e must satisfy f(e, a) = a = f(a, e). Both are checked before anything 
   randomized otherwise (matmuls, reductions, or an expression sympy cannot simplify): f runs,
              as generated code, in float64 on many random operands, and the two sides must agree.
 
-A combine that fails is rejected with an AssociativityError naming a counterexample. The verdict
-is cached per declaration text and operand shapes.
+The sympy proof is bounded (SYMPY_SECONDS, MAX_EXPANDED_TERMS): past either it is abandoned and the
+randomized check decides, the verdict saying so. A combine that fails is rejected with an
+AssociativityError naming a counterexample. The verdict is cached by a fingerprint of the
+combine's graph (its defs inlined) and operand shapes, so a def changed between programs is
+checked again.
 """
 from __future__ import annotations
 
@@ -70,33 +73,104 @@ def scan_groups(cell: Cell, classes: dict[str, dict]) -> list[Combine]:
 
 # ---- verification ---------------------------------------------------------------------------
 
-_VERDICTS: dict[tuple, str] = {}  # (declaration text, operand shapes) -> how it was verified
+_VERDICTS: dict[str, str] = {}  # fingerprint of the combine's graph -> how it was verified
+
+SYMPY_SECONDS = 15.0  # the proof's time limit (hard in the main thread, see _time_limit); logaddexp's takes ~2 s
+MAX_EXPANDED_TERMS = 2000  # a difference whose expansion would exceed this is not expanded
 
 
 def verify(c: Combine) -> str:
-    """How associativity (and the identity) were established; AssociativityError when they fail."""
-    key = (c.source or repr(c), tuple(tuple(D.fmt(d) for d in c.graph[n].shape) for n in c.left))
+    """How associativity (and the identity) were established; AssociativityError when they fail.
+
+    The verdict is cached by a fingerprint of everything it depends on: f's graph as typed for
+    these operands (the defs it calls are inlined there, so a def changed between two programs
+    changes the key) and its identity; never by the declaration's text alone."""
+    key = fingerprint(c)
     if key not in _VERDICTS:
-        if _sympy_proof(c):
+        proved, note = _sympy_proof(c)
+        if proved:
             _VERDICTS[key] = "sympy proof"
         else:
             _randomized(c)
-            _VERDICTS[key] = f"randomized check, {SAMPLES} samples"
+            _VERDICTS[key] = f"randomized check, {SAMPLES} samples" + (f"; {note}" if note else "")
     return _VERDICTS[key]
 
 
-def _sympy_proof(c: Combine) -> bool:
-    """True when sympy shows associativity and the identity; False when it cannot decide."""
+def fingerprint(c: Combine) -> str:
+    """A hash of the nodes f's results and identity are computed from (ops, operands by position,
+    shapes, attributes), numbered canonically so equal combines in different programs agree."""
+    import hashlib
+
+    g = c.graph
+    roots = list(c.out) + list(c.identity)
+    nodes = g.order(g.ancestors(roots + list(c.left) + list(c.right)))
+    number = {n: i for i, n in enumerate(nodes)}
+    role = {n: f"left{i}" for i, n in enumerate(c.left)} | {n: f"right{i}" for i, n in enumerate(c.right)}
+    rows = [repr((role.get(n), g[n].op, tuple(number[a] for a in g[n].args), tuple(D.fmt(d) for d in g[n].shape),
+                  g[n].dtype, g[n].scalar, sorted((k, repr(v)) for k, v in g[n].attrs.items()))) for n in nodes]
+    rows.append(repr(([number[n] for n in c.out], [number[n] for n in c.identity])))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+class _GiveUp(Exception):
+    """The sympy proof is abandoned (too large or too slow); the randomized check decides."""
+
+
+def _sympy_proof(c: Combine) -> tuple[bool, str]:
+    """(True, "") when sympy shows associativity and the identity; (False, why not) when it cannot
+    decide ("" when f is simply not elementwise or not provably so), within SYMPY_SECONDS."""
+    import time
+
+    deadline = time.monotonic() + SYMPY_SECONDS
     n = len(c.left)
     a, b, e = ([sympy.Symbol(f"{p}{i}", real=True) for i in range(n)] for p in "abc")
     try:
-        f = _sympy_fn(c)
-        identity = _sympy_values(c.graph, c.identity, {})
-        lhs, rhs = f(f(a, b), e), f(a, f(b, e))
-        pairs = list(zip(lhs, rhs)) + list(zip(f(identity, a), a)) + list(zip(f(a, identity), a))
-        return all(_is_zero(x - y) for x, y in pairs)
-    except (_NotElementwise, TypeError, ValueError, ZeroDivisionError):
-        return False
+        with _time_limit(SYMPY_SECONDS):
+            f = _sympy_fn(c)
+            identity = _sympy_values(c.graph, c.identity, {})
+            lhs, rhs = f(f(a, b), e), f(a, f(b, e))
+            pairs = list(zip(lhs, rhs)) + list(zip(f(identity, a), a)) + list(zip(f(a, identity), a))
+            for x, y in pairs:
+                if time.monotonic() > deadline:
+                    raise _GiveUp(f"the sympy proof was abandoned after {SYMPY_SECONDS:g} s")
+                if not _is_zero(x - y):
+                    return False, ""
+            return True, ""
+    except _GiveUp as why:
+        return False, str(why)
+    except (_NotElementwise, TypeError, ValueError, ZeroDivisionError, RecursionError):
+        return False, ""
+
+
+class _time_limit:
+    """Raise _GiveUp inside sympy after `seconds` (SIGALRM: only in the main thread and when no
+    other handler holds the alarm; elsewhere the size bound of _is_zero is the only limit)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.old = seconds, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if (not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)
+                or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+            return self
+
+        def alarm(signum, frame):
+            raise _GiveUp(f"the sympy proof was abandoned after {self.seconds:g} s")
+
+        self.old = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.old is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
 
 
 class _NotElementwise(Exception):
@@ -127,12 +201,40 @@ def _sympy_values(g: Graph, roots: list[int], env: dict[int, sympy.Expr]) -> lis
     return [vals[r] for r in roots]
 
 
+def _expanded_terms(d: sympy.Expr, cap: int) -> int:
+    """An upper bound on the number of terms of expand(d) (capped at cap + 1): a sum adds its
+    terms' counts, a product multiplies them, a power x**n of m terms has at most C(m + n - 1, n);
+    any other function is one term."""
+    if d.is_Add:
+        total = 0
+        for t in d.args:
+            total += _expanded_terms(t, cap)
+            if total > cap:
+                return cap + 1
+        return total
+    if d.is_Mul:
+        total = 1
+        for t in d.args:
+            total *= _expanded_terms(t, cap)
+            if total > cap:
+                return cap + 1
+        return total
+    if d.is_Pow and d.exp.is_Integer and d.exp > 1:
+        m, n = _expanded_terms(d.base, cap), int(d.exp)
+        return min(math.comb(m + n - 1, n), cap + 1) if m <= cap else cap + 1
+    return 1
+
+
 def _is_zero(d: sympy.Expr) -> bool:
     if d == 0:
         return True
+    if _expanded_terms(d, MAX_EXPANDED_TERMS) > MAX_EXPANDED_TERMS:
+        raise _GiveUp(f"the sympy proof was abandoned: its expansion would exceed {MAX_EXPANDED_TERMS} terms")
     d = sympy.expand(sympy.powsimp(sympy.expand(d)))
     if d == 0:
         return True
+    if d.is_polynomial():  # a nonzero expanded polynomial is not zero: nothing to simplify
+        return False
     if sympy.count_ops(d) > MAX_SIMPLIFY_OPS:
         return False
     return sympy.simplify(d) == 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rnnc
+from rnnc.errors import AssociativityError
 
 from helpers import outputs_and_grads
 
@@ -57,3 +58,51 @@ def test_loop_backward_of_an_update_rewritten_by_the_optimizer():
         ys, _, grads = outputs_and_grads(m, [x])
         ys0, _, grads0 = outputs_and_grads(rnnc.build(src, backend="loop", backward="autograd"), [x])
         torch.testing.assert_close(grads, grads0)
+
+
+STALE_OP = """
+def op(a, b) = {body}
+combine f(a, b) identity -inf = op(a, b)
+cell c(x: [4]) -> (y: [4]) {{
+  state m: [4] = -inf
+  m = f(m, x)
+  y = m
+}}
+"""
+
+
+def test_the_associativity_verdict_is_keyed_by_the_defs_the_combine_calls():
+    """Bug: the verdict was cached by the combine's own text: after a program with
+    `def op(a, b) = maximum(a, b)`, one whose `op` is not associative (same combine text) was
+    accepted unchecked, auto picked the scan, and it differed from the loop by ~2.7."""
+    from rnnc.associative import fingerprint
+
+    good = rnnc.parse(STALE_OP.format(body="maximum(a, b)"))
+    bad = rnnc.parse(STALE_OP.format(body="maximum(a, b) * 0.5 + b * 0.5"))
+    assert fingerprint(good.cell().combines[0]) != fingerprint(bad.cell().combines[0])
+    assert rnnc.analyze(good).backend == "scan"
+    with pytest.raises(AssociativityError, match="not associative"):
+        rnnc.analyze(bad)
+    with pytest.raises(AssociativityError):
+        rnnc.build(bad, backend="scan")
+    again = rnnc.parse(STALE_OP.format(body="maximum(a, b)"))  # equal graphs share the verdict
+    assert fingerprint(again.cell().combines[0]) == fingerprint(good.cell().combines[0])
+
+
+def test_a_huge_symbolic_expansion_falls_back_to_the_randomized_check():
+    """Bug: `combine f(a, b) identity 0 = (a + b) ** 12` ran sympy's expansion (millions of terms)
+    for minutes. The proof is bounded; past the bound the randomized check decides, and an
+    associative combine beyond the bound is still accepted, its verdict saying why."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(AssociativityError, match="not associative"):
+        rnnc.analyze("combine f(a, b) identity 0 = (a + b) ** 12\n"
+                     "cell c(x: [4]) -> (y: [4]) {\n  state m: [4] = 0\n  m = f(m, x)\n  y = m\n}\n")
+    assert time.perf_counter() - start < 60  # minutes before; ~1 s now
+    # a + b plus a vanishing term whose expansion is over the bound: associative
+    src = ("combine f(a, b) identity 0 = a + b + ((a - b) ** 2 - a * a + 2 * a * b - b * b) ** 8\n"
+           "cell c(x: [4]) -> (y: [4]) {\n  state m: [4] = 0\n  m = f(m, x)\n  y = m\n}\n")
+    info = rnnc.analyze(src).to_dict()["states"]["m"]
+    assert info["class"] == "associative"
+    assert info["verified"].startswith("randomized check") and "abandoned" in info["verified"]
