@@ -5,7 +5,7 @@
     rnnc analyze SPEC [--json]
     rnnc graph SPEC [-o graph.dot|graph.svg]
     rnnc list
-    rnnc bench SPEC [-D NAME=INT ...] [--batch 8] [--length 128] [--repeat 5]
+    rnnc bench SPEC [-D NAME=INT ...] [--batch 8] [--length 128 ...] [--repeat 10] [--json/--csv/--plot PATH]
 
 SPEC is a library name (see `rnnc list`) or a path to a `.rnn` file; `--cell NAME` picks a cell
 when the file has several.
@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -73,6 +73,16 @@ def _dim_binding(text: str) -> tuple[str, int]:
     if size < 1:
         raise argparse.ArgumentTypeError(f"dim {name} must be a positive integer, got {size}")
     return name, size
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -162,20 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("bench", help="time every backend that can run a cell",
-                       description="Build the cell with each applicable backend, feed random "
-                                   "inputs and time forward and forward+backward.")
+                       description="Build the cell with each backend that applies on the device, feed random "
+                                   "inputs and time forward and forward+backward at each length, in "
+                                   "interleaved rounds; prints the median and spread, progress on stderr.")
     spec_args(p)
     dim_args(p)
     p.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="batch size (8)")
-    p.add_argument("--length", type=_positive_int, default=128, metavar="T",
-                   help="sequence length (128)")
-    p.add_argument("--repeat", type=_positive_int, default=5, metavar="N",
-                   help="timed runs per measurement; the median is shown (5)")
+    p.add_argument("--length", type=_positive_int, nargs="+", default=[128], metavar="T",
+                   help="sequence length(s), e.g. --length 64 256 1024 (128)")
+    p.add_argument("--repeat", type=_positive_int, default=10, metavar="N",
+                   help="timed runs per measurement at least (10)")
+    p.add_argument("--min-time", type=_positive_float, default=0.5, metavar="S",
+                   help="seconds of timed runs per measurement at least (0.5)")
+    p.add_argument("--backend", nargs="+", metavar="NAME", help="time only these backends")
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="cpu, cuda, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="input dtype (float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the inputs (0)")
+    p.add_argument("--json", metavar="PATH", help="write the timings as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write the timings as CSV")
+    p.add_argument("--plot", metavar="PATH", help="plot time against T per backend (.png/.svg/.pdf; needs matplotlib)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -529,105 +546,146 @@ def _tensors(obj: Any):
             yield from _tensors(v)
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+def _bench_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f"unknown device {name!r}", "use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda given but no CUDA GPU is available")
+    return device
 
 
-def _time(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> float:
-    fn()  # warm-up (first-call compilation, caches)
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return _median(times) * 1e3
+def _bench_jobs(cell, xs: list, torch) -> dict[str, Callable[[], Any]]:
+    """forward (no grad) and forward+backward of the sum of every differentiable output."""
+    def forward():
+        with torch.no_grad():
+            return cell(*xs)
+
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        cell.zero_grad(set_to_none=True)
+        result = cell(*leaves)
+        loss = sum(t.float().sum() for t in _tensors(result) if t.requires_grad)
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+        return result
+
+    return {"forward": forward, "forward_backward": forward_backward}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
     rnnc = _rnnc()
     import torch
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise CliError("--plot needs matplotlib, which is not installed",
+                       "pip install matplotlib, or leave out --plot (--json/--csv keep the numbers)")
     given = _dims(args)
     prog = _load(args.spec)
     info = rnnc.analyze(prog, cell=args.cell).to_dict()
     dims, shapes = bench_dims(info, given)
-    backends = list(rnnc.backends_for(prog, cell=args.cell))
-
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise CliError(f"unknown device {args.device!r}", "use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CliError("--device cuda given but no CUDA GPU is available")
+    available = list(rnnc.backends_for(prog, cell=args.cell))
+    unknown = [b for b in args.backend or [] if b not in available]
+    if unknown:
+        raise CliError(f"backend '{unknown[0]}' cannot run this cell",
+                       f"the backends that can: {', '.join(available) or 'none'}")
+    device = _bench_device(args.device)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    gen = torch.Generator().manual_seed(args.seed)
-    inputs = {name: (torch.randn(args.batch, args.length, *shape, generator=gen) * 0.5)
-              .to(device=device, dtype=dtype) for name, shape in shapes.items()}
+    def progress(line: str) -> None:
+        _err(f"rnnc bench: {line}")
+        sys.stderr.flush()
+
+    rows: list[bench.Row] = []
+    cells = {}
+    for backend in args.backend or available:
+        if backend == "triton" and device.type != "cuda":
+            note = f"skipped: the triton backend needs a CUDA GPU (this run is on {device.type})"
+            progress(f"triton {note}")
+            rows += [bench.Row(backend, T, note=note) for T in args.length]
+            continue
+        try:
+            progress(f"building {backend}")
+            cells[backend] = rnnc.build(prog, cell=args.cell, backend=backend, device=device, **dims).to(device)
+        except Exception as e:
+            rows += [bench.Row(backend, T, note=_bench_failure(rnnc, e)) for T in args.length]
 
     cell_name = info.get("cell") or args.cell or args.spec
     dim_text = ", ".join(f"{k}={v}" for k, v in dims.items()) or "none"
-    _out(f"bench {cell_name}: B={args.batch} T={args.length} dims: {dim_text}; "
-         f"{device.type} {args.dtype}; median of {args.repeat}")
-    rows: list[tuple[str, str, str, str]] = []
-    failed = False
-    base = None
-    for backend in backends:
-        try:
-            cell = rnnc.build(prog, cell=args.cell, backend=backend, **dims)
-            cell = cell.to(device)
-            xs = list(inputs.values())
+    lengths = ", ".join(map(str, args.length))
+    _out(f"bench {cell_name}: B={args.batch} T={lengths} dims: {dim_text}; {device.type} {args.dtype}; "
+         f"median ±IQR/2 of >= {args.repeat} runs (>= {args.min_time:g} s) interleaved across backends")
+    gen = torch.Generator().manual_seed(args.seed)
+    for i, T in enumerate(args.length):
+        xs = [(torch.randn(args.batch, T, *shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
+              for shape in shapes.values()]
+        jobs, timed = {}, []
+        for backend, cell in cells.items():
+            try:  # one trial call each: a backend that fails is reported, the others still run
+                for name, fn in _bench_jobs(cell, xs, torch).items():
+                    fn()
+                    jobs[(backend, name)] = fn
+                timed.append(backend)
+            except Exception as e:
+                rows.append(bench.Row(backend, T, note=_bench_failure(rnnc, e)))
+        progress(f"T={T} ({i + 1}/{len(args.length)}): timing {', '.join(timed) or 'nothing'}")
+        stats = bench.measure({f"{b} {n}": fn for (b, n), fn in jobs.items()}, args.repeat, args.min_time,
+                              warmup=1, sync=sync, progress=progress)
+        rows += [bench.Row(b, T, stats[f"{b} forward"], stats[f"{b} forward_backward"]) for b in timed]
+    order = {b: k for k, b in enumerate(args.backend or available)}
+    rows.sort(key=lambda r: (r.T, order[r.backend]))
+    _bench_table(rows, len(args.length) > 1)
 
-            def forward():
-                with torch.no_grad():
-                    return cell(*xs)
-
-            leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
-
-            def forward_backward():
-                for leaf in leaves:
-                    leaf.grad = None
-                cell.zero_grad(set_to_none=True)
-                result = cell(*leaves)
-                loss = sum(t.float().sum() for t in _tensors(result) if t.requires_grad)
-                if isinstance(loss, torch.Tensor):
-                    loss.backward()
-                return result
-
-            fwd = _time(forward, args.repeat, sync)
-            fwd_bwd = _time(forward_backward, args.repeat, sync)
-        except rnnc.RnncError as e:
-            failed = True
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            rows.append((backend, "-", "-", first))
-            continue
-        except Exception as e:  # a backend crashing is reported but does not stop the others
-            failed = True
-            rows.append((backend, "-", "-", f"internal error: {type(e).__name__}: {e}"))
-            if os.environ.get("RNNC_DEBUG"):
-                traceback.print_exc()
-            continue
-        if base is None:
-            base = fwd_bwd
-        rel = f"{base / fwd_bwd:.2f}x" if fwd_bwd > 0 else "-"
-        rows.append((backend, f"{fwd:.3f}", f"{fwd_bwd:.3f}", rel))
-
-    header = ("backend", "forward ms", "fwd+bwd ms", f"speed vs {backends[0]}" if backends else "")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    _out(f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]:>{widths[2]}}  {header[3]}")
-    for r in rows:
-        _out(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
-    if not backends:
+    meta = {"cell": cell_name, "device": device.type, "dtype": args.dtype, "batch": args.batch, "dims": dims,
+            "repeat": args.repeat, "min_time_s": args.min_time}
+    for path, write in ((args.json, lambda p: bench.write_json(p, meta, rows)),
+                        (args.csv, lambda p: bench.write_csv(p, rows)),
+                        (args.plot, lambda p: bench.plot(p, f"rnnc bench {cell_name} ({device.type}, B={args.batch})",
+                                                         rows))):
+        if path:
+            try:
+                write(Path(path))
+            except OSError as e:
+                raise CliError(f"cannot write {path}: {e.strerror or e}", "check the path") from None
+            progress(f"wrote {path}")
+    if not available:
         _err("rnnc: error: no backend can run this cell")
         return EXIT_ERROR
-    return EXIT_ERROR if failed else EXIT_OK
+    return EXIT_ERROR if any(r.note and not r.note.startswith("skipped") for r in rows) else EXIT_OK
+
+
+def _bench_failure(rnnc, e: Exception) -> str:
+    if os.environ.get("RNNC_DEBUG"):
+        traceback.print_exc()
+    if isinstance(e, rnnc.RnncError):
+        return f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return f"internal error: {type(e).__name__}: {e}"
+
+
+def _bench_table(rows: list, with_length: bool) -> None:
+    """The timings side by side, with each backend's fwd+bwd speed against the first one timed at that T."""
+    base: dict[int, float] = {}
+    lines = [("backend", "T", "forward ms", "fwd+bwd ms", "speed")]
+    for r in rows:
+        if r.forward_backward is None:
+            lines.append((r.backend, str(r.T), "-", "-", r.note))
+            continue
+        ref = base.setdefault(r.T, r.forward_backward.median_ms)
+        lines.append((r.backend, str(r.T), r.forward.text(), r.forward_backward.text(),
+                      f"{ref / r.forward_backward.median_ms:.2f}x"))
+    keep = [0, 1, 2, 3, 4] if with_length else [0, 2, 3, 4]
+    widths = {i: max(len(line[i]) for line in lines) for i in keep}
+    for line in lines:
+        cells = [f"{line[i]:<{widths[i]}}" if i == 0 else f"{line[i]:>{widths[i]}}" for i in keep[:-1]]
+        _out(("  ".join(cells) + "  " + line[4]).rstrip())
 
 
 # ---------------------------------------------------------------------------------------

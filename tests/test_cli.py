@@ -326,7 +326,7 @@ def test_list_in_process(capsys):
 
 def test_bench_small(specs, capsys):
     code = main(["bench", str(specs["one"]), "-D", "D=4", "--batch", "2", "--length", "6",
-                 "--repeat", "1", "--device", "cpu"])
+                 "--repeat", "1", "--min-time", "0.01", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "forward ms" in out
@@ -336,10 +336,54 @@ def test_bench_small(specs, capsys):
 
 def test_bench_library_cell_with_params(capsys):
     code = main(["bench", "lstm", "-D", "I=3", "-D", "H=5", "--batch", "2", "--length", "4",
-                 "--repeat", "1", "--device", "cpu"])
+                 "--repeat", "1", "--min-time", "0.01", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "H=5" in out and "I=3" in out
+
+
+def test_bench_json_and_csv(specs, tmp_path, capsys):
+    """Every backend at every length, with at least --repeat samples, the median inside the quartiles;
+    triton is skipped on a CPU run (with the reason) and the run still exits 0; progress on stderr."""
+    out_json, out_csv = tmp_path / "b.json", tmp_path / "b.csv"
+    code = main(["bench", str(specs["one"]), "-D", "D=4", "--batch", "2", "--length", "4", "8", "--repeat", "3",
+                 "--min-time", "0.001", "--device", "cpu", "--json", str(out_json), "--csv", str(out_csv)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "rnnc bench: T=8 (2/2)" in captured.err
+    data = json.loads(out_json.read_text())
+    assert data["device"] == "cpu" and data["dims"]["D"] == 4 and data["batch"] == 2
+    backends = rnnc.backends_for(rnnc.load(str(specs["one"])))
+    assert sorted((r["backend"], r["T"]) for r in data["results"]) == sorted((b, t) for b in backends for t in (4, 8))
+    for r in data["results"]:
+        if r["backend"] == "triton":
+            assert r["forward"] is None and "needs a CUDA GPU" in r["note"]
+            continue
+        assert r["note"] == ""
+        for name in ("forward", "forward_backward"):
+            s = r[name]
+            assert s["samples"] >= 3
+            assert 0 < s["min_ms"] <= s["q1_ms"] <= s["median_ms"] <= s["q3_ms"] <= s["max_ms"]
+    lines = out_csv.read_text().splitlines()
+    assert lines[0].startswith("backend,T,pass,median_ms")
+    assert len(lines) == 1 + 2 * len(data["results"])
+
+
+def test_bench_plot_needs_matplotlib(specs, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code = main(["bench", str(specs["one"]), "-D", "D=4", "--length", "4", "--plot", str(tmp_path / "p.png"),
+                 "--json", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "needs matplotlib" in err and "Traceback" not in err
+    assert not (tmp_path / "b.json").exists()  # refused before running anything
+
+
+def test_bench_plot(specs, tmp_path):
+    pytest.importorskip("matplotlib")
+    code = main(["bench", str(specs["one"]), "-D", "D=4", "--batch", "2", "--length", "4", "8", "--repeat", "1",
+                 "--min-time", "0.001", "--device", "cpu", "--plot", str(tmp_path / "p.png")])
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------
