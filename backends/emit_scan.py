@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rnnc import dims as D
 from rnnc.ir import Cell
-from rnnc.plans import ScanPlan
+from rnnc.plans import MatrixScan, ScanPlan
 
 from . import triton_scan
 from .combine import combine_source
@@ -42,6 +42,7 @@ def emit(L: Lines, rec: Recurrence, scan: ScanPlan) -> None:
     scanned sequences before its own scan."""
     cell, r, stages, loop, loop_outs = rec.cell, rec.r, rec.stages, rec.loop, rec.loop_outs
     linear, combines = scan.linear, scan.combines
+    r.use_deferred = False  # a param @ state is one product over all rows here, not one per step
     for s in cell.states:
         L(f"s0_{s.name} = {rec.initial(s)}")
     rows = _AllRows(cell, r, stages, loop)
@@ -72,8 +73,11 @@ def emit(L: Lines, rec: Recurrence, scan: ScanPlan) -> None:
     fused = scan.fused
     if fused:
         L("# the recurrence as fused Triton scans (a and b computed in the kernels from these leaves)")
-    for name in list(fused) + list(linear):
+    for name in list(fused) + list(scan.order or linear):
         s = by_name[name]
+        if name in scan.matrix:
+            _emit_matrix(L, rec, rows, scan.matrix[name])
+            continue
         if name in fused:
             a, b, leaves, _ = fused[name]
             full = "".join(f", {pyint(d)}" for d in s.shape)
@@ -99,6 +103,30 @@ def emit(L: Lines, rec: Recurrence, scan: ScanPlan) -> None:
             L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
     L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
+
+
+def _emit_matrix(L: Lines, rec: Recurrence, rows: "_AllRows", group: MatrixScan) -> None:
+    """A group of states scanned as one with matrices (runtime `_group_scan`)."""
+    r, stages = rec.r, rec.stages
+    states = [next(s for s in rec.cell.states if s.name == n) for n in group.states]
+    nodes = group.nodes()
+    what = f"a block-diagonal {len(states)}×{len(states)} transition per element" if group.kind == "block" \
+        else "one dense transition matrix"
+    L(f"# {', '.join(group.states)}: {what}, scanned as matrices: (A2, b2)∘(A1, b1) = (A2 A1, A2 b1 + b2)")
+    if any(stages.get(n) == "loop" for n in nodes):
+        L("# the coefficients read states scanned above: computed for all steps from their sequences")
+        rows.emit(L, nodes)
+    dense = group.kind == "dense"
+    rank = 2 if dense else len(states[0].shape)  # a dense block is [n_i, n_j], its b [n_i]
+
+    def coef(n: int | None, k: int) -> str:
+        return "None" if n is None else _scan_coefficient(r, stages, n, k)
+    a = _tuple([_tuple([coef(n, rank) for n in row]) for row in group.a])
+    b = _tuple([coef(n, 1 if dense else rank) for n in group.b])
+    h0 = _tuple([f"s0_{s.name}" for s in states])
+    L(f"{_tuple([f'all_{s.name}' for s in states])[1:-1]} = _group_scan(T, {a}, {b}, {h0}, "
+      f"dense={dense})")
+    rows.scanned.update(group.states)
 
 
 class _AllRows:

@@ -15,6 +15,7 @@ states with additive or identity-minus-low-rank transitions and a contraction re
 """
 from __future__ import annotations
 
+from . import dims as D
 from .ir import Cell
 from .linear_form import linear_forms
 from .matrix_terms import normal_terms
@@ -83,6 +84,7 @@ def classify(cell: Cell, stages: dict[int, str]) -> dict[str, dict]:
         t = found[s.name]
         out[s.name] = {"class": "nonlinear", "why": t} if isinstance(t, str) else _info(t, len(s.shape))
     _layers(cell, stages, out)
+    _matrix_groups(cell, stages, out)
     _readouts(cell, stages, out)
     return out
 
@@ -155,13 +157,15 @@ def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
     folded = {s.name for s in cell.states for c in cell.combines if s.node_in in c.args_left}
     groups = state_groups(cell)
     for k, group in enumerate(groups):
-        if k == 0 or all(out[n]["class"] != "nonlinear" for n in group):
+        def pending(n: str) -> bool:  # nonlinear, or "coupled" to a state outside its group
+            return out[n]["class"] == "nonlinear" or bool(set(out[n].get("coupled", ())) - set(group))
+        if k == 0 or not any(pending(n) for n in group):
             continue
         found = transitions(cell, group_stages(cell, stages, group), group)
         before = {n for grp in groups[:k] for n in grp}
         for name in group:
             t = found[name]
-            if out[name]["class"] != "nonlinear" or isinstance(t, str) or name in folded:
+            if not pending(name) or isinstance(t, str) or name in folded:
                 continue  # (a combine's states get their verdict from the combine)
             s = nodes[name]
             reads = cell.graph.ancestors([s.node_out])
@@ -171,6 +175,30 @@ def _layers(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
             info["why"] = (f"linear in itself once {', '.join(after)} {'is' if len(after) == 1 else 'are'} "
                            f"known for every step: {info['why']}")
             out[name] = info
+
+
+def _matrix_groups(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
+    """A group of states linear in each other (coupled), or a vector state with a dense state-free
+    matrix, scans as one block state (rnnc/matrix_scan.py): its states get `matrix` (kind, size,
+    states), or `matrix_why` when neither a block nor a dense matrix describes the transition."""
+    from .matrix_scan import group_transition
+
+    folded = {s.name for s in cell.states for c in cell.combines if s.node_in in c.args_left}
+    for group in state_groups(cell):
+        infos = [out[n] for n in group]
+        if folded & set(group) or any(i["class"] != "matrix_affine" for i in infos) \
+                or not any(i.get("coupled") or i.get("transition") == "dense" for i in infos):
+            continue
+        found = group_transition(cell, group_stages(cell, stages, group), group)
+        for name, info in zip(group, infos):
+            if isinstance(found, str):
+                info["matrix_why"] = found
+                continue
+            info["matrix"] = {"kind": found.kind, "size": D.fmt(found.size), "states": list(found.states)}
+            if found.kind == "block":
+                info["transition"] = "block"
+            info["why"] = (f"linear in the coupled states {', '.join(found.states)}: {found.text()}"
+                           if info.get("coupled") else f"{info['why']}; {found.text()}")
 
 
 def contraction(cell: Cell, stages: dict[int, str], state: str, out: int) -> tuple[str, int, int, str] | None:

@@ -52,16 +52,36 @@ class ChunkPlan:
 
 
 @dataclass(frozen=True)
+class MatrixScan:
+    """A group of states scanned as one, next = A states + b (rnnc/matrix_scan.py): "block", states
+    of one shape with a[i][j] the elementwise coefficient of state j in state i (an m×m matrix per
+    element), or "dense", vector states with a[i][j] the [n_i, n_j] block of one matrix over their
+    concatenation. None: a zero coefficient, or a zero b."""
+
+    kind: str  # "block" | "dense"
+    states: tuple[str, ...]
+    a: tuple[tuple[int | None, ...], ...]
+    b: tuple[int | None, ...]
+
+    def nodes(self) -> list[int]:
+        return [n for row in self.a for n in row if n is not None] + [n for n in self.b if n is not None]
+
+
+@dataclass(frozen=True)
 class ScanPlan:
-    """States by parallel scans: `linear` state -> (a, b) with next = a ⊙ state + b (b None: zero),
-    in scan order (a later layer after the states it reads); `combines` fold their states. On the
-    triton backend `fused` state -> (a, b, leaves, body) and `folds` (combine, leaves, body, cbody)
-    are the fused kernels' plans (backends/triton_scan.py)."""
+    """States by parallel scans: `linear` state -> (a, b) with next = a ⊙ state + b (b None: zero);
+    `matrix` groups of states with a block or dense transition, keyed by their first state; `order`
+    the keys of both in scan order (a later layer after the states it reads; empty: `linear`'s
+    order); `combines` fold their states. On the triton backend `fused` state -> (a, b, leaves,
+    body) and `folds` (combine, leaves, body, cbody) are the fused kernels' plans
+    (backends/triton_scan.py)."""
 
     linear: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     combines: tuple[Combine, ...] = ()
     fused: dict[str, tuple] = field(default_factory=dict)
     folds: tuple[tuple, ...] = ()
+    matrix: dict[str, MatrixScan] = field(default_factory=dict)
+    order: tuple[str, ...] = ()
 
     @property
     def triton(self) -> bool:
@@ -70,19 +90,29 @@ class ScanPlan:
     def nodes(self) -> list[int]:
         return ([n for pair in self.linear.values() for n in pair if n is not None]
                 + [n for c in self.combines for n in c.args_right]
-                + [n for f in self.fused.values() for n in f[2]] + [n for f in self.folds for n in f[1]])
+                + [n for f in self.fused.values() for n in f[2]] + [n for f in self.folds for n in f[1]]
+                + [n for m in self.matrix.values() for n in m.nodes()])
 
 
 def scan_plan(cell: Cell, report: Report, triton: bool = False) -> ScanPlan:
     """The scan plan of an analysed cell: folds by their combines, the other states linear."""
     from .backends import triton_scan
+    from .linearity import group_stages, state_groups
+    from .matrix_scan import coefficients
     from .scanplan import scan_coefficients
 
     combines = tuple(scan_groups(cell, report.classes))
     folded = frozenset(s.name for s in cell.states for c in combines if s.node_in in c.args_left)
-    linear = scan_coefficients(cell, report.stages, skip=folded)
+    matrix, order = {}, []
+    for group in state_groups(cell):
+        info = report.classes[group[0]].get("matrix")
+        if info is not None and not triton:
+            a, b = coefficients(cell, group_stages(cell, report.stages, group), group, info["kind"])
+            matrix[info["states"][0]] = MatrixScan(info["kind"], tuple(info["states"]), a, b)
+        order += [info["states"][0]] if info is not None else [n for n in group if n not in folded]
+    linear = scan_coefficients(cell, report.stages, skip=folded | {n for m in matrix.values() for n in m.states})
     if not triton:
-        return ScanPlan(linear, combines)
+        return ScanPlan(linear, combines, matrix=matrix, order=tuple(order))
     fused = {name: (a, b, *triton_scan.plan(cell.graph, a, b)) for name, (a, b) in linear.items()}
     folds = tuple((c, *triton_scan.fold_plan(cell.graph, c)) for c in combines)
     return ScanPlan(fused=fused, folds=folds)

@@ -21,6 +21,11 @@ SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("asso
 TRITON_FUSED = {("elementwise_affine", None), ("matrix_affine", "additive")}
 #: The classes `auto` sends to the scan (matrix states would materialise every step's state).
 SCAN_FIRST = {"elementwise_affine", "associative"}
+#: The largest dense or block transition (n×n) the scan backend takes, and the largest `auto`
+#: sends to it: the matrix scan costs O(n³) per combine (benchmarks/bench_matscan.py,
+#: benchmarks/RESULTS.md).
+MATRIX_SCAN_MAX = 256
+MATRIX_AUTO_MAX = 64
 #: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
 LOOP_BELOW = {"scan": 64, "chunk": 8}
 #: On the triton backend, sequences shorter than this (and `step`) run the fused recurrent kernel
@@ -56,9 +61,26 @@ def why_not(backend: str, report: Report) -> str | None:
         return None if kind else why
     if backend == "scan":
         for name, info in report.classes.items():
+            if "matrix" in info:
+                if (why := matrix_too_large(info["matrix"])) is not None:
+                    return f"state '{name}' {why}"
+                continue
             if (info["class"], info.get("transition")) not in SCANNABLE or info.get("coupled"):
                 kind = info["class"] + (f" ({info['transition']} transition)" if "transition" in info else "")
                 return f"state '{name}' is {kind}: {info['why']}"
+    return None
+
+
+def matrix_too_large(matrix: dict, limit: int | None = None) -> str | None:
+    """Why a group's dense or block transition is too large for the matrix scan (None when it is
+    not): a combine costs O(n³) for an n×n matrix, and a matrix that changes per step is kept for
+    every step (T·n² numbers per sequence). A size that is a symbolic dim is taken (the built
+    module's dims are known only when it runs)."""
+    limit = MATRIX_SCAN_MAX if limit is None else limit
+    size = matrix["size"]
+    if size.isdigit() and int(size) > limit:
+        return (f"has a {matrix['kind']} transition of size {size}×{size}, above the matrix scan's limit of "
+                f"{limit} (each combine costs O(n³))")
     return None
 
 
@@ -125,7 +147,9 @@ def pick(backend: str, report: Report | None = None, device=None) -> str:
             if why_not("chunk", report) is None:
                 return "chunk"
             if why_not("scan", report) is None and all(
-                    info["class"] in SCAN_FIRST for info in report.classes.values()):
+                    info["class"] in SCAN_FIRST or ("matrix" in info and not matrix_too_large(info["matrix"],
+                                                                                               MATRIX_AUTO_MAX))
+                    for info in report.classes.values()):
                 return "scan"
         return "loop"
     if backend not in BACKENDS:
