@@ -197,7 +197,7 @@ def _matrix_groups(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> 
             info["matrix"] = {"kind": found.kind, "size": D.fmt(found.size), "states": list(found.states)}
             if found.kind == "block":
                 info["transition"] = "block"
-            info["why"] = (f"linear in the coupled states {', '.join(found.states)}: {found.text()}"
+            info["why"] = (f"linear in the coupled states, analysed as one: {found.text()}"
                            if info.get("coupled") else f"{info['why']}; {found.text()}")
 
 

@@ -72,13 +72,28 @@ CASES = {
         a = a * b + x
         b = b + x
         y = a }""", "a", {"class": "elementwise_affine", "after": ["b"]}),
-    # linear in two states at once: analysed jointly, dense
-    "coupled": ("""cell c(x: [H]) -> (y: [H]) {
+    # linear in an earlier layer's state too: a stage after it, elementwise in itself
+    "coupled_to_earlier": ("""cell c(x: [H]) -> (y: [H]) {
         state a: [H] = 0
         state b: [H] = 0
         a = 0.5 * a + 0.5 * b + x
         b = b + x
-        y = a }""", "a", {"class": "matrix_affine", "transition": "dense", "coupled": ["b"]}),
+        y = a }""", "a", {"class": "elementwise_affine", "after": ["b"]}),
+    # two states that read each other linearly: one block state, 2×2 per element
+    "coupled": ("""cell c(x: [H]) -> (y: [H]) {
+        state a: [H] = 0
+        state b: [H] = 0
+        let a0 = a
+        a = 0.5 * a + 0.5 * b + x
+        b = b - a0
+        y = a }""", "a", {"class": "matrix_affine", "transition": "block", "coupled": ["b"],
+                           "matrix": {"kind": "block", "size": "2", "states": ["a", "b"]}}),
+    # a vector state read through a state-free matrix: dense, scanned with H×H matrices
+    "dense_vector": ("""cell c(x: [H], A: [H, H]) -> (y: [H]) {
+        state h: [H] = 0
+        h = A @ h + x
+        y = h }""", "h", {"class": "matrix_affine", "transition": "dense",
+                           "matrix": {"kind": "dense", "size": "H", "states": ["h"]}}),
     # a general state-free matrix on the left: dense transition
     "dense": ("""cell c(k: [K], v: [V], A: [K]) -> (o: [V]) {
         state S: [K, V] = 0
