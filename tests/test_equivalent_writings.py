@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rnnc
+from rnnc.resources import specs_dir
 
 from helpers import DIMS, library_inputs, outputs_and_grads
 
@@ -157,6 +158,19 @@ REWRITES = {
         "m, u, w = softmax_merge((m, u, w), ((weight_k @ x) @ q, 1, weight_v @ x))\n    o = w / u",
         "m, u, w = softmax_merge((m, u, w), (q @ (weight_k @ x), 1.0, weight_v @ x))\n    o = w * (1 / u)",
     ],
+    "lru": [  # the complex pair: imaginary part first, terms reordered; the decay's modulus factored out
+        "let im0 = im\n    im = lr * im + gamma * (B_im @ u) + li * re\n    re = gamma * (B_re @ u) + re * lr - li * im0",
+        "let re0 = re\n    re = mag * (cos(exp(theta_log)) * re - sin(exp(theta_log)) * im) + gamma * (B_re @ u)\n"
+        "    im = mag * (sin(exp(theta_log)) * re0 + cos(exp(theta_log)) * im) + gamma * (B_im @ u)",
+    ],
+    "s4d": [
+        "let im0 = im\n    im = ai * re + ar * im + bi * u[:, None]\n    re = ar * re - ai * im0 + br * u[:, None]",
+        "let re0 = re\n    re = br * u[:, None] + (ar * re - ai * im)\n    im = u[:, None] * bi + (im * ar + re0 * ai)",
+    ],
+    "lsrl_modcounter": [  # the LinState as s Aᵀ, and with its zero input map as 0 * u
+        "s = s @ transpose(R) + [[0], [0], [0], [0], [0], [0], [0], [0]] @ u",
+        "s = R @ s + 0 * u",
+    ],
     "running_max": [
         "combine max_merge(a, b) identity -inf = maximum(b, a)\ncell running_max(x: [D]) -> (y: [D]) {\n"
         "    state m: [D] = -inf\n    m = max_merge(m, x)\n    y = m\n}",
@@ -183,10 +197,32 @@ MATRIX = {"linear_attn": "(q: [K], k: [K], v: [V]) -> (o: [V])",
 GRU_DEF = "def n_of(x_n, h_n, r) = tanh(x_n + r * h_n)\n"
 
 
+#: Library cells rewritten in place: the spec file's text with this update replaced by the body.
+SPEC_EDITS = {
+    "lru": "let re0 = re\n    re = lr * re - li * im + gamma * (B_re @ u)\n    im = li * re0 + lr * im + gamma * (B_im @ u)",
+    "s4d": "let re0 = re\n    re = ar * re - ai * im + br * u[:, None]\n    im = ai * re0 + ar * im + bi * u[:, None]",
+}
+
+
+def _modcounter(body: str) -> str:
+    """lsrl_modcounter with its 8×8 literal bound to R first (the readout unchanged)."""
+    text = (specs_dir() / "lsrl_modcounter.rnn").read_text()
+    start = text.index("    s = [[-1, 0")
+    end = text.index("@ u\n", start) + 4
+    matrix = text[start + len("    s = "):text.index("] @ s", start) + 1]
+    return text[:start] + f"    let R = {matrix}\n    {body}\n" + text[end:]
+
+
 def source(name: str, body: str) -> str:
     """The full spec text of one rewrite."""
     if body.startswith("combine"):
         return body
+    if name == "lsrl_modcounter":
+        return _modcounter(body)
+    if name in SPEC_EDITS:
+        text = (specs_dir() / f"{name}.rnn").read_text()
+        assert SPEC_EDITS[name] in text
+        return text.replace(SPEC_EDITS[name], body)
     if name in MATRIX:
         return f"cell {name}{MATRIX[name]} {{\n    state S: [K, V] = 0\n    {body}\n    o = q @ S\n}}\n"
     if name == "rwkv6":

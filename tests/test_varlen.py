@@ -13,7 +13,7 @@ LENGTHS = [5, 1, 9, 5]
 def _inputs(name, total, heads, gen):
     out = []
     for p in rnnc.load(name).cell().inputs:
-        x = torch.randn(1, total, heads, *[DIMS[str(d)] for d in p.shape], generator=gen, dtype=torch.float64)
+        x = torch.randn(1, total, heads, *[DIMS.get(str(d)) or int(d) for d in p.shape], generator=gen, dtype=torch.float64)
         if p.name in ("g", "w"):
             x = F.logsigmoid(x + 2)
         elif p.name == "delta":
@@ -35,7 +35,7 @@ def test_packed_equals_separate(name, backend):
     cu = torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist())
     inputs = _inputs(name, sum(LENGTHS), 2, gen)
     prog = rnnc.load(name).cell()
-    state = {s.name: torch.randn(len(LENGTHS), 2, *[DIMS[str(d)] for d in s.shape], generator=gen,
+    state = {s.name: torch.randn(len(LENGTHS), 2, *[DIMS.get(str(d)) or int(d) for d in s.shape], generator=gen,
                                  dtype=torch.float64).requires_grad_() for s in prog.states}
     y, final = cell(*inputs, state=state, cu_seqlens=cu)
     ys = y if isinstance(y, tuple) else (y,)
