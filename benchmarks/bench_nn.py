@@ -7,9 +7,10 @@
 One fp32 layer, time-major input [T, B, I] with I = H, T = 256, at (B=16, H=128) and (B=64, H=512):
 the forward under torch.inference_mode(), and forward + backward of out.sum() with respect to the
 input and every parameter. rnnc.nn.LSTM loads torch's state_dict and its output is checked against
-torch's first. The four measurements run in interleaved rounds (rnnc.bench.measure: each round calls
-each once, in turn), so background load hits both sides alike; reported are the median, the
-quartiles and the extremes of each.
+torch's first. The bare cell (`rnnc.build("lstm")`, batch-first input) runs alongside, to show what
+the drop-in's wrapping (layout, state handling, functional_call) costs on top of the cell. The six
+measurements run in interleaved rounds (rnnc.bench.measure: each round calls each once, in turn), so
+background load hits all sides alike; reported are the median, the quartiles and the extremes.
 """
 from __future__ import annotations
 
@@ -30,26 +31,30 @@ def jobs(B: int, H: int) -> dict:
     ref = torch.nn.LSTM(H, H)
     ours = rnnc.nn.LSTM(H, H)
     ours.load_state_dict(ref.state_dict())
+    cell = rnnc.build("lstm", I=H, H=H)
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in ref.state_dict().items()})
     x = torch.randn(T, B, H)
+    xb = x.transpose(0, 1).contiguous()
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-4, atol=1e-5)
-    xg = x.clone().requires_grad_()
 
-    def forward(module):
+    def forward(module, x):
         def run():
             with torch.inference_mode():
                 module(x)
         return run
 
-    def forward_backward(module):
+    def forward_backward(module, x):
+        xg = x.clone().requires_grad_()
+
         def run():
             xg.grad = None
             module.zero_grad(set_to_none=True)
             module(xg)[0].sum().backward()
         return run
 
-    return {"torch.nn.LSTM forward": forward(ref), "rnnc.nn.LSTM forward": forward(ours),
-            "torch.nn.LSTM fwd+bwd": forward_backward(ref), "rnnc.nn.LSTM fwd+bwd": forward_backward(ours)}
+    return {f"{name} {kind}": make(module, inp) for kind, make in (("forward", forward), ("fwd+bwd", forward_backward))
+            for name, module, inp in (("torch.nn.LSTM", ref, x), ("rnnc.nn.LSTM", ours, x), ("rnnc cell", cell, xb))}
 
 
 def main() -> None:
@@ -57,18 +62,23 @@ def main() -> None:
     parser.add_argument("--case", choices=[*CASES, "all"], default="all")
     parser.add_argument("--repeat", type=int, default=15, help="timed runs of each at least (15)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of runs of each at least (2)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; T={T}, I=H")
-    print("| B | H | pass | torch.nn.LSTM ms (median [q1, q3]) | rnnc.nn.LSTM ms | rnnc/torch | "
-          "torch min–max | rnnc min–max |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| B | H | pass | torch.nn.LSTM ms (median [q1, q3]) | rnnc.nn.LSTM ms | rnnc cell ms | rnnc.nn/torch | "
+          "torch min–max | rnnc.nn min–max |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in CASES if args.case == "all" else [args.case]:
         B, H = CASES[case]
         stats = measure(jobs(B, H), args.repeat, args.min_time, warmup=3)
         for kind in ("forward", "fwd+bwd"):
-            t, r = stats[f"torch.nn.LSTM {kind}"], stats[f"rnnc.nn.LSTM {kind}"]
+            t, r, c = (stats[f"{name} {kind}"] for name in ("torch.nn.LSTM", "rnnc.nn.LSTM", "rnnc cell"))
             print(f"| {B} | {H} | {kind} | {t.median_ms:.1f} [{t.q1_ms:.1f}, {t.q3_ms:.1f}] | "
-                  f"{r.median_ms:.1f} [{r.q1_ms:.1f}, {r.q3_ms:.1f}] | {r.median_ms / t.median_ms:.2f}× | "
+                  f"{r.median_ms:.1f} [{r.q1_ms:.1f}, {r.q3_ms:.1f}] | "
+                  f"{c.median_ms:.1f} [{c.q1_ms:.1f}, {c.q3_ms:.1f}] | "
+                  f"{r.median_ms / t.median_ms:.2f}× | "
                   f"{t.min_ms:.1f}–{t.max_ms:.1f} | {r.min_ms:.1f}–{r.max_ms:.1f} |", flush=True)
 
 

@@ -98,7 +98,8 @@ class _RNNBase(nn.Module):
         gates, _, self._states = _MODES[mode]
         out = proj_size or hidden_size
         directions = 2 if bidirectional else 1
-        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else []) + (["weight_hr"] if proj_size else [])
+        names = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []),
+                 *(["weight_hr"] if proj_size else [])]
         self._cell_params = tuple(names)
         self._flat_weights_names = []
         factory = {"device": device, "dtype": dtype}
