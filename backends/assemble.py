@@ -21,19 +21,20 @@ from rnnc import dims as D
 from rnnc.analysis import Report
 from rnnc.errors import UnsupportedError
 from rnnc.ir import Cell
-from rnnc.plans import ChunkPlan, LoopPlan, ScanPlan
+from rnnc.plans import ChunkPlan, LoopPlan, NewtonPlan, ScanPlan
 
-from . import emit_chunk, emit_loop, emit_recurrent, emit_scan, link
+from . import emit_chunk, emit_loop, emit_newton, emit_recurrent, emit_scan, link
 from .render import Lines, Recurrence, Renderer, node_dims
 from .tiles import TileProgram
 from .torch_expr import shape_text
 
 #: A lowering's plan: the sequential loop's, a scan's, a chunk form's, or the fused recurrent kernel's tiles.
-Plan = Union[LoopPlan, ScanPlan, ChunkPlan, TileProgram]
+Plan = Union[LoopPlan, ScanPlan, ChunkPlan, TileProgram, NewtonPlan]
 
 #: Each lowering's fragment by the type of its plan: `emit(L, rec, plan)` (see render.Recurrence).
 FRAGMENTS: dict[type, Callable[[Lines, Recurrence, Plan], None]] = {
     LoopPlan: emit_loop.emit, ScanPlan: emit_scan.emit, ChunkPlan: emit_chunk.emit, TileProgram: emit_recurrent.emit,
+    NewtonPlan: emit_newton.emit,
 }
 
 #: Attribute names the generated module (or nn.Module) already uses: no param may take them.
@@ -55,7 +56,8 @@ def class_name(cell: Cell) -> str:
 def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = None,
                 generated_backward: bool = True, scan: ScanPlan | None = None,
                 chunk: ChunkPlan | None = None, loop_below: int | None = None,
-                recurrent: TileProgram | None = None, standalone: bool = False) -> str:
+                recurrent: TileProgram | None = None, newton: NewtonPlan | None = None,
+                standalone: bool = False) -> str:
     """The full source of a module defining the cell's nn.Module class: importing what it calls from
     rnnc.runtime, or with `standalone` a file that needs only torch (and triton), the runtime vendored
     (backends/link.py).
@@ -100,6 +102,8 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L(f"OUTPUTS = {tuple(p.name for p in cell.outputs)!r}")
     L(f"STATES = {tuple(s.name for s in cell.states)!r}")
     L()
+    if newton is not None:
+        emit_newton.attributes(L)
     parallel = "chunk" if chunk is not None else "scan" if scan is not None else None
     short = "recurrent" if recurrent is not None and parallel is not None else "loop"
     dispatch = parallel is not None and loop_below is not None
@@ -114,7 +118,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     if dispatch:
         _emit_dispatch(L, parallel, short)
     loop_plan = LoopPlan(generated_backward)
-    plan = next(p for p in (chunk, scan, recurrent, loop_plan) if p is not None)
+    plan = next(p for p in (chunk, scan, recurrent, newton, loop_plan) if p is not None)
     _emit_forward(L, cell, r, stages, needed, plan, f"_forward_{parallel}" if dispatch else "forward")
     if dispatch:  # the short sequences' forward, with a renderer of its own (its names start afresh)
         short_plan = recurrent if short == "recurrent" else loop_plan

@@ -28,6 +28,7 @@ from rnnc.errors import InternalError
 EXTERNAL = {
     "math": "import math",
     "os": "import os",
+    "warnings": "import warnings",
     "torch": "import torch",
     "nn": "import torch.nn as nn",
     "F": "import torch.nn.functional as F",

@@ -49,6 +49,7 @@ class Report:
     classes: dict[str, dict]
     backend: str
     notes: list[str] = field(default_factory=list)
+    jacobian: tuple = ()  # jacobian.JacobianGroup per group of coupled states
 
     def to_dict(self) -> dict:
         c = self.cell
@@ -64,13 +65,20 @@ class Report:
             "outputs": {p.name: shape(p.shape) for p in c.outputs},
             "params": {p.name: shape(p.shape) for p in c.params},
             "states": {s.name: {"shape": shape(s.shape), "reads": self.reads[s.name],
-                                "stage": self.stages.get(s.node_out, "const"), **self.classes[s.name]}
+                                "stage": self.stages.get(s.node_out, "const"), **self.classes[s.name],
+                                **self._jacobian(s.name)}
                        for s in c.states},
             "ops": counts,
             "hoisted": hoisted,
             "backend": self.backend,
             "notes": list(self.notes),
         }
+
+    def _jacobian(self, state: str) -> dict:
+        """{"jacobian": its structure} for a nonlinear state (what Newton's method over time solves)."""
+        if self.classes[state]["class"] != "nonlinear":
+            return {}
+        return {"jacobian": next(g.describe() for g in self.jacobian if state in g.states)}
 
     def __str__(self) -> str:
         return self.summary() + "\n\nIR (stage of each op: const = once per call, hoist = all time steps at once, " \
@@ -91,6 +99,8 @@ class Report:
             detail = [f"next value reads {reads}"]
             if s.get("after"):
                 detail.append(f"a parallel stage after {', '.join(s['after'])}")
+            if "jacobian" in s:
+                detail.append(f"jacobian {s['jacobian']}")
             if "transition" in s:
                 detail.append(f"transition {s['transition']}, decay {s['decay']}")
             if "readout" in s:
@@ -114,9 +124,10 @@ class Report:
 def analyze_cell(cell: Cell, backend: str = "loop") -> Report:
     """Stages, state reads and linearity verdicts of the cell; `backend` is recorded as chosen."""
     from .associative import classify_combines
+    from .jacobian import jacobian_groups
     from .linearity import classify
 
     st = stages(cell)
     classes = classify(cell, st)
     classify_combines(cell, st, classes)
-    return Report(cell, st, state_reads(cell), classes, backend)
+    return Report(cell, st, state_reads(cell), classes, backend, jacobian=jacobian_groups(cell))

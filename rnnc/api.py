@@ -73,7 +73,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     if chunk_size is not None and backend != "auto" and chosen not in ("chunk", "triton"):
         raise BuildError(f"chunk_size applies to the chunk backend, not to backend '{backend}'",
                          hint="drop chunk_size, or use backend='chunk' (or 'auto')")
-    scan = chunk = recurrent = None
+    scan = chunk = recurrent = newton = None
     kind = schedule.triton_kind(report)[0] if chosen == "triton" else chosen
     lowered = cell.derived()  # what the plan derives is appended here; the analysed cell stays as it is
     if chosen == "chunk" or kind == "chunk":
@@ -82,6 +82,8 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
         recurrent = schedule.tile_program(cell, report.stages)
     elif chosen in ("scan", "triton"):
         scan = plans.scan_plan(lowered, report, triton=chosen == "triton")
+    elif chosen == "newton":
+        newton = plans.newton_plan(report)
     lowered.extra_roots = (scan or chunk).nodes() if scan or chunk else []
     cell = lowered
     report = analyze_cell(cell, chosen)  # the values the plan reads are hoisted like any other
@@ -92,7 +94,8 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
             loop_below = schedule.RECURRENT_BELOW
     schedule.triton_note(report)
     source = emit_module(cell, report, defaults=defaults, generated_backward=_pick_backward(backward), scan=scan,
-                         chunk=chunk, loop_below=loop_below, recurrent=recurrent, standalone=standalone)
+                         chunk=chunk, loop_below=loop_below, recurrent=recurrent, newton=newton,
+                         standalone=standalone)
     return source, report
 
 

@@ -24,6 +24,17 @@ class LoopPlan:
 
 
 @dataclass(frozen=True)
+class NewtonPlan:
+    """Newton's method over time (backends/emit_newton.py, rnnc/runtime/newton.py): the states in groups
+    coupled through the step, each with its Jacobian block's structure (rnnc/jacobian.py)."""
+
+    groups: tuple = ()  # of jacobian.JacobianGroup
+
+    def nodes(self) -> list[int]:
+        return []
+
+
+@dataclass(frozen=True)
 class ChunkPlan:
     """One matrix state in chunkwise form (rnnc/chunkplan.py finds the pieces):
     linear: S' = diag(e^gk) S diag(e^gv) (e^g) + (Π scale) k vᵀ; delta: S' = e^g (I − β k kᵀ) S + β k vᵀ;
@@ -116,6 +127,11 @@ def scan_plan(cell: Cell, report: Report, triton: bool = False) -> ScanPlan:
     fused = {name: (a, b, *triton_scan.plan(cell.graph, a, b)) for name, (a, b) in linear.items()}
     folds = tuple((c, *triton_scan.fold_plan(cell.graph, c)) for c in combines)
     return ScanPlan(fused=fused, folds=folds)
+
+
+def newton_plan(report: Report) -> NewtonPlan:
+    """Newton's plan: the Jacobian's structure, per group of coupled states."""
+    return NewtonPlan(tuple(report.jacobian))
 
 
 def chunk_plan(cell: Cell, report: Report, chunk_size: int | None = None, triton: bool = False) -> ChunkPlan:

@@ -15,7 +15,7 @@ from .chunkplan import NotChunkable, chunk_plan
 from .plans import ChunkPlan
 from .errors import BuildError
 
-BACKENDS = ("loop", "scan", "chunk", "triton")
+BACKENDS = ("loop", "scan", "chunk", "triton", "newton")
 SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("associative", None)}
 #: What the triton backend fuses so far: states updated elementwise, h' = a ⊙ h + b.
 TRITON_FUSED = {("elementwise_affine", None), ("matrix_affine", "additive")}
@@ -59,6 +59,8 @@ def why_not(backend: str, report: Report) -> str | None:
             return "triton is not installed (pip install triton)"
         kind, why = triton_kind(report)
         return None if kind else why
+    if backend == "newton":
+        return newton_why(report)
     if backend == "scan":
         for name, info in report.classes.items():
             if "matrix" in info:
@@ -81,6 +83,26 @@ def matrix_too_large(matrix: dict, limit: int | None = None) -> str | None:
     if size.isdigit() and int(size) > limit:
         return (f"has a {matrix['kind']} transition of size {size}×{size}, above the matrix scan's limit of "
                 f"{limit} (each combine costs O(n³))")
+    return None
+
+
+def newton_why(report: Report) -> str | None:
+    """Why Newton's method over time cannot solve the cell (None when it can): it needs a state, a
+    step every op of which has derivative rules, and no dense Jacobian over a matrix state's entries
+    (K*V entries: a (K*V)² matrix per step)."""
+    from .autodiff import differentiable
+
+    cell = report.cell
+    if not cell.states:
+        return "the cell has no state: there is no recurrence to solve"
+    for nid, stage in report.stages.items():
+        if stage == "loop" and not differentiable(cell.graph[nid]):
+            return f"its step uses `{cell.graph[nid].op}`, which has no derivative rule"
+    for group in report.jacobian:
+        big = [s.name for s in cell.states if s.name in group.states and len(s.shape) > 1]
+        if group.kind == "dense" and big:
+            return (f"the Jacobian over state {big[0]} is dense ({group.size}×{group.size} per step): "
+                    "far too large for Newton's linear solves")
     return None
 
 

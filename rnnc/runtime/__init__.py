@@ -2,13 +2,14 @@
 
 A module from `rnnc.build` imports the names it uses from these modules; `rnnc compile` copies the same
 definitions, and only those it uses, into a standalone file (backends/link.py). So every module here
-imports only math, os, torch, triton, its siblings and `rnnc.errors.InputError`, holds only functions,
+imports only math, os, warnings, torch, triton, its siblings and `rnnc.errors.InputError`, holds only functions,
 classes and constants at the top level, and no name is defined in two of them. Nothing is imported
 here: a cell without Triton never imports triton.
 
   calling        inputs, dims, dtypes, initial states, time-major layout, packed batches
   backward       the loop's autograd node and the helpers of its generated backward
   scan           parallel prefix scans (linear, and by an associative combine)
+  newton         Newton's method over time for nonlinear cells, and its adjoint
   chunk          chunkwise-parallel linear attention and delta rule, in PyTorch
   triton_launch  what the generated Triton kernels' launchers share (device check, grids, warps)
   triton_chunk   chunkwise linear attention as Triton kernels, forward and backward
@@ -17,4 +18,4 @@ here: a cell without Triton never imports triton.
 
 #: The modules, in the order a standalone file holds what it vendors from them (a module before those
 #: importing from it).
-MODULES = ("calling", "backward", "scan", "chunk", "triton_launch", "triton_chunk", "triton_delta")
+MODULES = ("calling", "backward", "scan", "newton", "chunk", "triton_launch", "triton_chunk", "triton_delta")

@@ -1,0 +1,189 @@
+"""Newton's method over time for nonlinear cells (DEER, Lim et al. 2023; ParaRNN, Danieli et al. 2025).
+
+The whole trajectory h_1..h_T solves h_t = f(h_{t-1}, x_t). Around an iterate H, with F_t = f(H_{t-1}, x_t)
+and J_t = ∂f/∂h at H_{t-1}, the Newton update δ solves the linear recurrence δ_t = J_t δ_{t-1} + (F_t - H_t),
+a parallel scan: elementwise for a diagonal J, of small matrices for m×m blocks, of full matrices for a
+dense one (the structure comes from the IR: rnnc/jacobian.py). Causality makes step t exact after t
+iterations, so the steps before the first one still moving are final and the next iteration only
+works on the rest. When the iteration cap is reached first, the remaining steps run one after another
+(with a warning): the result is never a half-converged trajectory.
+
+The gradient needs no iterations (implicit function theorem): with λ the adjoint of the trajectory,
+λ_t = g_t + J_{t+1}ᵀ λ_{t+1} is one reverse linear scan with the transposed Jacobians, and the gradients
+of everything f reads (inputs, params, the initial state) are one vector-Jacobian product of f over all
+steps at once, which autograd takes through one more evaluation of f on the converged trajectory.
+
+`step(prev, lo, hi)` is the generated cell's step for steps lo..hi-1 at once: prev is a tuple of
+[(hi-lo)*N, *shape] states before those steps, the result a tuple of their next values.
+"""
+import math
+import warnings
+
+import torch
+
+from .scan import _linear_scan, _matrix_scan
+
+
+class NewtonWarning(RuntimeWarning):
+    """Newton's iterations did not converge within the cap: the rest of the sequence ran step by step."""
+
+
+def _newton_tolerance(dtype):
+    """The convergence threshold on |δ| / (1 + |h|): √ε of the compute dtype (3.5e-4 for float32,
+    1.5e-8 for float64). Newton converges quadratically, so an update that small leaves an error of
+    order ε, and a stricter test would chase rounding noise."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def _newton(cell, step, s0, T, groups):
+    """The states after each of T steps, each [T, N, *shape], from initial states s0 (a tuple of
+    [N, *shape]); `groups` is the Jacobian's structure: (kind, state indices) per coupled group, kind
+    "diagonal", "block" or "dense". Differentiable with respect to s0 and whatever `step` reads.
+
+    The cell's NEWTON_MAX_ITERS and NEWTON_TOL (None: by dtype) control the iterations; what happened is
+    left in `cell.newton_info` (iterations, whether they converged, where the sequential finish began)."""
+    max_its = cell.NEWTON_MAX_ITERS
+    tol = cell.NEWTON_TOL if cell.NEWTON_TOL is not None else _newton_tolerance(s0[0].dtype)
+    with torch.no_grad():
+        first = tuple(s.detach().unsqueeze(0).expand(T, *s.shape) for s in s0)
+        H = [h.clone() for h in _newton_call(step, first, 0, T)]  # every step from s0: step 0 exact
+        done, its = 1, 0  # the steps before `done` are final
+        while done < T and its < max_its:
+            its += 1
+            prev = tuple(h[done - 1:T - 1] for h in H)
+            F, J = _newton_jacobians(step, prev, done, T, groups)
+            delta = _newton_solve(J, tuple(f - h[done:] for f, h in zip(F, H)), groups)
+            moving = torch.zeros(T - done, dtype=torch.bool, device=H[0].device)
+            for h, d in zip(H, delta):
+                h[done:] += d
+                small = d.abs() <= tol * (1 + h[done:].abs())  # NaN compares False: never small
+                moving |= ~small.reshape(T - done, -1).all(1)
+            still = torch.nonzero(moving)
+            done = T if still.numel() == 0 else done + max(1, int(still[0]))
+        sequential_from = done if done < T else None
+        if sequential_from is not None:
+            warnings.warn(f"newton: {its} iterations did not converge on steps {done}..{T - 1} of {T}; "
+                          "those steps ran one after another (exact, but sequential). Raise NEWTON_MAX_ITERS or "
+                          "use backend='loop' for this cell", NewtonWarning, stacklevel=3)
+            for t in range(done, T):
+                nxt = _newton_call(step, tuple(h[t - 1:t] for h in H), t, t + 1)
+                for h, v in zip(H, nxt):
+                    h[t] = v[0]
+    cell.newton_info = {"iterations": its, "converged": sequential_from is None, "sequential_from": sequential_from,
+                        "steps": T, "tolerance": tol}
+    if getattr(cell, "NEWTON_DEBUG", False):
+        print(f"rnnc newton: {cell.newton_info}")
+    if not torch.is_grad_enabled():
+        return tuple(H)
+    prev = tuple(torch.cat([s.unsqueeze(0), h[:-1]]) for s, h in zip(s0, H))
+    F = _newton_call(step, prev, 0, T)  # one more step on the solution: the path gradients take
+    if not any(f.requires_grad for f in F):
+        return tuple(H)
+    return _NewtonAdjoint.apply((step, tuple(p.detach() for p in prev), groups), *F)
+
+
+def _newton_call(step, prev, lo, hi):
+    """step over time-major [t, N, *shape] states (t = hi - lo), flattened to rows and back."""
+    t, n = prev[0].shape[:2]
+    out = step(tuple(p.reshape(t * n, *p.shape[2:]) for p in prev), lo, hi)
+    return tuple(o.expand(t * n, *o.shape[1:]).reshape(t, n, *o.shape[1:]) for o in out)
+
+
+def _newton_jacobians(step, prev, lo, hi, groups):
+    """f at prev (each [t, N, *shape]) and each group's Jacobian block there, by forward-mode products:
+    a diagonal group's [t, N, *shape]; an m-state block's [t, N, *shape, m, m] (row: output state);
+    a dense group's [t, N, n, n] over its states' entries flattened in order. Diagonal and block groups
+    share m products with one-hot-per-block tangents; a dense group takes n, vectorised with vmap."""
+    f = lambda *p: _newton_call(step, p, lo, hi)  # noqa: E731
+    small = [(k, idx) for k, idx in groups if k != "dense"]
+    J, F = {}, None
+    for col in range(max((len(idx) for _, idx in small), default=0)):
+        tangent = [torch.zeros_like(p) for p in prev]
+        for _, idx in small:
+            if col < len(idx):
+                tangent[idx[col]] = torch.ones_like(prev[idx[col]])
+        F, out = torch.func.jvp(f, tuple(prev), tuple(tangent))
+        for g, (kind, idx) in enumerate(groups):
+            if kind == "diagonal":
+                J[g] = out[idx[0]]
+            elif kind == "block" and col < len(idx):
+                J.setdefault(g, []).append(torch.stack([out[i] for i in idx], -1))
+    for g, (kind, idx) in enumerate(groups):
+        if kind == "block":
+            J[g] = torch.stack(J[g], -1)  # [..., rows, cols]
+        elif kind == "dense":
+            J[g] = _newton_dense(f, prev, idx)
+    if F is None:
+        F = f(*prev)
+    return F, [J[g] for g in range(len(groups))]
+
+
+def _newton_dense(f, prev, idx):
+    """The dense block over states idx: one product per basis vector of their flattened entries, vmapped
+    in chunks that keep each batch of products near 2^24 numbers."""
+    t, n = prev[0].shape[:2]
+    sizes = [prev[i][0, 0].numel() for i in idx]
+    width = sum(sizes)
+
+    def column(e):
+        tangent = [torch.zeros_like(p) for p in prev]
+        for i, part in zip(idx, e.split(sizes)):
+            tangent[i] = part.reshape(prev[i].shape[2:]).expand(prev[i].shape)
+        out = torch.func.jvp(f, tuple(prev), tuple(tangent))[1]
+        return torch.cat([out[i].reshape(t, n, -1) for i in idx], -1)
+
+    chunk = max(1, (1 << 24) // max(1, t * n * width))
+    eye = torch.eye(width, dtype=prev[0].dtype, device=prev[0].device)
+    cols = torch.func.vmap(column, chunk_size=chunk)(eye)  # [cols, t, N, rows]
+    return cols.permute(1, 2, 3, 0)
+
+
+def _newton_solve(J, rhs, groups, reverse=False):
+    """Per group, x_t = J_t x_{t-1} + rhs_t from x = 0 (rhs: a tuple of [t, N, *shape] per state).
+    With `reverse`, the adjoint x_t = J_{t+1}ᵀ x_{t+1} + rhs_t instead (J then holds J_1..J_{t-1})."""
+    out = list(rhs)
+    for (kind, idx), a in zip(groups, J):
+        if kind == "diagonal":
+            b = rhs[idx[0]]
+        elif kind == "block":
+            b = torch.stack([rhs[i] for i in idx], -1)
+        else:
+            b = torch.cat([rhs[i].reshape(*rhs[i].shape[:2], -1) for i in idx], -1)
+        if reverse:
+            a = a if kind == "diagonal" else a.transpose(-1, -2)
+            a = torch.cat([torch.zeros_like(a[:1]), a.flip(0)])
+            b = b.flip(0)
+        x0 = torch.zeros_like(b[0])
+        x = _linear_scan(a, b, x0) if kind == "diagonal" else _matrix_scan(a, b, x0)
+        x = x.flip(0) if reverse else x
+        if kind == "diagonal":
+            out[idx[0]] = x
+        elif kind == "block":
+            for j, i in enumerate(idx):
+                out[i] = x[..., j]
+        else:
+            for i, part in zip(idx, x.split([rhs[i][0, 0].numel() for i in idx], -1)):
+                out[i] = part.reshape(rhs[i].shape)
+    return tuple(out)
+
+
+class _NewtonAdjoint(torch.autograd.Function):
+    """Identity on the trajectory's values; its backward solves the adjoint recurrence
+    λ_t = g_t + J_{t+1}ᵀ λ_{t+1} (J at the solution), handing λ to the step that produced them."""
+
+    @staticmethod
+    def forward(ctx, solved, *F):
+        ctx.solved = solved
+        return tuple(f.clone() for f in F)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        step, prev, groups = ctx.solved
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, prev))
+        T = prev[0].shape[0]
+        if T == 1:
+            return (None, *grads)
+        with torch.no_grad():
+            _, J = _newton_jacobians(step, tuple(p[1:] for p in prev), 1, T, groups)
+            lam = _newton_solve(J, grads, groups, reverse=True)
+        return (None, *lam)
