@@ -83,15 +83,18 @@ def test_auto_on_cuda_takes_the_triton_kernels_where_they_apply(name, expected):
 # The lowerings each library cell gets, and auto's choice on CPU: a change to the analysis that
 # silently drops a parallel form (say, a combine's states relabelled) shows up here by name.
 LOWERINGS = {
-    "aaren": ("loop scan", "scan"), "deltanet": ("loop chunk triton", "chunk"), "elman": ("loop triton", "loop"),
-    "gated_deltanet": ("loop chunk triton", "chunk"), "gla": ("loop scan chunk triton", "chunk"),
-    "gru": ("loop triton", "loop"), "hgrn": ("loop scan triton", "scan"),
-    "linear_attn": ("loop scan chunk triton", "chunk"), "lsrl_majority": ("loop scan triton", "scan"),
-    "lsrl_modcounter": ("loop scan triton", "scan"), "lru": ("loop scan triton", "scan"),
-    "s4d": ("loop scan triton", "scan"), "lstm": ("loop triton", "loop"), "mamba": ("loop scan triton", "loop"), "mingru": ("loop scan triton", "scan"),
-    "minlstm": ("loop scan triton", "scan"), "running_logsumexp": ("loop scan triton", "scan"),
-    "running_max": ("loop scan triton", "scan"), "rwkv6": ("loop scan chunk triton", "chunk"),
-    "simple_gla": ("loop scan chunk triton", "chunk"),
+    "aaren": ("loop scan newton", "scan"), "deltanet": ("loop chunk triton", "chunk"),
+    "elman": ("loop triton newton", "loop"), "gated_deltanet": ("loop chunk triton", "chunk"),
+    "gla": ("loop scan chunk triton newton", "chunk"), "gru": ("loop triton newton", "loop"),
+    "hgrn": ("loop scan triton newton", "scan"), "indrnn": ("loop triton newton", "loop"),
+    "linear_attn": ("loop scan chunk triton newton", "chunk"), "lsrl_majority": ("loop scan triton newton", "scan"),
+    "lsrl_modcounter": ("loop scan triton newton", "scan"), "lru": ("loop scan triton newton", "scan"),
+    "s4d": ("loop scan triton newton", "scan"), "lstm": ("loop triton newton", "loop"),
+    "mamba": ("loop scan triton newton", "loop"),
+    "mingru": ("loop scan triton newton", "scan"), "minlstm": ("loop scan triton newton", "scan"),
+    "paragru": ("loop triton newton", "loop"), "paralstm": ("loop triton newton", "loop"),
+    "running_logsumexp": ("loop scan triton newton", "scan"), "running_max": ("loop scan triton newton", "scan"),
+    "rwkv6": ("loop scan chunk triton newton", "chunk"), "simple_gla": ("loop scan chunk triton newton", "chunk"),
 }
 
 

@@ -24,7 +24,7 @@ import rnnc.runtime
 from helpers import DIMS, library_inputs, outputs_and_grads
 from rnnc.backends import link
 
-STANDALONE_IMPORTS = {"math", "os", "torch", "torch.nn", "torch.nn.functional", "triton", "triton.language"}
+STANDALONE_IMPORTS = {"math", "os", "warnings", "torch", "torch.nn", "torch.nn.functional", "triton", "triton.language"}
 
 
 def _dims(name: str) -> dict[str, int]:
@@ -51,6 +51,7 @@ CASES = [  # (cell, backend, T): one cell per lowering, and auto's dispatch to t
     ("gla", "auto", 11), ("gla", "auto", 5), ("mingru", "auto", 70),
     ("mingru", "triton", 9), ("running_max", "triton", 9), ("lstm", "triton", 5),
     ("simple_gla", "triton", 70), ("gated_deltanet", "triton", 70), ("gla", "triton", 6),
+    ("paralstm", "newton", 9), ("gru", "newton", 9),
 ]
 
 
@@ -81,7 +82,8 @@ def _vendored_names(source: str) -> list[str]:
 
 @pytest.mark.parametrize("name,backend", [("lstm", "loop"), ("lstm", "auto"), ("gla", "chunk"), ("mingru", "scan"),
                                           ("running_max", "scan"), ("gla", "triton"), ("deltanet", "triton"),
-                                          ("lstm", "triton"), ("running_max", "triton"), ("lsrl_majority", "auto")])
+                                          ("lstm", "triton"), ("running_max", "triton"), ("lsrl_majority", "auto"),
+                                          ("paragru", "newton")])
 def test_standalone_file_is_complete_and_tree_shaken(name, backend):
     source = rnnc.compile(name, backend=backend)
     tree = ast.parse(source)
