@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file to write (default: the source goes to stdout, the summary to stderr)")
     p.add_argument("--backend", metavar="NAME", default="auto",
                    help="lowering to emit: auto (default: what rnnc.build picks, short sequences on the loop), "
-                        "loop, scan, chunk or triton")
+                        "loop, scan, chunk, triton or newton")
     p.add_argument("--chunk-size", metavar="N", type=int, default=None,
                    help="steps per chunk for the chunk backend (default: chosen per cell)")
     dim_args(p)
