@@ -13,8 +13,9 @@ import rnnc
 from helpers import DIMS, library_inputs
 from rnnc.runtime.newton import NewtonWarning
 
-NONLINEAR = [n for n in rnnc.library() if "newton" in rnnc.backends_for(n)
-             and any(s["class"] == "nonlinear" for s in rnnc.analyze(n).to_dict()["states"].values())]
+APPLIES = [n for n in rnnc.library() if "newton" in rnnc.backends_for(n)]
+NONLINEAR = [n for n in APPLIES
+             if any(s["class"] == "nonlinear" for s in rnnc.analyze(n).to_dict()["states"].values())]
 
 
 def _dims(name: str) -> dict[str, int]:
@@ -50,7 +51,8 @@ def _inputs_and_state(name, B, T, dtype, seed=0):
     inputs = library_inputs(name, B, T, 1, False, dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     cell = rnnc.load(name).cell()
-    state = {s.name: (0.5 * torch.randn(B, 1, *[DIMS[str(d)] for d in s.shape], generator=g, dtype=dtype))
+    state = {s.name: (0.5 * torch.randn(B, 1, *[DIMS.get(str(d)) or int(d) for d in s.shape], generator=g,
+                                         dtype=dtype))
              .requires_grad_() for s in cell.states}
     return inputs, state
 
@@ -129,6 +131,15 @@ def test_newton_refuses_dense_matrix_states_and_stateless_cells():
 def test_newton_matches_the_loop(name, T):
     """Values and gradients (inputs, params, initial states) equal the loop's in float64."""
     _compare(name, T)
+
+
+@pytest.mark.parametrize("name", sorted(set(APPLIES) - set(NONLINEAR)))
+def test_newton_solves_linear_cells_too(name):
+    """The loop's results; a linear cell's Newton step is exact: one or two iterations (the folds
+    by an associative combine, e.g. a running max, are not linear and take a few more)."""
+    newton = _compare(name, 33)
+    linear = all(s["class"] != "associative" for s in rnnc.analyze(name).to_dict()["states"].values())
+    assert newton.newton_info["converged"] and newton.newton_info["iterations"] <= (2 if linear else 12)
 
 
 @pytest.mark.slow
