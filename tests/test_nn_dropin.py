@@ -175,3 +175,30 @@ def test_trains_on_a_tiny_task():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("mode,options", [
+    ("LSTM", {"num_layers": 2, "bidirectional": True, "proj_size": 4, "bias": False}),
+    pytest.param("GRU", {"num_layers": 2, "bidirectional": True}, marks=pytest.mark.slow),
+    pytest.param("RNN", {"nonlinearity": "relu", "bidirectional": True}, marks=pytest.mark.slow),
+])
+def test_triton_backend_matches_torch_nn(mode, options):
+    """The cells on the triton backend's fused recurrent kernel (the CPU interpreter here), float32."""
+    torch.manual_seed(8)
+    ref = getattr(torch.nn, mode)(I, H, **options)
+    ours = getattr(rnnc.nn, mode)(I, H, backend="triton", **options)
+    ours.load_state_dict(ref.state_dict())
+    assert {cell.backend for cell in ours._cells.values()} == {"triton"}
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(9))
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    out_ref, out = flat(ref(x_ref)), flat(ours(x_ours))
+    for a, b in zip(out, out_ref):
+        torch.testing.assert_close(a, b, **tol)
+    gen = torch.Generator().manual_seed(10)
+    weights = [torch.randn(t.shape, generator=gen) for t in out_ref]
+    wrt_ref, wrt_ours = [x_ref, *ref.parameters()], [x_ours, *ours.parameters()]
+    grads_ref = torch.autograd.grad(sum((t * w).sum() for t, w in zip(out_ref, weights)), wrt_ref)
+    grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(out, weights)), wrt_ours)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **tol)
