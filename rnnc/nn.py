@@ -9,8 +9,9 @@ The cells are the library's lstm/gru/elman specs; an option those do not express
 proj_size, relu) builds a variant written below in the same language. The parameters live on this
 module under torch's names and are passed to the cells at each call (torch.func.functional_call),
 so one cell per layer input width serves every layer and direction, and a torch.nn module's
-state_dict loads as is. A PackedSequence runs on the cells' cu_seqlens support (each sequence from
-its own initial state to its own final state; the reverse direction reverses each sequence).
+state_dict loads as is. A PackedSequence runs in stretches of steps with the same sequences, each
+stretch continuing from the states the last one ended with (the reverse direction reverses every
+sequence in place first), so it costs max(lengths) steps as a padded batch would.
 """
 from __future__ import annotations
 
@@ -164,9 +165,9 @@ class _RNNBase(nn.Module):
         hx: h0 (GRU, RNN) or (h0, c0) (LSTM), [num_layers * num_directions, B, H] ([.., H] unbatched),
         zeros when None. Returns (output, h_n) or (output, (h_n, c_n)), as torch.nn."""
         packed = isinstance(input, PackedSequence)
-        if packed:
-            x, cu, order, reverse = self._unpack(input)
-            batched, batch = True, cu.numel() - 1
+        if packed:  # x stays in the PackedSequence's row order: [total, I]
+            x, sizes, batched, batch = input.data, input.batch_sizes.tolist(), True, int(input.batch_sizes[0])
+            reverse = _reversed_rows(input.batch_sizes).to(x.device) if self.bidirectional else None
         else:
             if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
                 raise InputError(f"{type(self).__name__}: expected input to be a 2D (unbatched) or 3D tensor, got "
@@ -174,7 +175,6 @@ class _RNNBase(nn.Module):
             batched = input.dim() == 3
             x = input if not batched else input if self.batch_first else input.transpose(0, 1)
             x = x if batched else x.unsqueeze(0)  # [B, T, I] from here on
-            cu = reverse = None
             batch = x.shape[0]
         if x.shape[-1] != self.input_size:
             raise InputError(f"{type(self).__name__}: input.size(-1) must be equal to input_size. "
@@ -183,9 +183,8 @@ class _RNNBase(nn.Module):
             raise InputError(f"{type(self).__name__}: input is {x.dtype} but the parameters are "
                              f"{self.weight_ih_l0.dtype}; convert one to the other (e.g. .to(torch.float32))")
         states = self._initial_states(hx, batched, batch, x)
-        if packed and states is not None:
-            states = [s.index_select(1, input.sorted_indices) if input.sorted_indices is not None else s
-                      for s in states]
+        if packed and states is not None and input.sorted_indices is not None:
+            states = [s.index_select(1, input.sorted_indices) for s in states]
         directions = 2 if self.bidirectional else 1
         finals = []
         for layer in range(self.num_layers):
@@ -194,10 +193,14 @@ class _RNNBase(nn.Module):
                 k = layer * directions + direction
                 params = {n: getattr(self, self._param_name(n, layer, direction)) for n in self._cell_params}
                 state = None if states is None else {name: s[k] for name, s in zip(self._states, states)}
-                xin = x if not direction else x[:, reverse] if packed else x.flip(1)
-                y, final = functional_call(self._cells[x.shape[-1]], params, (xin,),
-                                           {"state": state, "cu_seqlens": cu})
-                outs.append(y if not direction else y[:, reverse] if packed else y.flip(1))
+                cell = self._cells[x.shape[-1]]
+
+                def run(xin, st, cell=cell, params=params):
+                    return functional_call(cell, params, (xin,), {"state": st})
+
+                xin = x if not direction else x[reverse] if packed else x.flip(1)
+                y, final = _run_packed(run, xin, sizes, state) if packed else run(xin, state)
+                outs.append(y if not direction else y[reverse] if packed else y.flip(1))
                 finals.append(final)
             x = torch.cat(outs, -1) if directions == 2 else outs[0]
             if self.dropout and self.training and layer < self.num_layers - 1:
@@ -206,7 +209,7 @@ class _RNNBase(nn.Module):
         if packed:
             if input.unsorted_indices is not None:
                 final = tuple(s.index_select(1, input.unsorted_indices) for s in final)
-            output = PackedSequence(x[0][order], input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+            output = PackedSequence(x, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         elif batched:
             output = x if self.batch_first else x.transpose(0, 1)
         else:
@@ -236,24 +239,41 @@ class _RNNBase(nn.Module):
             out.append(h if batched else h.unsqueeze(1))
         return out
 
-    @staticmethod
-    def _unpack(seq: PackedSequence):
-        """A PackedSequence as the cells' packed layout [1, total, I] (sequences back to back, in
-        sorted order), its cu_seqlens, the index that maps it back to seq.data's order, and the
-        index reversing every sequence in place."""
-        sizes = seq.batch_sizes.to(seq.data.device)
-        batch, steps = int(seq.batch_sizes[0]), sizes.numel()
-        rows = torch.arange(batch, device=sizes.device)[:, None]
-        t = torch.arange(steps, device=sizes.device)[None, :]
-        lengths = (sizes[None, :] > rows).sum(1)
-        present = t < lengths[:, None]  # [B, T]: sequence j (sorted) has step t
-        start = torch.cumsum(sizes, 0) - sizes  # where step t's rows begin in seq.data
-        gather = (start[None, :] + rows)[present]  # packed layout -> seq.data rows
-        cu = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-        reverse = (cu[:-1, None] + lengths[:, None] - 1 - t)[present]
-        order = torch.empty_like(gather)
-        order[gather] = torch.arange(gather.numel(), device=gather.device)
-        return seq.data[gather][None], cu, order, reverse
+
+def _run_packed(run, data: torch.Tensor, sizes: list[int], state: dict | None):
+    """Run a cell over PackedSequence rows (time-major, sequences sorted longest first, `sizes[t]`
+    of them at step t): one call per stretch of steps with the same sequences, each continuing from
+    the states the previous stretch ended with, so the steps run number max(lengths), not their sum.
+    Returns (outputs in the same row order, final states [B, ...] in sorted order)."""
+    outs, ended = [], []
+    t = row = 0
+    while t < len(sizes):
+        n, start = sizes[t], t
+        while t < len(sizes) and sizes[t] == n:
+            t += 1
+        steps = t - start
+        x = data[row:row + steps * n].reshape(steps, n, -1).transpose(0, 1)
+        y, state = run(x, None if state is None else {k: v[:n] for k, v in state.items()})
+        outs.append(y.transpose(0, 1).reshape(steps * n, -1))
+        later = sizes[t] if t < len(sizes) else 0
+        ended.append({k: v[later:] for k, v in state.items()})  # the sequences that end here
+        row += steps * n
+    ended.reverse()
+    return torch.cat(outs), {k: torch.cat([e[k] for e in ended]) for k in ended[0]}
+
+
+def _reversed_rows(batch_sizes: torch.Tensor) -> torch.Tensor:
+    """The permutation of PackedSequence rows that reverses every sequence in place: the row of
+    sequence j at step s swaps with its row at step len_j - 1 - s (its own inverse)."""
+    steps = batch_sizes.numel()
+    rows = torch.arange(int(batch_sizes[0]))[:, None]
+    t = torch.arange(steps)[None, :]
+    lengths = (batch_sizes[None, :] > rows).sum(1)[:, None]
+    present = t < lengths  # [B, T]: sequence j (sorted) has step t
+    start = torch.cumsum(batch_sizes, 0) - batch_sizes  # where step t's rows begin
+    perm = torch.empty(int(batch_sizes.sum()), dtype=torch.long)
+    perm[(start[None, :] + rows)[present]] = (start[(lengths - 1 - t).clamp(min=0)] + rows)[present]
+    return perm
 
 
 class LSTM(_RNNBase):
