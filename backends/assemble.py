@@ -249,8 +249,6 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
         L(f"{', '.join(args)}{',' if len(args) == 1 else ''} = _gather_inputs(self.INPUTS, args, kwargs)")
         L(f"lead = _batch_shape(self.INPUTS, ({', '.join(args)},), {ranks!r}, 2)")
         L("B, T, extra = lead[0], lead[1], lead[2:]")
-        L("if T == 0:")
-        L("    raise InputError('empty sequence: inputs have T = 0 time steps')")
     else:
         L("raise InputError('a cell without inputs cannot be run')")
         L.dedent()
@@ -301,6 +299,7 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
     if const:
         L("# constants: params and literals only, computed once")
         r.emit(L, const, "const")
+    _emit_empty(L, cell, r)
     if any(cell.graph[n].op != "input" for n in hoist):
         L("# state-independent values, for all B*T*extra rows at once")
         r.emit(L, hoist, "hoist")
@@ -329,13 +328,22 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
     L()
 
 
+def _emit_empty(L: Lines, cell: Cell, r: Renderer) -> None:
+    """B = 0 or T = 0: nothing to run; empty outputs, and the initial states as the final ones."""
+    outs = [f"torch.zeros(B, T, *extra, *{shape_text(o.shape)}, dtype=odt, device=dev)" for o in cell.outputs]
+    final = ", ".join(f"{s.name!r}: {Recurrence.initial_of(r, s)}.reshape(B, *extra, *{shape_text(s.shape)})"
+                      for s in cell.states)
+    L("if N == 0 or T == 0:  # an empty batch or sequence: empty outputs, the initial states")
+    L(f"    return {outs[0] if len(outs) == 1 else '(' + ', '.join(outs) + ')'}, {{{final}}}")
+
+
 def _emit_step(L: Lines, cell: Cell) -> None:
     L("def step(self, *args, state=None, **kwargs):")
     L.indent()
     L('"""One time step: inputs [B, *extra, ...] -> (outputs [B, *extra, ...], new state dict)."""')
     L("inputs = _gather_inputs(self.INPUTS, args, kwargs)")
-    L("_batch_shape(self.INPUTS, inputs, " + repr(tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs))
-      + ", 1)")
+    L("_step_shape(self.INPUTS, inputs, " + repr(tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs))
+      + ", state, self.STATES)")
     L("outputs, final = self.forward(*[x.unsqueeze(1) for x in inputs], state=state)")
     if len(cell.outputs) == 1:
         L("return outputs.squeeze(1), final")

@@ -139,7 +139,10 @@ class Recurrence:
 
     def initial(self, s: State) -> str:
         """The call giving state `s`'s initial value ([N, *shape]): the caller's, else the spec's."""
-        r = self.r
+        return self.initial_of(self.r, s)
+
+    @staticmethod
+    def initial_of(r: Renderer, s: State) -> str:
         init = r.tensor(s.init, "const")
         return f"_initial(state, {s.name!r}, {init}, B, extra, {shape_text(s.shape)}, cdt)"
 

@@ -162,6 +162,20 @@ def _pick_backward(backward: str) -> bool:
     return backward == "generated"
 
 
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _check_dtype(dtype) -> None:
+    """The params' dtype: None (torch's default) or a floating dtype the runtime computes in."""
+    import torch
+
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in FLOAT_DTYPES:
+        raise BuildError(f"dtype must be one of torch.{', torch.'.join(FLOAT_DTYPES)} (or None), got {dtype!r}",
+                         hint="params are trained in floating point; pass e.g. dtype=torch.float32")
+
+
 def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=None, dtype=None,
           backward: str = "generated", chunk_size: int | None = None, **dims):
     """A torch.nn.Module running the cell; dims (e.g. H=64) bind sizes the spec leaves symbolic.
@@ -173,6 +187,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     from . import saving
     from .loader import load_source
 
+    _check_dtype(dtype)
     prog = _program(spec)
     ir = prog.cell(cell)
     _check_dims(ir, dims)

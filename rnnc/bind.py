@@ -7,10 +7,12 @@ call time are not known here; the generated module checks the inputs' shapes the
 """
 from __future__ import annotations
 
+import os
+
 import sympy
 
 from . import dims as D
-from .errors import DimError, ShapeError
+from .errors import BuildError, DimError, ShapeError
 from .ir import Cell
 
 
@@ -21,12 +23,27 @@ def _value(d: D.Dim, env: dict) -> int | None:
     return int(v) if v.is_Integer else None
 
 
+#: The most parameter elements build() allocates (2^32: 16 GiB in float32); $RNNC_MAX_PARAMS overrides it.
+MAX_PARAMS = 2**32
+
+
+def max_params() -> int:
+    raw = os.environ.get("RNNC_MAX_PARAMS")
+    if not raw:
+        return MAX_PARAMS
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise BuildError(f"RNNC_MAX_PARAMS={raw!r} is not a number", hint="e.g. RNNC_MAX_PARAMS=1e10") from None
+
+
 def check_bound_dims(cell: Cell, dims: dict[str, int]) -> None:
     env = {D.symbol(k): sympy.Integer(v) for k, v in dims.items()}
     for d in cell.dims.values():
         if d.default is not None and D.symbol(d.name) not in env:
             env[D.symbol(d.name)] = d.default
     given = ", ".join(f"{k}={v}" for k, v in dims.items()) or "the defaults"
+    _check_param_total(cell, env, given)
 
     def sizes(shape, loc, what):
         for d in shape:
@@ -71,3 +88,30 @@ def check_bound_dims(cell: Cell, dims: dict[str, int]) -> None:
                                      f"size {D.fmt(src[axis])} = {size} with {given}", node.loc,
                                      "a slice must select at least one element inside the axis")
             axis += 1
+
+
+def _check_param_total(cell: Cell, env: dict, given: str) -> None:
+    """A BuildError, before anything is allocated, when the params would exceed max_params()
+    elements; it names the largest param, its shape and the dims that size it. A dim not bound
+    yet counts as 1 (a lower bound: `[4*H, H]` alone can exceed the limit)."""
+    limit = max_params()
+    env = {D.symbol(n): sympy.Integer(1) for n in cell.dims} | env
+    total, largest = 0, None
+    for p in cell.params:
+        size = 1
+        for d in p.shape:
+            v = _value(d, env)
+            size *= max(v or 0, 0)
+        total += size
+        if largest is None or size > largest[1]:
+            largest = (p, size)
+    if total <= limit:
+        return
+    p, size = largest
+    names = sorted({n for d in p.shape for n in D.free_names(d)})
+    shape = ", ".join(D.fmt(d) for d in p.shape)
+    raise BuildError(f"the params would hold {total:,} elements with {given}, over the limit of {limit:,}: "
+                     f"param '{p.name}': [{shape}] alone has {size:,}"
+                     + (f" (dim {', '.join(names)})" if names else ""), p.loc,
+                     f"use a smaller {' or '.join(names) or 'shape'}, or raise the limit with RNNC_MAX_PARAMS "
+                     "(elements) if the memory is really there")

@@ -551,7 +551,7 @@ def test_streaming_and_step(name):
         y1, st = cell(*[x[:, :20] for x in xs])
         y2, st2 = cell(*[x[:, 20:] for x in xs], state=st)
         assert rel_err(torch.cat([y1, y2], 1), y) <= 1e-6
-        st = None
+        st = cell(*[x[:, :0] for x in xs])[1]  # the initial state, shaped [B, heads, ...]: step() reads the heads from it
         for t in range(5):
             yt, st = cell.step(*[x[:, t] for x in xs], state=st)
             assert rel_err(yt, y[:, t]) <= 1e-6

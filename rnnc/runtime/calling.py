@@ -29,13 +29,25 @@ def _gather_inputs(names, args, kwargs):
     return [values[n] for n in names]
 
 
+#: The dtypes inputs, states and params may have (computed in float32 at least, float64 kept).
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(what, x):
+    """A tensor of one of the _FLOATS dtypes: ints, bools and complex numbers are refused, never cast."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise InputError(f"{what} has dtype {x.dtype}; rnnc cells take float16, bfloat16, float32 or float64 "
+                         f"(convert it, e.g. x.float())")
+
+
 def _batch_shape(names, inputs, declared, lead):
     """The shared leading [B, T, *extra] (lead=2) or [B, *extra] (lead=1) of all inputs."""
     common = None
     for name, x, text in zip(names, inputs, declared):
         rank = len(text)
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"input {name!r} must be a torch.Tensor, got {type(x).__name__}")
+        _check_float(f"input {name!r}", x)
         if x.dim() < lead + rank:
             want = ", ".join((["B", "T", "*extra"] if lead == 2 else ["B", "*extra"]) + list(text))
             raise InputError(f"input {name!r} must have shape [{want}] (rank {lead + rank} or more), "
@@ -47,6 +59,26 @@ def _batch_shape(names, inputs, declared, lead):
             raise InputError(f"inputs {first!r} and {name!r} disagree on their leading axes: "
                              f"{list(common)} vs {list(outer)}")
     return common
+
+
+def _step_shape(names, inputs, declared, state, states):
+    """step()'s inputs are one time step, [B, *extra, ...]. Extra (head) axes are accepted only when
+    the state given shows the same [B, *extra] (a cell with states cannot tell heads from a time
+    axis otherwise: a whole [B, T, ...] sequence passed to step() is refused, not run as heads)."""
+    lead = _batch_shape(names, inputs, declared, 1)
+    if len(lead) == 1 or not states:
+        return lead
+    given = [(k, v) for k, v in (state or {}).items() if isinstance(v, torch.Tensor)]
+    if not given:
+        shown = ", ".join(f"{n!r}: {list(x.shape)}" for n, x in zip(names, inputs))
+        raise InputError(f"step() takes one time step [B, ...] per input, got {shown} with extra axes "
+                         f"{list(lead[1:])}: for a sequence call the cell itself (cell(x)); for head axes pass "
+                         f"the state, e.g. the initial one from cell(x[:, :0])")
+    for key, value in given:
+        if tuple(value.shape[:len(lead)]) != tuple(lead):
+            raise InputError(f"step() inputs have leading axes [B, *extra] = {list(lead)}, but state {key!r} "
+                             f"has shape {list(value.shape)}")
+    return lead
 
 
 def _seq_len(names, args, kwargs):
@@ -78,9 +110,11 @@ def _check_state_keys(state, names):
         return
     if not isinstance(state, dict):
         raise InputError(f"state must be a dict of tensors keyed by state name ({', '.join(names)}), got {type(state).__name__}")
-    for key in state:
+    for key, value in state.items():
         if key not in names:
             raise InputError(f"unknown state {key!r}; the states are {', '.join(names) or 'none'}")
+        if value is not None:
+            _check_float(f"initial state {key!r}", value)
 
 
 def _need_dims(dims, names, where):
