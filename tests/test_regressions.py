@@ -167,3 +167,31 @@ def test_a_concat_used_whole_in_the_step_is_refused_with_the_reason():
     sliced = "cell c(x: [2]) -> (y: [2]) { state h: [2] = 0\n h = tanh(x + h)\n y = concat(x, h)[1:3] }"
     with pytest.raises(rnnc.BuildError, match=r"a slice across the parts of a concat \(line 3\)"):
         rnnc.build(sliced, backend="triton")
+
+
+REGROUPED_SUM = """cell regrouped(x: [D]) -> (h: [D]) {
+    param b: [D] = 0
+    state c: [D] = 0
+    let f = x + c + b
+    c = (1 - f) * x
+    h = c
+}"""
+
+
+def test_the_generated_backward_of_a_regrouped_sum():
+    """Bug: `x + c + b` (input + state + param) is regrouped so the hoisted x + b is a node added
+    after the sum that reads it; autodiff's compaction re-added the forward nodes in id order and
+    failed with an IndexError, so the loop backend could not build such a cell (SRU's gates)."""
+    torch.manual_seed(0)
+    generated = rnnc.build(REGROUPED_SUM, backend="loop", D=3, dtype=torch.float64)
+    reference = rnnc.build(REGROUPED_SUM, backend="loop", D=3, dtype=torch.float64, backward="autograd")
+    with torch.no_grad():
+        generated.b.normal_()
+    reference.load_state_dict(generated.state_dict())
+    x = (0.5 * torch.randn(2, 6, 3, dtype=torch.float64)).requires_grad_()
+    grads = []
+    for cell in (generated, reference):
+        h, _ = cell(x)
+        grads.append(torch.autograd.grad(h.sin().sum(), [x, cell.b]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
