@@ -307,6 +307,7 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
                        | {s.node_out for s in cell.states if stages.get(s.node_out) == "hoist"})
     loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
     if cell.states or loop_outs:  # else nothing is carried from step to step: no loop at all
+        r.use_deferred = isinstance(plan, LoopPlan)  # a per-step weight gradient only where there are steps
         FRAGMENTS[type(plan)](L, Recurrence(cell, r, stages, loop, into_loop, loop_outs), plan)
     results = []
     for o in cell.outputs:

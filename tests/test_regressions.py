@@ -195,3 +195,30 @@ def test_the_generated_backward_of_a_regrouped_sum():
         grads.append(torch.autograd.grad(h.sin().sum(), [x, cell.b]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+LAYERED_MATMUL = """cell layered(x: [D]) -> (h: [D]) {
+    param W: [D, D] ~ uniform(-1, 1)
+    state p: [D] = 0
+    state c: [D] = 0
+    c = sigmoid(W @ p) * c + x
+    p = x
+    h = c
+}"""
+
+
+def test_a_param_matmul_of_an_earlier_state_on_the_scan():
+    """Bug: on the scan backend a param matrix times an earlier layered state (QRNN's convolution
+    tap W x_{t-1}, with x_{t-1} carried as a state) was rendered as the loop's per-step
+    `lin_W(...)` weight wrapper, which only the loop defines: the module failed to build."""
+    torch.manual_seed(0)
+    loop = rnnc.build(LAYERED_MATMUL, backend="loop", D=3, dtype=torch.float64)
+    scan = rnnc.build(LAYERED_MATMUL, backend="scan", D=3, dtype=torch.float64)
+    scan.load_state_dict(loop.state_dict())
+    x = torch.randn(2, 70, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for cell in (loop, scan):
+        h, final = cell(x)
+        results.append((h, final["c"], *torch.autograd.grad(h.sin().sum() + final["p"].sum(), [x, cell.W])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
