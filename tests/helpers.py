@@ -7,13 +7,14 @@ import torch.nn.functional as F
 import rnnc
 
 #: Sizes of the library's dims in the differential tests (small, distinct, awkward).
-DIMS = {"K": 4, "V": 3, "D": 3, "N": 2, "H": 3, "I": 2}
+DIMS = {"K": 4, "V": 3, "D": 3, "N": 2, "H": 3, "I": 2, "NH": 2, "P": 3}
 
 
 def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=None) -> list[torch.Tensor]:
     """Inputs [B, T, heads, *shape] for the cell `spec` (name, path, source or Program), each
     drawn from the range its name implies in the library: log-space decays `g`/`w` mild or down
-    to -20, mamba's positive `delta`, the delta rule's `beta` in (0, 1) (1 when extreme) and
+    to -20, mamba's positive `delta` and mamba2's `dt`, mLSTM's gate pre-activations (ten times wider
+    when extreme, for its stabiliser), the delta rule's `beta` in (0, 1) (1 when extreme) and
     unit keys `k` for delta-rule cells."""
     prog = spec if isinstance(spec, rnnc.Program) else rnnc.parse(spec) if "{" in spec else rnnc.load(spec)
     cell = prog.cell()
@@ -24,8 +25,10 @@ def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=
         x = torch.randn(*shape, generator=g, dtype=torch.float64)
         if p.name in ("g", "w"):
             x = -20 * torch.rand(*shape, generator=g, dtype=torch.float64) if extreme else F.logsigmoid(x + 3)
-        elif p.name == "delta":
+        elif p.name in ("delta", "dt"):
             x = F.softplus(x) * (8 if extreme else 1)
+        elif p.name in ("igate", "fgate") and extreme:
+            x = 10 * x
         elif p.name == "beta":
             x = torch.ones_like(x) if extreme else torch.sigmoid(x)
         elif p.name == "k" and "delta" in cell.name:

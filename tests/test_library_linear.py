@@ -439,6 +439,66 @@ def test_gated_deltanet_vs_fla(T):
     _compare_with_fla(cell, inputs, init, chunk)
 
 
+def _fla_inputs(g, T, **shapes):
+    return {k: _n(g, B, T, *shape).float() for k, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_hgrn2_vs_fla_gla(T):
+    """HGRN2 is GLA with the key 1 - f_t (fla runs it with its GLA ops): fla's
+    naive_recurrent_gla, whose K^-1/2 query scale is undone by scaling q up."""
+    m = _fla_naive("ops/gla/naive.py")
+    g = torch.Generator().manual_seed(7)
+    cell = rnnc.build("hgrn2", backend="loop")
+    inputs = _fla_inputs(g, T, q=(H, K), i=(H, V))
+    inputs["g"] = _log_decay(g, B, T, H, K).float()
+    init = {"S": (0.5 * _n(g, B, H, K, V)).float()}
+
+    def fla(x, p, s):
+        return m.naive_recurrent_gla(x["q"] * K ** 0.5, 1 - torch.exp(x["g"]), x["i"], x["g"],
+                                     initial_state=s["S"], output_final_state=True)
+    _compare_with_fla(cell, inputs, init, fla)
+
+
+def test_retnet_vs_fla_retention():
+    """retnet's heads against fla's naive_retention (parallel form, head-first, gamma_h and the
+    K^-1/2 scale built in, zero initial state)."""
+    m = _fla_naive("ops/retention/naive.py")
+    g = torch.Generator().manual_seed(8)
+    cell = rnnc.build("retnet", backend="loop")
+    inputs = _fla_inputs(g, 37, q=(3, K), k=(3, K), v=(3, V))
+    init = {"S": torch.zeros(B, 3, K, V)}
+
+    def fla(x, p, s):
+        return m.naive_retention(*(x[n].transpose(1, 2) for n in ("q", "k", "v"))).transpose(1, 2), None
+    _compare_with_fla(cell, inputs, init, fla, check_state=False)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_mamba2_vs_fla_simple_gla(T):
+    """Mamba-2's SSD per head is simple GLA with q = C, k = B, v = dt x and g = dt A, plus D x:
+    fla's naive_recurrent_simple_gla (scale 1; its state is [N, P], ours [P, N])."""
+    m = _fla_naive("ops/simple_gla/naive.py")
+    g = torch.Generator().manual_seed(9)
+    NH, P, N = 3, 5, 4
+    cell = rnnc.build("mamba2", backend="loop", NH=NH)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    inputs = _fla_inputs(g, T, x=(NH, P))
+    inputs["dt"] = F.softplus(_n(g, B, T, NH) - 1).float()
+    inputs.update(_fla_inputs(g, T, B=(N,), C=(N,)))
+    init = {"h": (0.5 * _n(g, B, NH, P, N)).float()}
+
+    def fla(x, p, s):
+        A = -torch.exp(p["A_log"])
+        per_head = {n: x[n][:, :, None].expand(-1, -1, NH, -1) for n in ("B", "C")}  # one group for all heads
+        o, S = m.naive_recurrent_simple_gla(per_head["C"], per_head["B"], x["dt"][..., None] * x["x"], x["dt"] * A,
+                                            scale=1.0, initial_state=s["h"].transpose(-1, -2), output_final_state=True)
+        return o + p["D"][:, None] * x["x"], S.transpose(-1, -2)
+    _compare_with_fla(cell, inputs, init, fla)
+
+
 # ---------------------------------------------------------------- 3. extreme gates
 
 GATED = [n for n in NAMES if SPECS[n][5]]
