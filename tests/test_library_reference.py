@@ -423,6 +423,25 @@ def test_mamba_param_init():
     torch.testing.assert_close(p["D_skip"].detach(), torch.ones(D))
 
 
+def test_mamba_a_is_per_channel():
+    """Each channel has its own A (a row of A_log [D, N], as mamba_ssm's [d_inner, d_state]):
+    changing one channel's A_log changes that channel's output only, and A_log's gradient differs
+    per channel."""
+    D, N = 4, 3
+    torch.manual_seed(0)
+    cell = rnnc.build("mamba", D=D, N=N, backend="loop", dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    u, delta, Bm, Cm = (v.requires_grad_() for v in gen_mamba(D, N)(g, ()).values())
+    y, _ = cell(u, delta, Bm, Cm)
+    (grad,) = torch.autograd.grad((y * torch.cos(torch.arange(y.numel())).view_as(y)).sum(), [cell.A_log])
+    assert all((grad[c] - grad[0]).abs().max() > 1e-6 for c in range(1, D))
+    with torch.no_grad():
+        cell.A_log[2] += 1.0
+        y2, _ = cell(u, delta, Bm, Cm)
+    changed = (y2 - y).abs().amax(dim=(0, 1))
+    assert changed[2] > 1e-3 and (changed[[0, 1, 3]] == 0).all()
+
+
 @pytest.mark.parametrize("name", ["mingru", "minlstm"])
 def test_min_rnn_param_shapes_and_init(name):
     I, H = 9, 4
