@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import rnnc
 
 #: Sizes of the library's dims in the differential tests (small, distinct, awkward).
-DIMS = {"K": 4, "V": 3, "D": 3, "N": 2, "H": 3, "I": 2, "NH": 2, "P": 3}
+DIMS = {"K": 4, "V": 3, "D": 3, "N": 2, "H": 3, "I": 2, "NH": 2, "P": 3, "M": 5}
 
 
 def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=None) -> list[torch.Tensor]:

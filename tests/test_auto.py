@@ -99,6 +99,7 @@ LOWERINGS = {
     "mlstm": ("loop", "loop"), "qrnn": ("loop scan triton newton", "scan"),
     "retnet": ("loop scan triton newton", "loop"), "rglru": ("loop scan triton newton", "scan"),
     "slstm": ("loop triton newton", "loop"), "sru": ("loop triton newton", "loop"),
+    "gsa": ("loop scan triton newton", "loop"),
 }
 
 

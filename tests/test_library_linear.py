@@ -499,6 +499,33 @@ def test_mamba2_vs_fla_simple_gla(T):
     _compare_with_fla(cell, inputs, init, fla)
 
 
+@pytest.mark.parametrize("T", [1, 37])
+def test_gsa_vs_fla(T):
+    """Gated slot attention against fla's naive_recurrent_gsa (g given, default K^-1/2 scale,
+    states (K~ [K, M], V~ [M, V])): outputs, both final states and every gradient."""
+    m = _fla_naive("ops/gsa/naive.py")
+    g = torch.Generator().manual_seed(10)
+    M = 3
+    cell = rnnc.build("gsa", backend="loop")
+    inputs = _fla_inputs(g, T, q=(H, K), k=(H, K), v=(H, V), s=(H, M))
+    inputs["g"] = _log_decay(g, B, T, H, M).float()
+    init = {"hk": (0.5 * _n(g, B, H, K, M)).float(), "hv": (0.5 * _n(g, B, H, M, V)).float()}
+    leaves = [{k: v.clone().requires_grad_() for k, v in d.items()} for d in (inputs, init, inputs, init)]
+    o_a, f_a = cell(*leaves[0].values(), state=leaves[1])
+    x, s0 = leaves[2], leaves[3]
+    o_b, (hk, hv) = m.naive_recurrent_gsa(x["q"], x["k"], x["v"], x["s"], x["g"],
+                                          initial_state=(s0["hk"], s0["hv"]), output_final_state=True)
+    for a, b in ((o_a, o_b), (f_a["hk"], hk), (f_a["hv"], hv)):
+        assert rel_err(a, b) <= TOL_FLA
+    go, gk, gv = (torch.randn(t.shape, generator=g) for t in (o_a, hk, hv))
+    grads_a = torch.autograd.grad((o_a * go).sum() + (f_a["hk"] * gk).sum() + (f_a["hv"] * gv).sum(),
+                                  [*leaves[0].values(), *leaves[1].values()])
+    grads_b = torch.autograd.grad((o_b * go).sum() + (hk * gk).sum() + (hv * gv).sum(),
+                                  [*leaves[2].values(), *leaves[3].values()])
+    for name, a, b in zip([*inputs, *init], grads_a, grads_b):
+        assert rel_err(a, b) <= TOL_FLA, name
+
+
 # ---------------------------------------------------------------- 3. extreme gates
 
 GATED = [n for n in NAMES if SPECS[n][5]]

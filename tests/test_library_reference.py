@@ -241,6 +241,21 @@ def ref_slstm(inp, p, s0):
     return [torch.stack(hs, 1)], {"h": h, "c": c * torch.exp(-m), "n": n * torch.exp(-m), "m": m}
 
 
+def ref_gsa(inp, p, s0):
+    q, k, v, sl, g = inp["q"], inp["k"], inp["v"], inp["s"], inp["g"]
+    hk, hv = s0["hk"], s0["hv"]
+    K = q.shape[-1]
+    os = []
+    for t in range(q.shape[1]):
+        # K~_t = K~_{t-1} diag(a_t) + k_t s_t^T ; V~_t = diag(a_t) V~_{t-1} + s_t v_t^T, a_t = exp(g_t)
+        a = torch.exp(g[:, t])
+        hk = hk * a.unsqueeze(-2) + k[:, t].unsqueeze(-1) * sl[:, t].unsqueeze(-2)
+        hv = a.unsqueeze(-1) * hv + sl[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        # o_t = V~_t^T softmax(K~_t^T q_t / sqrt(K))
+        att = torch.softmax(torch.einsum("...k,...km->...m", q[:, t], hk) / math.sqrt(K), -1)
+        os.append(torch.einsum("...m,...mv->...v", att, hv))
+    return [torch.stack(os, 1)], {"hk": hk, "hv": hv}
+
 # ---------------------------------------------------------------- input generators
 
 def _normal(g, *shape):
@@ -326,6 +341,8 @@ SPECS = {
     "mlstm": ({}, gen_fields(q=((4,), _n), k=((4,), _n), v=((5,), _n), igate=((), _n), fgate=((), _n)),
               {"C": (4, 5), "n": (4,), "m": ()}, [(5,)],
               _rows(ref_mlstm, {"q": 1, "k": 1, "v": 1, "igate": 0, "fgate": 0, "C": 2, "n": 1, "m": 0}), ()),
+    "gsa": ({}, gen_fields(q=((4,), _n), k=((4,), _n), v=((6,), _n), s=((3,), _n), g=((3,), _log_decay)),
+            {"hk": (4, 3), "hv": (3, 6)}, [(6,)], ref_gsa, ()),
     "slstm": (dict(I=4, H=5), gen_fields(x=((4,), _n)), {"h": (5,), "c": (5,), "n": (5,), "m": (5,)}, [(5,)],
               ref_slstm, ("weight_ih", "weight_hh", "bias")),
 }
@@ -495,7 +512,7 @@ def test_lsrl_majority_long_and_streaming():
 # ---------------------------------------------------------------- the library itself
 
 LIBRARY = ["elman", "lstm", "gru", "mingru", "minlstm", "gla", "deltanet", "mamba", "lsrl_majority",
-           "hgrn2", "retnet", "mamba2", "rglru", "sru", "qrnn", "mlstm", "slstm"]
+           "hgrn2", "retnet", "mamba2", "rglru", "sru", "qrnn", "mlstm", "slstm", "gsa"]
 
 
 def test_readme_table_lists_exactly_the_library():
