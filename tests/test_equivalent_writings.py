@@ -185,6 +185,42 @@ REWRITES = {
         "    return log(exp(a - m) + exp(b - m)) + m\n}\ncell running_logsumexp(x: [D]) -> (y: [D]) {\n"
         "    state l: [D] = -inf\n    l = logaddexp(l, x)\n    y = l\n}",
     ],
+    "hgrn2": [
+        "S = S * exp(g)[:, None] + outer(1 - exp(g), i)",
+        "S = outer(1 - exp(g), i) + exp(g)[:, None] * S",
+    ],
+    "retnet": [
+        "S = S * gamma[:, None, None] + k[:, :, None] * v[:, None, :]",
+        "S = gamma[:, None, None] * S + v[:, None, :] * k[:, :, None]",
+    ],
+    "mamba2": [
+        "h = h * exp(dt * A)[:, None, None] + (dt[:, None] * x)[:, :, None] * B",
+        "h = exp(dt[:, None, None] * A[:, None, None]) * h + dt[:, None, None] * x[:, :, None] * B[None, None, :]",
+    ],
+    "rglru": [
+        "h = h * exp(log_a) + sqrt(1 - exp(2 * log_a)) * i * x",
+        "h = exp(log_a) * h + (i * x) * sqrt(-expm1(log_a + log_a))",
+    ],
+    "sru": [
+        "c = x_tilde + f * (c - x_tilde)",
+        "c = (1 - f) * x_tilde + c * f",
+    ],
+    "qrnn": [
+        "c = tanh(z) + sigmoid(f) * (c - tanh(z))",
+        "c = sigmoid(-f) * tanh(z) + sigmoid(f) * c",
+    ],
+    "mlstm": [
+        "C = C * f_s + outer(i_s * k_s, v)",
+        "C = f_s * C + i_s * k_s[:, None] * v[None, :]",
+    ],
+    "slstm": [
+        "c = c * f_s + tanh(z_pre) * i_s",
+        "c = i_s * tanh(z_pre) + f_s * c",
+    ],
+    "gsa": [
+        "hk = exp(g)[None, :] * hk + k[:, None] * s[None, :]",
+        "hk = hk * exp(g) + outer(k, s)",
+    ],
 }
 
 HEADS = {"lstm": LSTM_HEAD, "gru": GRU_HEAD, "elman": ELMAN_HEAD, "mingru": MIN_GRU_HEAD, "minlstm": MIN_LSTM_HEAD,
@@ -201,6 +237,15 @@ GRU_DEF = "def n_of(x_n, h_n, r) = tanh(x_n + r * h_n)\n"
 SPEC_EDITS = {
     "lru": "let re0 = re\n    re = lr * re - li * im + gamma * (B_re @ u)\n    im = li * re0 + lr * im + gamma * (B_im @ u)",
     "s4d": "let re0 = re\n    re = ar * re - ai * im + br * u[:, None]\n    im = ai * re0 + ar * im + bi * u[:, None]",
+    "hgrn2": "S = exp(g)[:, None] * S + outer(1 - exp(g), i)",
+    "retnet": "S = gamma[:, None, None] * S + k[:, :, None] * v[:, None, :]",
+    "mamba2": "h = exp(dt * A)[:, None, None] * h + (dt[:, None] * x)[:, :, None] * B",
+    "rglru": "h = exp(log_a) * h + sqrt(-expm1(2 * log_a)) * (i * x)",
+    "sru": "c = f * c + (1 - f) * x_tilde",
+    "qrnn": "c = sigmoid(f) * c + (1 - sigmoid(f)) * tanh(z)",
+    "mlstm": "C = f_s * C + i_s * outer(k_s, v)",
+    "slstm": "c = f_s * c + i_s * tanh(z_pre)",
+    "gsa": "hk = hk * exp(g)[None, :] + outer(k, s)",
 }
 
 
@@ -267,3 +312,23 @@ def test_same_numbers(name, i):
     ys_ref, final_ref, grads_ref = outputs_and_grads(ref, inputs)
     for a, b in zip(ys + tuple(final.values()) + grads, ys_ref + tuple(final_ref.values()) + grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+#: Equal writings of library cells that do not get the cell's lowering yet: the chunk form misses
+#: them (found while adding hgrn2 and the 1/sqrt(K) query scale, issue 10). Strict xfails, so that
+#: the fix in the canonical forms (linearity.contraction's `num`/`scalars`, chunkplan._update's
+#: folded sign, an outer product written by broadcasting) shows up here.
+NOT_YET = {
+    "outer-by-broadcasting": ("gla", "outer(k, v)", "k[:, None] * v[None, :]"),
+    "negated-update": ("hgrn2", "+ outer(1 - exp(g), i)", "- outer(expm1(g), i)"),
+    "scaled-readout": ("gla", "o = q @ S", "o = q @ S / sqrt(K)"),
+    "scaled-query": ("simple_gla", "o = q @ S", "o = (q * K ** -0.5) @ S"),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="the chunk form does not recognise this writing yet")
+@pytest.mark.parametrize("name,old,new", list(NOT_YET.values()), ids=list(NOT_YET))
+def test_writings_the_chunk_form_misses(name, old, new):
+    text = (specs_dir() / f"{name}.rnn").read_text()
+    assert old in text
+    assert rnnc.backends_for(text.replace(old, new)) == rnnc.backends_for(name)
