@@ -104,7 +104,7 @@ def _newton_jacobians(step, prev, lo, hi, groups):
                 tangent[idx[col]] = torch.ones_like(prev[idx[col]])
         F, out = torch.func.jvp(f, tuple(prev), tuple(tangent))
         for g, (kind, idx) in enumerate(groups):
-            if kind == "diagonal":
+            if kind == "diagonal" and col == 0:  # later columns' tangents leave this group at zero
                 J[g] = out[idx[0]]
             elif kind == "block" and col < len(idx):
                 J.setdefault(g, []).append(torch.stack([out[i] for i in idx], -1))
