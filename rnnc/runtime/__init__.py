@@ -11,6 +11,7 @@ here: a cell without Triton never imports triton.
   scan           parallel prefix scans (linear, and by an associative combine)
   newton         Newton's method over time for nonlinear cells, and its adjoint
   chunk          chunkwise-parallel linear attention and delta rule, in PyTorch
+  chunk_dplr     the generalized delta rule (DPLR, KDA, DeltaProduct) chunkwise, in PyTorch
   triton_launch  what the generated Triton kernels' launchers share (device check, grids, warps)
   triton_chunk   chunkwise linear attention as Triton kernels, forward and backward
   triton_delta   the chunkwise delta rule as Triton kernels, forward and backward
@@ -18,4 +19,5 @@ here: a cell without Triton never imports triton.
 
 #: The modules, in the order a standalone file holds what it vendors from them (a module before those
 #: importing from it).
-MODULES = ("calling", "backward", "scan", "newton", "chunk", "triton_launch", "triton_chunk", "triton_delta")
+MODULES = ("calling", "backward", "scan", "newton", "chunk", "chunk_dplr", "triton_launch", "triton_chunk",
+           "triton_delta")

@@ -1,0 +1,156 @@
+"""The generalized delta rule in chunkwise form, in plain PyTorch (no Triton).
+
+One token may apply several micro-steps to the state, each a diagonal-plus-low-rank map plus outer
+products (layout [K, V], readout o = S^T q as in rnnc/runtime/chunk.py):
+
+    S <- diag(exp(g_m)) S + a_m (b_m^T S) + k_m v_m^T        for m = 1 .. M, then o_t = S^T q_t
+
+This covers RWKV-7 (M = 1, a != b, per-key decay), Kimi Delta Attention (M = 1, a = -beta k,
+b = exp(g) k: the decay applied before the correction), the delta rule with any decay, and
+DeltaProduct (M = n_h Householder steps a token, the decay in the first). Micro-steps are run as
+T * M rows of one sequence (as fla's gated_delta_product does), read out at each token's last row.
+
+The chunk algorithm is fla's DPLR derivation (generalized_delta_rule/dplr): with G the chunk-local
+cumulative log-decay, u_t = S_{t-1}^T b_t the pseudo-values satisfy, inside a chunk entered with S,
+    (I - A_ba) U = B~ S + A_bk V,    A_xy[i, j] = sum_c x_ic y_jc exp(G_{i-1,c} - G_jc)  (j < i)
+(B~ = b exp(G_{i-1})), so U = W S + U0 by one unit lower-triangular solve; then
+    O = (Q exp(G)) S + A_qa U + A_qk V,   A_qy[i, j] = sum_c q_ic y_jc exp(G_ic - G_jc)  (j <= i)
+    S <- (diag(exp(G_C)) + A~^T W) S + A~^T U0 + K~^T V   (A~, K~: a, k times exp(G_C - G_j)).
+The pass over chunks is one batched matmul a chunk. Numerics as in rnnc/runtime/chunk.py: every
+exponent is a direct sum of gates <= 0 (pair sums, suffix sums, cumulative sums from the chunk start),
+masked to -inf before exponentiating; per-key decays use its secondary chunking (sub-chunk factors),
+so there is no exp of a positive number, no 0 * inf, and -inf gates (hard resets) give no NaN.
+Backward: autograd through these ops (the solve's backward is another triangular solve).
+"""
+import torch
+import torch.nn.functional as F
+
+from .chunk import (_chunk_masked_exp, _chunk_merge, _chunk_pair_sums, _chunk_readout_before, _chunk_split,
+                    _chunk_sub_factors, _chunk_sub_size, _chunk_suffix_sums)
+
+
+def _dplr_rows(parts, T, N, width, like):
+    """Per-micro-step tensors [T, N, width] (None: zeros) -> the rows [T * M, N, width], steps interleaved."""
+    if len(parts) == 1 and parts[0] is not None:
+        return parts[0]
+    zeros = like.new_zeros(T, N, width)
+    return torch.stack([zeros if x is None else x for x in parts], 1).reshape(T * len(parts), N, width)
+
+
+def _dplr_gates(gs, T, N, K, like):
+    """Per-micro-step log-gates ([T, N, K] per key, [T, N] scalar, None: no decay) -> rows [T * M, N, K]
+    when one is per key, [T * M, N, 1] when all are scalars, None when there is no decay."""
+    if all(x is None for x in gs):
+        return None
+    width = K if any(x is not None and x.dim() == 3 for x in gs) else 1
+    parts = [None if x is None else (x.unsqueeze(-1).expand(T, N, width) if x.dim() == 2 else x) for x in gs]
+    return _dplr_rows(parts, T, N, width, like)
+
+
+def _chunk_dplr(q, ks, vs, as_, bs, gs, h0, chunk, before=False):
+    """The generalized delta rule (see the module docstring), M = len(ks) micro-steps a token.
+
+    q: [T, N, K]; ks, as_, bs: M tensors [T, N, K] or None (absent); vs: M tensors [T, N, V] or None;
+    gs: M log-gates [T, N, K] or [T, N] or None; h0: [N, K, V] or None (zeros); chunk: tokens a chunk.
+    before=True reads the state before the token's update, o_t = S_{t-1}^T q_t.
+    Returns (o [T, N, V], S_T [N, K, V]).
+    """
+    T, N, K = q.shape
+    V = next(v for v in vs if v is not None).shape[-1]
+    M = len(ks)
+    if T == 0:
+        return q.new_zeros(0, N, V), (q.new_zeros(N, K, V) if h0 is None else h0)
+    if before:
+        o, S = _chunk_dplr(torch.cat([q[1:], torch.zeros_like(q[:1])]), ks, vs, as_, bs, gs, h0, chunk)
+        return _chunk_readout_before(q, h0, o), S
+    rows = [_dplr_rows(x, T, N, w, q) for x, w in ((ks, K), (vs, V), (as_, K), (bs, K))]
+    g = _dplr_gates(gs, T, N, K, q)
+    if M > 1:  # the query on each token's last micro-step
+        q = torch.stack([q.new_zeros(T, N, K)] * (M - 1) + [q], 1).reshape(T * M, N, K)
+    o, S = _chunk_dplr_rows(q, *rows, g, h0, int(chunk) * M)
+    if M > 1:
+        o = o.reshape(T, M, N, V)[:, -1]
+    return o, S
+
+
+def _dplr_pairs_key(x, y, factors, bc):
+    """A[s, ..., i, j] = sum_c x_ic y_jc exp(G_ic - G_jc) for j <= i, else 0; x, y: [S, ..., C, K] (S pairs
+    of rows and columns sharing one per-key gate), factors: _chunk_sub_factors(g, bc) for that gate.
+
+    Secondary chunking as _chunk_intra_key: pairs in sub-chunks b < a by matmul through the first row of
+    sub-chunk a; pairs inside a sub-chunk element-wise with the masked [bc, bc, K] exponentials.
+    """
+    rows, cols, link, diag = factors
+    C, K = x.shape[-2], x.shape[-1]
+    lead = x.shape[:-2]
+    nc = C // bc
+    xb, yb = x.reshape(*lead, nc, bc, K), y.reshape(*lead, nc, bc, K)
+    Ad = ((xb.unsqueeze(-2) * diag) * yb.unsqueeze(-3)).sum(-1)                        # [..., nc, bc, bc]
+    eye = torch.eye(nc, dtype=x.dtype, device=x.device)
+    A = (Ad.unsqueeze(-2) * eye.unsqueeze(-2).unsqueeze(-1)).reshape(*lead, C, C)     # block diagonal
+    if nc > 1:
+        ys = ((yb * cols).unsqueeze(-4) * link.unsqueeze(-2)).reshape(*lead, nc, C, K)  # [..., a, j, K]
+        A = A + ((xb * rows) @ ys.transpose(-1, -2)).reshape(*lead, C, C)
+    return A
+
+
+def _dplr_shift_down(A):
+    """Row i of the result is row i - 1 of A (row 0 zero): a pair matrix for b_{i+1} as one for b_i."""
+    return F.pad(A[..., :-1, :], (0, 0, 1, 0))
+
+
+def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
+    """S_r = diag(exp(g_r)) S_{r-1} + a_r (b_r^T S_{r-1}) + k_r v_r^T ; o_r = S_r^T q_r, over rows r.
+
+    q, k, a, b: [L, N, K]; v: [L, N, V]; g: [L, N, K], [L, N, 1] or None; C rows a chunk.
+    """
+    L, N, K = q.shape
+    V = v.shape[-1]
+    nt = (L + C - 1) // C
+    dev, dt = q.device, q.dtype
+    qc, kc, vc, ac, bc = (_chunk_split(x, C, nt) for x in (q, k, v, a, b))          # [NT, N, C, D]
+    tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
+    strict = torch.ones(C, C, dtype=torch.bool, device=dev).tril(-1)
+    if g is None:
+        Aqk, Aqa = torch.where(tri, qc @ kc.transpose(-1, -2), 0.0), torch.where(tri, qc @ ac.transpose(-1, -2), 0.0)
+        Abk, Aba = (torch.where(strict, bc @ y.transpose(-1, -2), 0.0) for y in (kc, ac))
+        qg, bg, kg, ag, dec = qc, bc, kc, ac, None
+    else:
+        gc = _chunk_split(g, C, nt)                                                     # [NT, N, C, K or 1]
+        G = gc.cumsum(-2)                                                               # G_i
+        Gx = F.pad(gc[..., :-1, :], (0, 0, 1, 0)).cumsum(-2)                            # G_{i-1}
+        if gc.shape[-1] == 1:
+            P = _chunk_pair_sums(gc).squeeze(-1)                                        # sum_{j < s <= i} g_s
+            Gam, Gamb = _chunk_masked_exp(P, tri), _chunk_masked_exp(_dplr_shift_down(P), strict)
+            Aqk, Aqa = (qc @ kc.transpose(-1, -2)) * Gam, (qc @ ac.transpose(-1, -2)) * Gam
+            Abk, Aba = (bc @ kc.transpose(-1, -2)) * Gamb, (bc @ ac.transpose(-1, -2)) * Gamb
+        else:
+            sub = _chunk_sub_size(C)
+            bnext = F.pad(bc[..., 1:, :], (0, 0, 0, 1))                                 # row i holds b_{i+1}
+            A4 = _dplr_pairs_key(torch.stack([qc, qc, bnext, bnext]), torch.stack([kc, ac, kc, ac]),
+                                 _chunk_sub_factors(gc, sub), sub)
+            Aqk, Aqa, Ynk, Yna = A4.unbind(0)
+            Abk, Aba = _dplr_shift_down(Ynk), _dplr_shift_down(Yna)
+        qg, bg = qc * torch.exp(G), bc * torch.exp(Gx)
+        tail = torch.exp(_chunk_suffix_sums(gc))                                       # exp(G_last - G_j)
+        kg, ag = kc * tail, ac * tail
+        dec = torch.exp(G[..., -1, :])                                                  # [NT, N, K or 1]
+    eye = torch.eye(C, dtype=dt, device=dev)
+    X = torch.linalg.solve_triangular(eye - Aba, torch.cat([Abk @ vc, bg], -1), upper=False, unitriangular=True)
+    U0, W = X.split([V, K], -1)                                                         # U = U0 + W S
+    ag_t = ag.transpose(-1, -2)
+    step = ag_t @ W                                                                     # [NT, N, K, K]
+    eye_k = torch.eye(K, dtype=dt, device=dev)
+    step = step + (eye_k if dec is None else dec.unsqueeze(-1) * eye_k)
+    inc = ag_t @ U0 + kg.transpose(-1, -2) @ vc                                         # [NT, N, K, V]
+    S = torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0
+    # unbind (not step[n]): the backward of per-chunk indexing would add a full-size zero tensor per chunk
+    steps, incs, states = step.unbind(0), inc.unbind(0), []
+    for n in range(nt):
+        states.append(S)
+        S = torch.baddbmm(incs[n], steps[n], S)
+    H = torch.stack(states)                                                             # entering states
+    U = U0 + W @ H
+    o = qg @ H + Aqa @ U + Aqk @ vc
+    return _chunk_merge(o, L), S
+
