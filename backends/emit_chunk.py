@@ -13,7 +13,10 @@ CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see def
 
 def default_chunk_size(plan: ChunkPlan) -> int:
     """Steps per chunk when the caller gives none. Per-key/per-value decays cost K-wide work that
-    grows with the chunk: 16 measured fastest on CPU for gla (benchmarks/RESULTS.md), 64 otherwise."""
+    grows with the chunk: 16 measured fastest on CPU for gla (benchmarks/RESULTS.md), 64 otherwise;
+    the generalized delta rule: 16 with a per-key decay, else 64 rows of micro-steps."""
+    if plan.kind == "dplr":
+        return 16 if any(st.gk is not None for st in plan.steps) else max(1, CHUNK // len(plan.steps))
     return 16 if plan.kind == "linear" and (plan.gk is not None or plan.gv is not None) else CHUNK
 
 
@@ -25,11 +28,18 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (rnnc/runtime/chunk.py)")
     L(f"s0_{s.name} = {rec.initial(s)}")
 
-    def seq(key: str) -> str:
-        nid = getattr(plan, key)
-        if r.stages.get(nid) != "hoist":  # a constant (a fixed decay's log-gate): the same every step
+    def values(nid: int | None) -> str:
+        """A plan node's values for every step, [T, N, *shape] (None: absent)."""
+        if nid is None:
+            return "None"
+        if r.stages.get(nid) == "hoist":
+            return f"_time_major({r.operand(nid, 'hoist').text}, B, T)"
+        if not cell.graph[nid].shape:  # a constant (a fixed decay's log-gate): the same every step
             return f"torch.full((T, N), {r.operand(nid, 'const').text}, dtype=cdt, device=dev)"
-        return f"_time_major({r.operand(nid, 'hoist').text}, B, T)"
+        return f"{r.tensor(nid, 'const')}.to(cdt).expand(T, N, -1)"  # a constant vector (a param)
+
+    def seq(key: str) -> str:
+        return values(getattr(plan, key))
 
     q, k, v = seq("q"), seq("k"), seq("v")
     target = f"out_{plan.output}, {r.name(s.node_in)}"
@@ -43,6 +53,19 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
             L(f"_check_triton_device(s0_{s.name})")
         fn = "_triton_chunk_linear" if plan.triton else "_chunk_linear"
         L(f"{target} = {fn}({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size}{before})")
+    elif plan.kind == "dplr":
+        def steps(key: str) -> str:
+            return "[" + ", ".join(values(getattr(st, key)) for st in plan.steps) + "]"
+
+        def gate(st) -> str:  # the per-key and the scalar log-gate of a step, added
+            gk, g = values(st.gk), values(st.g)
+            return gk if st.g is None else g if st.gk is None else f"{gk} + {g}.unsqueeze(-1)"
+
+        gates = "[" + ", ".join(gate(st) for st in plan.steps) + "]"
+        L(f"# {len(plan.steps)} micro-step(s) a step: S <- diag(exp(g)) S + a (b @ S) + outer(k, v) "
+          "(rnnc/runtime/chunk_dplr.py)")
+        L(f"{target} = _chunk_dplr({q}, {steps('k')}, {steps('v')}, {steps('a')}, {steps('b')}, {gates}, "
+          f"s0_{s.name}, {size}{before})")
     else:
         beta = seq("beta") if plan.beta is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
         g = seq("g") if plan.g is not None else "None"

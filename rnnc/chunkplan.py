@@ -1,8 +1,11 @@
 """Find the pieces of a chunkable matrix recurrence in the IR: q, k, v, gates, beta.
 
-The chunk backend runs flash-linear-attention-style chunkwise algorithms (rnnc/runtime/chunk.py):
+The chunk backend runs flash-linear-attention-style chunkwise algorithms (rnnc/runtime/chunk.py,
+chunk_dplr.py):
     additive:   S' = diag(e^gk) S diag(e^gv) + k vᵀ          (gk/gv: key/value/scalar log-decay)
     delta rule: S' = e^g (I - β k kᵀ) S + β k vᵀ
+    generalized delta rule (dplr): micro-steps S <- diag(e^gk) e^g S + a bᵀ S + Σ k vᵀ (RWKV-7, KDA,
+                DeltaProduct; rnnc/dplrplan.py reads them off the update)
 with the readout o = q @ S' (after the update) or o = q @ S (before it, as RWKV's), plus any
 state-free terms added to it (RWKV-6's bonus), which the hoisted code computes for all steps. This
 module reads a cell's single matrix state's canonical transition (rnnc/transition.py: the decay
@@ -20,7 +23,8 @@ from .matrix_terms import matrix_terms
 from .plans import ChunkPlan
 from .linear_form import same, strip_newaxis
 from .linearity import contraction, transitions
-from .scanplan import zero_state
+from .scanplan import _binary, _const, zero_state
+from .dplrplan import NotStep, micro_steps, stage_of
 
 
 class NotChunkable(Exception):
@@ -70,6 +74,59 @@ def _update(g: Graph, nid: int | None) -> tuple[list[int], int, int]:
     return [n for n, _ in t.scalars], k, v
 
 
+def _decay_gates(g: Graph, decay, K, V) -> dict[str, list[int]]:
+    """The log-gates of a factored-out decay, by kind ("k" per key, "v" per value, "s" scalar)."""
+    if decay.elem or any(inv for _, inv in decay.scalars) or any(a.inv for a in decay.left + decay.right) \
+            or not _constant_decay_ok(decay.num):
+        raise NotChunkable("its decay is not written as exp(log-gate) or a positive constant")
+    gates = {"k": [_log_gate(g, a.node, K, "k") for a in decay.left],
+             "v": [_log_gate(g, a.node, V, "v") for a in decay.right],
+             "s": [_log_gate(g, n, None, "s") for n, _ in decay.scalars]}
+    if decay.num != 1:  # a constant decay γ (RetNet's): the constant log-gate log γ every step
+        gates["s"].append(g.add(Node("const", (), (), attrs={"value": math.log(decay.num)}, scalar=True)))
+    if any(len(v) > 1 for v in gates.values()):
+        raise NotChunkable("it has several decays of one kind")
+    return gates
+
+
+def _linear_or_delta(cell: Cell, stages: dict[int, str], s, t) -> dict | None:
+    """The plan's fields for an additive update (kind "linear") or the scalar-gated delta rule
+    e^g (I − β k kᵀ) S + β k vᵀ (kind "delta", which also has Triton kernels); None for a transition
+    the generalized form takes instead (a per-key decay, a ≠ b, an update not β k vᵀ)."""
+    g = cell.graph
+    K, V = s.shape
+    try:
+        update = zero_state(g, stages, s.node_out, {})
+    except ValueError as e:
+        raise NotChunkable(str(e)) from None
+    if t.kind == "identity":
+        gates = _decay_gates(g, t.decay, K, V)
+        scalars, k, v = _update(g, update)
+        if gates["s"] and (gates["k"] or gates["v"]):
+            raise NotChunkable("it mixes a scalar decay with a per-key or per-value one")
+        return {"kind": "linear", "k": k, "v": v, "gk": (gates["k"] or [None])[0], "gv": (gates["v"] or [None])[0],
+                "g": (gates["s"] or [None])[0], "scale": scalars}  # scalars multiplying k vᵀ
+    try:
+        gates = _decay_gates(g, t.decay, K, V)
+    except NotChunkable:
+        return None
+    terms = None if update is None else matrix_terms(g, update)
+    if gates["k"] or gates["v"] or len(t.low_rank) != 1 or not terms or len(terms) != 1:
+        return None
+    (low,), (up,) = t.low_rank, terms
+    col, row = low.left
+    if low.sign > 0 or low.dots or col.node != row.node or [a.kind for a in up.left] != ["col", "row"] \
+            or up.left[0].node != col.node or up.sign < 0 or up.dots or up.elem or up.num != low.num \
+            or sorted(up.scalars) != sorted(low.scalars) or any(inv for _, inv in low.scalars):
+        return None
+    beta = None
+    for n, _ in low.scalars:  # β: the shared coefficient of k kᵀ and k vᵀ
+        beta = n if beta is None else _binary(g, "mul", beta, n)
+    if low.num != 1:
+        beta = _binary(g, "mul", _const(g, float(low.num)), beta) if beta is not None else _const(g, float(low.num))
+    return {"kind": "delta", "k": col.node, "v": up.left[1].node, "beta": beta, "g": (gates["s"] or [None])[0]}
+
+
 def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> ChunkPlan:
     """The chunk plan of a one-state cell, or NotChunkable with the reason."""
     if len(cell.states) != 1:
@@ -78,50 +135,19 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
     info = classes[s.name]
     if info["class"] != "matrix_affine" or len(s.shape) != 2 or info.get("coupled"):
         raise NotChunkable(f"state '{s.name}' is {info['class']}")
-    if info.get("transition") not in ("additive", "identity_minus_low_rank"):
-        raise NotChunkable(f"state '{s.name}' has a {info.get('transition')} transition")
     if info.get("readout") != "contraction" or info.get("readout_of") not in ("new", "old"):
         raise NotChunkable(f"state '{s.name}' is not read out as q @ {s.name} (before or after its update)")
     g = cell.graph
     K, V = s.shape
     t = transitions(cell, stages)[s.name]
-    decay = t.decay
-    if decay.elem or any(inv for _, inv in decay.scalars) or any(a.inv for a in decay.left + decay.right) \
-            or not _constant_decay_ok(decay.num):
-        raise NotChunkable("its decay is not written as exp(log-gate) or a positive constant")
     if t.kind == "diagonal":
         raise NotChunkable(f"state '{s.name}' reaches its next value along several paths")
-    gates = {"k": [_log_gate(g, a.node, K, "k") for a in decay.left],
-             "v": [_log_gate(g, a.node, V, "v") for a in decay.right],
-             "s": [_log_gate(g, n, None, "s") for n, _ in decay.scalars]}
-    if decay.num != 1:  # a constant decay γ (RetNet's): the constant log-gate log γ every step
-        gates["s"].append(g.add(Node("const", (), (), attrs={"value": math.log(decay.num)}, scalar=True)))
-    if any(len(v) > 1 for v in gates.values()):
-        raise NotChunkable("it has several decays of one kind")
-    try:
-        update = zero_state(g, stages, s.node_out, {})
-    except ValueError as e:
-        raise NotChunkable(str(e)) from None
-    scalars, k, v = _update(g, update)
-    plan = {"state": s.name, "q": None, "k": k, "v": v, "gk": None, "gv": None, "g": None, "beta": None}
-    if t.kind == "identity":
-        if gates["s"] and (gates["k"] or gates["v"]):
-            raise NotChunkable("it mixes a scalar decay with a per-key or per-value one")
-        plan["gk"] = (gates["k"] or [None])[0]
-        plan["gv"] = (gates["v"] or [None])[0]
-        plan["g"] = (gates["s"] or [None])[0]
-        plan["kind"] = "linear"
-        plan["scale"] = scalars  # scalars multiplying k vᵀ
-    else:
-        if gates["k"] or gates["v"]:
-            raise NotChunkable("a delta rule with a per-key or per-value decay is not supported yet")
-        (low,) = t.low_rank
-        col, row = low.left
-        beta = [n for n, _ in low.scalars]
-        if low.sign > 0 or low.num != 1 or low.dots or col.node != row.node or col.node != k \
-                or sorted(beta) != sorted(scalars) or len(beta) > 1:
-            raise NotChunkable("its transition I − β k kᵀ and update β k vᵀ do not share β and k")
-        plan.update(kind="delta", beta=beta[0] if beta else None, g=(gates["s"] or [None])[0], scale=[])
+    plan = _linear_or_delta(cell, stages, s, t) if t.kind in ("identity", "identity_plus_low_rank") else None
+    if plan is None:  # the generalized delta rule (rnnc/dplrplan.py)
+        try:
+            plan = {"kind": "dplr", "k": None, "v": None, "steps": micro_steps(cell, stages, s)}
+        except NotStep as e:
+            raise NotChunkable(str(e)) from None
     before = info["readout_of"] == "old"
     outs = [o for o in cell.outputs if s.node_in in g.ancestors([o.node])]
     if len(outs) != 1:
@@ -141,12 +167,12 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
     extra = [] if rest is None else [(rest, 1)]
     plan["q"] = q
     for key in ("q", "k", "v", "gk", "gv", "beta"):
-        if plan[key] is not None and stages.get(plan[key]) != "hoist":
+        if plan.get(key) is not None and stage_of(g, stages, plan[key]) != "hoist":
             raise NotChunkable(f"its {key} does not change with the inputs")
-    if plan["g"] is not None and stages.get(plan["g"], "const") not in ("hoist", "const"):
+    if plan.get("g") is not None and stage_of(g, stages, plan["g"]) not in ("hoist", "const"):
         raise NotChunkable("its decay reads the state")
-    return ChunkPlan(plan["kind"], s.name, out.name, plan["q"], plan["k"], plan["v"], plan["gk"], plan["gv"],
-                     plan["g"], plan["beta"], tuple(plan["scale"]),
+    return ChunkPlan(plan["kind"], s.name, out.name, plan["q"], plan["k"], plan["v"], plan.get("gk"), plan.get("gv"),
+                     plan.get("g"), plan.get("beta"), tuple(plan.get("scale", ())), steps=plan.get("steps", ()),
                      before=before,  # o_t = q_t @ S_{t-1}: the state before this step's update
                      sign=sign,  # o = sign * (q @ S) + the extra terms
                      extra=tuple(extra))  # (node, ±1): state-free terms of the output, hoisted

@@ -35,17 +35,38 @@ class NewtonPlan:
 
 
 @dataclass(frozen=True)
+class MicroStep:
+    """One micro-step of the generalized delta rule: S ← diag(e^gk) e^g S + a (bᵀ S) + k vᵀ.
+
+    Every field is a node id, or None where the step has no such part (no decay, no low-rank term,
+    no update): RWKV-7 is one step with a ≠ b, KDA one with a = −β k and b = e^gk ⊙ k, DeltaProduct
+    one step per Householder factor of the token (rnnc/dplrplan.py reads them off the update).
+    """
+
+    a: int | None = None
+    b: int | None = None
+    k: int | None = None
+    v: int | None = None
+    gk: int | None = None  # per-key log-decay [K]
+    g: int | None = None  # scalar log-decay []
+
+    def nodes(self) -> list[int]:
+        return [n for n in (self.a, self.b, self.k, self.v, self.gk, self.g) if n is not None]
+
+
+@dataclass(frozen=True)
 class ChunkPlan:
     """One matrix state in chunkwise form (rnnc/chunkplan.py finds the pieces):
     linear: S' = diag(e^gk) S diag(e^gv) (e^g) + (Π scale) k vᵀ; delta: S' = e^g (I − β k kᵀ) S + β k vᵀ;
-    the output `sign · q @ S` (after the update, or before it with `before`) plus `extra` terms."""
+    dplr: the micro-steps `steps` in order (k and v unused); the output `sign · q @ S` (after the
+    update, or before it with `before`) plus `extra` terms."""
 
-    kind: str  # "linear" | "delta"
+    kind: str  # "linear" | "delta" | "dplr"
     state: str
     output: str
     q: int
-    k: int
-    v: int
+    k: int | None
+    v: int | None
     gk: int | None = None
     gv: int | None = None
     g: int | None = None
@@ -56,10 +77,12 @@ class ChunkPlan:
     extra: tuple[tuple[int, int], ...] = ()  # (state-free node, ±1)
     chunk_size: int | None = None  # None: the default for the kind (backends/emit_chunk.py)
     triton: bool = False
+    steps: tuple[MicroStep, ...] = ()  # kind "dplr"
 
     def nodes(self) -> list[int]:
         keys = (self.q, self.k, self.v, self.gk, self.gv, self.g, self.beta)
-        return [n for n in keys if n is not None] + list(self.scale) + [t for t, _ in self.extra]
+        return ([n for n in keys if n is not None] + list(self.scale) + [t for t, _ in self.extra]
+                + [n for st in self.steps for n in st.nodes()])
 
 
 @dataclass(frozen=True)

@@ -204,11 +204,13 @@ def recurrent_for_decoding(cell, report: Report):
 
 
 def triton_chunk_plan(report: Report) -> ChunkPlan | None:
-    """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule)."""
+    """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule; the
+    generalized delta rule has its PyTorch chunk form only)."""
     try:
-        return chunk_plan(report.cell.derived(), report.stages, report.classes)
+        plan = chunk_plan(report.cell.derived(), report.stages, report.classes)
     except NotChunkable:
         return None
+    return None if plan.kind == "dplr" else plan
 
 
 def triton_note(report: Report) -> None:

@@ -32,9 +32,20 @@ def test_delta_rule_plans_read_the_same_inputs(body):
     assert _names(cell, plan) == {"q": "q", "k": "k", "v": "v", "beta": "beta"}
 
 
-def test_a_delta_rule_whose_update_does_not_match_is_refused_with_the_reason():
+def test_a_delta_rule_whose_update_does_not_match_takes_the_generalized_form():
+    """I − β k kᵀ with the update k vᵀ (no β) is not the delta kind: one generalized micro-step
+    a = −β k, b = k, update k vᵀ."""
     cell, report = _analysed(DELTA.format("S = S - beta * outer(k, k @ S) + outer(k, v)"))
-    with pytest.raises(NotChunkable, match="do not share β and k"):
+    plan = chunk_plan(cell, report)
+    (step,) = plan.steps
+    g = cell.graph
+    assert plan.kind == "dplr" and (g[step.b].name, g[step.k].name, g[step.v].name) == ("k", "k", "v")
+    assert step.gk is None and step.g is None and g[step.a].op == "mul"
+
+
+def test_two_low_rank_terms_in_one_update_are_refused_with_the_reason():
+    cell, report = _analysed(DELTA.format("S = S + outer(k, q @ S) + outer(q, k @ S) + outer(k, v)"))
+    with pytest.raises(NotChunkable, match="2 low-rank terms; write several as successive updates"):
         chunk_plan(cell, report)
 
 
