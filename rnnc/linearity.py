@@ -7,11 +7,12 @@ algebraically equal writing of an update gets the same class, decay and transiti
   matrix_affine       S' = decay ⊙ (T S) + U for a matrix state (or T h + u for a vector state
                       with a matrix transition); decay none/scalar/key/value/key_value (vector
                       states: elementwise), T additive (identity) / identity_minus_low_rank
-                      (I − β k kᵀ, the delta rule) / identity_plus_low_rank (I + Σ a bᵀ) / dense
+                      (I − β k kᵀ, the delta rule) / identity_plus_low_rank (I + Σ a bᵀ) /
+                      diagonal_plus_low_rank (D + Σ a bᵀ, RWKV-7) / dense
   nonlinear           anything else (why, in one line)
 
 These verdicts are what a parallel lowering needs: elementwise-affine states scan, matrix-affine
-states with additive or identity-minus-low-rank transitions and a contraction readout chunk.
+states with additive or low-rank-corrected transitions and a contraction readout chunk.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ _WHAT = {
     "additive": "{s}' = decay ⊙ {s} + update",
     "identity_minus_low_rank": "{s}' = decay · (I − β k kᵀ) {s} + update (delta rule)",
     "identity_plus_low_rank": "{s}' = decay · (I + Σ a bᵀ) {s} + update (identity plus low rank)",
+    "diagonal_plus_low_rank": "{s}' = (D + Σ a bᵀ) {s} + update (diagonal plus low rank)",
     "dense": "{s}' = T {s} + update with a state-free matrix T",
 }
 

@@ -40,8 +40,12 @@ class Transition:
     """How a state's next value reads its previous value (the canonical linear form).
 
     kind: "zero" (it does not), "diagonal" (only diagonal terms: an elementwise scaling),
-    "identity" (decay ⊙ S), "identity_plus_low_rank" (decay · (I + Σ c a bᵀ) S), "dense".
-    `low_rank` holds the c a bᵀ terms (left atoms col a, row b) of the remainder.
+    "identity" (decay ⊙ S), "identity_plus_low_rank" (decay · (I + Σ c a bᵀ) S),
+    "diagonal_plus_low_rank" ((D + Σ c a bᵀ) S where no decay factors out: RWKV-7's diag(w) + a bᵀ;
+    `decay` is then D), "dense".
+    `low_rank` holds the c a bᵀ terms (left atoms col a, row b; for diagonal_plus_low_rank, with any
+    diagonals around them) of the remainder. `inner` is the part of the decay's per-row diagonals
+    applied before the low-rank factor ((I − β k kᵀ) diag(e^g) S: KDA's order).
     """
 
     state: str
@@ -52,6 +56,7 @@ class Transition:
     coupled: list[str] = field(default_factory=list)
     opaque: str | None = None
     form: str = ""  # the transition as text (formula), for the report
+    inner: tuple[Atom, ...] = ()
 
 
 def _common(seqs: list[tuple[Atom, ...]], from_end: bool) -> tuple[Atom, ...]:
@@ -124,8 +129,22 @@ def transition(g: Graph, state: str, form: Form, rank: int) -> Transition:
         return Transition(state, "identity", decay, terms, coupled=coupled)
     if len(ident) == 1 and all(not t.right and not t.elem and [a.kind for a in t.left] == ["col", "row"]
                                and t.left[0].node is not None and t.left[1].node is not None for t in rest):
-        return Transition(state, "identity_plus_low_rank", decay, terms, low_rank=rest, coupled=coupled)
+        return Transition(state, "identity_plus_low_rank", decay, terms, low_rank=rest, coupled=coupled,
+                          inner=trail)
+    diag = [t for t in terms if t.diagonal]
+    if len(diag) == 1 and all(_low_rank(t) for t in terms if t is not diag[0]):
+        d = diag[0]
+        return Transition(state, "diagonal_plus_low_rank", Decay(d.sign * d.num, d.scalars, d.left, d.right, d.elem),
+                          terms, low_rank=[t for t in terms if t is not d], coupled=coupled)
     return Transition(state, "dense", decay, terms, coupled=coupled)
+
+
+def _low_rank(t: Term) -> bool:
+    """c (P a)(Q b)ᵀ: one column times one row, with only diagonals around them."""
+    kinds = [a.kind for a in t.left]
+    return (not t.right and not t.elem and not t.trans and kinds.count("col") == 1 and kinds.count("row") == 1
+            and kinds.index("row") == kinds.index("col") + 1 and set(kinds) <= {"diag", "col", "row"}
+            and all(a.node is not None for a in t.left))
 
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -210,11 +229,14 @@ def formula(g: Graph, t: Transition) -> str:
             return f"{s}' = T({s}) + …  (through {t.opaque})"
         return f"{s}' = " + " + ".join(term_text(g, x, s) for x in t.terms).replace("+ -", "- ") + " + …"
     d = t.decay
+    low = " ".join(("- " if x.sign < 0 else "+ ") + term_text(g, replace(x, sign=1), "").strip() for x in t.low_rank)
+    if t.kind == "diagonal_plus_low_rank":
+        diag = term_text(g, next(x for x in t.terms if x.diagonal), "").strip()
+        return f"{s}' = ({diag} {low}) {s} + …"
     decay = _coef_text(g, 1, d.num, d.scalars, d.elem)
-    left = " ".join(_atom_text(g, a) for a in d.left)
+    left = " ".join(_atom_text(g, a) for a in d.left[:len(d.left) - len(t.inner)])
     right = " ".join(_atom_text(g, a) for a in d.right)
-    inner = s if t.kind == "identity" else \
-        "(I " + " ".join(("- " if x.sign < 0 else "+ ") + term_text(g, replace(x, sign=1), "").strip()
-                         for x in t.low_rank) + f") {s}"
+    first = "".join(_atom_text(g, a) + " " for a in t.inner)  # applied before the low-rank factor
+    inner = s if t.kind == "identity" else f"(I {low}) {first}{s}"
     parts = [p for p in (decay + (" ⊙" if d.elem else ""), left, inner, right) if p]
     return f"{s}' = " + " ".join(parts).replace("⊙ ⊙", "⊙") + " + …"
