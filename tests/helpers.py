@@ -14,8 +14,8 @@ def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=
     """Inputs [B, T, heads, *shape] for the cell `spec` (name, path, source or Program), each
     drawn from the range its name implies in the library: log-space decays `g`/`w` mild or down
     to -20, mamba's positive `delta` and mamba2's `dt`, mLSTM's gate pre-activations (ten times wider
-    when extreme, for its stabiliser), the delta rule's `beta` in (0, 1) (1 when extreme) and
-    unit keys `k` for delta-rule cells."""
+    when extreme, for its stabiliser), the delta rule's `beta` and RWKV-7's `a` in (0, 1) (1 when
+    extreme) and unit keys `k` for delta-rule cells (`kk` for RWKV-7)."""
     prog = spec if isinstance(spec, rnnc.Program) else rnnc.parse(spec) if "{" in spec else rnnc.load(spec)
     cell = prog.cell()
     g = torch.Generator().manual_seed(hash((cell.name, T, extreme)) % 2**31 if seed is None else seed)
@@ -31,7 +31,10 @@ def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=
             x = 10 * x
         elif p.name == "beta":
             x = torch.ones_like(x) if extreme else torch.sigmoid(x)
-        elif p.name == "k" and "delta" in cell.name:
+        elif p.name == "a" and cell.name == "rwkv7":  # RWKV-7's in-context learning rate, in (0, 1)
+            x = torch.ones_like(x) if extreme else torch.sigmoid(x)
+        elif (p.name == "k" and ("delta" in cell.name or cell.name == "kda")) \
+                or (p.name == "kk" and cell.name == "rwkv7"):
             x = F.normalize(x, dim=-1)
         out.append(x.to(dtype).requires_grad_())
     return out
