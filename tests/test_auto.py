@@ -100,6 +100,8 @@ LOWERINGS = {
     "retnet": ("loop scan triton newton", "loop"), "rglru": ("loop scan triton newton", "scan"),
     "slstm": ("loop triton newton", "loop"), "sru": ("loop triton newton", "loop"),
     "gsa": ("loop scan triton newton", "loop"),
+    "deltanet_neg": ("loop chunk triton", "chunk"), "deltaproduct": ("loop chunk triton", "chunk"),
+    "kda": ("loop chunk triton", "chunk"), "rwkv7": ("loop chunk triton", "chunk"),
 }
 
 

@@ -117,6 +117,24 @@ REWRITES = {
         "S = exp(g) * (S - beta * outer(k, k @ S)) + beta * outer(k, v)",
         "S = exp(g) * S - beta * exp(g) * outer(k, k @ S) + beta * outer(k, v)",
     ],
+    "kda": [
+        "let d = exp(g)[:, None] * S\n    S = d + beta * outer(k, v - k @ d)",  # fla's naive_recurrent_kda: decay first
+        "S = exp(g)[:, None] * S - outer(beta * k, k @ (exp(g)[:, None] * S)) + outer(k, beta * v)",
+    ],
+    "rwkv7": [
+        "S = (exp(w)[:, None] * eye(K) - outer(kk * a, kk)) @ S + outer(k, v)",
+        "S = outer(k, v) + outer(-(kk * a), kk @ S) + S * exp(w)[:, None]",
+    ],
+    "deltaproduct": [
+        "let S0 = exp(g) * S\n    let S1 = S0 + beta[0] * outer(k[0], v[0] - k[0] @ S0)\n"
+        "    S = S1 + beta[1] * outer(k[1], v[1] - k[1] @ S1)",
+        "let S1 = (eye(K) - beta[0] * outer(k[0], k[0])) @ (exp(g) * S) + beta[0] * outer(k[0], v[0])\n"
+        "    S = (eye(K) - beta[1] * outer(k[1], k[1])) @ S1 + outer(k[1], beta[1] * v[1])",
+    ],
+    "deltanet_neg": [
+        "let beta = 2 * sigmoid(b)\n    S = (eye(K) - beta * outer(k, k)) @ S + beta * outer(k, v)",
+        "S = S + sigmoid(b) * outer(2 * k, v - k @ S)",
+    ],
     "mamba": [
         "h = h * exp(A * delta[:, None]) + outer(delta * u, B)\n    y = h @ C + D_skip * u",
         "h = exp(delta[:, None] * A) * h + outer(u, B) * delta[:, None]\n    y = D_skip * u + h @ C",
@@ -229,7 +247,10 @@ MATRIX = {"linear_attn": "(q: [K], k: [K], v: [V]) -> (o: [V])",
           "simple_gla": "(q: [K], k: [K], v: [V], g: []) -> (o: [V])",
           "gla": "(q: [K], k: [K], v: [V], g: [K]) -> (o: [V])",
           "deltanet": "(q: [K], k: [K], v: [V], beta: []) -> (o: [V])",
-          "gated_deltanet": "(q: [K], k: [K], v: [V], g: [], beta: []) -> (o: [V])"}
+          "gated_deltanet": "(q: [K], k: [K], v: [V], g: [], beta: []) -> (o: [V])",
+          "kda": "(q: [K], k: [K], v: [V], g: [K], beta: []) -> (o: [V])",
+          "deltaproduct": "(q: [K], k: [2, K], v: [2, V], beta: [2], g: []) -> (o: [V])",
+          "deltanet_neg": "(q: [K], k: [K], v: [V], b: []) -> (o: [V])"}
 GRU_DEF = "def n_of(x_n, h_n, r) = tanh(x_n + r * h_n)\n"
 
 
@@ -273,6 +294,9 @@ def source(name: str, body: str) -> str:
     if name == "rwkv6":
         return ("cell rwkv6(r: [K], k: [K], v: [V], w: [K]) -> (o: [V]) {\n    param u: [K] = 0\n"
                 f"    state S: [K, V] = 0\n    {body}\n}}\n")
+    if name == "rwkv7":
+        return (f"cell rwkv7(r: [K], w: [K], k: [K], v: [V], kk: [K], a: [K]) -> (o: [V]) {{\n"
+                f"    state S: [K, V] = 0\n    {body}\n    o = r @ S\n}}\n")
     if name == "hgrn":
         return f"cell hgrn(x: [D], g: [D]) -> (o: [D]) {{\n    state h: [D] = 0\n    {body}\n    o = h\n}}\n"
     head = HEADS[name]
@@ -298,6 +322,31 @@ def test_same_verdict_and_backend(name, i):
         assert {k: have.get(k) for k in VERDICT} == {k: want.get(k) for k in VERDICT}, (state, have["why"])
     assert got["backend"] == ref["backend"]
     assert rnnc.backends_for(source(name, REWRITES[name][i])) == rnnc.backends_for(name)
+
+
+def _plan_shape(spec: str):
+    """What a chunk plan is made of (its kind, readout and which parts each micro-step has), or None."""
+    from rnnc.analysis import analyze_cell
+    from rnnc.chunkplan import NotChunkable
+    from rnnc.optimize import optimize
+    from rnnc.plans import chunk_plan
+
+    cell = optimize((rnnc.parse(spec) if "{" in spec else rnnc.load(spec)).cell())
+    try:
+        plan = chunk_plan(cell, analyze_cell(cell))
+    except NotChunkable:
+        return None
+    parts = ("gk", "gv", "g", "beta")
+    return (plan.kind, plan.before, plan.sign, len(plan.extra), len(plan.scale),
+            tuple(getattr(plan, p) is None for p in parts),
+            tuple(tuple(n is None for n in (st.a, st.b, st.k, st.v, st.gk, st.g)) for st in plan.steps))
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_same_chunk_plan(name, i):
+    """Equal writings of a matrix state give the same kind of chunk plan with the same parts (the delta
+    rule, the generalized delta rule's micro-steps, the decays)."""
+    assert _plan_shape(source(name, REWRITES[name][i])) == _plan_shape(name)
 
 
 @pytest.mark.parametrize("name,i", CASES)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -273,3 +274,13 @@ def test_deltaproduct_against_fla_naive_gated_delta_product(name):
             x["q"], inter(x["k"]), inter(x["v"]), x["g"], inter(x["beta"]), scale=1.0, initial_state=s0,
             output_final_state=True, num_householder=n_h)
     _against(name, fla)
+
+
+@pytest.mark.parametrize("name", ["kda", "rwkv7", "deltaproduct", "deltanet_neg"])
+def test_spec_cites_its_paper_and_writes_the_equations(name):
+    from rnnc.resources import specs_dir
+
+    assert rnnc.load(name).cell().name == name  # the default cell is named like the file
+    header = "\n".join(line for line in (specs_dir() / f"{name}.rnn").read_text().splitlines() if line.startswith("#"))
+    assert re.search(r"arXiv \d{4}\.\d{4,5}", header) and re.search(r"\b20\d\d\b", header)
+    assert "S_t =" in header and "o_t = S_t^T" in header

@@ -19,6 +19,11 @@ EXPECTED = {
     ("mamba", "h"): ("matrix_affine", "additive", "key_value", "contraction", "new"),
     ("deltanet", "S"): ("matrix_affine", "identity_minus_low_rank", "none", "contraction", "new"),
     ("gated_deltanet", "S"): ("matrix_affine", "identity_minus_low_rank", "scalar", "contraction", "new"),
+    ("deltanet_neg", "S"): ("matrix_affine", "identity_minus_low_rank", "none", "contraction", "new"),
+    ("kda", "S"): ("matrix_affine", "identity_minus_low_rank", "key", "contraction", "new"),
+    ("rwkv7", "S"): ("matrix_affine", "diagonal_plus_low_rank", "key", "contraction", "new"),
+    # two Householder factors expanded: I + three low-rank terms (the chunk plan reads them as two steps)
+    ("deltaproduct", "S"): ("matrix_affine", "identity_plus_low_rank", "scalar", "contraction", "new"),
     # `[[1]] @ ones`: a 1×1 literal matrix is the number 1, not a dense transition
     ("lsrl_majority", "ones"): ("elementwise_affine", None, "none", "other", "new"),
 }
@@ -166,13 +171,32 @@ def test_a_scaled_identity_literal_and_an_outer_product_update():
 
 
 def test_dplr_transition_is_identity_plus_low_rank():
-    """RWKV-7's (I + a bᵀ) with a ≠ b is recognised (not lowered in parallel yet)."""
+    """(I + a bᵀ) with a ≠ b is recognised, and runs chunkwise (the generalized delta rule)."""
     text = """cell c(q: [K], a: [K], b: [K], k: [K], v: [V]) -> (o: [V]) {
         state S: [K, V] = 0
         S = S + outer(a, b @ S) + outer(k, v)
         o = q @ S }"""
-    got = rnnc.analyze(text).to_dict()["states"]["S"]
-    assert got["transition"] == "identity_plus_low_rank", got
+    rep = rnnc.analyze(text)
+    got = rep.to_dict()["states"]["S"]
+    assert got["transition"] == "identity_plus_low_rank" and rep.backend == "chunk", got
+
+
+def test_a_decay_with_a_low_rank_term_and_no_common_factor_is_diagonal_plus_low_rank():
+    """RWKV-7's diag(e^w) + a bᵀ: no decay factors out of both terms; printed as (D + a bᵀ) S."""
+    got = rnnc.analyze("rwkv7").to_dict()["states"]["S"]
+    assert got["transition"] == "diagonal_plus_low_rank" and got["decay"] == "key"
+    assert got["form"] == "S' = (diag(exp(w)[:, None]) - (kk * a) kkᵀ) S + …"
+
+
+def test_kda_prints_the_decay_before_the_correction():
+    """(I − β k kᵀ) diag(e^g) S is not diag(e^g) (I − β k kᵀ) S: the form keeps the order."""
+    assert rnnc.analyze("kda").to_dict()["states"]["S"]["form"] == "S' = (I - beta · k kᵀ) diag(exp(g)[:, None]) S + …"
+    text = """cell c(q: [K], k: [K], v: [V], g: [K], beta: []) -> (o: [V]) {
+        state S: [K, V] = 0
+        S = exp(g)[:, None] * ((eye(K) - beta * outer(k, k)) @ S) + beta * outer(k, v)
+        o = q @ S }"""
+    assert rnnc.analyze(text).to_dict()["states"]["S"]["form"] == \
+        "S' = diag(exp(g)[:, None]) (I - beta · k kᵀ) S + …"
 
 
 def test_states_in_layers():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import rnnc
 
-DIMS = {"K": 3, "V": 2, "D": 3, "N": 2, "H": 3, "I": 2, "1": 1}
+DIMS = {"K": 3, "V": 2, "D": 3, "N": 2, "H": 3, "I": 2, "1": 1, "2": 2}
 LENGTHS = [5, 1, 9, 5]
 
 
