@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import rnnc
 
-DIMS = {"K": 3, "V": 2, "D": 3, "N": 2, "H": 3, "I": 2, "1": 1, "2": 2}
+DIMS = {"K": 3, "V": 2, "D": 3, "N": 2, "H": 3, "I": 2, "1": 1, "2": 2, "NH": 2, "P": 2, "M": 2}
 LENGTHS = [5, 1, 9, 5]
 
 
@@ -16,7 +16,7 @@ def _inputs(name, total, heads, gen):
         x = torch.randn(1, total, heads, *[DIMS.get(str(d)) or int(d) for d in p.shape], generator=gen, dtype=torch.float64)
         if p.name in ("g", "w"):
             x = F.logsigmoid(x + 2)
-        elif p.name == "delta":
+        elif p.name in ("delta", "dt"):
             x = F.softplus(x)
         elif p.name == "x" and name == "lsrl_majority":
             x = (x > 0).double()
