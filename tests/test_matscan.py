@@ -11,7 +11,7 @@ import rnnc
 from rnnc import plans, schedule
 from rnnc.analysis import analyze_cell
 from rnnc.optimize import optimize
-from rnnc.runtime.scan import _matrix_scan
+from rnnc.runtime.scan import _block_scan, _matrix_scan
 
 LENGTHS = (1, 7, 64, 65, 300)
 CELLS = {"lru": dict(H=3, N=5), "s4d": dict(H=3, N=4), "lsrl_modcounter": {}}
@@ -29,8 +29,8 @@ def _loop_reference(A, b, h0):
 @pytest.mark.parametrize("const", [True, False], ids=["time_invariant", "per_step"])
 @pytest.mark.parametrize("T", LENGTHS)
 def test_runtime_matrix_scan_equals_the_loop(m, const, T):
-    """Values and gradients (A, b, h0) of _matrix_scan equal a step-by-step loop, float64; small
-    blocks (m ≤ 4) take the elementwise products, larger ones matmul."""
+    """Values and gradients (A, b, h0) of _matrix_scan equal a step-by-step loop, float64 (a
+    time-invariant A takes the one-GEMM product)."""
     g = torch.Generator().manual_seed(T * 10 + m)
     A = (torch.randn(1 if const else T, 3, 2, m, m, generator=g, dtype=torch.float64) / m ** 0.5).requires_grad_()
     b = torch.randn(T, 3, 2, m, generator=g, dtype=torch.float64, requires_grad=True)
@@ -41,6 +41,29 @@ def test_runtime_matrix_scan_equals_the_loop(m, const, T):
     g1 = torch.autograd.grad((got * w).sum(), (A, b, h0))
     g2 = torch.autograd.grad((want * w).sum(), (A, b, h0))
     for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("const", [True, False], ids=["time_invariant", "per_step"])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_runtime_block_scan_equals_the_loop(const, T):
+    """_block_scan (a 3×3 matrix per element as nested lists, one entry zero: None) equals the
+    dense loop on the same per-element matrices, values and gradients, float64."""
+    g = torch.Generator().manual_seed(T)
+    A = [[None if (i, j) == (0, 2) else
+          (torch.randn(1 if const else T, 2, 4, generator=g, dtype=torch.float64) / 2).requires_grad_()
+          for j in range(3)] for i in range(3)]
+    b = [torch.randn(T, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    h0 = [torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    zero = torch.zeros(1 if const else T, 2, 4, dtype=torch.float64)
+    dense = torch.stack([torch.stack([zero if x is None else x for x in row], -1)
+                         for row in A], -2)
+    got = torch.stack(_block_scan(A, b, h0), -1)
+    want = _loop_reference(dense, torch.stack(b, -1), torch.stack(h0, -1))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    leaves = [x for row in A for x in row if x is not None] + b + h0
+    for x, y in zip(torch.autograd.grad((got * w).sum(), leaves), torch.autograd.grad((want * w).sum(), leaves)):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
 
 

@@ -69,28 +69,21 @@ def _fold_from_first(combine, xs):
 
 
 def _matrix_scan(A, b, h0):
-    """h_t = A_t @ h_{t-1} + b_t for every t along dim 0: a dense or block transition, O(log T) rounds.
+    """h_t = A_t @ h_{t-1} + b_t for every t along dim 0: a dense transition, O(log T) rounds.
 
-    A is [T or 1, ..., m, m], b [T, ..., m] and h0 [..., m] (the leading axes broadcast). The
+    A is [T or 1, ..., n, n], b [T, ..., n] and h0 [..., n] (the leading axes broadcast). The
     pairs (A, b) combine as in _linear_scan, with matrix products: (A1, b1) then (A2, b2) is
-    (A2 A1, A2 b1 + b2), O(m³) per combine. A time-invariant A ([1, ...]) stays one matrix per
-    round (its powers A², A⁴, ...: O(m³ log T) for the products, O(m²) per step for the rest)."""
+    (A2 A1, A2 b1 + b2), O(n³) per combine. A time-invariant A ([1, 1, n, n]) stays one matrix per
+    round (its powers A², A⁴, ...: O(n³ log T) for the products, one GEMM per round for the rest)."""
     b = torch.cat([(_matvec(A[0], h0) + b[0]).unsqueeze(0), b[1:]])
     return _matrix_scan_from_zero(A, b)
 
 
 def _matvec(A, x):
-    """A @ x over the trailing axes, broadcasting the leading ones; small blocks elementwise (a
-    batched matmul of 2×2 matrices is slower on CPU than the few products it stands for)."""
-    if A.shape[-1] <= 4:
-        return (A * x.unsqueeze(-2)).sum(-1)
+    """A @ x over the trailing axes, broadcasting the leading ones; one GEMM when A is shared."""
+    if A.shape[:-2].numel() == 1:
+        return x @ A.reshape(A.shape[-2:]).transpose(0, 1)
     return (A @ x.unsqueeze(-1)).squeeze(-1)
-
-
-def _matmat(A, B):
-    if A.shape[-1] <= 4:
-        return (A.unsqueeze(-1) * B.unsqueeze(-3)).sum(-2)
-    return A @ B
 
 
 def _matrix_scan_from_zero(A, b):
@@ -103,30 +96,76 @@ def _matrix_scan_from_zero(A, b):
         return torch.cat([head, (_matvec(A[-1], head[-1]) + b[-1]).unsqueeze(0)])
     A0, A1 = (A, A) if const else (A[0::2], A[1::2])
     b0, b1 = b[0::2], b[1::2]
-    odd = _matrix_scan_from_zero(_matmat(A1, A0), _matvec(A1, b0) + b1)  # after steps 1, 3, 5, ...
+    odd = _matrix_scan_from_zero(A1 @ A0, _matvec(A1, b0) + b1)  # after steps 1, 3, 5, ...
     even = torch.cat([b0[:1], _matvec(A0 if const else A0[1:], odd[:-1]) + b0[1:]])  # after 0, 2, 4, ...
     return torch.stack([even, odd], 1).reshape(b.shape)
 
 
+def _block_scan(A, b, h0):
+    """h_t = A_t h_{t-1} + b_t with A an m×m matrix per element, held as m×m nested lists of
+    tensors [T or 1, ...] (None: zero) and b, h0 as lists of m tensors ([T, ...], [...]); returns
+    the m sequences. The products are written out elementwise (m² multiply-adds on whole
+    tensors), which on CPU beats both a batched matmul of tiny matrices and a small reduction
+    axis; zero entries are skipped. Otherwise as _matrix_scan."""
+    first = _block_mv([[x if x is None else x[0] for x in row] for row in A], h0)
+    b = [torch.cat([(bi[0] if f is None else f + bi[0]).unsqueeze(0), bi[1:]]) for f, bi in zip(first, b)]
+    return _block_from_zero(A, b)
+
+
+def _block_mv(A, x):
+    """Σ_j A[i][j] x[j] per i, skipping zeros (None); None when every product is zero."""
+    out = []
+    for row in A:
+        acc = None
+        for a, xj in zip(row, x):
+            if a is not None and xj is not None:
+                acc = a * xj if acc is None else torch.addcmul(acc, a, xj)
+        out.append(acc)
+    return out
+
+
+def _block_mm(A, B):
+    return [[_block_mv([row], [Bj[k] for Bj in B])[0] for k in range(len(B[0]))] for row in A]
+
+
+def _block_slice(A, sl):
+    return [[None if x is None else x if x.shape[0] == 1 else x[sl] for x in row] for row in A]
+
+
+def _plus(x, y):
+    return y if x is None else x + y
+
+
+def _block_from_zero(A, b):
+    T = b[0].shape[0]
+    if T == 1:
+        return b
+    if T % 2:  # an odd tail step is finished after the even-length scan
+        head = _block_from_zero(_block_slice(A, slice(0, -1)), [x[:-1] for x in b])
+        tail = _block_mv(_block_slice(A, slice(-1, None)), [h[-1:] for h in head])
+        return [torch.cat([h, _plus(t, x[-1:])]) for h, t, x in zip(head, tail, b)]
+    A0, A1 = _block_slice(A, slice(0, None, 2)), _block_slice(A, slice(1, None, 2))
+    b0, b1 = [x[0::2] for x in b], [x[1::2] for x in b]
+    odd = _block_from_zero(_block_mm(A1, A0), [_plus(p, x) for p, x in zip(_block_mv(A1, b0), b1)])
+    carried = _block_mv(_block_slice(A0, slice(1, None)), [o[:-1] for o in odd])
+    even = [torch.cat([x[:1], _plus(c, x[1:])]) for c, x in zip(carried, b0)]
+    return [torch.stack([e, o], 1).reshape(x.shape) for e, o, x in zip(even, odd, b)]
+
+
 def _group_scan(T, a, b, h0, dense):
-    """A group of states scanned as one with _matrix_scan; returns each state's [T, N, ...] sequence.
+    """A group of states scanned as one; returns each state's [T, N, ...] sequence.
 
     a[i][j] is the coefficient of state j in state i's next value and b[i] state i's input, each
     [T or 1, N or 1, ...] or None for zero; h0[i] is [N, ...]. Block (dense False): states of one
-    shape, a[i][j] elementwise, stacked into an m×m matrix per element. Dense: vector states
-    [N, n_i], a[i][j] an [n_i, n_j] block of one matrix over the concatenated states."""
+    shape, a[i][j] elementwise (_block_scan). Dense: vector states [N, n_i], a[i][j] an
+    [n_i, n_j] block of one matrix over the concatenated states (_matrix_scan)."""
     ref = h0[0]
-    if dense:
-        lead = torch.broadcast_shapes(*(x.shape[:-2] for row in a for x in row if x is not None))
-        A = torch.cat([torch.cat([x.expand(*lead, -1, -1) if x is not None else
-                                  ref.new_zeros(*lead, hi.shape[-1], hj.shape[-1]) for x, hj in zip(row, h0)], -1)
-                       for row, hi in zip(a, h0)], -2)
-        B = torch.cat([x.expand(T, *h.shape) if x is not None else ref.new_zeros(T, *h.shape) for x, h in zip(b, h0)], -1)
-        out = _matrix_scan(A, B, torch.cat(list(h0), -1))
-        return tuple(out.split([h.shape[-1] for h in h0], -1))
-    lead = torch.broadcast_shapes(*(x.shape for row in a for x in row if x is not None))
-    A = torch.stack([torch.stack([x.expand(lead) if x is not None else ref.new_zeros(lead) for x in row], -1)
-                     for row in a], -2)
-    B = torch.stack([x.expand(T, *h.shape) if x is not None else ref.new_zeros(T, *h.shape) for x, h in zip(b, h0)], -1)
-    out = _matrix_scan(A, B, torch.stack(list(h0), -1))
-    return out.unbind(-1)
+    B = [x.expand(T, *h.shape) if x is not None else ref.new_zeros(T, *h.shape) for x, h in zip(b, h0)]
+    if not dense:
+        return tuple(_block_scan(a, B, list(h0)))
+    lead = torch.broadcast_shapes(*(x.shape[:-2] for row in a for x in row if x is not None))
+    A = torch.cat([torch.cat([x.expand(*lead, -1, -1) if x is not None else
+                              ref.new_zeros(*lead, hi.shape[-1], hj.shape[-1]) for x, hj in zip(row, h0)], -1)
+                   for row, hi in zip(a, h0)], -2)
+    out = _matrix_scan(A, torch.cat(B, -1), torch.cat(list(h0), -1))
+    return tuple(out.split([h.shape[-1] for h in h0], -1))
