@@ -42,7 +42,6 @@ def emit(L: Lines, rec: Recurrence, scan: ScanPlan) -> None:
     scanned sequences before its own scan."""
     cell, r, stages, loop, loop_outs = rec.cell, rec.r, rec.stages, rec.loop, rec.loop_outs
     linear, combines = scan.linear, scan.combines
-    r.use_deferred = False  # a param @ state is one product over all rows here, not one per step
     for s in cell.states:
         L(f"s0_{s.name} = {rec.initial(s)}")
     rows = _AllRows(cell, r, stages, loop)
