@@ -13,7 +13,6 @@ dispatches on the sequence length between two such forwards.
 """
 from __future__ import annotations
 
-import keyword
 from pathlib import Path
 from typing import Callable, Union
 
@@ -24,7 +23,7 @@ from rnnc.ir import Cell
 from rnnc.plans import ChunkPlan, LoopPlan, NewtonPlan, ScanPlan
 
 from . import emit_chunk, emit_loop, emit_newton, emit_recurrent, emit_scan, link
-from .render import Lines, Recurrence, Renderer, node_dims
+from .render import Lines, Recurrence, Renderer, docstring, node_dims
 from .tiles import TileProgram
 from .torch_expr import shape_text
 
@@ -37,15 +36,38 @@ FRAGMENTS: dict[type, Callable[[Lines, Recurrence, Plan], None]] = {
     NewtonPlan: emit_newton.emit,
 }
 
-#: Attribute names the generated module (or nn.Module) already uses: no param may take them.
-MODULE_ATTRS = frozenset({
-    "DIMS", "INPUTS", "OUTPUTS", "STATES", "DEFAULTS", "REQUIRED", "SPEC", "dims", "step", "forward",
-    "reset_parameters", "extra_repr", "source", "backend", "training", "parameters", "buffers", "modules",
-    "children", "state_dict", "load_state_dict", "to", "cuda", "cpu", "float", "double", "half", "bfloat16",
-    "train", "eval", "apply", "register_buffer", "register_parameter", "zero_grad", "type", "requires_grad_",
-    "named_parameters", "named_buffers", "named_modules", "named_children", "add_module", "get_parameter",
-    "get_submodule", "get_buffer", "share_memory", "dump_patches", "call_super_init", "compile",
+#: Attributes the generated class has besides nn.Module's (the methods and constants it defines, what
+#: rnnc.build sets on an instance).
+CLASS_ATTRS = frozenset({
+    "DIMS", "INPUTS", "OUTPUTS", "STATES", "DEFAULTS", "REQUIRED", "LOOP_BELOW", "SHADOWED", "dims", "step",
+    "forward", "reset_parameters", "extra_repr", "source", "backend", "_forward_loop", "_forward_scan",
+    "_forward_chunk", "_forward_recurrent", "_forward_newton", "__setattr__", "NEWTON_MAX_ITERS", "NEWTON_TOL",
+    "NEWTON_DEBUG", "newton_info",
 })
+#: Of those, the ones assigned on an instance after its params exist (by nn.Module.train, rnnc.build, a solve).
+ASSIGNED_ATTRS = frozenset({"training", "source", "backend", "dims", "newton_info"})
+
+
+def _module_attrs() -> frozenset[str]:
+    import torch.nn as nn
+
+    return frozenset(dir(nn.Module)) | frozenset(vars(nn.Module()))
+
+
+def param_ref(name: str) -> str:
+    """How generated code reads param `name`: `self.W`, or through `self._parameters` where `self.W` would
+    mean something else (a param named `xpu`, `forward`, `LOOP_BELOW`, `_buffers`). Either way it is
+    registered under the spec's name, so state_dict() and named_parameters() show that name."""
+    if name.startswith("_") or name in CLASS_ATTRS or name in _module_attrs():
+        return f"self._parameters[{name!r}]"
+    return f"self.{name}"
+
+
+def shadowed(cell: Cell) -> tuple[str, ...]:
+    """Params named like an attribute that nn.Module or rnnc assigns on the instance later (`training`):
+    the class's __setattr__ lets such assignments through instead of refusing a non-Parameter value."""
+    return tuple(p.name for p in cell.params
+                 if p.name in ASSIGNED_ATTRS or (p.name.startswith("_") and p.name in _module_attrs()))
 
 
 def class_name(cell: Cell) -> str:
@@ -68,10 +90,6 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     steps in one fused Triton kernel (backends/emit_recurrent.py). With `loop_below` as well, the
     module keeps the loop for sequences shorter than that many steps (where it is faster).
     """
-    for p in cell.params:
-        if p.name in MODULE_ATTRS or keyword.iskeyword(p.name) or p.name.startswith("_"):
-            raise UnsupportedError(f"param name '{p.name}' is reserved by torch.nn.Module", p.loc,
-                                   "rename the param")
     stages = report.stages
     graph = cell.graph
     roots = {o.node for o in cell.outputs} | {s.node_out for s in cell.states} | {s.init for s in cell.states}
@@ -104,6 +122,8 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L()
     if newton is not None:
         emit_newton.attributes(L)
+    if shadowed(cell):
+        _emit_setattr(L, shadowed(cell))
     parallel = "chunk" if chunk is not None else "scan" if scan is not None else None
     short = "recurrent" if recurrent is not None and parallel is not None else "loop"
     dispatch = parallel is not None and loop_below is not None
@@ -145,7 +165,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
            *summary]
     if standalone:
         header += f"\n\n\n# {'-' * 20} generated for cell {cell.name} {'-' * 20}"
-    return '"""' + "\n".join(doc) + '\n"""\n' + header + "\n\n\n" + code
+    return docstring("\n".join(doc) + "\n") + "\n" + header + "\n\n\n" + code
 
 
 def _version() -> str:
@@ -154,8 +174,20 @@ def _version() -> str:
     return rnnc.__version__
 
 
+def _emit_setattr(L: Lines, names: tuple[str, ...]) -> None:
+    L("#: params named like attributes nn.Module (or rnnc) assigns: those assignments still go through")
+    L(f"SHADOWED = frozenset({names!r})")
+    L()
+    L("def __setattr__(self, name, value):")
+    L("    if name in self.SHADOWED and not isinstance(value, nn.Parameter):")
+    L("        object.__setattr__(self, name, value)")
+    L("    else:")
+    L("        super().__setattr__(name, value)")
+    L()
+
+
 def _emit_init(L: Lines, cell: Cell) -> None:
-    L("def __init__(self, *, device=None, dtype=None, **dims):")
+    L("def __init__(self, /, *, device=None, dtype=None, **dims):")
     L.indent()
     L("super().__init__()")
     L("for key in dims:")
@@ -172,7 +204,8 @@ def _emit_init(L: Lines, cell: Cell) -> None:
     for name in sorted({n for p in cell.params for d in p.shape for n in D.free_names(d)}):
         L(f"d_{name} = self.dims[{name!r}]")
     for p in cell.params:
-        L(f"self.{p.name} = nn.Parameter(torch.empty({shape_text(p.shape)}, device=device, dtype=dtype))")
+        value = f"nn.Parameter(torch.empty({shape_text(p.shape)}, device=device, dtype=dtype))"
+        L(f"{param_ref(p.name)} = {value}")
     L("self.reset_parameters()")
     L.dedent()
     L()
@@ -196,22 +229,22 @@ def _emit_reset(L: Lines, cell: Cell) -> None:
     for p in cell.params:
         kind, *args = p.init
         if kind == "value":
-            L(f"cdt, dev = self.{p.name}.dtype, self.{p.name}.device")
+            L(f"cdt, dev = {param_ref(p.name)}.dtype, {param_ref(p.name)}.device")
         r = Renderer(g, stages, set())
         r.used_names = {"cdt", "dev"}
         r.emit(L, g.order(g.ancestors(args)), "const")
         vals = [r.operand(a, "const") for a in args]
         if kind in ("uniform", "normal"):
             num = ", ".join(v.text if v.scalar else f"float({v.text})" for v in vals)
-            L(f"nn.init.{kind}_(self.{p.name}, *_check_init({p.name!r}, {kind!r}, {num}))")
+            L(f"nn.init.{kind}_({param_ref(p.name)}, *_check_init({p.name!r}, {kind!r}, {num}))")
         else:
-            L(f"self.{p.name}.copy_({vals[0].text})")
+            L(f"{param_ref(p.name)}.copy_({vals[0].text})")
     L.dedent(2)
     L()
 
 
 def _emit_dispatch(L: Lines, parallel: str, short: str) -> None:
-    L("def forward(self, *args, state=None, cu_seqlens=None, **kwargs):")
+    L("def forward(self, /, *args, state=None, cu_seqlens=None, **kwargs):")
     L.indent()
     L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states).')
     L()
@@ -236,7 +269,7 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
     """One forward method: the common prologue and epilogue around the fragment of `plan`'s lowering."""
     names = [p.name for p in cell.inputs]
     ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
-    L(f"def {method}(self, *args, state=None, cu_seqlens=None, **kwargs):")
+    L(f"def {method}(self, /, *args, state=None, cu_seqlens=None, **kwargs):")
     L.indent()
     L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states).')
     L()
@@ -268,7 +301,7 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
     for p, a in zip(cell.inputs, args):
         text = ", ".join(D.fmt(d) for d in p.shape)
         L(f"_check_shape({p.name!r}, {a}, {shape_text(p.shape)}, {text!r}, 2)")
-    dtypes = ", ".join([f"{a}.dtype" for a in args] + [f"self.{p.name}.dtype" for p in cell.params])
+    dtypes = ", ".join([f"{a}.dtype" for a in args] + [f"{param_ref(p.name)}.dtype" for p in cell.params])
     L(f"cdt = _compute_dtype(({dtypes},))")
     L(f"odt = _output_dtype(({', '.join(a + '.dtype' for a in args)},), cdt)")
     L(f"dev = {args[0]}.device")
@@ -276,7 +309,7 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
     live = cell.graph.order(stages)
     for p in cell.params:
         if p.node in stages:
-            L(f"{r.name(p.node)} = self.{p.name}.to(cdt)")
+            L(f"{r.name(p.node)} = {param_ref(p.name)}.to(cdt)")
     for p, a in zip(cell.inputs, args):
         if p.node in stages:
             L(f"{r.name(p.node)} = {a}.reshape(-1, *{a}.shape[{a}.dim() - {len(p.shape)}:]).to(cdt)"
@@ -339,7 +372,7 @@ def _emit_empty(L: Lines, cell: Cell, r: Renderer) -> None:
 
 
 def _emit_step(L: Lines, cell: Cell) -> None:
-    L("def step(self, *args, state=None, **kwargs):")
+    L("def step(self, /, *args, state=None, **kwargs):")
     L.indent()
     L('"""One time step: inputs [B, *extra, ...] -> (outputs [B, *extra, ...], new state dict)."""')
     L("inputs = _gather_inputs(self.INPUTS, args, kwargs)")

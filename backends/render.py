@@ -6,9 +6,11 @@ value is named and inlined the same way wherever it is emitted.
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 from rnnc import dims as D
+from rnnc.errors import InternalError
 from rnnc.ir import Cell, Graph, Port, State
 
 from .torch_expr import ATOM, Operand, TorchExpr, shape_text
@@ -29,6 +31,17 @@ class Lines:
 
     def dedent(self, n: int = 1) -> None:
         self.depth -= n
+
+
+def docstring(text: str) -> str:
+    """A triple-quoted literal whose value is exactly `text`, whatever it holds (a spec's path can hold
+    quotes, backslashes, control characters, undecodable bytes): those are escaped, newlines kept."""
+    escaped = "".join(c if c == "\n" or (c.isprintable() and c not in '\\"') else
+                      "\\" + c if c in '\\"' else ascii(c)[1:-1] for c in text)
+    literal = f'"""{escaped}"""'
+    if ast.literal_eval(literal) != text:
+        raise InternalError(f"cannot write {text[:40]!r}... as a docstring")
+    return literal
 
 
 class Renderer:

@@ -26,7 +26,7 @@ Value = Union[int, tuple]  # a node id, or a tuple of node ids (split / multi-va
 BUILTINS = registry.builtin_names() | {"clamp"}
 DISTRIBUTIONS = {"uniform": ("lo", "hi"), "normal": ("mean", "std")}
 #: Names that would collide with keyword arguments of build() / forward().
-RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec", "chunk_size"})
+RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec", "chunk_size", "backward"})
 RESERVED_INPUTS = frozenset({"state", "cu_seqlens"})
 
 
