@@ -193,7 +193,7 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     _check_dims(ir, dims)
     check_bound_dims(ir, dims)
     source, report = _lower(ir, backend, backward, chunk_size=chunk_size, device=device)
-    module = load_source(source, ir.name)
+    module = load_source(source, ir.name[:40])  # the file name: the hash makes it unique, the name readable
     missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]
     if missing:
         raise BuildError(f"dim {missing[0]} of cell '{ir.name}' is not bound", ir.dims[missing[0]].loc,

@@ -14,7 +14,7 @@ from typing import Union
 
 import sympy
 
-from . import ast, ops, registry
+from . import ast, constants, ops, registry
 from . import dims as D
 from .errors import (ArityError, DimError, Loc, RnncError, ShapeError, StateError, TypeError_,
                      UnknownNameError, UnsupportedError)
@@ -58,6 +58,7 @@ class Elaborator:
         self.init_graph = Graph()
         self.dims: dict[str, DimInfo] = {}
         self._dim_nodes: dict[tuple[int, str], int] = {}
+        self._constants: dict[int, dict[int, object]] = {}  # id(graph) -> scalar node -> value (None: unknown)
         self._inline_stack: list[str] = []
         self._inlined: dict[tuple, tuple[Graph, Value]] = {}  # (graph, def, operands, scope) -> result
         self.cell_scope = Scope("cell")
@@ -346,6 +347,13 @@ class Elaborator:
     def _const(self, value: float, graph: Graph, loc: Loc | None) -> int:
         return graph.add(Node("const", (), (), attrs={"value": value}, loc=loc, scalar=True))
 
+    def _scalar(self, graph: Graph, nid: int) -> int:
+        """`nid`, a compile-time scalar whose value (when only numbers make it) is checked now."""
+        values = self._constants.setdefault(id(graph), {})
+        if nid not in values:
+            constants.check(graph, nid, values)
+        return nid
+
     def _dim_value(self, name: str, graph: Graph, loc: Loc | None) -> int:
         key = (id(graph), name)
         if key not in self._dim_nodes:
@@ -389,7 +397,8 @@ class Elaborator:
         x = self._single(self.expr(e.operand, scope, graph), e.operand.loc)
         op = "neg" if e.op == "-" else "not"
         shape, dtype = ops.elementwise(op, [graph[x]], e.loc)
-        return graph.add(Node(op, (x,), shape, dtype, loc=e.loc, scalar=graph[x].scalar and op == "neg"))
+        nid = graph.add(Node(op, (x,), shape, dtype, loc=e.loc, scalar=graph[x].scalar and op == "neg"))
+        return self._scalar(graph, nid) if graph[nid].scalar else nid
 
     def _e_BinOp(self, e: ast.BinOp, scope: Scope, graph: Graph) -> Value:
         a = self._single(self.expr(e.left, scope, graph), e.left.loc)
@@ -403,7 +412,8 @@ class Elaborator:
             return graph.add(Node("matmul", tuple(args), ops.matmul(nodes[0], nodes[1], loc), loc=loc))
         shape, dtype = ops.elementwise(op, nodes, loc)
         scalar = all(n.scalar for n in nodes) and (op in ops.ARITH or op in ops.MATH_UNARY)
-        return graph.add(Node(op, tuple(args), shape, dtype, attrs=attrs, loc=loc, scalar=scalar))
+        nid = graph.add(Node(op, tuple(args), shape, dtype, attrs=attrs, loc=loc, scalar=scalar))
+        return self._scalar(graph, nid) if scalar else nid
 
     def _e_Index(self, e: ast.Index, scope: Scope, graph: Graph) -> Value:
         x = self._single(self.expr(e.value, scope, graph), e.value.loc)

@@ -91,6 +91,11 @@ class TypeError_(RnncError):
     """A value of the wrong kind: a boolean in arithmetic, a non-constant where a constant is needed."""
 
 
+class NumberError(RnncError):
+    """A number out of range: a literal beyond float64, a constant expression that overflows, divides
+    by zero or leaves the reals."""
+
+
 class AssociativityError(RnncError):
     """A declared combine that is not associative, or whose identity is not one."""
 

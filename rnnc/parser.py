@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import functools
 import keyword
+import math
 
 import lark
 from lark import Token, Transformer, v_args
 
 from . import ast
-from .errors import Loc, RnncSyntaxError
+from .errors import Loc, NumberError, RnncError, RnncSyntaxError
 from .parser_tables import load_parser
 from .resources import grammar_file
 
 #: Words that cannot name a value, function or cell (Python keywords and the language's own).
 RESERVED = frozenset(keyword.kwlist) | {"cell", "param", "state", "let", "dim", "def", "import", "combine"}
+
+#: The longest number literal read (a float64 has 17 significant digits; zeros are padding).
+MAX_NUMBER_TEXT = 400
 
 _TOKEN_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": 'a "path"',
@@ -45,12 +49,16 @@ def parse_module(text: str, filename: str = "<string>") -> ast.Module:
     try:
         return _Build(filename, lines).transform(tree)
     except lark.exceptions.VisitError as e:
-        if isinstance(e.orig_exc, RnncSyntaxError):
+        if isinstance(e.orig_exc, RnncError):
             raise e.orig_exc from None
         raise
     except RecursionError:
         raise RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
                               "split it into several `let` bindings") from None
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
 
 
 def _loc(filename: str, lines: list[str], line: int, column: int) -> Loc:
@@ -201,7 +209,11 @@ class _Build(Transformer):
         return [c for c in children if c is not None]
 
     def dim_int(self, meta, children):
-        return ast.DimNum(int(children[0]), self._at(children[0]))
+        token = children[0]
+        if len(token) > 18:  # beyond 10**18 no size can be allocated, and the text could be any length
+            raise NumberError(f"dim size {_clip(str(token))} is too large", self._at(token),
+                              "sizes must be below 10**18")
+        return ast.DimNum(int(token), self._at(token))
 
     def dim_name(self, meta, children):
         return ast.DimName(self._name(children[0]), self._at(children[0]))
@@ -218,8 +230,18 @@ class _Build(Transformer):
 
     # -- expressions --
     def number(self, meta, children):
+        """An integer in int64's range stays exact; a larger one is the nearest float64, as in torch. A
+        number beyond float64's range (or too long to read) is an error: nothing is silently infinite."""
         text = str(children[0])
+        if len(text) > MAX_NUMBER_TEXT:
+            raise NumberError(f"number literal of {len(text)} characters", self._at(children[0]),
+                              f"write it in at most {MAX_NUMBER_TEXT} characters (e.g. 1.5e300)")
         value = float(text) if any(c in text for c in ".eE") else int(text)
+        if isinstance(value, int) and value >= 2**63:
+            value = float(value) if len(text) <= 308 else math.inf
+        if value == math.inf:
+            raise NumberError(f"number {_clip(text)} is beyond float64's range (about 1.8e308)",
+                              self._at(children[0]), "write `inf` for infinity, or a smaller number")
         return ast.Number(value, text, self._at(children[0]))
 
     def name(self, meta, children):
