@@ -14,11 +14,15 @@ from .resources import specs_dir
 
 Spec = Union[Program, str, Path]
 
-def parse(text: str, filename: str = "<string>") -> Program:
-    """Parse and type-check .rnn source text; raises RnncError (with line, column, excerpt)."""
+def parse(text: str, filename: str = "<string>", import_roots=()) -> Program:
+    """Parse and type-check .rnn source text; raises RnncError (with line, column, excerpt).
+
+    `import "x.rnn"` reads a file relative to `filename`'s folder, inside that folder, the library's,
+    those in $RNNC_IMPORT_PATH or `import_roots` (docs/security.md); text without a filename imports
+    by path only from `import_roots` and $RNNC_IMPORT_PATH."""
     if not isinstance(text, str):
         raise TypeError(f"parse() takes the source text as a str, got {type(text).__name__}")
-    return parse_program(text, filename)
+    return parse_program(text, filename, import_roots)
 
 
 def library() -> list[str]:
@@ -26,8 +30,8 @@ def library() -> list[str]:
     return sorted(p.stem for p in specs_dir().glob("*.rnn"))
 
 
-def load(spec: Union[str, Path]) -> Program:
-    """A library name (`"gla"`) or a path to a .rnn file."""
+def load(spec: Union[str, Path], import_roots=()) -> Program:
+    """A library name (`"gla"`) or a path to a .rnn file (`import_roots`: see `parse`)."""
     path = Path(spec)
     if isinstance(spec, Path) or str(spec).endswith(".rnn") or "/" in str(spec) or "\\" in str(spec):
         if not path.is_file():
@@ -41,7 +45,7 @@ def load(spec: Union[str, Path]) -> Program:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise SpecNotFoundError(f"cannot read {path}: {e}", hint="check the file") from None
-    return parse_program(text, str(path))
+    return parse_program(text, str(path), import_roots)
 
 
 def _program(spec: Spec) -> Program:

@@ -1,11 +1,14 @@
 """A parsed program: a .rnn file with its imports resolved and every cell elaborated to IR."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
+from typing import Iterable
 
 from . import ast
 from .elaborate import DefInfo, Elaborator
-from .errors import InternalError, Loc, RnncError, SpecNotFoundError
+from .errors import InternalError, Loc, RnncError, RnncSyntaxError, SpecNotFoundError
 from .ir import Cell
 from .parser import parse_module
 from .resources import specs_dir
@@ -46,11 +49,12 @@ class Program:
         return f"<rnnc.Program {self.file}: cells {', '.join(self.cells)}>"
 
 
-def parse_program(text: str, filename: str = "<string>") -> Program:
+def parse_program(text: str, filename: str = "<string>", import_roots: Iterable[str | Path] = ()) -> Program:
+    """Parse and check a program; its `import "..."` files must lie in `allowed_roots(filename, import_roots)`."""
     try:
         module = parse_module(text, filename)
         defs: dict[str, DefInfo] = {}
-        _collect_defs(module, defs, seen={_key(filename)})
+        _collect_defs(module, defs, {_key(filename)}, allowed_roots(filename, import_roots), 0)
         return Program(module, defs)
     except RecursionError:
         raise RnncError("program nested too deeply", Loc(filename, 1, 1),
@@ -62,6 +66,23 @@ def parse_program(text: str, filename: str = "<string>") -> Program:
                             hint="please report this with the spec that triggered it") from e
 
 
+#: How long a chain of imports may be (a file importing one importing one ...), and how large an imported file.
+MAX_IMPORT_DEPTH = 32
+MAX_IMPORT_BYTES = 1 << 20
+#: Folders (separated by os.pathsep) that `import "..."` may read besides the importing spec's own folder.
+IMPORT_PATH_ENV = "RNNC_IMPORT_PATH"
+
+
+def allowed_roots(filename: str, extra: Iterable[str | Path] = ()) -> tuple[Path, ...]:
+    """The folders whose .rnn files a program may import by path: the folder of the spec file (none for
+    source text), the spec library's, those in $RNNC_IMPORT_PATH and `extra`, symlinks resolved."""
+    roots = [] if filename.startswith("<") else [Path(filename).parent]
+    roots.append(specs_dir())
+    roots += [Path(p) for p in os.environ.get(IMPORT_PATH_ENV, "").split(os.pathsep) if p]
+    roots += [Path(p) for p in extra]
+    return tuple(dict.fromkeys(Path(os.path.realpath(r)) for r in roots))
+
+
 def _key(filename: str) -> str:
     try:
         return str(Path(filename).resolve())
@@ -69,19 +90,18 @@ def _key(filename: str) -> str:
         return filename
 
 
-def _collect_defs(module: ast.Module, defs: dict[str, DefInfo], seen: set[str]) -> None:
+def _collect_defs(module: ast.Module, defs: dict[str, DefInfo], seen: set[str], roots: tuple[Path, ...],
+                  depth: int) -> None:
     for imp in module.imports:
-        path = resolve_import(imp, module.file)
-        key = _key(str(path))
+        if depth >= MAX_IMPORT_DEPTH:
+            raise SpecNotFoundError(f"imports nested more than {MAX_IMPORT_DEPTH} files deep", imp.loc,
+                                    "import the files you need from fewer levels")
+        path = resolve_import(imp, module.file, roots)
+        key = str(path)
         if key in seen:
             continue  # already imported (or an import cycle): its defs are in already
         seen.add(key)
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SpecNotFoundError(f"cannot read imported file '{imp.target}': {e.__class__.__name__}", imp.loc,
-                                    "check the path (relative to the importing file)") from None
-        _collect_defs(parse_module(text, str(path)), defs, seen)
+        _collect_defs(_parse_imported(path, imp), defs, seen, roots, depth + 1)
     for d in [*module.defs, *module.combines]:
         if d.name in defs:
             prev = defs[d.name].node.loc
@@ -90,16 +110,63 @@ def _collect_defs(module: ast.Module, defs: dict[str, DefInfo], seen: set[str]) 
         defs[d.name] = DefInfo(d, module.file)
 
 
-def resolve_import(imp: ast.Import, importer: str) -> Path:
-    if imp.is_path:
-        base = Path(importer).parent if not importer.startswith("<") else Path.cwd()
-        path = (base / imp.target)
+def _parse_imported(path: Path, imp: ast.Import) -> ast.Module:
+    """An imported file, parsed. Its text appears in no error unless it is a well-formed program: a file
+    that is not (a secret someone tries to read through an import) is reported by place alone."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_IMPORT_BYTES + 1)
+    except OSError as e:
+        raise SpecNotFoundError(f"cannot read imported file '{imp.target}': {e.strerror or e.__class__.__name__}",
+                                imp.loc, "check the file's permissions") from None
+    if len(data) > MAX_IMPORT_BYTES:
+        raise SpecNotFoundError(f"imported file '{imp.target}' is larger than {MAX_IMPORT_BYTES >> 20} MiB", imp.loc,
+                                "an imported .rnn file holds defs and combines; split it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecNotFoundError(f"imported file '{imp.target}' is not UTF-8 text", imp.loc,
+                                "import only .rnn source files") from None
+    try:
+        return parse_module(text, str(path))
+    except RnncSyntaxError as e:
+        where = Loc(e.loc.file, e.loc.line, e.loc.column) if e.loc else imp.loc
+        raise RnncSyntaxError(f"imported file '{imp.target}' is not a valid rnnc program (its text is not shown)",
+                              where, f"run `rnnc check {path.name}` to see the error") from None
+
+
+def resolve_import(imp: ast.Import, importer: str, roots: tuple[Path, ...] = ()) -> Path:
+    """The file an import names, symlinks resolved: a library spec by name, or a `.rnn` regular file
+    that lies (after resolving `..` and symlinks) inside one of `roots` (see allowed_roots)."""
+    if not imp.is_path:
+        path = specs_dir() / f"{imp.target}.rnn"
         if not path.is_file():
-            raise SpecNotFoundError(f"imported file '{imp.target}' not found", imp.loc,
-                                    f"looked for {path}; paths are relative to the importing file")
+            raise SpecNotFoundError(f"no library file named '{imp.target}'", imp.loc,
+                                    "import a library spec by name, or a file with import \"path.rnn\"")
         return path
-    path = specs_dir() / f"{imp.target}.rnn"
-    if not path.is_file():
-        raise SpecNotFoundError(f"no library file named '{imp.target}'", imp.loc,
-                                "import a library spec by name, or a file with import \"path.rnn\"")
-    return path
+    if not imp.target.endswith(".rnn"):
+        raise SpecNotFoundError(f"cannot import '{imp.target}': only .rnn files can be imported", imp.loc,
+                                "name a .rnn file")
+    from_text = importer.startswith("<")
+    library = Path(os.path.realpath(specs_dir()))
+    bases = [r for r in roots if r != library] if from_text else [Path(importer).parent]
+    if not bases:  # source text with no folders allowed: no path imports (the default)
+        raise SpecNotFoundError(f"cannot import '{imp.target}' from source text: it has no folder of its own",
+                                imp.loc, f"pass filename= (imports are relative to that file), or allow folders "
+                                f"with import_roots= or ${IMPORT_PATH_ENV}")
+    for base in bases:
+        path = Path(os.path.realpath(base / imp.target))
+        if not any(path == r or r in path.parents for r in roots):
+            raise SpecNotFoundError(f"cannot import '{imp.target}': it is outside the folders imports may read",
+                                    imp.loc, f"imports may read the importing spec's folder, the library and "
+                                    f"${IMPORT_PATH_ENV}; add the folder there (or import_roots=)")
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise SpecNotFoundError(f"cannot import '{imp.target}': not a regular file", imp.loc, "name a .rnn file")
+        return path
+    raise SpecNotFoundError(f"imported file '{imp.target}' not found", imp.loc,
+                            "paths are relative to the importing file" if not from_text else
+                            "paths are relative to the import roots")
