@@ -401,10 +401,16 @@ class Elaborator:
         return self._scalar(graph, nid) if graph[nid].scalar else nid
 
     def _e_BinOp(self, e: ast.BinOp, scope: Scope, graph: Graph) -> Value:
-        a = self._single(self.expr(e.left, scope, graph), e.left.loc)
-        b = self._single(self.expr(e.right, scope, graph), e.right.loc)
-        op = ops.BINOP_NAMES[e.op]
-        return self._apply(op, [a, b], graph, e.loc)
+        """Left to right along the left spine without recursing on it: `x + x + ... + x` (a tree as deep
+        as it is long) elaborates in constant stack depth, operands in the same order as recursion."""
+        spine = [e]
+        while isinstance(spine[-1].left, ast.BinOp):
+            spine.append(spine[-1].left)
+        a = self._single(self.expr(spine[-1].left, scope, graph), spine[-1].left.loc)
+        for node in reversed(spine):
+            b = self._single(self.expr(node.right, scope, graph), node.right.loc)
+            a = self._apply(ops.BINOP_NAMES[node.op], [a, b], graph, node.loc)
+        return a
 
     def _apply(self, op: str, args: list[int], graph: Graph, loc: Loc | None, **attrs) -> int:
         nodes = [graph[a] for a in args]

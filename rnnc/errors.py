@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+#: The most characters of a source line an error quotes.
+EXCERPT_WIDTH = 160
+
+
 @dataclass(frozen=True)
 class Loc:
     """A position in a source file (1-based line and column)."""
@@ -49,8 +53,14 @@ class RnncError(Exception):
         """The offending source line with a caret under the column."""
         if not self.loc or not self.loc.source_line:
             return ""
-        text = self.loc.source_line.rstrip("\n").expandtabs(1)
-        return f"    {text}\n    {' ' * (max(self.loc.column, 1) - 1)}^"
+        text = self.loc.source_line.rstrip("\n")
+        caret = max(self.loc.column, 1) - 1
+        if len(text) > EXCERPT_WIDTH:  # a window around the column: a 50 MB line gives a short message
+            start = max(0, min(caret - EXCERPT_WIDTH // 2, len(text) - EXCERPT_WIDTH))
+            head, tail = ("... " if start else ""), (" ..." if start + EXCERPT_WIDTH < len(text) else "")
+            text, caret = head + text[start:start + EXCERPT_WIDTH] + tail, caret - start + len(head)
+        text = text.expandtabs(1)
+        return f"    {text}\n    {' ' * caret}^"
 
     def __str__(self) -> str:
         where = f"{self.loc}: " if self.loc else ""

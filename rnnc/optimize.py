@@ -62,14 +62,19 @@ def merge_common(cell: Cell) -> None:
 
 
 def _flatten(g: Graph, nid: int, sign: int, stages: dict[int, str], root: int, out: list) -> None:
-    node = g[nid]
-    inner = node.op in SUM_OPS and node.dtype == "float" and stages.get(nid) == "loop"
-    if inner and (nid == root or (node.name is None and _used_once(g, nid))):
-        a, b = node.args
-        _flatten(g, a, sign, stages, root, out)
-        _flatten(g, b, sign if node.op == "add" else -sign, stages, root, out)
-    else:
-        out.append((sign, nid))
+    """The signed terms of the sum at `nid`, left to right, into `out` (a stack, not recursion: a sum
+    written with many terms is a chain as deep as it is long)."""
+    todo = [(nid, sign)]
+    while todo:
+        nid, sign = todo.pop()
+        node = g[nid]
+        inner = node.op in SUM_OPS and node.dtype == "float" and stages.get(nid) == "loop"
+        if inner and (nid == root or (node.name is None and _used_once(g, nid))):
+            a, b = node.args
+            todo.append((b, sign if node.op == "add" else -sign))
+            todo.append((a, sign))
+        else:
+            out.append((sign, nid))
 
 
 def _used_once(g: Graph, nid: int) -> bool:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import functools
 import keyword
 import math
+import re
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .errors import Loc, NumberError, RnncError, RnncSyntaxError
@@ -19,6 +21,11 @@ from .resources import grammar_file
 
 #: Words that cannot name a value, function or cell (Python keywords and the language's own).
 RESERVED = frozenset(keyword.kwlist) | {"cell", "param", "state", "let", "dim", "def", "import", "combine"}
+
+#: The most numbers one file may hold (about 10 s of parsing on a slow machine).
+MAX_NUMBERS = 1 << 16
+_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
+_COMMENT = re.compile(r"#[^\n]*")
 
 #: The longest number literal read (a float64 has 17 significant digits; zeros are padding).
 MAX_NUMBER_TEXT = 400
@@ -39,6 +46,7 @@ def _lark() -> lark.Lark:
 def parse_module(text: str, filename: str = "<string>") -> ast.Module:
     """Parse the text of one .rnn file into an ast.Module (syntax only, no type checking)."""
     lines = text.splitlines()
+    _check_numbers(text, filename, lines)
     try:
         tree = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as e:
@@ -55,6 +63,21 @@ def parse_module(text: str, filename: str = "<string>") -> ast.Module:
     except RecursionError:
         raise RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
                               "split it into several `let` bindings") from None
+
+
+def _check_numbers(text: str, filename: str, lines: list[str]) -> None:
+    """Refuse a file with more than MAX_NUMBERS numbers before parsing it: parsing takes time in
+    proportion, and a table that large (a 1000×1000 literal) belongs in a param."""
+    if len(text) < MAX_NUMBERS:
+        return
+    uncommented = _COMMENT.sub(lambda m: " " * len(m.group()), text)
+    for count, m in enumerate(_NUMBER.finditer(uncommented), 1):
+        if count > MAX_NUMBERS:
+            line = text.count("\n", 0, m.start()) + 1
+            column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            raise NumberError(f"more than {MAX_NUMBERS} numbers in one file", _loc(filename, lines, line, column),
+                              "literals are for small constants: make a large table a param and load its "
+                              "values with load_state_dict")
 
 
 def _clip(text: str, n: int = 40) -> str:
@@ -90,13 +113,14 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, filename: str, lines: list
     if token is not None and token.type == "$END":
         return RnncSyntaxError("unexpected end of file", loc,
                                f"expected {_describe(expected)}; is a '}}' or ')' missing?")
-    shown = str(token) if token is not None else "?"
+    shown = _clip(str(token)) if token is not None else "?"
     return RnncSyntaxError(f"unexpected {shown!r}", loc, f"expected {_describe(expected)}")
 
 
 @v_args(meta=True)
-class _Build(Transformer):
-    """Lark tree → rnnc.ast. Each method receives the rule's children after transformation."""
+class _Build(Transformer_NonRecursive):
+    """Lark tree → rnnc.ast, without recursion (a flat sum of many terms is a deep tree). Each method
+    receives the rule's children after transformation."""
 
     def __init__(self, filename: str, lines: list[str]) -> None:
         super().__init__()
