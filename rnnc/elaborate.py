@@ -27,7 +27,7 @@ BUILTINS = registry.builtin_names() | {"clamp"}
 DISTRIBUTIONS = {"uniform": ("lo", "hi"), "normal": ("mean", "std")}
 #: Names that would collide with keyword arguments of build() / forward().
 RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec", "chunk_size", "backward"})
-RESERVED_INPUTS = frozenset({"state", "cu_seqlens"})
+RESERVED_INPUTS = frozenset({"state", "cu_seqlens", "self"})  # `self`: nn.Module.__call__'s own
 
 
 @dataclass
