@@ -47,12 +47,26 @@ def rebuild(recipe: dict[str, Any]):
                              "this rnnc reads version 1")
         program = parse(recipe["text"], recipe["file"])
         built = build(program, cell=recipe["cell"], backend=recipe["backend"], backward=recipe["backward"],
-                      chunk_size=recipe["chunk_size"], device=recipe["device"], **recipe["dims"])
+                      chunk_size=recipe["chunk_size"], device=_available(recipe["device"]), **recipe["dims"])
         _classes[key] = type(built), {k: built.__dict__[k] for k in _REGENERATED}
     cls, described = _classes[key]
     obj = cls.__new__(cls)
     obj.__dict__.update(described)
     return obj
+
+
+def _available(device: str | None) -> str | None:
+    """The device the cell was built for, or None (the CPU's choice of lowering) where this machine has
+    no such device: a cell trained on a GPU loads with map_location="cpu" on a machine without one."""
+    import torch
+
+    if device is None:
+        return None
+    kind = torch.device(device).type
+    if kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()):
+        return device
+    backend = getattr(torch, kind, None)
+    return device if backend is not None and getattr(backend, "is_available", lambda: False)() else None
 
 
 def _key(recipe: dict[str, Any]) -> tuple:

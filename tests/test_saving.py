@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import rnnc
@@ -77,3 +78,15 @@ def test_copies_are_independent_and_rebuild_the_same_class():
         assert twin.weight_ih is not cell.weight_ih and torch.equal(twin.weight_ih, cell.weight_ih)
         x = torch.randn(1, 4, 2)
         torch.testing.assert_close(twin(x)[0], cell(x)[0], rtol=0, atol=0)
+
+
+def test_cell_built_for_a_missing_gpu_loads_on_the_cpu():
+    """A recipe naming a device this machine lacks (a cell saved on a GPU, loaded with map_location="cpu")
+    rebuilds for the CPU instead of failing to allocate on the missing device."""
+    cell = rnnc.build("lstm", I=2, H=3)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cell._rnnc_recipe = dict(cell._rnnc_recipe, device="cuda:0")
+    twin = pickle.loads(pickle.dumps(cell))
+    x = torch.randn(1, 4, 2)
+    torch.testing.assert_close(twin(x)[0], cell(x)[0], rtol=0, atol=0)
