@@ -14,9 +14,10 @@ CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see def
 def default_chunk_size(plan: ChunkPlan) -> int:
     """Steps per chunk when the caller gives none. Per-key/per-value decays cost K-wide work that
     grows with the chunk: 16 measured fastest on CPU for gla (benchmarks/RESULTS.md), 64 otherwise;
-    the generalized delta rule: 16 with a per-key decay, else 64 rows of micro-steps."""
-    if plan.kind == "dplr":
-        return 16 if any(st.gk is not None for st in plan.steps) else max(1, CHUNK // len(plan.steps))
+    the generalized delta rule: 16 steps with a per-key decay, else 64 micro-step rows (a power of two
+    times at most 16, for its blockwise triangular inverse)."""
+    if plan.kind == "dplr":  # rows of micro-steps a chunk: 16 with a per-key decay, else 64 (32 for n_h = 3)
+        return 16 if any(st.gk is not None for st in plan.steps) else {1: 64, 2: 32}.get(len(plan.steps), 16)
     return 16 if plan.kind == "linear" and (plan.gk is not None or plan.gv is not None) else CHUNK
 
 

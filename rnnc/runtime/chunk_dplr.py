@@ -13,7 +13,8 @@ T * M rows of one sequence (as fla's gated_delta_product does), read out at each
 The chunk algorithm is fla's DPLR derivation (generalized_delta_rule/dplr): with G the chunk-local
 cumulative log-decay, u_t = S_{t-1}^T b_t the pseudo-values satisfy, inside a chunk entered with S,
     (I - A_ba) U = B~ S + A_bk V,    A_xy[i, j] = sum_c x_ic y_jc exp(G_{i-1,c} - G_jc)  (j < i)
-(B~ = b exp(G_{i-1})), so U = W S + U0 by one unit lower-triangular solve; then
+(B~ = b exp(G_{i-1})), so U = W S + U0 with the unit lower-triangular inverse (blockwise forward
+substitution, as fla's solve_tril); then
     O = (Q exp(G)) S + A_qa U + A_qk V,   A_qy[i, j] = sum_c q_ic y_jc exp(G_ic - G_jc)  (j <= i)
     S <- (diag(exp(G_C)) + A~^T W) S + A~^T U0 + K~^T V   (A~, K~: a, k times exp(G_C - G_j)).
 The pass over chunks is one batched matmul a chunk. Numerics as in rnnc/runtime/chunk.py: every
@@ -99,6 +100,33 @@ def _dplr_shift_down(A):
     return F.pad(A[..., :-1, :], (0, 0, 1, 0))
 
 
+def _dplr_tril_inverse(A):
+    """(I - A)^{-1} for strictly lower-triangular A [..., C, C], by matmuls: blocks of up to 16 rows by
+    forward substitution (row i = e_i + A[i, :i] rows[:i]), then merged pairwise,
+    [[I - A1, 0], [-X, I - A2]]^{-1} = [[T1, 0], [T2 X T1, T2]]. A batched triangular solve costs
+    about thirty matmuls of its size on CPU (one LAPACK call per matrix); this is a few, and its
+    backward is matmuls too."""
+    C = A.shape[-1]
+    lead = A.shape[:-2]
+    b = C
+    while b > 16 and b % 2 == 0:
+        b //= 2
+    n = C // b
+    blocks = A.reshape(*lead, n, b, n, b).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)        # [..., n, b, b]
+    eye = torch.eye(b, dtype=A.dtype, device=A.device)
+    rows = [eye[0].expand(*lead, n, b)]
+    for i in range(1, b):
+        rows.append(eye[i] + (blocks[..., i:i + 1, :i] @ torch.stack(rows, -2)).squeeze(-2))
+    T, size = torch.stack(rows, -2), b                                                      # [..., m, size, size]
+    while size < C:
+        m = T.shape[-3] // 2
+        Ta, Tb = T.reshape(*lead, m, 2, size, size).unbind(-3)
+        X = A.reshape(*lead, m, 2 * size, m, 2 * size).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)[..., size:, :size]
+        T = torch.cat([torch.cat([Ta, torch.zeros_like(Ta)], -1), torch.cat([Tb @ X @ Ta, Tb], -1)], -2)
+        size *= 2
+    return T.reshape(*lead, C, C)
+
+
 def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
     """S_r = diag(exp(g_r)) S_{r-1} + a_r (b_r^T S_{r-1}) + k_r v_r^T ; o_r = S_r^T q_r, over rows r.
 
@@ -135,9 +163,8 @@ def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
         tail = torch.exp(_chunk_suffix_sums(gc))                                       # exp(G_last - G_j)
         kg, ag = kc * tail, ac * tail
         dec = torch.exp(G[..., -1, :])                                                  # [NT, N, K or 1]
-    eye = torch.eye(C, dtype=dt, device=dev)
-    X = torch.linalg.solve_triangular(eye - Aba, torch.cat([Abk @ vc, bg], -1), upper=False, unitriangular=True)
-    U0, W = X.split([V, K], -1)                                                         # U = U0 + W S
+    Tinv = _dplr_tril_inverse(Aba)
+    U0, W = Tinv @ (Abk @ vc), Tinv @ bg                                                # U = U0 + W S
     ag_t = ag.transpose(-1, -2)
     step = ag_t @ W                                                                     # [NT, N, K, K]
     eye_k = torch.eye(K, dtype=dt, device=dev)
