@@ -14,8 +14,8 @@ else ~/.cache/rnnc. What is guaranteed:
 - Writes are atomic and safe across threads and processes: a temporary file with a unique name
   (tempfile.mkstemp, mode 0600) in the same directory, then os.replace.
 - The directory: $RNNC_CACHE_DIR must be a directory this user can create and write, else a
-  BuildError says so. The default directory, when unusable (read-only home, owned by another
-  user, writable by others), is replaced by a private directory made for this process
+  BuildError says so. The default directory is made private (mode 0700) if others can write it;
+  when unusable (read-only home, owned by another user, not a directory), it is replaced by a private directory made for this process
   (tempfile.mkdtemp, mode 0700) with a warning: never a shared, world-writable one.
 - A size cap: after each new file, the oldest files (by last use) are deleted until the cache's
   `.py` files total at most $RNNC_CACHE_MAX_MB megabytes (default 256).
@@ -59,6 +59,12 @@ def cache_dir() -> Path:
         return Path(chosen)
     default = Path(os.path.expanduser("~")) / ".cache" / "rnnc"
     problem = _unusable(default)
+    if problem == "other users can write to it":  # rnnc's own directory, made under a loose umask
+        try:
+            default.chmod(0o700)
+            problem = _unusable(default)
+        except OSError:
+            pass
     if not problem:
         return default
     with _lock:

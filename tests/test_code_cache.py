@@ -188,3 +188,17 @@ def test_the_size_cap_evicts_the_least_recently_used(cache):
     assert sorted(removed) == sorted(oldest[:2])
     assert sorted(_files(cache)) == sorted(oldest[2:])
     assert size > 0
+
+
+def test_a_loose_default_dir_is_made_private(tmp_path, monkeypatch):
+    """~/.cache/rnnc made under a loose umask (group- or world-writable) is rnnc's own: tightened to 0700."""
+    home = tmp_path / "home"
+    default = home / ".cache" / "rnnc"
+    default.mkdir(parents=True)
+    default.chmod(0o777)
+    monkeypatch.delenv("RNNC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loader.cache_dir() == default
+    assert default.stat().st_mode & 0o777 == 0o700
