@@ -196,7 +196,8 @@ def _matrix_groups(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> 
             if isinstance(found, str):
                 info["matrix_why"] = found
                 continue
-            info["matrix"] = {"kind": found.kind, "size": D.fmt(found.size), "states": list(found.states)}
+            info["matrix"] = {"kind": found.kind, "size": D.fmt(found.size), "states": list(found.states),
+                              "per_step": found.per_step}
             if found.kind == "block":
                 info["transition"] = "block"
             info["why"] = (f"linear in the coupled states, analysed as one: {found.text()}"

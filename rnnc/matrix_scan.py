@@ -31,13 +31,14 @@ class MatrixTransition:
     kind: str  # "block" | "dense"
     states: tuple[str, ...]
     size: object  # a dim: m for a block group, Σ n_i for a dense one
+    per_step: bool = False  # A changes per step (reads inputs or earlier states), else constant
 
     def text(self) -> str:
         n = D.fmt(self.size)
         if self.kind == "block":
             return f"block-diagonal {n}×{n} per element (coupled {', '.join(self.states)}) -> matrix scan"
-        return f"dense transition ({n}×{n}{' over ' + ', '.join(self.states) if len(self.states) > 1 else ''}) " \
-               "-> matrix scan"
+        over = f" over {', '.join(self.states)}" if len(self.states) > 1 else ""
+        return f"dense transition ({n}×{n}{over}, {'per step' if self.per_step else 'constant'}) -> matrix scan"
 
 
 def _forms(cell: Cell, stages: dict[int, str], group: list[str]):
@@ -69,11 +70,13 @@ def group_transition(cell: Cell, stages: dict[int, str], group: list[str]) -> Ma
         terms += form.terms
     names = tuple(s.name for s in states)
     shape = states[0].shape
+    reads = {n for t in terms for n in [a.node for a in t.left + t.right] + [x for x, _ in t.scalars + t.elem]}
+    per_step = any(stages.get(n) in ("hoist", "loop") for n in reads if n is not None)
     if len(states) > 1 and all(len(s.shape) == len(shape) and all(map(D.equal, s.shape, shape)) for s in states) \
             and all(t.diagonal for t in terms):
-        return MatrixTransition("block", names, D.const(len(states)))
+        return MatrixTransition("block", names, D.const(len(states)), per_step)
     if all(len(s.shape) == 1 for s in states) and all(_dense_atoms(t) for t in terms):
-        return MatrixTransition("dense", names, sum((s.shape[0] for s in states), D.const(0)))
+        return MatrixTransition("dense", names, sum((s.shape[0] for s in states), D.const(0)), per_step)
     if any(len(s.shape) != 1 for s in states):
         return "a non-diagonal transition of a matrix or scalar state (only vector states scan with a dense matrix)"
     return "its transition mixes the states through ops the matrix scan does not build (a selection or an inner product)"

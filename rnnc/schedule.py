@@ -21,11 +21,15 @@ SCANNABLE = {("elementwise_affine", None), ("matrix_affine", "additive"), ("asso
 TRITON_FUSED = {("elementwise_affine", None), ("matrix_affine", "additive")}
 #: The classes `auto` sends to the scan (matrix states would materialise every step's state).
 SCAN_FIRST = {"elementwise_affine", "associative"}
-#: The largest dense or block transition (n×n) the scan backend takes, and the largest `auto`
-#: sends to it: the matrix scan costs O(n³) per combine (benchmarks/bench_matscan.py,
-#: benchmarks/RESULTS.md).
+#: The largest dense or block transition (n×n) the scan backend takes: the matrix scan costs
+#: O(n³) per combine. `auto` takes it for block groups (small m, elementwise), for a constant
+#: dense matrix up to MATRIX_AUTO_CONSTANT (its powers cost O(n³ log T), then one GEMM a round)
+#: and for one that changes per step up to MATRIX_AUTO_PER_STEP (an n×n product per step and
+#: row per combine). Measured (benchmarks/bench_matscan.py, B=4, T=1024, fwd+bwd, 1 thread):
+#: constant 3.5× the loop at n = 64, 0.85× at 256; per step 1.3× at n = 16, 0.4× at 32.
 MATRIX_SCAN_MAX = 256
-MATRIX_AUTO_MAX = 64
+MATRIX_AUTO_CONSTANT = 64
+MATRIX_AUTO_PER_STEP = 16
 #: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
 LOOP_BELOW = {"scan": 64, "chunk": 8}
 #: On the triton backend, sequences shorter than this (and `step`) run the fused recurrent kernel
@@ -73,17 +77,25 @@ def why_not(backend: str, report: Report) -> str | None:
     return None
 
 
-def matrix_too_large(matrix: dict, limit: int | None = None) -> str | None:
+def matrix_too_large(matrix: dict) -> str | None:
     """Why a group's dense or block transition is too large for the matrix scan (None when it is
     not): a combine costs O(n³) for an n×n matrix, and a matrix that changes per step is kept for
     every step (T·n² numbers per sequence). A size that is a symbolic dim is taken (the built
     module's dims are known only when it runs)."""
-    limit = MATRIX_SCAN_MAX if limit is None else limit
     size = matrix["size"]
-    if size.isdigit() and int(size) > limit:
+    if size.isdigit() and int(size) > MATRIX_SCAN_MAX:
         return (f"has a {matrix['kind']} transition of size {size}×{size}, above the matrix scan's limit of "
-                f"{limit} (each combine costs O(n³))")
+                f"{MATRIX_SCAN_MAX} (each combine costs O(n³))")
     return None
+
+
+def auto_matrix(matrix: dict) -> bool:
+    """Whether `auto` scans a dense or block group (else the loop; measured, see MATRIX_AUTO_*). A
+    dense matrix whose size is a symbolic dim is left to the loop (its cost grows as n³)."""
+    if matrix["kind"] == "block":
+        return not matrix_too_large(matrix)
+    limit = MATRIX_AUTO_PER_STEP if matrix["per_step"] else MATRIX_AUTO_CONSTANT
+    return matrix["size"].isdigit() and int(matrix["size"]) <= limit
 
 
 def newton_why(report: Report) -> str | None:
@@ -169,8 +181,7 @@ def pick(backend: str, report: Report | None = None, device=None) -> str:
             if why_not("chunk", report) is None:
                 return "chunk"
             if why_not("scan", report) is None and all(
-                    info["class"] in SCAN_FIRST or ("matrix" in info and not matrix_too_large(info["matrix"],
-                                                                                               MATRIX_AUTO_MAX))
+                    info["class"] in SCAN_FIRST or ("matrix" in info and auto_matrix(info["matrix"]))
                     for info in report.classes.values()):
                 return "scan"
         return "loop"

@@ -92,13 +92,15 @@ CASES = {
         a = 0.5 * a + 0.5 * b + x
         b = b - a0
         y = a }""", "a", {"class": "matrix_affine", "transition": "block", "coupled": ["b"],
-                           "matrix": {"kind": "block", "size": "2", "states": ["a", "b"]}}),
+                           "matrix": {"kind": "block", "size": "2", "states": ["a", "b"],
+                                      "per_step": False}}),
     # a vector state read through a state-free matrix: dense, scanned with H×H matrices
     "dense_vector": ("""cell c(x: [H], A: [H, H]) -> (y: [H]) {
         state h: [H] = 0
         h = A @ h + x
         y = h }""", "h", {"class": "matrix_affine", "transition": "dense",
-                           "matrix": {"kind": "dense", "size": "H", "states": ["h"]}}),
+                           "matrix": {"kind": "dense", "size": "H", "states": ["h"],
+                                      "per_step": True}}),
     # a general state-free matrix on the left: dense transition
     "dense": ("""cell c(k: [K], v: [V], A: [K]) -> (o: [V]) {
         state S: [K, V] = 0

@@ -173,10 +173,11 @@ def test_analysis_and_plan():
     """analyze reports a block 2×2 group for a real/imaginary pair and a dense 8×8 transition for
     the LinState; the scan plan holds one MatrixScan per group with its coefficients."""
     lru = rnnc.analyze("lru").to_dict()["states"]
-    assert lru["re"]["matrix"] == lru["im"]["matrix"] == {"kind": "block", "size": "2", "states": ["re", "im"]}
+    assert lru["re"]["matrix"] == lru["im"]["matrix"] == {"kind": "block", "size": "2", "states": ["re", "im"],
+                                                       "per_step": False}
     assert lru["re"]["transition"] == "block" and "block-diagonal 2×2" in lru["re"]["why"]
     lsrl = rnnc.analyze("lsrl_modcounter").to_dict()["states"]["s"]
-    assert lsrl["matrix"] == {"kind": "dense", "size": "8", "states": ["s"]}
+    assert lsrl["matrix"] == {"kind": "dense", "size": "8", "states": ["s"], "per_step": False}
     for name, kind, m in (("lru", "block", 2), ("s4d", "block", 2), ("lsrl_modcounter", "dense", 1)):
         assert rnnc.analyze(name).backend == "scan"
         cell = optimize(rnnc.load(name).cell())
@@ -248,7 +249,8 @@ def test_dense_linstate_writings():
     x, A = torch.randn(2, 40, 5, generator=g, dtype=torch.float64), torch.randn(2, 40, 5, 5, generator=g, dtype=torch.float64) / 3
     for update in ("A @ s + x", "s @ transpose(A) + x", "x + 0.5 * (A @ s) + 0.5 * (A @ s)"):
         text = f"cell c(x: [K], A: [K, K]) -> (y: [K]) {{\n state s: [K] = 1\n s = {update}\n y = s }}"
-        assert rnnc.analyze(text).to_dict()["states"]["s"]["matrix"] == {"kind": "dense", "size": "K", "states": ["s"]}
+        assert rnnc.analyze(text).to_dict()["states"]["s"]["matrix"] == {"kind": "dense", "size": "K", "states": ["s"],
+                                                                         "per_step": True}
         for backend in ("loop", "scan"):
             outs.append(rnnc.build(text, backend=backend, dtype=torch.float64)(x, A)[0])
     for y in outs[1:]:
@@ -269,46 +271,24 @@ def test_varlen_packed_equals_separate():
 
 
 def test_dense_size_limits():
-    """Above MATRIX_SCAN_MAX the scan backend refuses a dense state with the reason; above
-    MATRIX_AUTO_MAX auto keeps the loop; at or below it auto scans."""
-    def text(n):
+    """Above MATRIX_SCAN_MAX the scan backend refuses a dense state with the reason. auto scans a
+    constant dense transition up to MATRIX_AUTO_CONSTANT and a per-step one up to
+    MATRIX_AUTO_PER_STEP, and neither when its size is a symbolic dim."""
+    def per_step(n):
         return f"cell c(x: [{n}], A: [{n}, {n}]) -> (y: [{n}]) {{\n state s: [{n}] = 0\n s = A @ s + x\n y = s }}"
+
+    def constant(n):
+        return (f"cell c(x: [{n}]) -> (y: [{n}]) {{\n param A: [{n}, {n}] = 0.5\n state s: [{n}] = 0\n"
+                f" s = A @ s + x\n y = s }}")
     big = schedule.MATRIX_SCAN_MAX + 1
-    with pytest.raises(rnnc.BuildError, match=f"{big}×{big}.*limit"):
-        rnnc.build(text(big), backend="scan")
-    assert rnnc.analyze(text(schedule.MATRIX_AUTO_MAX + 1)).backend == "loop"
-    assert "scan" in rnnc.backends_for(text(schedule.MATRIX_AUTO_MAX + 1))
-    assert rnnc.analyze(text(schedule.MATRIX_AUTO_MAX)).backend == "scan"
-
-
-def test_layered_block_group():
-    """A block group in a stage after an elementwise state (its diagonal reads sigmoid(n)), and a
-    state after the group (gated by re): analyzed in order, scanned, values and gradients equal
-    the loop."""
-    text = """cell c(x: [H]) -> (y: [H]) {
-        state n: [H] = 0
-        state re: [H] = 0
-        state im: [H] = 0
-        state z: [H] = 0
-        n = 0.9 * n + x
-        let g = sigmoid(n)
-        let re0 = re
-        re = g * re - 0.5 * im + x
-        im = 0.5 * re0 + g * im
-        z = exp(-abs(re)) * z + im
-        y = z + re
-    }"""
-    info = rnnc.analyze(text).to_dict()["states"]
-    assert info["re"]["matrix"]["kind"] == "block" and info["re"]["after"] == ["n"]
-    assert info["z"]["class"] == "elementwise_affine" and info["z"]["after"] == ["im", "n", "re"]
-    assert rnnc.analyze(text).backend == "scan"
-    torch.manual_seed(0)
-    loop = rnnc.build(text, backend="loop", dtype=torch.float64, H=3)
-    scan = rnnc.build(text, backend="scan", dtype=torch.float64, H=3)
-    x = torch.randn(2, 67, 3, dtype=torch.float64)
-    state = {s: torch.randn(2, 3, dtype=torch.float64) for s in ("n", "re", "im", "z")}
-    y1, f1, g1 = _run(loop, x, state)
-    y2, f2, g2 = _run(scan, x, state)
-    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for text in (per_step(big), constant(big)):
+        with pytest.raises(rnnc.BuildError, match=f"{big}×{big}.*limit"):
+            rnnc.build(text, backend="scan")
+        assert rnnc.analyze(text).backend == "loop"
+    for make, limit, per in ((per_step, schedule.MATRIX_AUTO_PER_STEP, True),
+                             (constant, schedule.MATRIX_AUTO_CONSTANT, False)):
+        assert rnnc.analyze(make(limit)).to_dict()["states"]["s"]["matrix"]["per_step"] is per
+        assert rnnc.analyze(make(limit)).backend == "scan"
+        assert rnnc.analyze(make(limit + 1)).backend == "loop"
+        assert "scan" in rnnc.backends_for(make(limit + 1))
+        assert rnnc.analyze(make("K")).backend == "loop"
