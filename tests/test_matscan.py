@@ -292,3 +292,36 @@ def test_dense_size_limits():
         assert rnnc.analyze(make(limit + 1)).backend == "loop"
         assert "scan" in rnnc.backends_for(make(limit + 1))
         assert rnnc.analyze(make("K")).backend == "loop"
+
+
+def test_layered_block_group():
+    """A block group in a stage after an elementwise state (its diagonal reads sigmoid(n)), and a
+    state after the group (gated by re): analyzed in order, scanned, values and gradients equal
+    the loop."""
+    text = """cell c(x: [H]) -> (y: [H]) {
+        state n: [H] = 0
+        state re: [H] = 0
+        state im: [H] = 0
+        state z: [H] = 0
+        n = 0.9 * n + x
+        let g = sigmoid(n)
+        let re0 = re
+        re = g * re - 0.5 * im + x
+        im = 0.5 * re0 + g * im
+        z = exp(-abs(re)) * z + im
+        y = z + re
+    }"""
+    info = rnnc.analyze(text).to_dict()["states"]
+    assert info["re"]["matrix"]["kind"] == "block" and info["re"]["after"] == ["n"]
+    assert info["z"]["class"] == "elementwise_affine" and info["z"]["after"] == ["im", "n", "re"]
+    assert rnnc.analyze(text).backend == "scan"
+    torch.manual_seed(0)
+    loop = rnnc.build(text, backend="loop", dtype=torch.float64, H=3)
+    scan = rnnc.build(text, backend="scan", dtype=torch.float64, H=3)
+    x = torch.randn(2, 67, 3, dtype=torch.float64)
+    state = {s: torch.randn(2, 3, dtype=torch.float64) for s in ("n", "re", "im", "z")}
+    y1, f1, g1 = _run(loop, x, state)
+    y2, f2, g2 = _run(scan, x, state)
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
