@@ -22,7 +22,7 @@ import sympy
 from rnnc import dims as D
 from rnnc import registry
 
-from .elementwise import ADJOINT, BINARY, UNARY, WHERE
+from .elementwise import BINARY, UNARY, WHERE, adjoint
 from .tiles import TileProgram, nonneg
 
 BOOL = registry.names("compare") | registry.names("logic")  # no adjoint flows through these
@@ -245,8 +245,8 @@ class _Render:
                 add(t.args[0], f"tl.trans({g})")
             elif t.op == "bcast":
                 add(t.args[0], self.sum_to(g, t.shape, sh[0]))
-            elif t.op in ADJOINT:
-                for j, rule, s in zip(t.args, ADJOINT[t.op], sh):
+            elif (rules := adjoint(t.op) if t.op in UNARY or t.op in BINARY or t.op == "where" else None):
+                for j, rule, s in zip(t.args, rules, sh):
                     if rule is not None:
                         add(j, self.sum_to("(" + rule.format(*a, g=g, y=self.v[i]) + ")", t.shape, s))
         return lines, adj

@@ -10,13 +10,13 @@ registered once, as a `Prim`, and every module that needs a fact about an op rea
               the sympy function;
   derivatives the rules that build an op's vjp and jvp as IR (`vjp_ir`, `jvp_ir`: see
               rnnc/derivatives.py; rnnc/autodiff.py differentiates whole graphs with them, and
-              the loop's backward through time is rendered from those graphs), the Triton
-              adjoint templates of the fused kernels, or the fact that the op passes no gradient.
+              every generated backward is rendered from those graphs: the loop's through time,
+              the fused Triton kernels'), or the fact that the op passes no gradient.
 
-Templates are Python format strings over the operands `{0}`, `{1}`, `{2}`, the result `{y}` and
-the adjoint of the result `{g}`. A PyTorch rendering that is None means the back end has a
-method of its own for the op, named `_<op>` (the structural ops: matmul, index, reduce, concat,
-...); a Triton template that is None means the op does not fuse into a Triton kernel.
+Templates are Python format strings over the operands `{0}`, `{1}`, `{2}`. A PyTorch rendering
+that is None means the back end has a method of its own for the op, named `_<op>` (the
+structural ops: matmul, index, reduce, concat, ...); a Triton template that is None means the
+op does not fuse into a Triton kernel.
 
 `reduce` is one IR op whose facts depend on its `fn` attribute (a sum is linear, a max is not),
 so it is registered once per fn, as "reduce.sum", "reduce.max", ...; `get(node)` picks the right
@@ -60,7 +60,6 @@ class Prim:
     not_fusable: str | None = None  # why an elementwise float op has no Triton template
     sympy: Callable | None = None  # the op on sympy expressions (associativity proofs)
     grad: str = "rule"  # rule: has derivative rules (vjp_ir, jvp_ir) | none: passes no gradient
-    triton_vjp: tuple[str | None, ...] | None = None  # Triton adjoint per operand
     vjp_ir: dv.VjpRule | None = None  # builds the cotangent contribution per operand (rnnc/derivatives.py)
     jvp_ir: dv.JvpRule | None = None  # builds the result's tangent from the operands' tangents
 
@@ -143,11 +142,6 @@ def triton_templates(arity: int) -> dict[str, str]:
     return {p.name: p.triton for p in _PRIMS.values() if p.elementwise and p.arity == arity and p.triton}
 
 
-def triton_adjoints() -> dict[str, tuple[str | None, ...]]:
-    """Triton adjoint templates per operand, by op."""
-    return {p.name: p.triton_vjp for p in _PRIMS.values() if p.triton_vjp is not None}
-
-
 def names(kind: str, arity: int | None = None, scalar: bool | None = None) -> frozenset[str]:
     """Op names of one kind (optionally one arity, or only those with/without a scalar form)."""
     return frozenset(p.name for p in _PRIMS.values() if p.kind == kind and (arity is None or p.arity == arity)
@@ -183,13 +177,13 @@ _register(
 )
 
 
-def _unary(name: str, torch: str, triton: str | None, triton_vjp: str | None, d: dv.Scale | None, *,
+def _unary(name: str, torch: str, triton: str | None, d: dv.Scale | None, *,
            math: str | None = None, sympy_fn: Callable | None = None, not_fusable: str | None = None) -> Prim:
     """A unary function (a .rnn builtin of the same name); `d(b, v, x, y)` builds v·f'(x) in IR."""
     vjp_ir, jvp_ir = dv.elementwise(d) if d else (None, None)
     return Prim(name, "unary", 1, "rnnc.ops:elementwise", builtins=(name,), scalar=math is not None,
                 torch=torch, math=math, triton=triton, not_fusable=not_fusable, sympy=sympy_fn,
-                grad="rule" if d else "none", triton_vjp=(triton_vjp,) if triton_vjp else None,
+                grad="rule" if d else "none",
                 vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
@@ -208,53 +202,50 @@ def _gelu(b, v, x, y):
 _NO_LIBDEVICE = "no accurate Triton form without libdevice (absent in the interpreter)"
 
 _register(
-    _unary("sigmoid", "torch.sigmoid({0})", "tl.sigmoid({0})", "{g} * {y} * (1 - {y})",
+    _unary("sigmoid", "torch.sigmoid({0})", "tl.sigmoid({0})",
            lambda b, v, x, y: b.apply("sigmoid_grad", v, y), sympy_fn=lambda x: 1 / (1 + sympy.exp(-x))),
     _unary("tanh", "torch.tanh({0})", "(2 * tl.sigmoid(2 * {0}) - 1)",  # no libdevice in the interpreter
-           "{g} * (1 - {y} * {y})", lambda b, v, x, y: b.apply("tanh_grad", v, y),
+           lambda b, v, x, y: b.apply("tanh_grad", v, y),
            math="math.tanh({0})", sympy_fn=sympy.tanh),
-    _unary("relu", "torch.relu({0})", "tl.maximum({0}, 0.0)", "tl.where({0} > 0, {g}, 0.0)",
+    _unary("relu", "torch.relu({0})", "tl.maximum({0}, 0.0)",
            lambda b, v, x, y: b.where(b.apply("gt", y, 0.0), v, 0.0), sympy_fn=lambda x: sympy.Max(x, 0)),
-    _unary("exp", "torch.exp({0})", "tl.exp({0})", "{g} * {y}", lambda b, v, x, y: b.mul(v, y),
+    _unary("exp", "torch.exp({0})", "tl.exp({0})", lambda b, v, x, y: b.mul(v, y),
            math="math.exp({0})", sympy_fn=sympy.exp),
-    _unary("log", "torch.log({0})", "tl.log({0})", "{g} / {0}", lambda b, v, x, y: b.div(v, x),
+    _unary("log", "torch.log({0})", "tl.log({0})", lambda b, v, x, y: b.div(v, x),
            math="math.log({0})", sympy_fn=sympy.log),
     # stable Triton forms: no exp of a large positive number
     _unary("softplus", "F.softplus({0})", "tl.maximum({0}, 0.0) + tl.log(1 + tl.exp(-tl.abs({0})))",
-           "{g} * tl.sigmoid({0})", lambda b, v, x, y: b.mul(v, b.apply("sigmoid", x)),
+           lambda b, v, x, y: b.mul(v, b.apply("sigmoid", x)),
            sympy_fn=lambda x: sympy.log(1 + sympy.exp(x))),
-    _unary("silu", "F.silu({0})", "{0} * tl.sigmoid({0})",
-           "{g} * (tl.sigmoid({0}) * (1 + {0} * (1 - tl.sigmoid({0}))))", _silu),
+    _unary("silu", "F.silu({0})", "{0} * tl.sigmoid({0})", _silu),
     _unary("logsigmoid", "F.logsigmoid({0})", "tl.minimum({0}, 0.0) - tl.log(1 + tl.exp(-tl.abs({0})))",
-           "{g} * (1 - tl.sigmoid({0}))", lambda b, v, x, y: b.mul(v, b.apply("sigmoid", b.neg(x))),
+           lambda b, v, x, y: b.mul(v, b.apply("sigmoid", b.neg(x))),
            sympy_fn=lambda x: -sympy.log(1 + sympy.exp(-x))),
-    _unary("abs", "torch.abs({0})", "tl.abs({0})", "tl.where({0} > 0, {g}, tl.where({0} < 0, -{g}, 0.0))",
+    _unary("abs", "torch.abs({0})", "tl.abs({0})",
            lambda b, v, x, y: b.mul(v, b.apply("sign", x)), math="abs({0})", sympy_fn=sympy.Abs),
-    _unary("sqrt", "torch.sqrt({0})", "tl.sqrt({0})", "{g} / (2 * {y})", lambda b, v, x, y: b.div(v, b.mul(2.0, y)),
+    _unary("sqrt", "torch.sqrt({0})", "tl.sqrt({0})", lambda b, v, x, y: b.div(v, b.mul(2.0, y)),
            math="math.sqrt({0})", sympy_fn=sympy.sqrt),
-    _unary("rsqrt", "torch.rsqrt({0})", "tl.rsqrt({0})", "-0.5 * {g} * {y} * {y} * {y}",
-           lambda b, v, x, y: b.mul(b.mul(-0.5, v), b.apply("pow", y, 3.0)), sympy_fn=lambda x: 1 / sympy.sqrt(x)),
-    _unary("sin", "torch.sin({0})", "tl.sin({0})", "{g} * tl.cos({0})", lambda b, v, x, y: b.mul(v, b.apply("cos", x)),
+    _unary("rsqrt", "torch.rsqrt({0})", "tl.rsqrt({0})",
+           lambda b, v, x, y: b.mul(b.mul(-0.5, v), b.mul(y, b.mul(y, y))), sympy_fn=lambda x: 1 / sympy.sqrt(x)),
+    _unary("sin", "torch.sin({0})", "tl.sin({0})", lambda b, v, x, y: b.mul(v, b.apply("cos", x)),
            math="math.sin({0})", sympy_fn=sympy.sin),
-    _unary("cos", "torch.cos({0})", "tl.cos({0})", "-{g} * tl.sin({0})",
+    _unary("cos", "torch.cos({0})", "tl.cos({0})",
            lambda b, v, x, y: b.neg(b.mul(v, b.apply("sin", x))), math="math.cos({0})", sympy_fn=sympy.cos),
-    _unary("gelu", "F.gelu({0})", None, None, _gelu, not_fusable=_NO_TRITON_YET + " (needs erf)"),
-    _unary("elu", "F.elu({0})", None, None,
+    _unary("gelu", "F.gelu({0})", None, _gelu, not_fusable=_NO_TRITON_YET + " (needs erf)"),
+    _unary("elu", "F.elu({0})", None,
            lambda b, v, x, y: b.where(b.apply("gt", x, 0.0), v, b.mul(v, b.add(y, 1.0))), not_fusable=_NO_TRITON_YET),
-    _unary("sign", "torch.sign({0})", None, None, None, sympy_fn=sympy.sign, not_fusable=_NO_TRITON_YET),
-    _unary("log1p", "torch.log1p({0})", None, None, lambda b, v, x, y: b.div(v, b.add(1.0, x)), math="math.log1p({0})",
+    _unary("sign", "torch.sign({0})", "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))", None,
+           sympy_fn=sympy.sign),
+    _unary("log1p", "torch.log1p({0})", None, lambda b, v, x, y: b.div(v, b.add(1.0, x)), math="math.log1p({0})",
            sympy_fn=lambda x: sympy.log(1 + x), not_fusable=_NO_LIBDEVICE),
-    _unary("expm1", "torch.expm1({0})", None, None, lambda b, v, x, y: b.mul(v, b.add(y, 1.0)), math="math.expm1({0})",
+    _unary("expm1", "torch.expm1({0})", None, lambda b, v, x, y: b.mul(v, b.add(y, 1.0)), math="math.expm1({0})",
            sympy_fn=lambda x: sympy.exp(x) - 1, not_fusable=_NO_LIBDEVICE),
-    _unary("square", "torch.square({0})", "{0} * {0}", "2 * {g} * {0}", lambda b, v, x, y: b.mul(v, b.mul(2.0, x)),
+    _unary("square", "torch.square({0})", "{0} * {0}", lambda b, v, x, y: b.mul(v, b.mul(2.0, x)),
            math="{0} ** 2", sympy_fn=lambda x: x ** 2),
 )
 
 # Triton adjoints; ties of minimum/maximum share the gradient equally, as torch does
-_TL_MIN = ("{g} * tl.where({0} < {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
-           "{g} * tl.where({1} < {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))")
-_TL_MAX = ("{g} * tl.where({0} > {1}, 1.0, tl.where({0} == {1}, 0.5, 0.0))",
-           "{g} * tl.where({1} > {0}, 1.0, tl.where({0} == {1}, 0.5, 0.0))")
+
 _V = lambda b, v, *xs: v  # noqa: E731 -- ∂y/∂x_i = 1
 # a ** b: b a^(b-1) (0 where b = 0), and y log a (0 where a = 0 and b >= 0), as torch
 _POW_D = (lambda b, v, x0, x1, y: b.where(b.apply("eq", x1, 0.0), 0.0,
@@ -265,7 +256,7 @@ _POW_D = (lambda b, v, x0, x1, y: b.where(b.apply("eq", x1, 0.0), 0.0,
 
 def _arith(name: str, symbol: str | None, linear_in: tuple, d: tuple[dv.Scale, ...] = (), *,
            rules: tuple | None = None, infix: str | None = None, torch: str | None = None,
-           triton: str | None = None, triton_vjp: tuple | None = None, sympy_fn: Callable | None = None,
+           triton: str | None = None, sympy_fn: Callable | None = None,
            arity: int = 2, builtin: bool = False, scalar: bool = True) -> Prim:
     """Arithmetic on numbers (tensors or compile-time scalars); no infix or template: TorchExpr._<name>.
     `d` holds per operand `scale(b, v, *xs, y)`, which builds v·∂y/∂x_i in IR (or `rules` the
@@ -275,38 +266,39 @@ def _arith(name: str, symbol: str | None, linear_in: tuple, d: tuple[dv.Scale, .
     return Prim(name, "arith", arity, "rnnc.ops:elementwise", symbol=symbol,
                 builtins=(name,) if builtin else (), scalar=scalar, linear_in=linear_in, infix=infix, torch=torch,
                 triton=triton, not_fusable=not_fusable, sympy=sympy_fn,
-                grad="rule" if vjp_ir else "none", triton_vjp=triton_vjp, vjp_ir=vjp_ir, jvp_ir=jvp_ir)
+                grad="rule" if vjp_ir else "none", vjp_ir=vjp_ir, jvp_ir=jvp_ir)
 
 
 _register(
-    _arith("add", "+", _BOTH, (_V, _V), infix="+", triton="{0} + {1}", triton_vjp=("{g}", "{g}"),
+    _arith("add", "+", _BOTH, (_V, _V), infix="+", triton="{0} + {1}",
            sympy_fn=lambda a, b: a + b),
     _arith("sub", "-", _BOTH, (_V, lambda b, v, x0, x1, y: b.neg(v)), infix="-", triton="{0} - {1}",
-           triton_vjp=("{g}", "-{g}"), sympy_fn=lambda a, b: a - b),
+           sympy_fn=lambda a, b: a - b),
     _arith("mul", "*", _ONE + _TWO, (lambda b, v, x0, x1, y: b.mul(v, x1), lambda b, v, x0, x1, y: b.mul(v, x0)),
-           infix="*", triton="{0} * {1}", triton_vjp=("{g} * {1}", "{g} * {0}"), sympy_fn=lambda a, b: a * b),
+           infix="*", triton="{0} * {1}", sympy_fn=lambda a, b: a * b),
     _arith("div", "/", _ONE,
            (lambda b, v, x0, x1, y: b.div(v, x1), lambda b, v, x0, x1, y: b.neg(b.div(b.mul(v, y), x1))),
-           infix="/", triton="{0} / {1}", triton_vjp=("{g} / {1}", "-{g} * {y} / {1}"), sympy_fn=lambda a, b: a / b),
+           infix="/", triton="{0} / {1}", sympy_fn=lambda a, b: a / b),
     # floor(a / b) and a - floor(a / b) * b, rendered by methods so torch can differentiate them
     _arith("floordiv", "//", ()),
     _arith("mod", "%", (), (_V, lambda b, v, x0, x1, y: b.neg(b.mul(v, b.apply("floordiv", x0, x1))))),
     _arith("pow", "**", (), _POW_D, sympy_fn=lambda a, b: a ** b),
-    _arith("minimum", None, (), rules=dv.min_max("lt"), triton="tl.minimum({0}, {1})", triton_vjp=_TL_MIN,
+    _arith("minimum", None, (), rules=dv.min_max("lt"), triton="tl.minimum({0}, {1})",
            sympy_fn=sympy.Min, builtin=True),
-    _arith("maximum", None, (), rules=dv.min_max("gt"), triton="tl.maximum({0}, {1})", triton_vjp=_TL_MAX,
+    _arith("maximum", None, (), rules=dv.min_max("gt"), triton="tl.maximum({0}, {1})",
            sympy_fn=sympy.Max, builtin=True),
-    _arith("neg", "-", _ONE, (lambda b, v, x, y: b.neg(v),), infix="-", triton="-{0}", triton_vjp=("-{g}",),
+    _arith("neg", "-", _ONE, (lambda b, v, x, y: b.neg(v),), infix="-", triton="-{0}",
            sympy_fn=lambda a: -a, arity=1),
-    # Not in the language (so never in a fused Triton body): v times sigmoid's or tanh's derivative,
-    # read from y, as one kernel, which torch's own backward uses too; a generated backward
-    # through time calls them at every step.
+    # Not in the language: v times sigmoid's or tanh's derivative, read from y, as one kernel, which
+    # torch's own backward uses too; generated backwards (through time, and the fused scans') call them.
     _arith("sigmoid_grad", None, _ONE, (lambda b, w, v, y, r: b.apply("sigmoid_grad", w, y),
                                         lambda b, w, v, y, r: b.mul(b.mul(w, v), b.sub(1.0, b.mul(2.0, y)))),
-           torch="torch.ops.aten.sigmoid_backward({0}, {1})", sympy_fn=lambda v, y: v * y * (1 - y), scalar=False),
+           torch="torch.ops.aten.sigmoid_backward({0}, {1})", triton="{0} * {1} * (1 - {1})",
+           sympy_fn=lambda v, y: v * y * (1 - y), scalar=False),
     _arith("tanh_grad", None, _ONE, (lambda b, w, v, y, r: b.apply("tanh_grad", w, y),
                                      lambda b, w, v, y, r: b.mul(b.mul(-2.0, w), b.mul(v, y))),
-           torch="torch.ops.aten.tanh_backward({0}, {1})", sympy_fn=lambda v, y: v * (1 - y * y), scalar=False),
+           torch="torch.ops.aten.tanh_backward({0}, {1})", triton="{0} * (1 - {1} * {1})",
+           sympy_fn=lambda v, y: v * (1 - y * y), scalar=False),
 )
 
 
@@ -327,8 +319,7 @@ _register(
     _logic("or", "or", "torch.logical_or({0}, {1})", "{0} | {1}", sympy.Or),
     _logic("not", "not", "torch.logical_not({0})", "{0} == 0", sympy.Not, arity=1),
     Prim("where", "select", 3, "rnnc.ops:elementwise", builtins=("where",), linear_in=(frozenset({1, 2}),),
-         triton="tl.where({0}, {1}, {2})", sympy=lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
-         triton_vjp=(None, "tl.where({0}, {g}, 0.0)", "tl.where({0}, 0.0, {g})"), vjp_ir=dv.WHERE[0],
+         triton="tl.where({0}, {1}, {2})", sympy=lambda c, a, b: sympy.Piecewise((a, c), (b, True)), vjp_ir=dv.WHERE[0],
          jvp_ir=dv.WHERE[1]),
 )
 
@@ -370,7 +361,7 @@ _register(
     Prim("index", "shape", 1, _ELAB + "_e_Index", linear_in=_ONE, vjp_ir=dv.INDEX[0], jvp_ir=dv.INDEX[1]),
     # identity inside a same-shaped Triton body (leaves are broadcast first); the adjoint sums back
     Prim("broadcast", "shape", 1, _ELAB + "_fit", linear_in=_ONE, triton="{0}", sympy=lambda x: x,
-         triton_vjp=("{g}",), vjp_ir=dv.BROADCAST[0], jvp_ir=dv.BROADCAST[1]),
+         vjp_ir=dv.BROADCAST[0], jvp_ir=dv.BROADCAST[1]),
     # x surrounded by zeros, (before, after) per axis: not in the language, the transpose of an
     # index in derivative graphs (rnnc/derivatives.py)
     Prim("pad", "shape", 1, "rnnc.ops:pad", linear_in=_ONE, vjp_ir=dv.PAD[0], jvp_ir=dv.PAD[1]),

@@ -21,7 +21,7 @@ PRIMS = registry.prims()
 ROOT = Path(__file__).resolve().parent.parent
 IN_LANGUAGE = [p for p in PRIMS if p.symbol or p.builtins]  # the rest only appear in derivative graphs
 DIFFERENTIABLE = [p.name for p in IN_LANGUAGE if p.elementwise and p.grad == "rule"]
-TRITON_DIFFERENTIABLE = [p.name for p in PRIMS if p.elementwise and p.triton_vjp]
+TRITON_DIFFERENTIABLE = [p.name for p in IN_LANGUAGE if p.elementwise and p.triton and p.grad == "rule"]
 BOUND_BY_NAME = {"input", "param", "state", "item"}  # the generated forward binds them (backends/assemble.py; an item by destructuring its split)
 POSITIVE = {"log", "sqrt", "rsqrt", "log1p", "pow"}  # take their (first) operand from (1.5, 2.5)
 
@@ -59,16 +59,19 @@ def test_every_op_has_the_rules_its_backends_need(p):
             assert p.not_fusable, f"{p.name}: no Triton template and no reason why"
         else:
             assert not p.not_fusable
-            assert p.grad != "rule" or p.triton_vjp, f"{p.name}: Triton template but no Triton adjoint"
-    if p.triton_vjp is not None:
-        assert p.triton and len(p.triton_vjp) == p.arity
-        assert all(t is None or _fields(t) <= operands | {"g", "y"} for t in p.triton_vjp)
+    # its adjoint in Triton, rendered from the vjp rule: one per operand, over operands, result and {g}
+    adjoints = elementwise.adjoint(p.name) if p.elementwise else None
+    if p.elementwise and p.triton and p.grad == "rule":
+        assert len(adjoints) == p.arity and any(adjoints), p.name
+        assert all(t is None or _fields(t) <= operands | {"g", "y"} for t in adjoints), (p.name, adjoints)
+    else:
+        assert adjoints is None
     # derivatives: IR rules when it has a gradient (tests/test_autodiff.py checks them), none when not
     assert p.grad in ("rule", "none")
     if p.grad == "rule":
         assert callable(p.vjp_ir) and callable(p.jvp_ir), f"{p.name}: differentiable but no derivative rule"
     else:
-        assert p.vjp_ir is None and p.jvp_ir is None and p.triton_vjp is None
+        assert p.vjp_ir is None and p.jvp_ir is None
     # linearity: groups of valid operand positions
     if p.linear_in != registry.ALL:
         assert all(g and max(g) < (p.arity or 0) for g in p.linear_in), p.name
