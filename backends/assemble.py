@@ -44,21 +44,41 @@ CLASS_ATTRS = frozenset({
     "_forward_chunk", "_forward_recurrent", "_forward_newton", "__setattr__", "NEWTON_MAX_ITERS", "NEWTON_TOL",
     "NEWTON_DEBUG", "newton_info",
 })
+#: torch.nn.Module's attributes, class and instance (torch 2.13; tests/test_hostile.py checks the installed torch
+#: adds none): a fixed list, so that emitting a module neither imports torch nor depends on its version.
+NN_MODULE_ATTRS = frozenset({
+    'T_destination', '__annotations__', '__call__', '__class__', '__delattr__', '__dict__', '__dir__',
+    '__doc__', '__eq__', '__format__', '__ge__', '__getattr__', '__getattribute__', '__getstate__', '__gt__',
+    '__hash__', '__init__', '__init_subclass__', '__le__', '__lt__', '__module__', '__ne__', '__new__',
+    '__reduce__', '__reduce_ex__', '__repr__', '__setattr__', '__setstate__', '__sizeof__', '__str__',
+    '__subclasshook__', '__weakref__', '_apply', '_backward_hooks', '_backward_pre_hooks', '_buffers',
+    '_call_impl', '_compiled_call_impl', '_forward_hooks', '_forward_hooks_always_called',
+    '_forward_hooks_with_kwargs', '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_get_backward_hooks',
+    '_get_backward_pre_hooks', '_get_name', '_is_full_backward_hook', '_load_from_state_dict',
+    '_load_state_dict_post_hooks', '_load_state_dict_pre_hooks', '_maybe_warn_non_full_backward_hook',
+    '_modules', '_named_members', '_non_persistent_buffers_set', '_parameters',
+    '_register_load_state_dict_pre_hook', '_register_state_dict_hook', '_replicate_for_data_parallel',
+    '_save_to_state_dict', '_slow_forward', '_state_dict_hooks', '_state_dict_pre_hooks', '_version',
+    '_wrapped_call_impl', 'add_module', 'apply', 'bfloat16', 'buffers', 'call_super_init', 'children',
+    'compile', 'cpu', 'cuda', 'double', 'dump_patches', 'eval', 'extra_repr', 'float', 'forward', 'get_buffer',
+    'get_extra_state', 'get_parameter', 'get_submodule', 'half', 'ipu', 'load_state_dict', 'modules', 'mtia',
+    'named_buffers', 'named_children', 'named_modules', 'named_parameters', 'parameters',
+    'register_backward_hook', 'register_buffer', 'register_forward_hook', 'register_forward_pre_hook',
+    'register_full_backward_hook', 'register_full_backward_pre_hook', 'register_load_state_dict_post_hook',
+    'register_load_state_dict_pre_hook', 'register_module', 'register_parameter',
+    'register_state_dict_post_hook', 'register_state_dict_pre_hook', 'requires_grad_', 'set_extra_state',
+    'set_submodule', 'share_memory', 'state_dict', 'to', 'to_empty', 'train', 'training', 'type', 'xpu',
+    'zero_grad'
+})
 #: Of those, the ones assigned on an instance after its params exist (by nn.Module.train, rnnc.build, a solve).
 ASSIGNED_ATTRS = frozenset({"training", "source", "backend", "dims", "newton_info"})
-
-
-def _module_attrs() -> frozenset[str]:
-    import torch.nn as nn
-
-    return frozenset(dir(nn.Module)) | frozenset(vars(nn.Module()))
 
 
 def param_ref(name: str) -> str:
     """How generated code reads param `name`: `self.W`, or through `self._parameters` where `self.W` would
     mean something else (a param named `xpu`, `forward`, `LOOP_BELOW`, `_buffers`). Either way it is
     registered under the spec's name, so state_dict() and named_parameters() show that name."""
-    if name.startswith("_") or name in CLASS_ATTRS or name in _module_attrs():
+    if name.startswith("_") or name in CLASS_ATTRS or name in NN_MODULE_ATTRS:
         return f"self._parameters[{name!r}]"
     return f"self.{name}"
 
@@ -67,7 +87,7 @@ def shadowed(cell: Cell) -> tuple[str, ...]:
     """Params named like an attribute that nn.Module or rnnc assigns on the instance later (`training`):
     the class's __setattr__ lets such assignments through instead of refusing a non-Parameter value."""
     return tuple(p.name for p in cell.params
-                 if p.name in ASSIGNED_ATTRS or (p.name.startswith("_") and p.name in _module_attrs()))
+                 if p.name in ASSIGNED_ATTRS or (p.name.startswith("_") and p.name in NN_MODULE_ATTRS))
 
 
 def class_name(cell: Cell) -> str:

@@ -291,6 +291,14 @@ def test_colliding_param_keeps_module_working():
     assert dict(m2.named_parameters())["xpu"].dtype == torch.float64
 
 
+def test_the_attribute_list_covers_the_installed_torch():
+    """Generated code reads a param through `_parameters` when nn.Module has an attribute of that name;
+    the list it checks is fixed (emitting imports no torch), so a torch adding attributes must extend it."""
+    from rnnc.backends.assemble import NN_MODULE_ATTRS
+
+    assert set(dir(nn.Module)) | set(vars(nn.Module())) <= NN_MODULE_ATTRS
+
+
 def test_dim_named_self_is_bound_by_keyword():
     m = rnnc.build("cell c(x: [self]) -> (h: [self]) {\n state h: [self] = 0\n h = 0.5 * h + x\n}\n", self=4)
     x = torch.randn(2, 3, 4)
