@@ -177,6 +177,8 @@ def pick(backend: str, report: Report | None = None, device=None) -> str:
         # Chunk and scan beat the loop on CPU from short lengths on (benchmarks/RESULTS.md); the
         # scan of a matrix state would materialise every step's state, so those take the chunk
         # form or the loop. Below LOOP_BELOW steps the built module runs the loop itself.
+        # Newton (nonlinear cells) is never auto's choice yet: on CPU its forward measured no faster
+        # than the loop, only forward+backward faster (benchmarks/RESULTS.md, bench_newton.py).
         if report is not None and report.classes:
             if why_not("chunk", report) is None:
                 return "chunk"

@@ -21,7 +21,12 @@ import warnings
 
 import torch
 
+from rnnc.errors import InputError
+
 from .scan import _linear_scan, _matrix_scan
+
+#: The most numbers a dense group's Jacobians may hold (for all steps at once): 2^28, 1 GiB in float32.
+_NEWTON_DENSE_MAX = 1 << 28
 
 
 class NewtonWarning(RuntimeWarning):
@@ -129,6 +134,10 @@ def _newton_dense(f, prev, idx):
     t, n = prev[0].shape[:2]
     sizes = [prev[i][0, 0].numel() for i in idx]
     width = sum(sizes)
+    if t * n * width * width > _NEWTON_DENSE_MAX:
+        raise InputError(f"newton: a dense {width}x{width} Jacobian for each of {t} steps x {n} rows is "
+                         f"{t * n * width * width:,} numbers, over the limit of {_NEWTON_DENSE_MAX:,}; use "
+                         "backend='loop' for this size (dense Newton pays only for small states)")
 
     def column(e):
         tangent = [torch.zeros_like(p) for p in prev]
