@@ -130,4 +130,4 @@ def analyze_cell(cell: Cell, backend: str = "loop") -> Report:
     st = stages(cell)
     classes = classify(cell, st)
     classify_combines(cell, st, classes)
-    return Report(cell, st, state_reads(cell), classes, backend, jacobian=jacobian_groups(cell))
+    return Report(cell, st, state_reads(cell), classes, backend, jacobian=jacobian_groups(cell, classes))

@@ -71,9 +71,19 @@ def dependence(cell: Cell) -> dict[str, dict[str, str]]:
     return {s.name: dict(rel[s.node_out]) for s in cell.states}
 
 
-def jacobian_groups(cell: Cell) -> tuple[JacobianGroup, ...]:
-    """The groups of coupled states, in declaration order, each with its Jacobian block's structure."""
+#: Linearity verdicts (rnnc/linearity.py, from the canonical linear form) whose transition is elementwise:
+#: a state with one of them that reads no other state has a diagonal Jacobian, however its update is
+#: written (`(exp(g)[:, None] * eye(K)) @ S` is a matmul, but a diagonal one).
+ELEMENTWISE_TRANSITIONS = {("elementwise_affine", None), ("matrix_affine", "additive")}
+
+
+def jacobian_groups(cell: Cell, classes: dict[str, dict] | None = None) -> tuple[JacobianGroup, ...]:
+    """The groups of coupled states, in declaration order, each with its Jacobian block's structure
+    (`classes`, the linearity verdicts, refine states whose canonical form has an elementwise transition)."""
     dep = dependence(cell)
+    for name, info in (classes or {}).items():
+        if (info["class"], info.get("transition")) in ELEMENTWISE_TRANSITIONS and set(dep[name]) <= {name}:
+            dep[name] = {name: DIAG} if name in dep[name] else {}
     names = [s.name for s in cell.states]
     shapes = {s.name: s.shape for s in cell.states}
     parent = {n: n for n in names}

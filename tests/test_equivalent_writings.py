@@ -195,6 +195,10 @@ REWRITES = {
         "combine max_merge(a, b) identity -inf = maximum(a, b)\ncell running_max(x: [D]) -> (y: [D]) {\n"
         "    state m: [D] = -inf\n    m = max_merge(m, 1 * x)\n    y = m + 0\n}",
     ],
+    "paragru": ["h = h + z * (c - h)", "h = (1 - z) * h + c * z"],
+    # tanh(c) spelled out: the same 2×2 block Jacobian
+    "paralstm": ["h = tanh(c_new) * o", "h = o * (1 - 2 / (exp(2 * c_new) + 1))"],
+    "indrnn": ["h = relu(h * u + (weight @ x + bias))", "h = maximum(weight @ x + bias + u * h, 0)"],
     "running_logsumexp": [
         "combine logaddexp(a, b) identity -inf {\n    let m = maximum(b, a)\n"
         "    return m + log(exp(b - m) + exp(a - m))\n}\ncell running_logsumexp(x: [D]) -> (y: [D]) {\n"
@@ -268,6 +272,9 @@ SPEC_EDITS = {
     "mlstm": "C = f_s * C + i_s * outer(k_s, v)",
     "slstm": "c = f_s * c + i_s * tanh(z_pre)",
     "gsa": "hk = hk * exp(g)[None, :] + outer(k, s)",
+    "paragru": "h = z * c + (1 - z) * h",
+    "paralstm": "h = o * tanh(c_new)",
+    "indrnn": "h = relu(weight @ x + u * h + bias)",
 }
 
 
