@@ -20,9 +20,17 @@ from .errors import (ArityError, BuildError, DimError, InputError, InternalError
                      ShapeError,
                      SpecNotFoundError, StateError, TypeError_, UnknownNameError, UnsupportedError)
 from .program import Program
-from . import nn
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # rnnc.nn subclasses torch.nn.Module: imported on first use, so that `rnnc compile` needs no torch
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'rnnc' has no attribute {name!r}")
 
 __all__ = [
     "nn", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
