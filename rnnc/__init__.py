@@ -37,3 +37,12 @@ __all__ = [
     "RnncError", "RnncSyntaxError", "UnknownNameError", "ShapeError", "DimError", "StateError", "ArityError",
     "TypeError_", "UnsupportedError", "SpecNotFoundError", "BuildError", "InputError", "InternalError", "NumberError",
 ]
+
+
+def __getattr__(name: str):
+    """`rnnc.nn` (the torch.nn drop-ins) imports torch: loaded on first use, so that compiling does not."""
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'rnnc' has no attribute {name!r}")
