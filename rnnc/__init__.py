@@ -24,14 +24,6 @@ from .program import Program
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # rnnc.nn subclasses torch.nn.Module: imported on first use, so that `rnnc compile` needs no torch
-    if name == "nn":
-        import importlib
-
-        return importlib.import_module(".nn", __name__)
-    raise AttributeError(f"module 'rnnc' has no attribute {name!r}")
-
 __all__ = [
     "nn", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
     "RnncError", "RnncSyntaxError", "UnknownNameError", "ShapeError", "DimError", "StateError", "ArityError",
