@@ -97,7 +97,8 @@ def render_adjoint(g: Graph, body: list[int], names: dict[int, str], seeds: list
             outs.append(ids[nid])
             cts.append(flat.add(Node("input", (), _FLAT, attrs={"name": f"seed{i}"})))
             local[cts[-1]] = f"({expr})"
-    leaves = [n for n in ids if n not in set(body) and not _is_number(g, n) and g[n].dtype == "float"]
+    inside = set(body)
+    leaves = [n for n in ids if n not in inside and not _is_number(g, n) and g[n].dtype == "float"]
     dg, grads = autodiff.vjp(flat, outs, cts, [ids[n] for n in leaves], share=set(local))
     done = [n for n in dg.order(dg.ancestors([c for c in grads if c is not None])) if n not in local]
     lines = render(dg, done, local, prefix=f"v{prefix}")  # v: a value of the vjp graph

@@ -116,7 +116,7 @@ def load_source(source: str, stem: str) -> ModuleType:
             return _loaded[digest]
         name = f"{PREFIX}{stem}_{digest}"
         text = file_text(source)
-        path = _write(cache_dir(), f"{name}.py", text)
+        path = write_cached(cache_dir(), f"{name}.py", text)
         linecache.cache[str(path)] = (len(text), None, text.splitlines(True), str(path))
         module = ModuleType(name)
         module.__file__ = str(path)
@@ -132,7 +132,7 @@ def load_source(source: str, stem: str) -> ModuleType:
         return module
 
 
-def _write(directory: Path, filename: str, text: str) -> Path:
+def write_cached(directory: Path, filename: str, text: str) -> Path:
     """The file `filename` in `directory` holding exactly `text` (written atomically when it does not)."""
     path = directory / filename
     try:

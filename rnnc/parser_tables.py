@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 
 import lark
 from lark.grammar import Rule
@@ -31,8 +29,15 @@ def load_parser(grammar: str, **options) -> lark.Lark:
             pass
     parser = lark.Lark(grammar, parser="lalr", **options)
     if path is not None:
+        from .errors import BuildError
+        from .loader import write_cached
+
         data, memo = parser.memo_serialize([TerminalDef, Rule])
-        _write(path, json.dumps(_encode({"key": key, "data": data, "memo": memo}), separators=(",", ":")))
+        try:
+            write_cached(path.parent, path.name, json.dumps(_encode({"key": key, "data": data, "memo": memo}),
+                                                            separators=(",", ":")))
+        except BuildError:  # an unwritable cache: the tables are built again next time
+            pass
     return parser
 
 
@@ -48,15 +53,6 @@ def _path(key: str):
         return cache_dir() / f"parser-{key}.json"
     except Exception:  # no usable cache directory: build the tables every time
         return None
-
-
-def _write(path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
 
 
 # JSON keeps neither integer dict keys nor tuples, and Lark's tables use both: every dict is

@@ -46,7 +46,7 @@ def test_eight_threads_building_the_same_new_spec(cache):
             barrier.wait()
             modules.append(rnnc.build(_spec("threads"), backend="loop"))
             for _ in range(3):  # and the write itself, each time as a fresh process would
-                loader._write(cache, "rnnc_gen_race.py", loader.file_text(f"X = {i}\n"))
+                loader.write_cached(cache, "rnnc_gen_race.py", loader.file_text(f"X = {i}\n"))
         except Exception as e:  # noqa: BLE001 - collected and reported below
             errors.append(e)
 
