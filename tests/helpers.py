@@ -49,3 +49,24 @@ def outputs_and_grads(cell, inputs):
     params = [p for _, p in sorted(cell.named_parameters())]
     grads = torch.autograd.grad(loss, list(inputs) + params)
     return ys, final, grads
+
+
+def fla_naive(rel: str):
+    """One of fla's pure-torch reference files (e.g. "ops/kda/naive.py"), loaded by path so triton is
+    never imported; the test is skipped when fla-core (or its einops) is not installed."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    pytest.importorskip("einops")
+    spec = importlib.util.find_spec("fla")
+    if spec is None or spec.origin is None:
+        pytest.skip("flash-linear-attention (fla-core) is not installed")
+    path = os.path.join(os.path.dirname(spec.origin), rel)
+    if not os.path.isfile(path):
+        pytest.skip(f"fla has no {rel}")
+    module_spec = importlib.util.spec_from_file_location("fla_naive_" + rel.replace("/", "_")[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

@@ -8,15 +8,15 @@ or an inf. Cross-checked against fla's naive DPLR and KDA chunk references when 
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rnnc.runtime.chunk_dplr import _chunk_dplr
+
+from helpers import fla_naive
 
 N, K, V = 3, 8, 5
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -166,31 +166,9 @@ def test_dplr_extreme_gates_keep_float32_accuracy():
 
 # ---------------------------------------------------------------- fla's naive references (optional)
 
-def _fla_naive(family: str):
-    """fla's naive.py for `family` (e.g. "kda"), loaded by file path so triton is not imported."""
-    try:
-        spec = importlib.util.find_spec("fla")
-    except ImportError:
-        spec = None
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "ops", *family.split("/"), "naive.py")
-    if not os.path.isfile(path):
-        return None
-    mspec = importlib.util.spec_from_file_location(f"fla_naive_{family.replace('/', '_')}", path)
-    module = importlib.util.module_from_spec(mspec)
-    try:
-        mspec.loader.exec_module(module)
-    except ImportError:  # einops missing
-        return None
-    return module
-
-
 def test_dplr_matches_fla_naive_chunk_dplr():
     """fla's dplr_chunkwise (head-first, q scaled by K^-1/2, S_t = diag(e^g) S + b (aᵀ S) + k vᵀ)."""
-    naive = _fla_naive("generalized_delta_rule/dplr")
-    if naive is None:
-        pytest.skip("fla-core not installed")
+    naive = fla_naive("ops/generalized_delta_rule/dplr/naive.py")
     T, n = 64, 2
     q, ks, vs, as_, bs, gs, h0 = case(T, 1, "key", seed=11, n=n)
     hf = lambda x: x.transpose(0, 1).unsqueeze(0).float()  # noqa: E731  [T, n, D] -> [1, n, T, D]
@@ -203,9 +181,7 @@ def test_dplr_matches_fla_naive_chunk_dplr():
 
 def test_kda_matches_fla_naive_chunk_kda():
     """fla's naive_chunk_kda: S_t = (I - β k kᵀ) diag(e^g) S + β k vᵀ, as a = -β k, b = e^g ⊙ k."""
-    naive = _fla_naive("kda")
-    if naive is None:
-        pytest.skip("fla-core not installed")
+    naive = fla_naive("ops/kda/naive.py")
     T, n = 128, 2
     gen = torch.Generator().manual_seed(4)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731

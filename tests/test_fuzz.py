@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import re
 from pathlib import Path
 
@@ -337,16 +336,7 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 
 # ---- the properties -----------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    """Hundreds of generated modules go to a throwaway cache, not the user's ~/.cache/rnnc."""
-    old = os.environ.get("RNNC_CACHE_DIR")
-    os.environ["RNNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("rnnc-cache"))
-    yield
-    if old is None:
-        os.environ.pop("RNNC_CACHE_DIR", None)
-    else:
-        os.environ["RNNC_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_corpus_programs_pass_the_pipeline():

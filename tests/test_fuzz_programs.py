@@ -211,15 +211,7 @@ def _run_seed() -> int:
     return int(raw) if raw else int.from_bytes(os.urandom(4), "little")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    old = os.environ.get("RNNC_CACHE_DIR")
-    os.environ["RNNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("rnnc-cache"))
-    yield
-    if old is None:
-        os.environ.pop("RNNC_CACHE_DIR", None)
-    else:
-        os.environ["RNNC_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_random_programs_agree_with_the_loop():

@@ -12,9 +12,7 @@ independent references, and their chunk form against the loop.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import re
 
 import pytest
@@ -22,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import rnnc
+
+from helpers import fla_naive
 
 B, H, K, V = 2, 2, 5, 4
 
@@ -213,21 +213,6 @@ def test_the_chunk_plans():
 
 # ---------------------------------------------------------------- fla's naive references (optional)
 
-def _fla_naive(family: str):
-    try:
-        spec = importlib.util.find_spec("fla")
-    except ImportError:
-        spec = None
-    path = None if spec is None or spec.origin is None else \
-        os.path.join(os.path.dirname(spec.origin), "ops", *family.split("/"), "naive.py")
-    if path is None or not os.path.isfile(path):
-        pytest.skip("fla-core not installed")
-    mspec = importlib.util.spec_from_file_location(f"fla_naive_{family.replace('/', '_')}", path)
-    module = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(module)
-    return module
-
-
 def _against(name: str, fla_fn, T: int = 40):
     """The chunk cell (float64) against fla's reference (which computes in float32): values, final
     state and the gradients of the inputs and the initial state within 1e-4 relative."""
@@ -241,7 +226,7 @@ def _against(name: str, fla_fn, T: int = 40):
 
 
 def test_kda_against_fla_naive_recurrent_kda():
-    naive = _fla_naive("kda")
+    naive = fla_naive("ops/kda/naive.py")
     _against("kda", lambda x, s0: naive.naive_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=1.0,
                                                             initial_state=s0, output_final_state=True))
 
@@ -249,7 +234,7 @@ def test_kda_against_fla_naive_recurrent_kda():
 def test_rwkv7_against_fla_dplr_recurrence():
     """fla's chunk_rwkv7 is its DPLR op with a = -kk, b = kk * a, gk = w (rwkv7/chunk.py); the naive
     dplr_recurrence is head-first and scales q by K^-1/2, undone here."""
-    naive = _fla_naive("generalized_delta_rule/dplr")
+    naive = fla_naive("ops/generalized_delta_rule/dplr/naive.py")
     hf = lambda t: t.transpose(1, 2)  # noqa: E731  [B, T, H, D] <-> [B, H, T, D]
 
     def fla(x, s0):
@@ -262,7 +247,7 @@ def test_rwkv7_against_fla_dplr_recurrence():
 @pytest.mark.parametrize("name", ["deltaproduct", "deltaproduct3"])
 def test_deltaproduct_against_fla_naive_gated_delta_product(name):
     """fla interleaves the n_h keys, values and betas of a token into sequences of length T * n_h."""
-    naive = _fla_naive("gated_delta_product")
+    naive = fla_naive("ops/gated_delta_product/naive.py")
     n_h = CELLS[name][3]
 
     def inter(t):  # [B, T, H, n_h, ...] -> [B, T * n_h, H, ...]

@@ -16,8 +16,6 @@ head, inputs already projected, no scale, gates in natural-log space).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 
 import pytest
@@ -25,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import rnnc
+
+from helpers import fla_naive
 
 B = 2
 K, V, D = 4, 5, 6  # K != V so a transposed state cannot pass
@@ -268,21 +268,6 @@ def test_rwkv6_bonus_param():
 
 # ---------------------------------------------------------------- 2. fla's naive references
 
-def _fla_naive(rel: str):
-    """Load one of fla's pure-torch naive files by path: triton is never imported."""
-    pytest.importorskip("einops")
-    spec = importlib.util.find_spec("fla")
-    if spec is None or spec.origin is None:
-        pytest.skip("flash-linear-attention (fla-core) is not installed")
-    path = os.path.join(os.path.dirname(spec.origin), rel)
-    if not os.path.exists(path):
-        pytest.skip(f"fla has no {rel}")
-    s = importlib.util.spec_from_file_location("fla_naive_" + rel.replace("/", "_")[:-3], path)
-    m = importlib.util.module_from_spec(s)
-    s.loader.exec_module(m)
-    return m
-
-
 H = 2  # heads for the fla comparisons: inputs [B, T, H, ...]
 
 
@@ -329,7 +314,7 @@ def _compare_with_fla(cell, inputs, init, fla_fn, tol=TOL_FLA, check_state=True,
 
 @pytest.mark.parametrize("T", [1, 37])
 def test_linear_attn_vs_fla(T):
-    m = _fla_naive("ops/linear_attn/naive.py")
+    m = fla_naive("ops/linear_attn/naive.py")
     _, cell, inputs, init = _fla_case("linear_attn", T)
 
     def fla(x, p, s):
@@ -341,7 +326,7 @@ def test_linear_attn_vs_fla(T):
 
 def test_linear_attn_vs_fla_chunk():
     """fla's chunkwise form (chunk 64, no initial state): T = 128 crosses a chunk boundary."""
-    m = _fla_naive("ops/linear_attn/naive.py")
+    m = fla_naive("ops/linear_attn/naive.py")
     _, cell, inputs, init = _fla_case("linear_attn", 128)
     init = {"S": torch.zeros_like(init["S"])}
     _compare_with_fla(cell, inputs, init,
@@ -351,7 +336,7 @@ def test_linear_attn_vs_fla_chunk():
 
 @pytest.mark.parametrize("T", [1, 37])
 def test_simple_gla_vs_fla(T):
-    m = _fla_naive("ops/simple_gla/naive.py")
+    m = fla_naive("ops/simple_gla/naive.py")
     _, cell, inputs, init = _fla_case("simple_gla", T)
 
     def recurrent(x, p, s):
@@ -368,7 +353,7 @@ def test_simple_gla_vs_fla(T):
 def test_simple_gla_as_retnet_vs_fla_retention():
     """RetNet = simple_gla with a constant per-head decay gamma_h = 1 - 2^(-5-h) (fla's
     naive_retention: head-first [B, H, T, K], scale K^-1/2 built in, zero initial state)."""
-    m = _fla_naive("ops/retention/naive.py")
+    m = fla_naive("ops/retention/naive.py")
     _, cell, inputs, init = _fla_case("simple_gla", 37)
     T = 37
     gamma = 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64))
@@ -383,7 +368,7 @@ def test_simple_gla_as_retnet_vs_fla_retention():
 @pytest.mark.parametrize("T", [1, 37])
 def test_hgrn_vs_fla(T):
     """fla's naive_recurrent_hgrn is [B, T, D] without heads: heads are folded into D."""
-    m = _fla_naive("ops/hgrn/naive.py")
+    m = fla_naive("ops/hgrn/naive.py")
     _, cell, inputs, init = _fla_case("hgrn", T)
 
     def fla(x, p, s):
@@ -397,7 +382,7 @@ def test_hgrn_vs_fla(T):
 def test_rwkv6_vs_fla(T):
     """fla's naive_recurrent_rwkv6 is head-first [B, H, T, K] with u: [H, K]; our u is shared
     by the heads, so fla gets it expanded."""
-    m = _fla_naive("ops/rwkv6/recurrent_naive.py")
+    m = fla_naive("ops/rwkv6/recurrent_naive.py")
     _, cell, inputs, init = _fla_case("rwkv6", T)
 
     def fla(x, p, s):
@@ -410,7 +395,7 @@ def test_rwkv6_vs_fla(T):
 
 def test_rwkv6_vs_fla_chunk():
     """fla's chunkwise rwkv6 reference (no scale, no initial state, T a multiple of the chunk)."""
-    m = _fla_naive("ops/rwkv6/chunk_naive.py")
+    m = fla_naive("ops/rwkv6/chunk_naive.py")
     _, cell, inputs, init = _fla_case("rwkv6", 32)
     init = {"S": torch.zeros_like(init["S"])}
 
@@ -425,7 +410,7 @@ def test_rwkv6_vs_fla_chunk():
 @pytest.mark.parametrize("T", [1, 37])
 def test_gated_deltanet_vs_fla(T):
     """fla's naive gated delta rule ("decay, then error-correct" form): recurrent and chunk 16."""
-    m = _fla_naive("ops/gated_delta_rule/naive.py")
+    m = fla_naive("ops/gated_delta_rule/naive.py")
     _, cell, inputs, init = _fla_case("gated_deltanet", T)
 
     def recurrent(x, p, s):  # note fla's argument order (..., beta, g) here
@@ -447,7 +432,7 @@ def _fla_inputs(g, T, **shapes):
 def test_hgrn2_vs_fla_gla(T):
     """HGRN2 is GLA with the key 1 - f_t (fla runs it with its GLA ops): fla's
     naive_recurrent_gla, whose K^-1/2 query scale is undone by scaling q up."""
-    m = _fla_naive("ops/gla/naive.py")
+    m = fla_naive("ops/gla/naive.py")
     g = torch.Generator().manual_seed(7)
     cell = rnnc.build("hgrn2", backend="loop")
     inputs = _fla_inputs(g, T, q=(H, K), i=(H, V))
@@ -463,7 +448,7 @@ def test_hgrn2_vs_fla_gla(T):
 def test_retnet_vs_fla_retention():
     """retnet's heads against fla's naive_retention (parallel form, head-first, gamma_h and the
     K^-1/2 scale built in, zero initial state)."""
-    m = _fla_naive("ops/retention/naive.py")
+    m = fla_naive("ops/retention/naive.py")
     g = torch.Generator().manual_seed(8)
     cell = rnnc.build("retnet", backend="loop")
     inputs = _fla_inputs(g, 37, q=(3, K), k=(3, K), v=(3, V))
@@ -478,7 +463,7 @@ def test_retnet_vs_fla_retention():
 def test_mamba2_vs_fla_simple_gla(T):
     """Mamba-2's SSD per head is simple GLA with q = C, k = B, v = dt x and g = dt A, plus D x:
     fla's naive_recurrent_simple_gla (scale 1; its state is [N, P], ours [P, N])."""
-    m = _fla_naive("ops/simple_gla/naive.py")
+    m = fla_naive("ops/simple_gla/naive.py")
     g = torch.Generator().manual_seed(9)
     NH, P, N = 3, 5, 4
     cell = rnnc.build("mamba2", backend="loop", NH=NH)
@@ -503,7 +488,7 @@ def test_mamba2_vs_fla_simple_gla(T):
 def test_gsa_vs_fla(T):
     """Gated slot attention against fla's naive_recurrent_gsa (g given, default K^-1/2 scale,
     states (K~ [K, M], V~ [M, V])): outputs, both final states and every gradient."""
-    m = _fla_naive("ops/gsa/naive.py")
+    m = fla_naive("ops/gsa/naive.py")
     g = torch.Generator().manual_seed(10)
     M = 3
     cell = rnnc.build("gsa", backend="loop")
