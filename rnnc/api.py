@@ -166,17 +166,14 @@ def _pick_backward(backward: str) -> bool:
     return backward == "generated"
 
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
 def _check_dtype(dtype) -> None:
-    """The params' dtype: None (torch's default) or a floating dtype the runtime computes in."""
-    import torch
+    """The params' dtype: None (torch's default) or a floating dtype the runtime computes in (the
+    dtypes its calls accept, rnnc/runtime/calling.py)."""
+    from .runtime.calling import _FLOATS
 
-    if dtype is None:
-        return
-    if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in FLOAT_DTYPES:
-        raise BuildError(f"dtype must be one of torch.{', torch.'.join(FLOAT_DTYPES)} (or None), got {dtype!r}",
+    if dtype is not None and dtype not in _FLOATS:
+        names = ", ".join(str(d) for d in _FLOATS)
+        raise BuildError(f"dtype must be one of {names} (or None), got {dtype!r}",
                          hint="params are trained in floating point; pass e.g. dtype=torch.float32")
 
 
