@@ -60,7 +60,7 @@ def why_not(backend: str, report: Report) -> str | None:
         return None
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install triton)"
+            return "triton is not installed (pip install triton, or rnnc[triton])"
         kind, why = triton_kind(report)
         return None if kind else why
     if backend == "newton":
