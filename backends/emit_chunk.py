@@ -75,8 +75,6 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
         fn = "_triton_delta_chunk" if plan.triton else "_chunk_delta"
         L(f"{target} = {fn}({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
     out = f"out_{plan.output}"
-    if plan.sign < 0:
-        L(f"{out} = -{out}")
     for t, sign in plan.extra:  # the output's state-free terms, computed with the hoisted values
         term = (f"_time_major({r.operand(t, 'hoist').text}, B, T)" if r.stages.get(t) == "hoist"
                 else r.tensor(t, "const"))

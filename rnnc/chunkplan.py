@@ -6,8 +6,9 @@ chunk_dplr.py):
     delta rule: S' = e^g (I - β k kᵀ) S + β k vᵀ
     generalized delta rule (dplr): micro-steps S <- diag(e^gk) e^g S + a bᵀ S + Σ k vᵀ (RWKV-7, KDA,
                 DeltaProduct; rnnc/dplrplan.py reads them off the update)
-with the readout o = q @ S' (after the update) or o = q @ S (before it, as RWKV's), plus any
-state-free terms added to it (RWKV-6's bonus), which the hoisted code computes for all steps. This
+with the readout o = q @ S' (after the update) or o = q @ S (before it, as RWKV's), any state-free
+scalar factor of it (a sign, 1/sqrt(K), a per-step gate) absorbed into q, plus any state-free terms
+added to it (RWKV-6's bonus), which the hoisted code computes for all steps. This
 module reads a cell's single matrix state's canonical transition (rnnc/transition.py: the decay
 factored out, identity or I − β k kᵀ left) and its update's collected outer product, and returns a
 ChunkPlan of IR node ids, or the reason it does not fit. Decays must be written in log space, as
@@ -89,6 +90,19 @@ def _decay_gates(g: Graph, decay, K, V) -> dict[str, list[int]]:
     return gates
 
 
+def _scaled_query(g: Graph, read) -> int:
+    """The readout's query with its state-free scalar factors and sign absorbed: `q @ S / sqrt(K)`,
+    `0.5 * (q @ S)`, `-(q * s) @ S` all read the state with one query, c · q."""
+    q, num = read.q, read.sign * read.num
+    if num != 1:
+        q = _binary(g, "mul", q, _const(g, num))
+    for n, inv in read.scalars:
+        if len(g[n].shape) > 1:
+            raise NotChunkable("its readout is scaled by a factor of shape " + D.fmt_shape(g[n].shape))
+        q = _binary(g, "div" if inv else "mul", q, n)
+    return q
+
+
 def _linear_or_delta(cell: Cell, stages: dict[int, str], s, t) -> dict | None:
     """The plan's fields for an additive update (kind "linear") or the scalar-gated delta rule
     e^g (I − β k kᵀ) S + β k vᵀ (kind "delta", which also has Triton kernels); None for a transition
@@ -154,9 +168,9 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
         raise NotChunkable("exactly one output must read the state")
     (out,) = outs
     read = contraction(cell, stages, s.name, out.node)
-    if read is None or read[3] != "left":
+    if read is None or read.side != "left":
         raise NotChunkable(f"output '{out.name}' is not q @ {s.name} plus state-free terms")
-    _, q, sign, _ = read
+    q = _scaled_query(g, read)
     read_node = s.node_in if before else s.node_out
     try:  # the state-free rest of the output: the output with the state read set to zero
         rest = zero_state(g, stages, out.node, {read_node: None})
@@ -174,5 +188,4 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
     return ChunkPlan(plan["kind"], s.name, out.name, plan["q"], plan["k"], plan["v"], plan.get("gk"), plan.get("gv"),
                      plan.get("g"), plan.get("beta"), tuple(plan.get("scale", ())), steps=plan.get("steps", ()),
                      before=before,  # o_t = q_t @ S_{t-1}: the state before this step's update
-                     sign=sign,  # o = sign * (q @ S) + the extra terms
                      extra=tuple(extra))  # (node, ±1): state-free terms of the output, hoisted

@@ -16,6 +16,9 @@ states with additive or low-rank-corrected transitions and a contraction readout
 """
 from __future__ import annotations
 
+from fractions import Fraction
+from typing import NamedTuple
+
 from . import dims as D
 from .ir import Cell
 from .linear_form import linear_forms
@@ -204,11 +207,23 @@ def _matrix_groups(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> 
                            if info.get("coupled") else f"{info['why']}; {found.text()}")
 
 
-def contraction(cell: Cell, stages: dict[int, str], state: str, out: int) -> tuple[str, int, int, str] | None:
-    """("old" | "new", q, sign, side) when the value `out` is ± q @ S (side "left") or ± S @ q
-    ("right") of the state before or after its update, plus state-free terms, in any writing
-    (`q @ S`, `sum(q[:, None] * S, axis=0)`, ...); None otherwise. Read off the value's canonical
-    form over S's two values."""
+class Readout(NamedTuple):
+    """How an output reads a matrix state: ± coef · q @ S (side "left") or ± coef · S @ q ("right") of
+    its value before ("old") or after ("new") the update, coef = num · Π scalars (state-free: numbers,
+    dim expressions such as 1/sqrt(K), per-step scalars such as a gate; `(node, divides)`)."""
+
+    of: str
+    q: int
+    sign: int
+    side: str
+    num: object = 1
+    scalars: tuple[tuple[int, bool], ...] = ()
+
+
+def contraction(cell: Cell, stages: dict[int, str], state: str, out: int) -> Readout | None:
+    """The output `out` as ± c · q @ S or ± c · S @ q of the state before or after its update, plus
+    state-free terms, in any writing (`q @ S`, `sum(q[:, None] * S, axis=0)`, `q @ S / sqrt(K)`,
+    `(q * 0.5) @ S`, ...); None otherwise. Read off the value's canonical form over S's two values."""
     s = next(x for x in cell.states if x.name == state)
     leaves = {s.node_in: "old"} | ({s.node_out: "new"} if s.node_out != s.node_in else {})
     form = linear_forms(cell, stages, leaves).get(out)
@@ -218,14 +233,22 @@ def contraction(cell: Cell, stages: dict[int, str], state: str, out: int) -> tup
     if terms is None or len(terms) != 1:
         return None
     (t,) = terms
-    if t.elem or t.dots or t.scalars or t.num != 1:
+    num = _rational(t.num)
+    if t.elem or t.dots or num is None or any(stages.get(n) == "loop" for n, _ in t.scalars):
         return None
     side, atoms = ("left", t.left) if t.orient == "row" and not t.right else \
         ("right", t.right) if t.orient == "col" and not t.left else (None, ())
     if side is None or [a.kind for a in atoms] != ["row" if side == "left" else "col"] \
             or atoms[0].node is None or stages.get(atoms[0].node) == "loop":
         return None
-    return t.state, atoms[0].node, t.sign, side
+    return Readout(t.state, atoms[0].node, t.sign, side, num, t.scalars)
+
+
+def _rational(num) -> Fraction | None:
+    """A term's numeric coefficient as a Fraction; None for one that depends on the dims (a mean's 1/K)."""
+    if isinstance(num, (int, Fraction)):
+        return Fraction(num)
+    return Fraction(str(num)) if getattr(num, "is_Rational", False) else None
 
 
 def _readouts(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
@@ -242,7 +265,7 @@ def _readouts(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
             new = s.node_out in deps and s.node_out != s.node_in
             read = contraction(cell, stages, s.name, o.node) if len(s.shape) == 2 else None
             if read is not None:
-                kinds.add(("contraction", read[0]))
+                kinds.add(("contraction", read.of))
             elif o.node in (s.node_out, s.node_in):
                 kinds.add(("state", "new" if o.node == s.node_out else "old"))
             else:

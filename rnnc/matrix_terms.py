@@ -41,6 +41,9 @@ def decompose(g: Graph, nid: int, trans: bool = False) -> list[Term] | None:
     elif node.op == "neg":
         x = decompose(g, node.args[0], trans)
         out = None if x is None else [scale(t, -1) for t in x]
+    elif node.op == "mul" and len(shape) == 2 and (pair := _broadcast_outer(g, node)) is not None:
+        a, b = (pair[1], pair[0]) if trans else pair  # a[:, None] * b[None, :] = a bᵀ
+        out = [replace(base, left=(Atom("col", a), Atom("row", b)))]
     elif node.op in ("mul", "div"):
         m, f = node.args
         if node.op == "mul" and not same(g[m].shape, shape):
@@ -67,6 +70,31 @@ def decompose(g: Graph, nid: int, trans: bool = False) -> list[Term] | None:
     if out is None:
         out = [replace(base, left=(Atom("mat", nid, trans=trans),))]
     return out if len(out) <= MAX_TERMS else None
+
+
+def _broadcast_outer(g: Graph, node) -> tuple[int, int] | None:
+    """(a, b) when a [p, q] product is an outer product written by broadcasting, a[:, None] times
+    b[None, :] or b (either order); None otherwise."""
+    x, y = node.args
+    for col, row in ((x, y), (y, x)):
+        a, is_col = strip_newaxis(g, col)
+        b = _row_vector(g, row)
+        if is_col and b is not None and D.equal(g[a].shape[0], node.shape[0]) \
+                and D.equal(g[b].shape[0], node.shape[1]):
+            return a, b
+    return None
+
+
+def _row_vector(g: Graph, nid: int) -> int | None:
+    """The vector b of a row written `b` or `b[None, :]`; None for anything else."""
+    node = g[nid]
+    if len(node.shape) == 1:
+        return nid
+    items = node.attrs.get("items", ()) if node.op == "index" else ()
+    if len(items) == 2 and items[0][0] == "new" and items[1][0] == "slice" and len(g[node.args[0]].shape) == 1 \
+            and D.equal(items[1][1], 0) and D.equal(items[1][2], g[node.args[0]].shape[0]):
+        return node.args[0]
+    return None
 
 
 def matrix_terms(g: Graph, nid: int) -> list[Term] | None:

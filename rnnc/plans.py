@@ -58,8 +58,8 @@ class MicroStep:
 class ChunkPlan:
     """One matrix state in chunkwise form (rnnc/chunkplan.py finds the pieces):
     linear: S' = diag(e^gk) S diag(e^gv) (e^g) + (Π scale) k vᵀ; delta: S' = e^g (I − β k kᵀ) S + β k vᵀ;
-    dplr: the micro-steps `steps` in order (k and v unused); the output `sign · q @ S` (after the
-    update, or before it with `before`) plus `extra` terms."""
+    dplr: the micro-steps `steps` in order (k and v unused); the output `q @ S` (after the
+    update, or before it with `before`; q carries the readout's sign and scale) plus `extra` terms."""
 
     kind: str  # "linear" | "delta" | "dplr"
     state: str
@@ -73,7 +73,6 @@ class ChunkPlan:
     beta: int | None = None
     scale: tuple[int, ...] = ()
     before: bool = False
-    sign: int = 1
     extra: tuple[tuple[int, int], ...] = ()  # (state-free node, ±1)
     chunk_size: int | None = None  # None: the default for the kind (backends/emit_chunk.py)
     triton: bool = False

@@ -105,7 +105,7 @@ def test_rwkv6_chunk_reads_the_state_before_the_update():
 @pytest.mark.parametrize("body,why", [
     ("o = q @ S + sum(v)", "another shape"),             # a scalar term broadcast over V
     ("o = q @ S + k @ S", "not read out as q @ S"),      # two readouts
-    ("o = 2 * (q @ S)", "not read out as q @ S"),        # a scaled readout
+    ("o = v * (q @ S)", "not read out as q @ S"),        # scaled per value (a scalar factor chunks)
 ])
 def test_other_readouts_are_refused(body, why):
     prog = rnnc.parse(f"""

@@ -345,7 +345,7 @@ def _plan_shape(spec: str):
     except NotChunkable:
         return None
     parts = ("gk", "gv", "g", "beta")
-    return (plan.kind, plan.before, plan.sign, len(plan.extra), len(plan.scale),
+    return (plan.kind, plan.before, len(plan.extra), len(plan.scale),
             tuple(getattr(plan, p) is None for p in parts),
             tuple(tuple(n is None for n in (st.a, st.b, st.k, st.v, st.gk, st.g)) for st in plan.steps))
 
@@ -371,20 +371,47 @@ def test_same_numbers(name, i):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-#: Equal writings of library cells that do not get the cell's lowering yet: the chunk form misses
-#: them (found while adding hgrn2 and the 1/sqrt(K) query scale, issue 10). Strict xfails, so that
-#: the fix in the canonical forms (linearity.contraction's `num`/`scalars`, an outer product
-#: written by broadcasting) shows up here.
-NOT_YET = {
+#: Writings that scale the readout by a state-free factor (a constant, a dim expression, a per-step
+#: scalar) or write the update's outer product by broadcasting: the chunk form absorbs the factor into
+#: the query (rnnc/chunkplan.py `_scaled_query`) and reads `a[:, None] * b[None, :]` as `outer(a, b)`
+#: (rnnc/matrix_terms.py), so each gets the plan of the plain writing and the loop's numbers.
+SCALED = {
     "outer-by-broadcasting": ("gla", "outer(k, v)", "k[:, None] * v[None, :]"),
+    "outer-by-broadcasting-row": ("simple_gla", "outer(k, v)", "v * k[:, None]"),
+    "outer-in-delta-rule": ("deltanet", "beta * outer(k, k)", "beta * (k[:, None] * k[None, :])"),
     "scaled-readout": ("gla", "o = q @ S", "o = q @ S / sqrt(K)"),
+    "halved-readout": ("gla", "o = q @ S", "o = 0.5 * (q @ S)"),
     "scaled-query": ("simple_gla", "o = q @ S", "o = (q * K ** -0.5) @ S"),
+    "gated-readout": ("simple_gla", "o = q @ S", "o = sigmoid(g) * (q @ S)"),
+    "negated-scaled-readout": ("deltanet", "o = q @ S", "o = -(q / sqrt(K)) @ S"),
+    "scaled-dplr-readout": ("kda", "o = q @ S", "o = (q @ S) * K ** -0.5"),
+    "scaled-readout-before": ("rwkv6", "o = r @ S", "o = 2 * (r @ S)"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="the chunk form does not recognise this writing yet")
-@pytest.mark.parametrize("name,old,new", list(NOT_YET.values()), ids=list(NOT_YET))
-def test_writings_the_chunk_form_misses(name, old, new):
+def _scaled_source(name: str, old: str, new: str) -> str:
     text = (specs_dir() / f"{name}.rnn").read_text()
     assert old in text
-    assert rnnc.backends_for(text.replace(old, new)) == rnnc.backends_for(name)
+    return text.replace(old, new)
+
+
+@pytest.mark.parametrize("name,old,new", list(SCALED.values()), ids=list(SCALED))
+def test_scaled_writings_keep_the_chunk_plan(name, old, new):
+    text = _scaled_source(name, old, new)
+    assert _plan_shape(text) is not None
+    assert _plan_shape(text) == _plan_shape(name)
+    assert rnnc.backends_for(text) == rnnc.backends_for(name)
+
+
+@pytest.mark.parametrize("name,old,new", list(SCALED.values()), ids=list(SCALED))
+def test_scaled_writings_match_the_loop(name, old, new):
+    """The scaled writing on the chunk backend against itself on the loop, values and gradients."""
+    text = _scaled_source(name, old, new)
+    dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
+    ref = rnnc.build(text, backend="loop", dtype=torch.float64, **dims)
+    cell = rnnc.build(text, backend="chunk", dtype=torch.float64, chunk_size=16, **dims)
+    cell.load_state_dict(ref.state_dict())
+    inputs = library_inputs(name, 2, 37, 1, False, torch.float64)
+    got, want = outputs_and_grads(cell, inputs), outputs_and_grads(ref, inputs)
+    for a, b in zip(got[0] + tuple(got[1].values()) + got[2], want[0] + tuple(want[1].values()) + want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
