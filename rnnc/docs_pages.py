@@ -57,11 +57,21 @@ def backends_section(prog: Program, cell: str, report: Report) -> str:
     other one cannot."""
     available = api.backends_for(prog, cell=cell)
     lines = [f"Backends that can run it: {', '.join(f'`{b}`' for b in available)}; "
-             f"`backend=\"auto\"` picks `{report.backend}` on the CPU."]
+             f"`backend=\"auto\"` picks `{report.backend}` on the CPU"
+             + (" (`triton` runs on a CUDA GPU, or on the CPU in Triton's interpreter)." if "triton" in available
+                else "."), ""]
     for backend in schedule.BACKENDS:
         if backend not in available:
-            lines.append(f"- not `{backend}`: {schedule.why_not(backend, report)}")
+            lines.append(f"- not `{backend}`: {markdown_text(schedule.why_not(backend, report))}")
     return "\n".join(lines) + "\n"
+
+
+def markdown_text(text: str) -> str:
+    """Plain text safe in a Markdown paragraph: `*`, `_` and `<` outside code spans escaped."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")
+    return "`".join(parts)
 
 
 def spec_page(name: str) -> dict[str, str]:
@@ -88,7 +98,8 @@ def spec_page(name: str) -> dict[str, str]:
                   _fence("text", relative_paths(str(report))),
                   f"{level} IR\n",
                   "Grey: constant, blue: hoisted out of the recurrence (all steps at once), orange: per step; "
-                  f"dashed red edges carry a state to the next step (`rnnc graph {name} -o {name}.svg`).\n",
+                  f"dashed red edges carry a state to the next step (`rnnc graph {name}"
+                  f"{'' if len(prog.cells) == 1 else f' --cell {cell}'} -o {cell}.svg`).\n",
                   f"![IR graph of {cell}]({svg})\n"]
     files[f"{name}.md"] = "\n".join(parts)
     return files

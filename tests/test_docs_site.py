@@ -54,7 +54,7 @@ def test_spec_page_shows_what_the_api_computes(site_pages, name):
         assert f"picks `{report.backend}`" in line
         for backend in schedule.BACKENDS:
             if backend not in available:
-                assert f"- not `{backend}`: {schedule.why_not(backend, report)}" in section
+                assert f"- not `{backend}`: {docs_pages.markdown_text(schedule.why_not(backend, report))}" in section
         svg = site_pages / docs_pages.svg_name(name, cell)
         assert f"]({svg.name})" in page
         assert svg.read_text() == rnnc.graph_svg(prog, cell=cell)
@@ -67,6 +67,10 @@ def test_split_header():
     assert body == "cell a() {}\n"
     assert docs_pages.title("# Title\ncell a() {}\n") == "Title"
     assert docs_pages.split_header("cell a() {}\n") == ("", "cell a() {}\n")
+
+
+def test_markdown_text_escapes_only_outside_code_spans():
+    assert docs_pages.markdown_text("K*V x_1 <b> `a*b_c`") == "K\\*V x\\_1 &lt;b> `a*b_c`"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None,
