@@ -16,8 +16,8 @@ if not (_Path(__file__).parent / "backends").is_dir() and (_root / "backends" / 
 del _Path, _root
 
 from .api import analyze, backends_for, build, compile, graph_dot, graph_svg, library, load, parse
-from .errors import (ArityError, BuildError, DimError, InputError, InternalError, NumberError, RnncError, RnncSyntaxError,
-                     ShapeError,
+from .errors import (ArityError, BuildError, Diagnostic, DimError, InputError, InternalError, Note, NumberError,
+                     RnncError, RnncSyntaxError, RnncWarning, ShapeError,
                      SpecNotFoundError, StateError, TypeError_, UnknownNameError, UnsupportedError)
 from .program import Program
 
@@ -28,6 +28,7 @@ __all__ = [
     "nn", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
     "RnncError", "RnncSyntaxError", "UnknownNameError", "ShapeError", "DimError", "StateError", "ArityError",
     "TypeError_", "UnsupportedError", "SpecNotFoundError", "BuildError", "InputError", "InternalError", "NumberError",
+    "RnncWarning", "Diagnostic", "Note",
 ]
 
 

@@ -1,6 +1,8 @@
 """The public API: parse, load, library, analyze, compile, build (and graph_dot, backends_for)."""
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -8,7 +10,7 @@ from . import plans, schedule
 from .analysis import Report, analyze_cell
 from .bind import check_bound_dims
 from .optimize import optimize
-from .errors import BuildError, InputError, SpecNotFoundError
+from .errors import BuildError, InputError, RnncWarning, SpecNotFoundError
 from .program import Program, parse_program
 from .resources import specs_dir
 
@@ -22,7 +24,18 @@ def parse(text: str, filename: str = "<string>", import_roots=()) -> Program:
     by path only from `import_roots` and $RNNC_IMPORT_PATH."""
     if not isinstance(text, str):
         raise TypeError(f"parse() takes the source text as a str, got {type(text).__name__}")
-    return parse_program(text, filename, import_roots)
+    return _warn(parse_program(text, filename, import_roots))
+
+
+def _warn(program: Program) -> Program:
+    """Issue the program's warnings as RnncWarning, attributed to the caller's line outside rnnc."""
+    if program.warnings:
+        level, frame = 2, sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "rnnc":
+            level, frame = level + 1, frame.f_back
+        for diagnostic in program.warnings:
+            warnings.warn(RnncWarning(diagnostic), stacklevel=level)
+    return program
 
 
 def library() -> list[str]:
@@ -45,7 +58,7 @@ def load(spec: Union[str, Path], import_roots=()) -> Program:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise SpecNotFoundError(f"cannot read {path}: {e}", hint="check the file") from None
-    return parse_program(text, str(path), import_roots)
+    return _warn(parse_program(text, str(path), import_roots))
 
 
 def _program(spec: Spec) -> Program:

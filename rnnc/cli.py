@@ -1,7 +1,7 @@
 """The `rnnc` command line.
 
     rnnc compile SPEC [-o OUT.py] [--backend NAME] [--chunk-size N] [-D NAME=INT ...]
-    rnnc check SPEC [SPEC ...]
+    rnnc check SPEC [SPEC ...] [-W error|ignore]
     rnnc analyze SPEC [--json]
     rnnc graph SPEC [-o graph.dot|graph.svg]
     rnnc list
@@ -26,6 +26,8 @@ import shutil
 import subprocess
 import sys
 import traceback
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -147,9 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("check", help="parse and type-check specs",
-                       description="Parse and type-check every cell; errors are printed "
-                                   "as file:line:col: error: ... and exit with 1.")
+                       description="Parse and type-check every cell; every error and warning is printed "
+                                   "as file:line:col: error: ... (or warning: ...); exit 1 on an error.")
     spec_args(p, many=True)
+    p.add_argument("-W", dest="warnings", choices=["error", "ignore"],
+                   help="-W error: report warnings (names never used) as errors and exit 1; "
+                        "-W ignore: do not print them")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("analyze", help="print what the analyses found",
@@ -211,8 +216,17 @@ def _looks_like_path(spec: str) -> bool:
             or spec.startswith("."))
 
 
-def _load(spec: str):
-    """rnnc.load with the CLI's own one-line errors for paths and unknown library names."""
+def _load(spec: str, show_warnings: bool = True):
+    """rnnc.load with the CLI's own one-line errors for paths and unknown library names; the spec's
+    warnings go to stderr in the compiler's format (not through Python's warnings)."""
+    prog = _load_quietly(spec)
+    if show_warnings:
+        for d in prog.warnings:
+            _err(d.render())
+    return prog
+
+
+def _load_quietly(spec: str):
     rnnc = _rnnc()
     if not spec:
         raise CliError("empty SPEC", "give a library name (see `rnnc list`) or a .rnn path")
@@ -238,7 +252,9 @@ def _load(spec: str):
             hint = (f"did you mean {', '.join(close)}? " if close else "") + \
                 "`rnnc list` shows the library; a file path must exist (or end in .rnn)"
             raise CliError(f"unknown spec '{spec}': not a library name and no such file", hint)
-    return rnnc.load(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rnnc.RnncWarning)
+        return rnnc.load(spec)
 
 
 def _dims(args: argparse.Namespace) -> dict[str, int]:
@@ -299,20 +315,58 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Every error and warning of each spec, in file order, then a count; exit 1 on any error (and on any
+    warning with -W error)."""
     rnnc = _rnnc()
     status = EXIT_OK
     for spec in args.specs:
         try:
-            prog = _load(spec)
-            names = [args.cell] if args.cell else list(prog.cells)
-            for name in names:
-                rnnc.analyze(prog, cell=name)
+            prog = _load(spec, show_warnings=False)
         except (rnnc.RnncError, CliError) as e:
-            _err(_format_user_error(e))
+            _report_error(e, args.warnings)
             status = EXIT_ERROR
             continue
-        _out(f"{spec}: ok (cells: {', '.join(names) if names else 'none'})")
+        names = [args.cell] if args.cell else list(prog.cells)
+        diagnostics, failed = list(prog.warnings), False
+        for name in names:
+            try:
+                rnnc.analyze(prog, cell=name)
+            except rnnc.RnncError as e:
+                if e.loc is None:
+                    _report_error(e, args.warnings)
+                    failed = True
+                else:
+                    diagnostics += e.diagnostics
+        if _report(diagnostics, args.warnings) or failed:
+            status = EXIT_ERROR
+        else:
+            _out(f"{spec}: ok (cells: {', '.join(names) if names else 'none'})")
     return status
+
+
+def _report_error(e: BaseException, warning_mode: str | None) -> None:
+    if getattr(e, "loc", None) is None:
+        _err(_format_user_error(e))
+    else:
+        _report(e.diagnostics, warning_mode)
+
+
+def _report(diagnostics: list, warning_mode: str | None) -> bool:
+    """Print diagnostics in file order and their count to stderr; True if any is an error (a warning is
+    one with -W error, and is not printed with -W ignore)."""
+    shown = []
+    for d in sorted(dict.fromkeys(diagnostics), key=lambda d: d.sort_key()):
+        if d.severity == "warning" and warning_mode == "ignore":
+            continue
+        if d.severity == "warning" and warning_mode == "error":
+            d = replace(d, severity="error", message=f"{d.message} [-W error]")
+        shown.append(d)
+    for d in shown:
+        _err(d.render())
+    if shown:
+        from rnnc.errors import summary
+        _err(summary(shown))
+    return any(d.severity == "error" for d in shown)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

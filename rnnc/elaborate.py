@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import difflib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Union
 
 import sympy
 
 from . import ast, constants, ops, registry
 from . import dims as D
-from .errors import (ArityError, DimError, Loc, RnncError, ShapeError, StateError, TypeError_,
-                     UnknownNameError, UnsupportedError)
+from .errors import (ArityError, Diagnostic, DimError, Loc, Note, RnncError, ShapeError, StateError, TypeError_,
+                     UnknownNameError, UnsupportedError, raise_collected)
 from .ir import Cell, Combine, DimInfo, Graph, Node, Param, Port, State
 
 Value = Union[int, tuple]  # a node id, or a tuple of node ids (split / multi-value def)
@@ -28,6 +29,15 @@ DISTRIBUTIONS = {"uniform": ("lo", "hi"), "normal": ("mean", "std")}
 #: Names that would collide with keyword arguments of build() / forward().
 RESERVED_DIMS = frozenset({"device", "dtype", "backend", "cell", "spec", "chunk_size", "backward"})
 RESERVED_INPUTS = frozenset({"state", "cu_seqlens", "self"})  # `self`: nn.Module.__call__'s own
+
+
+#: What a name is bound to when its declaration or statement failed (already reported): a statement that
+#: reads it is skipped without a second, echoed error.
+POISON = object()
+
+
+class _Poisoned(Exception):
+    """A statement read a name whose definition failed; it is dropped silently."""
 
 
 @dataclass
@@ -64,52 +74,137 @@ class Elaborator:
         self.cell_scope = Scope("cell")
         self.kinds: dict[str, str] = {}  # cell-level name -> input/param/state/output
         self.combines: list[Combine] = []
+        self.errors: list[RnncError] = []  # every independent error, reported together at the end
+        self.warnings: list[Diagnostic] = []
+        self._failed: set[str] = set()  # declared names whose declaration failed
+        self._reads: set[str] = set()  # cell-level names read by some expression
+        self._declared: dict[str, tuple[D.Shape, str, Loc]] = {}  # state/output -> (shape, what, where declared)
 
     # ---- entry point ------------------------------------------------------------------
 
     def run(self) -> Cell:
+        """The cell's IR; raises the first error (by position) carrying every independent one."""
         c = self.ast
         self._declare_dims(c)
-        inputs = [self._input(p) for p in c.inputs]
-        params = [self._param(s) for s in c.body if isinstance(s, ast.ParamDecl)]
-        states = [self._state(s) for s in c.body if isinstance(s, ast.StateDecl)]
+        inputs = self._each(c.inputs, self._input)
+        params = self._each([s for s in c.body if isinstance(s, ast.ParamDecl)], self._param)
+        states = self._each([s for s in c.body if isinstance(s, ast.StateDecl)], self._state)
         self._declare_outputs(c.outputs, states)
         assigned: dict[str, Loc] = {}
         for stmt in c.body:
             if isinstance(stmt, ast.Let):
-                self._let(stmt, self.cell_scope, self.graph)
+                with self._recover(lambda: self._poison(stmt.names)):
+                    self._let(stmt, self.cell_scope, self.graph)
             elif isinstance(stmt, ast.Assign):
-                self._assign(stmt, assigned)
+                with self._recover(lambda: self._poison_targets(stmt, assigned)):
+                    self._assign(stmt, assigned)
         for s in states:
-            if s.name not in assigned:
-                raise StateError(f"state '{s.name}' is never assigned", s.loc,
-                                 "assign it in the body, or make a value that never changes a param or a let")
-            s.node_out = self._fit(self.cell_scope.values[s.name], s.shape, f"state '{s.name}'", assigned[s.name])
-            self.graph.add_carry(s.node_out, s.node_in)
+            with self._recover():
+                if s.name not in assigned:
+                    raise StateError(f"state '{s.name}' is never assigned", s.loc,
+                                     "assign it in the body, or make a value that never changes a param or a let")
+                s.node_out = self._fit(self._value(s.name), s.shape, f"state '{s.name}'", assigned[s.name],
+                                       decl=s.loc)
+                self.graph.add_carry(s.node_out, s.node_in)
         outputs = []
         for p in c.outputs:
-            if p.name not in assigned:
-                raise StateError(f"output '{p.name}' is never assigned", p.loc, f"add `{p.name} = ...` to the body")
-            node = self._fit(self.cell_scope.values[p.name], self._shape(p.shape), f"output '{p.name}'", assigned[p.name])
-            outputs.append(Port(p.name, self._shape(p.shape), node, p.loc))
+            if p.name in self._failed:
+                continue
+            with self._recover():
+                if p.name not in assigned:
+                    raise StateError(f"output '{p.name}' is never assigned", p.loc, f"add `{p.name} = ...` to the body")
+                node = self._fit(self._value(p.name), self._shape(p.shape), f"output '{p.name}'", assigned[p.name],
+                                 decl=p.loc)
+                outputs.append(Port(p.name, self._shape(p.shape), node, p.loc))
+        raise_collected(self.errors)
+        self._warn_unused(c)
         return Cell(c.name, self.file, self.dims, inputs, outputs, params, states, self.graph,
                     self.init_graph, c.loc, combines=self.combines)
+
+    # ---- collecting errors ----------------------------------------------------------------
+
+    @contextmanager
+    def _recover(self, on_error: Callable[[], None] | None = None):
+        """Run one declaration or statement: an error in it is recorded (and `on_error` poisons what it
+        would have defined), and elaboration goes on with the next one."""
+        try:
+            yield
+        except RnncError as e:
+            self.errors.append(e)
+            if on_error:
+                on_error()
+        except _Poisoned:
+            if on_error:
+                on_error()
+
+    def _each(self, decls: list, declare: Callable) -> list:
+        out = []
+        for d in decls:
+            with self._recover(lambda: self._poison([d.name], failed=True)):
+                out.append(declare(d))
+        return out
+
+    def _poison(self, names: list[str], failed: bool = False) -> None:
+        for name in names:
+            if name not in self.cell_scope.values:
+                self.cell_scope.bind(name, POISON, None)
+            if failed:
+                self._failed.add(name)
+
+    def _poison_targets(self, stmt: ast.Assign, assigned: dict[str, Loc]) -> None:
+        """A failed assignment still counts as one (no "never assigned" echo); what it assigns is poisoned."""
+        for name in stmt.names:
+            if name not in assigned and self.kinds.get(name) in ("a state", "an output", None):
+                assigned[name] = stmt.loc
+                self.cell_scope.bind(name, POISON, stmt.loc)
+            if name not in self.kinds:
+                self._failed.add(name)
+
+    def _value(self, name: str) -> Value:
+        value = self.cell_scope.values[name]
+        if value is POISON:
+            raise _Poisoned(name)
+        return value
+
+    # ---- warnings -----------------------------------------------------------------------
+
+    def _warn_unused(self, c: ast.Cell) -> None:
+        """A warning for each input, param and let of the cell that nothing reads (names starting with
+        '_' are unused on purpose)."""
+        def warn(kind: str, name: str, loc: Loc | None, hint: str) -> None:
+            if name not in self._reads and not name.startswith("_"):
+                self.warnings.append(Diagnostic("warning", f"{kind} '{name}' is never used", loc, hint,
+                                                kind=f"unused-{kind}"))
+
+        for p in c.inputs:
+            warn("input", p.name, p.loc, "remove it from the cell's inputs, or use it")
+        for s in c.body:
+            if isinstance(s, ast.ParamDecl):
+                warn("param", s.name, s.loc, "remove it (it is still trained and saved), or use it")
+            elif isinstance(s, ast.Let):
+                for name in s.names:
+                    warn("let", name, s.loc, f"remove it, or name it '_{name}' if it is unused on purpose")
 
     # ---- declarations -----------------------------------------------------------------
 
     def _declare_dims(self, c: ast.Cell) -> None:
         for s in c.body:
             if isinstance(s, ast.DimDecl):
-                self._check_dim_name(s.name, s.loc)
                 if s.name in self.dims:
-                    raise DimError(f"dim '{s.name}' is declared twice", s.loc,
-                                   f"the first declaration is at line {self.dims[s.name].loc.line}")
+                    first = self.dims[s.name].loc
+                    self.errors.append(DimError(f"dim '{s.name}' is declared twice", s.loc,
+                                                f"the first declaration is at line {first.line}",
+                                                [Note(f"dim '{s.name}' is first declared here", first)]))
+                    continue
                 default = None
-                if s.default is not None:
-                    default = self._dim(s.default)
-                    if not (default.is_Integer and default > 0):
-                        raise DimError(f"the default of dim '{s.name}' must be a positive integer, got {D.fmt(default)}",
-                                       s.loc, "write e.g. `dim N = 16`")
+                with self._recover():
+                    self._check_dim_name(s.name, s.loc)
+                    if s.default is not None:
+                        value = self._dim(s.default)
+                        if not (value.is_Integer and value > 0):
+                            raise DimError(f"the default of dim '{s.name}' must be a positive integer, got "
+                                           f"{D.fmt(value)}", s.loc, "write e.g. `dim N = 16`")
+                        default = value
                 self.dims[s.name] = DimInfo(s.name, default, s.loc)
         shapes = [p.shape for p in c.inputs + c.outputs]
         shapes += [s.shape for s in c.body if isinstance(s, (ast.ParamDecl, ast.StateDecl))]
@@ -119,7 +214,9 @@ class Elaborator:
 
     def _collect_dim_names(self, d: ast.DimExpr) -> None:
         if isinstance(d, ast.DimName):
-            self._check_dim_name(d.name, d.loc)
+            if d.name not in self.dims:
+                with self._recover():
+                    self._check_dim_name(d.name, d.loc)
             self.dims.setdefault(d.name, DimInfo(d.name, None, d.loc))
         elif isinstance(d, ast.DimBin):
             self._collect_dim_names(d.left)
@@ -163,7 +260,8 @@ class Elaborator:
         if name in self.kinds:
             prev = self.cell_scope.where.get(name)
             at = f" at line {prev.line}" if prev else ""
-            raise RnncError(f"'{name}' is already declared as {self.kinds[name]}{at}", loc, "use another name")
+            raise RnncError(f"'{name}' is already declared as {self.kinds[name]}{at}", loc, "use another name",
+                            [Note(f"'{name}' is first declared here", prev)] if prev else ())
         self.kinds[name] = kind
 
     def _input(self, p: ast.Port) -> Port:
@@ -187,7 +285,7 @@ class Elaborator:
         else:
             value = self._single(self.expr(s.init, scope, self.init_graph), s.init.loc)
             init = ("value", self._fit(value, shape, f"the initial value of param '{s.name}'", s.init.loc,
-                                       graph=self.init_graph))
+                                       graph=self.init_graph, decl=s.loc))
         return Param(s.name, shape, init, nid, s.loc)
 
     def _random_init(self, r: ast.RandomInit, scope: Scope) -> tuple:
@@ -230,26 +328,39 @@ class Elaborator:
         for p in self.kinds:
             if self.kinds[p] == "a param":
                 scope.bind(p, self.cell_scope.values[p], self.cell_scope.where[p])
-        init = self._single(self.expr(s.init, scope, self.graph), s.init.loc)
-        init = self._fit(init, shape, f"the initial value of state '{s.name}'", s.init.loc)
+        init = None
+        with self._recover():  # a bad initial value: the state is still declared, its uses still checked
+            init = self._single(self.expr(s.init, scope, self.graph), s.init.loc)
+            init = self._fit(init, shape, f"the initial value of state '{s.name}'", s.init.loc, decl=s.loc)
         nid = self.graph.add(Node("state", (), shape, attrs={"name": s.name}, loc=s.loc, name=s.name))
+        self._declared[s.name] = (shape, f"state '{s.name}'", s.loc)
         self.cell_scope.bind(s.name, nid, s.loc)
         return State(s.name, shape, init, nid, nid, s.loc)
 
     def _declare_outputs(self, outputs: list[ast.Port], states: list[State]) -> None:
-        state_shapes = {s.name: s.shape for s in states}
-        seen = set()
+        state_shapes = {s.name: s for s in states}
+        seen: dict[str, Loc] = {}
         for p in outputs:
             if p.name in seen:
-                raise RnncError(f"output '{p.name}' is declared twice", p.loc, "use another name")
-            seen.add(p.name)
-            shape = self._shape(p.shape)
-            if p.name in state_shapes:
-                if not D.shapes_equal(shape, state_shapes[p.name]):
-                    raise ShapeError(f"output '{p.name}' is declared {D.fmt_shape(shape)} but state '{p.name}' is "
-                                     f"{D.fmt_shape(state_shapes[p.name])}", p.loc, "give both the same shape")
+                self.errors.append(RnncError(f"output '{p.name}' is declared twice", p.loc, "use another name",
+                                             [Note(f"output '{p.name}' is first declared here", seen[p.name])]))
                 continue
-            self._declare_name(p.name, "an output", p.loc)
+            seen[p.name] = p.loc
+            with self._recover(lambda: self._fail_output(p.name)):
+                shape = self._shape(p.shape)
+                if p.name in state_shapes:
+                    state = state_shapes[p.name]
+                    if not D.shapes_equal(shape, state.shape):
+                        raise ShapeError(f"output '{p.name}' is declared {D.fmt_shape(shape)} but state '{p.name}' is "
+                                         f"{D.fmt_shape(state.shape)}", p.loc, "give both the same shape",
+                                         [Note(f"state '{p.name}' is declared here", state.loc)])
+                    continue
+                self._declare_name(p.name, "an output", p.loc)
+                self._declared[p.name] = (shape, f"output '{p.name}'", p.loc)
+
+    def _fail_output(self, name: str) -> None:
+        self._failed.add(name)
+        self.kinds.setdefault(name, "an output")
 
     # ---- statements ---------------------------------------------------------------------
 
@@ -278,7 +389,8 @@ class Elaborator:
             prev = scope.where.get(name)
             at = f" (line {prev.line})" if prev else ""
             raise RnncError(f"'{name}' is already defined{at}", loc,
-                            "let names are immutable; pick a new name")
+                            "let names are immutable; pick a new name",
+                            [Note(f"'{name}' is first defined here", prev)] if prev else ())
         if name in self.dims:
             raise DimError(f"'{name}' is a dim and cannot be rebound", loc, "pick a new name")
 
@@ -300,12 +412,17 @@ class Elaborator:
             node = self.graph[v]
             if node.dtype != "float":
                 raise TypeError_(f"'{name}' must hold numbers, got a boolean", stmt.loc, "use where(cond, 1, 0)")
+            if name in self._declared:  # checked here, so that a later read of the bad value is no echo
+                shape, what, decl = self._declared[name]
+                self._check_fit(node, shape, what, stmt.loc, decl)
             if node.name is None and node.op not in ("input", "param", "state"):
                 node.name = name
             assigned[name] = stmt.loc
             self.cell_scope.bind(name, v, stmt.loc)
 
     def _check_assignable(self, name: str, loc: Loc, assigned: dict[str, Loc]) -> None:
+        if name in self._failed:
+            raise _Poisoned(name)
         kind = self.kinds.get(name)
         if kind is None:
             if name in self.cell_scope.values:
@@ -320,21 +437,33 @@ class Elaborator:
             what = "state" if kind == "a state" else "output"
             raise StateError(f"{what} '{name}' is assigned twice in one step", loc,
                              f"it was first assigned at line {assigned[name].line}; "
-                             "compute intermediate values with `let`")
+                             "compute intermediate values with `let`",
+                             [Note(f"'{name}' is first assigned here", assigned[name])])
 
-    def _fit(self, nid: int, shape: D.Shape, what: str, loc: Loc | None, graph: Graph | None = None) -> int:
-        """nid if it has exactly `shape`, else a broadcast to it (or a ShapeError)."""
+    def _fit(self, nid: int, shape: D.Shape, what: str, loc: Loc | None, graph: Graph | None = None,
+             decl: Loc | None = None) -> int:
+        """nid if it has exactly `shape`, else a broadcast to it (or a ShapeError noting `decl`, where
+        `what` is declared)."""
         graph = graph or self.graph
         node = graph[nid]
+        if self._check_fit(node, shape, what, loc, decl):
+            return nid
+        return graph.add(Node("broadcast", (nid,), shape, attrs={"shape": shape}, loc=loc))
+
+    @staticmethod
+    def _check_fit(node: Node, shape: D.Shape, what: str, loc: Loc | None, decl: Loc | None) -> bool:
+        """True if `node` has exactly `shape`, False if it broadcasts to it; else a TypeError_ or ShapeError."""
         if node.dtype != "float":
             raise TypeError_(f"{what} must be numbers, got a boolean", loc, "use where(cond, 1, 0)")
         if D.shapes_equal(node.shape, shape):
-            return nid
+            return True
         out = D.broadcast(node.shape, shape)
         if out is None or not D.shapes_equal(out, shape):
             raise ShapeError(f"{what} is declared {D.fmt_shape(shape)} but the value has shape {D.fmt_shape(node.shape)}",
-                             loc, "the value must have the declared shape (or broadcast to it)")
-        return graph.add(Node("broadcast", (nid,), shape, attrs={"shape": shape}, loc=loc))
+                             loc, "the value must have the declared shape (or broadcast to it)",
+                             [Note(f"{what.replace('the initial value of ', '')} is declared "
+                                   f"{D.fmt_shape(shape)} here", decl)] if decl else ())
+        return False
 
     # ---- expressions ----------------------------------------------------------------------
 
@@ -369,7 +498,12 @@ class Elaborator:
 
     def _e_Name(self, e: ast.Name, scope: Scope, graph: Graph) -> Value:
         if e.id in scope.values:
-            return scope.values[e.id]
+            value = scope.values[e.id]
+            if value is POISON:
+                raise _Poisoned(e.id)
+            if scope.what in ("cell", "state init"):
+                self._reads.add(e.id)
+            return value
         if e.id in self.dims:
             return self._dim_value(e.id, graph, e.loc)
         if e.id == "inf":
@@ -414,9 +548,13 @@ class Elaborator:
 
     def _apply(self, op: str, args: list[int], graph: Graph, loc: Loc | None, **attrs) -> int:
         nodes = [graph[a] for a in args]
-        if op == "matmul":
-            return graph.add(Node("matmul", tuple(args), ops.matmul(nodes[0], nodes[1], loc), loc=loc))
-        shape, dtype = ops.elementwise(op, nodes, loc)
+        try:
+            if op == "matmul":
+                return graph.add(Node("matmul", tuple(args), ops.matmul(nodes[0], nodes[1], loc), loc=loc))
+            shape, dtype = ops.elementwise(op, nodes, loc)
+        except ShapeError as e:
+            e.notes += _declared_here(nodes)
+            raise
         scalar = all(n.scalar for n in nodes) and (op in ops.ARITH or op in ops.MATH_UNARY)
         nid = graph.add(Node(op, tuple(args), shape, dtype, attrs=attrs, loc=loc, scalar=scalar))
         return self._scalar(graph, nid) if scalar else nid
@@ -553,7 +691,8 @@ class Elaborator:
                              f"call it as {e.func}({', '.join(d.params)})")
         if len(e.args) != len(d.params):
             raise ArityError(f"'{e.func}' takes {len(d.params)} argument{'s' * (len(d.params) != 1)}, "
-                             f"got {len(e.args)}", e.loc, f"it is defined at {d.loc}")
+                             f"got {len(e.args)}", e.loc, f"it is defined at {d.loc}",
+                             [Note(f"'{e.func}' is defined here", d.loc)])
         if e.func in self._inline_stack:
             chain = " -> ".join(self._inline_stack + [e.func])
             raise UnsupportedError(f"recursive def: {chain}", e.loc, "defs are inlined and cannot call themselves")
@@ -769,6 +908,18 @@ class Elaborator:
             shape = node.shape[:ax] + (s,) + node.shape[ax + 1:]
             items.append(graph.add(Node("item", (whole,), shape, attrs={"index": i}, loc=e.loc)))
         return tuple(items)
+
+
+def _declared_here(nodes: list[Node]) -> tuple[Note, ...]:
+    """Notes pointing at where the named operands of a failed operation got their shapes."""
+    notes, seen = [], set()
+    for n in nodes:
+        if n.name and n.loc and n.loc.line and id(n) not in seen:
+            seen.add(id(n))
+            what = {"input": "input", "param": "param", "state": "state"}.get(n.op, "let")
+            verb = "declared" if what != "let" else "defined"
+            notes.append(Note(f"{what} '{n.name}' is {verb} {D.fmt_shape(n.shape)} here", n.loc))
+    return tuple(notes)
 
 
 def _shape_of(v) -> tuple:

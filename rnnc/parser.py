@@ -14,8 +14,8 @@ import lark
 from lark import Token, v_args
 from lark.visitors import Transformer_NonRecursive
 
-from . import ast
-from .errors import Loc, NumberError, RnncError, RnncSyntaxError
+from . import ast, syntax_errors
+from .errors import Loc, NumberError, RnncError, RnncSyntaxError, raise_collected
 from .parser_tables import load_parser
 from .resources import grammar_file
 
@@ -30,14 +30,6 @@ _COMMENT = re.compile(r"#[^\n]*")
 #: The longest number literal read (a float64 has 17 significant digits; zeros are padding).
 MAX_NUMBER_TEXT = 400
 
-_TOKEN_NAMES = {
-    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": 'a "path"',
-    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
-    "COMMA": "','", "COLON": "':'", "EQUAL": "'='", "SEMICOLON": "';'", "TILDE": "'~'",
-    "__ANON_0": "'->'", "$END": "end of file",
-}
-
-
 @functools.lru_cache(maxsize=1)
 def _lark() -> lark.Lark:
     return load_parser(grammar_file().read_text(), propagate_positions=True, maybe_placeholders=True)
@@ -49,13 +41,21 @@ def parse_module(text: str, filename: str = "<string>") -> ast.Module:
     _check_numbers(text, filename, lines)
     try:
         tree = _lark().parse(text)
-    except lark.exceptions.UnexpectedInput as e:
-        raise _syntax_error(e, filename, lines) from None
+    except lark.exceptions.UnexpectedInput:
+        tree = None  # parsed again below, recovering after each error to report them all
     except RecursionError:
         raise RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
                               "split it into several `let` bindings") from None
+    if tree is None:
+        try:
+            errors = syntax_errors.collect(_lark(), text, filename, lines)
+        except RecursionError:
+            errors = []
+        raise_collected(errors or [RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
+                                                   "split it into several `let` bindings")])
+    build = _Build(filename, lines)
     try:
-        return _Build(filename, lines).transform(tree)
+        module = build.transform(tree)
     except lark.exceptions.VisitError as e:
         if isinstance(e.orig_exc, RnncError):
             raise e.orig_exc from None
@@ -63,6 +63,8 @@ def parse_module(text: str, filename: str = "<string>") -> ast.Module:
     except RecursionError:
         raise RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
                               "split it into several `let` bindings") from None
+    raise_collected(build.errors)
+    return module
 
 
 def _check_numbers(text: str, filename: str, lines: list[str]) -> None:
@@ -84,60 +86,37 @@ def _clip(text: str, n: int = 40) -> str:
     return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
 
 
-def _loc(filename: str, lines: list[str], line: int, column: int) -> Loc:
+def _loc(filename: str, lines: list[str], line: int, column: int, end_line: int = 0, end_column: int = 0) -> Loc:
     src = lines[line - 1] if 0 < line <= len(lines) else ""
-    return Loc(filename, line, column, src)
-
-
-def _describe(names) -> str:
-    shown = sorted({_TOKEN_NAMES.get(n, repr(n.lower()) if n.isalpha() else n) for n in names})
-    return ", ".join(shown[:8]) + (" ..." if len(shown) > 8 else "")
-
-
-def _syntax_error(e: lark.exceptions.UnexpectedInput, filename: str, lines: list[str]) -> RnncSyntaxError:
-    line = getattr(e, "line", None) or 0
-    column = getattr(e, "column", None) or 0
-    if line <= 0:  # end of file
-        line = max(len(lines), 1)
-        column = len(lines[-1]) + 1 if lines else 1
-    loc = _loc(filename, lines, line, column)
-    if isinstance(e, lark.exceptions.UnexpectedCharacters):
-        char = e.char if hasattr(e, "char") else "?"
-        return RnncSyntaxError(f"unexpected character {char!r}", loc,
-                               "remove it; comments start with '#'")
-    if isinstance(e, lark.exceptions.UnexpectedEOF):
-        return RnncSyntaxError("unexpected end of file", loc,
-                               f"expected {_describe(e.expected)}; is a '}}' or ')' missing?")
-    token = getattr(e, "token", None)
-    expected = getattr(e, "expected", None) or getattr(e, "accepts", None) or set()
-    if token is not None and token.type == "$END":
-        return RnncSyntaxError("unexpected end of file", loc,
-                               f"expected {_describe(expected)}; is a '}}' or ')' missing?")
-    shown = _clip(str(token)) if token is not None else "?"
-    return RnncSyntaxError(f"unexpected {shown!r}", loc, f"expected {_describe(expected)}")
+    return Loc(filename, line, column, src, end_line, end_column)
 
 
 @v_args(meta=True)
 class _Build(Transformer_NonRecursive):
     """Lark tree → rnnc.ast, without recursion (a flat sum of many terms is a deep tree). Each method
-    receives the rule's children after transformation."""
+    receives the rule's children after transformation. Errors found here (a reserved word as a name, a
+    number out of range) are collected in `errors`, the tree built on with a stand-in."""
 
     def __init__(self, filename: str, lines: list[str]) -> None:
         super().__init__()
         self.filename = filename
         self.lines = lines
+        self.errors: list[RnncError] = []
 
     # -- helpers --
-    def _at(self, meta_or_token) -> Loc:
+    def _at(self, meta_or_token, end=None) -> Loc:
+        """The span of a token or rule (from its start to the end of `end`, when given)."""
         line = getattr(meta_or_token, "line", 1) or 1
         column = getattr(meta_or_token, "column", 1) or 1
-        return _loc(self.filename, self.lines, line, column)
+        end = meta_or_token if end is None else end
+        return _loc(self.filename, self.lines, line, column,
+                    getattr(end, "end_line", 0) or 0, getattr(end, "end_column", 0) or 0)
 
     def _name(self, token: Token) -> str:
         name = str(token)
         if name in RESERVED:
-            raise RnncSyntaxError(f"'{name}' is a reserved word and cannot be used as a name",
-                                  self._at(token), "pick another name")
+            self.errors.append(RnncSyntaxError(f"'{name}' is a reserved word and cannot be used as a name",
+                                               self._at(token), "pick another name"))
         return name
 
     # -- file structure --
@@ -235,8 +214,9 @@ class _Build(Transformer_NonRecursive):
     def dim_int(self, meta, children):
         token = children[0]
         if len(token) > 18:  # beyond 10**18 no size can be allocated, and the text could be any length
-            raise NumberError(f"dim size {_clip(str(token))} is too large", self._at(token),
-                              "sizes must be below 10**18")
+            self.errors.append(NumberError(f"dim size {_clip(str(token))} is too large", self._at(token),
+                                           "sizes must be below 10**18"))
+            return ast.DimNum(1, self._at(token))
         return ast.DimNum(int(token), self._at(token))
 
     def dim_name(self, meta, children):
@@ -258,14 +238,16 @@ class _Build(Transformer_NonRecursive):
         number beyond float64's range (or too long to read) is an error: nothing is silently infinite."""
         text = str(children[0])
         if len(text) > MAX_NUMBER_TEXT:
-            raise NumberError(f"number literal of {len(text)} characters", self._at(children[0]),
-                              f"write it in at most {MAX_NUMBER_TEXT} characters (e.g. 1.5e300)")
+            self.errors.append(NumberError(f"number literal of {len(text)} characters", self._at(children[0]),
+                                           f"write it in at most {MAX_NUMBER_TEXT} characters (e.g. 1.5e300)"))
+            return ast.Number(0, "0", self._at(children[0]))
         value = float(text) if any(c in text for c in ".eE") else int(text)
         if isinstance(value, int) and value >= 2**63:
             value = float(value) if len(text) <= 308 else math.inf
         if value == math.inf:
-            raise NumberError(f"number {_clip(text)} is beyond float64's range (about 1.8e308)",
-                              self._at(children[0]), "write `inf` for infinity, or a smaller number")
+            self.errors.append(NumberError(f"number {_clip(text)} is beyond float64's range (about 1.8e308)",
+                                           self._at(children[0]), "write `inf` for infinity, or a smaller number"))
+            value = 0
         return ast.Number(value, text, self._at(children[0]))
 
     def name(self, meta, children):
@@ -274,7 +256,7 @@ class _Build(Transformer_NonRecursive):
     def call(self, meta, children):
         func, args = children
         pos, kw = args if args is not None else ([], {})
-        return ast.Call(self._name(func), pos, kw, self._at(func))
+        return ast.Call(self._name(func), pos, kw, self._at(func, meta))
 
     def args(self, meta, children):
         pos, kw = [], {}
@@ -282,12 +264,12 @@ class _Build(Transformer_NonRecursive):
             if isinstance(child, tuple):
                 key, value, loc = child
                 if key in kw:
-                    raise RnncSyntaxError(f"keyword argument '{key}' given twice", loc,
-                                          "give each keyword once")
-                kw[key] = value
+                    self.errors.append(RnncSyntaxError(f"keyword argument '{key}' given twice", loc,
+                                                       "give each keyword once"))
+                kw.setdefault(key, value)
             elif kw:
-                raise RnncSyntaxError("positional argument after a keyword argument",
-                                      child.loc, "put positional arguments first")
+                self.errors.append(RnncSyntaxError("positional argument after a keyword argument",
+                                                   child.loc, "put positional arguments first"))
             else:
                 pos.append(child)
         return pos, kw

@@ -8,25 +8,41 @@ from typing import Iterable
 
 from . import ast
 from .elaborate import DefInfo, Elaborator
-from .errors import InternalError, Loc, RnncError, RnncSyntaxError, SpecNotFoundError
+from .errors import Diagnostic, InternalError, Loc, Note, RnncError, RnncSyntaxError, SpecNotFoundError, raise_collected
 from .ir import Cell
 from .parser import parse_module
 from .resources import specs_dir
 
 
 class Program:
-    """The cells of one file (name → ir.Cell, in file order) and the defs they can call."""
+    """The cells of one file (name → ir.Cell, in file order) and the defs they can call; `warnings`
+    lists what the checks found suspicious (names never used)."""
 
-    def __init__(self, module: ast.Module, defs: dict[str, DefInfo]) -> None:
+    def __init__(self, module: ast.Module, defs: dict[str, DefInfo], errors: list[RnncError] | None = None) -> None:
+        """Elaborate every cell; each error is appended to `errors` when given (the caller reports them
+        all together), else the first raises at once, carrying the rest."""
         self.module = module
         self.file = module.file
         self.source = module.source
         self.defs = defs
         self.cells: dict[str, Cell] = {}
+        self.warnings: list[Diagnostic] = []
+        found: list[RnncError] = [] if errors is None else errors
+        first: dict[str, Loc] = {}
         for c in module.cells:
-            if c.name in self.cells:
-                raise RnncError(f"cell '{c.name}' is defined twice", c.loc, "give each cell its own name")
-            self.cells[c.name] = Elaborator(c, defs, module.file).run()
+            if c.name in first:
+                found.append(RnncError(f"cell '{c.name}' is defined twice", c.loc, "give each cell its own name",
+                                       [Note(f"cell '{c.name}' is first defined here", first[c.name])]))
+                continue
+            first[c.name] = c.loc
+            elaborator = Elaborator(c, defs, module.file)
+            try:
+                self.cells[c.name] = elaborator.run()
+            except RnncError as e:
+                found.append(e)
+            self.warnings += elaborator.warnings
+        if errors is None:
+            raise_collected(found, self.warnings)
 
     def cell(self, name: str | None = None) -> Cell:
         """The cell called `name`; by default the only cell, or the one named like the file."""
@@ -54,8 +70,11 @@ def parse_program(text: str, filename: str = "<string>", import_roots: Iterable[
     try:
         module = parse_module(text, filename)
         defs: dict[str, DefInfo] = {}
-        _collect_defs(module, defs, {_key(filename)}, allowed_roots(filename, import_roots), 0)
-        return Program(module, defs)
+        errors: list[RnncError] = []
+        _collect_defs(module, defs, {_key(filename)}, allowed_roots(filename, import_roots), 0, errors)
+        program = Program(module, defs, errors)
+        raise_collected(errors, program.warnings)
+        return program
     except RecursionError:
         raise RnncError("program nested too deeply", Loc(filename, 1, 1),
                         "split deep expressions into several `let` bindings") from None
@@ -91,7 +110,9 @@ def _key(filename: str) -> str:
 
 
 def _collect_defs(module: ast.Module, defs: dict[str, DefInfo], seen: set[str], roots: tuple[Path, ...],
-                  depth: int) -> None:
+                  depth: int, errors: list[RnncError]) -> None:
+    """Read the defs and combines of `module` and what it imports into `defs`; a name defined twice is
+    appended to `errors` (the first definition kept); an import that fails raises."""
     for imp in module.imports:
         if depth >= MAX_IMPORT_DEPTH:
             raise SpecNotFoundError(f"imports nested more than {MAX_IMPORT_DEPTH} files deep", imp.loc,
@@ -101,12 +122,14 @@ def _collect_defs(module: ast.Module, defs: dict[str, DefInfo], seen: set[str], 
         if key in seen:
             continue  # already imported (or an import cycle): its defs are in already
         seen.add(key)
-        _collect_defs(_parse_imported(path, imp), defs, seen, roots, depth + 1)
+        _collect_defs(_parse_imported(path, imp), defs, seen, roots, depth + 1, errors)
     for d in [*module.defs, *module.combines]:
         if d.name in defs:
             prev = defs[d.name].node.loc
             what = "combine" if isinstance(d, ast.Combine) else "def"
-            raise RnncError(f"{what} '{d.name}' is defined twice (first at {prev})", d.loc, "rename one of them")
+            errors.append(RnncError(f"{what} '{d.name}' is defined twice (first at {prev})", d.loc,
+                                    "rename one of them", [Note(f"'{d.name}' is first defined here", prev)]))
+            continue
         defs[d.name] = DefInfo(d, module.file)
 
 

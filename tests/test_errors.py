@@ -103,8 +103,8 @@ def assert_reported(err: BaseException, cls, *, file: str | None = FILE, line=No
         excerpt = err.excerpt()
         assert excerpt, f"no excerpt: {err}"
         rows = excerpt.splitlines()
-        assert len(rows) >= 2 and rows[-1].strip() == "^", excerpt
-        # The caret sits under the reported column of the quoted source line.
+        assert len(rows) >= 2 and re.fullmatch(r"\^~*", rows[-1].strip()), excerpt
+        # The underline starts under the reported column of the quoted source line.
         assert rows[-1].index("^") == 4 + err.column - 1, excerpt
         rendered = str(err)
         assert f":{err.line}:{err.column}:" in rendered and "error" in rendered
@@ -209,10 +209,22 @@ def test_bad_character():
 def test_unexpected_token_points_at_it():
     text = src("""
         cell c(x: [H]) -> (y: [H]) {
+            y = x ) + 1
+        }
+        """)
+    err = expect(text, RnncSyntaxError, line=2, column=col_of(text, 2, ")"), contains=["')'"])
+    assert "'rpar'" not in str(err).lower()
+
+
+def test_missing_operand_at_end_of_line_is_reported_there():
+    """`y = x +` then `}`: the operand missing after '+' (end of line 2), not an unexpected '}' on line 3."""
+    text = src("""
+        cell c(x: [H]) -> (y: [H]) {
             y = x +
         }
         """)
-    expect(text, RnncSyntaxError, line=3, column=1, contains=["'}'"])
+    err = expect(text, RnncSyntaxError, line=2, column=len(text.splitlines()[1]) + 1, contains=["after '+'"])
+    assert "expression" in err.message and "'}'" in err.hint
 
 
 def test_missing_arrow():
