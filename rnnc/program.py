@@ -41,6 +41,7 @@ class Program:
             except RnncError as e:
                 found.append(e)
             self.warnings += elaborator.warnings
+        self.warnings = sorted(self.warnings + unused_def_lets(module), key=Diagnostic.sort_key)
         if errors is None:
             raise_collected(found, self.warnings)
 
@@ -63,6 +64,45 @@ class Program:
 
     def __repr__(self) -> str:
         return f"<rnnc.Program {self.file}: cells {', '.join(self.cells)}>"
+
+
+def unused_def_lets(module: ast.Module) -> list[Diagnostic]:
+    """A warning for each `let` of a def or combine of `module` that neither a later let nor a return
+    reads (names starting with '_' are unused on purpose)."""
+    out = []
+    for d in [*module.defs, *module.combines]:
+        read: set[str] = set()
+        for e in [*(let.value for let in d.lets), *d.returns]:
+            read |= _names_read(e)
+        for let in d.lets:
+            for name in let.names:
+                if name not in read and not name.startswith("_"):
+                    out.append(Diagnostic("warning", f"let '{name}' is never used", let.loc,
+                                          f"remove it, or name it '_{name}' if it is unused on purpose",
+                                          kind="unused-let"))
+    return out
+
+
+def _names_read(e) -> set[str]:
+    """The names an expression reads (iteratively: a long sum is a deep tree)."""
+    out, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, ast.Name):
+            out.add(x.id)
+        elif isinstance(x, ast.Call):
+            todo += [*x.args, *x.kwargs.values()]
+        elif isinstance(x, ast.BinOp):
+            todo += [x.left, x.right]
+        elif isinstance(x, ast.UnaryOp):
+            todo.append(x.operand)
+        elif isinstance(x, ast.Index):
+            todo += [x.value, *x.items]
+        elif isinstance(x, ast.Slice):
+            todo += [b for b in (x.lo, x.hi) if b is not None]
+        elif isinstance(x, (ast.Literal, ast.Tuple)):
+            todo += x.items
+    return out
 
 
 def parse_program(text: str, filename: str = "<string>", import_roots: Iterable[str | Path] = ()) -> Program:

@@ -112,6 +112,7 @@ class _Recovery:
                     self._take(yielded)
                     yielded = token
                 self._take(yielded)
+                yielded = None
                 self.ip.feed_eof(self.last)
                 return self.errors
             except UnexpectedToken as e:
@@ -160,22 +161,20 @@ class _Recovery:
         notes = []
         if tok.type == "$END":
             if open_brackets:
-                notes.append(self._unclosed(open_brackets[-1], stack))
+                notes.append(self._unclosed_note(open_brackets[-1], stack))
             self.errors.append(RnncSyntaxError("unexpected end of file", self._eof_loc(),
                                                f"expected {describe(self.parser, expected)}", notes))
             return
         inner = [t for t in open_brackets if t.type != "LBRACE"]
         if inner:
-            notes.append(self._unclosed(inner[-1], stack))
-        elif tok.type == "RBRACE" and "RBRACE" not in expected and open_brackets and not statement:
-            notes.append(self._unclosed(open_brackets[-1], stack))
+            notes.append(self._unclosed_note(inner[-1], stack))
         missing = None if inner else self._missing_initialiser(statement, expected)
         if missing and prev is not None:
             message, hint = missing
             at = self._loc(prev.end_line, prev.end_column)
             self.errors.append(RnncSyntaxError(message, at, hint))
             return
-        operand = self._operand_on_next_line(tok, expected)
+        operand = self._operand_on_next_line(tok)
         if operand is not None:
             op, name = operand
             self.errors.append(RnncSyntaxError(
@@ -194,7 +193,7 @@ class _Recovery:
             hint += f"; {_quote(inner[-1])} is closed by '{_OPEN[inner[-1].type]}'"
         self.errors.append(RnncSyntaxError(f"unexpected {_quote(tok)}", self._token_loc(tok), hint, notes))
 
-    def _operand_on_next_line(self, tok: Token, expected: set[str]) -> tuple[Token, Token] | None:
+    def _operand_on_next_line(self, tok: Token) -> tuple[Token, Token] | None:
         """(operator, name) when a line ends in an operator and the next line's assignment target was
         read as its operand: `let a = x +` then `y = a` fails at the '='."""
         name, op = self.last, self.before_last
@@ -211,10 +210,10 @@ class _Recovery:
         state = self.ip.lexer_thread.state
         state.line_ctr.feed(self.text[state.line_ctr.char_pos:state.line_ctr.char_pos + 1])
 
-    def _unclosed(self, bracket: Token, stack: list) -> Note:
+    def _unclosed_note(self, bracket: Token, stack: list) -> Note:
         owner = ""
         if bracket.type == "LBRACE":  # the body of which cell or def
-            i = stack.index(bracket)
+            i = next(k for k, item in enumerate(stack) if item is bracket)
             for j in range(i - 1, -1, -1):
                 item = stack[j]
                 if isinstance(item, Token) and item.type in ("CELL", "DEF", "COMBINE"):
@@ -273,6 +272,7 @@ class _Recovery:
         assignment), and a statement boundary on the parse stack takes it."""
         depth = sum(t.type != "LBRACE" for t in _unclosed(self.ip.parser_state.value_stack))
         prev_line = (self.last.end_line or self.last.line) if self.last is not None else 0
+        refused: set[str] = set()  # token types no boundary takes (the stack does not change while skipping)
         tok = first
         while True:
             if tok is None:
@@ -280,17 +280,21 @@ class _Recovery:
                 if tok is None:
                     return False
             if tok.type in _STATEMENT_KEYWORDS or tok.type in ("RBRACE", "SEMICOLON"):
-                if self._restart_at(tok):
-                    self.queue.insert(0, tok)
-                    return True
+                if tok.type not in refused:
+                    if self._restart_at(tok):
+                        self.queue.insert(0, tok)
+                        return True
+                    refused.add(tok.type)
                 depth = 0
-            elif tok.type == "NAME" and depth == 0 and tok.line > prev_line:
+            elif tok.type == "NAME" and depth == 0 and tok.line > prev_line and "NAME" not in refused:
                 after = self._next_token()
                 if after is not None:
                     self.queue.insert(0, after)
-                    if after.type in ("EQUAL", "COMMA") and self._restart_at(tok):
-                        self.queue.insert(0, tok)
-                        return True
+                    if after.type in ("EQUAL", "COMMA"):
+                        if self._restart_at(tok):
+                            self.queue.insert(0, tok)
+                            return True
+                        refused.add("NAME")
             if tok.type in ("LPAR", "LSQB"):
                 depth += 1
             elif tok.type in ("RPAR", "RSQB"):

@@ -428,10 +428,11 @@ def test_unused_names_are_warnings():
     with pytest.warns(RnncWarning):
         prog = rnnc.parse(UNUSED, FILE)
     got = sorted((d.kind, d.loc.line) for d in prog.warnings)
-    assert got == [("unused-input", 1), ("unused-let", 4), ("unused-let", 6), ("unused-param", 2)]
+    assert got == [("unused-input", 1), ("unused-let", 4), ("unused-let", 6), ("unused-let", 10), ("unused-param", 2)]
     assert all(d.severity == "warning" for d in prog.warnings)
     messages = " ".join(d.message for d in prog.warnings)
     assert "'u'" in messages and "'W'" in messages and "'a'" in messages and "'q'" in messages
+    assert "'unused_in_def'" in messages
     assert "'_v'" not in messages and "'_scratch'" not in messages and "'b'" not in messages
 
 
@@ -440,7 +441,7 @@ def test_warnings_are_python_warnings_and_filterable():
         warnings.simplefilter("always")
         rnnc.parse(UNUSED, FILE)
     rnnc_warnings = [w for w in caught if issubclass(w.category, RnncWarning)]
-    assert len(rnnc_warnings) == 4
+    assert len(rnnc_warnings) == 5
     assert all(w.filename == __file__ for w in rnnc_warnings)  # attributed to the caller, not to rnnc
     assert all(isinstance(w.message.diagnostic, Diagnostic) for w in rnnc_warnings)
     with warnings.catch_warnings():
@@ -483,7 +484,7 @@ def test_check_prints_warnings_and_passes(tmp_path, capsys):
     path.write_text(UNUSED)
     assert main(["check", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert len(re.findall(r"warn\.rnn:\d+:\d+: warning: ", err)) == 4 and "4 warnings" in err
+    assert len(re.findall(r"warn\.rnn:\d+:\d+: warning: ", err)) == 5 and "5 warnings" in err
     assert "ok" in out
 
 
@@ -492,7 +493,7 @@ def test_check_W_error_fails_on_warnings(tmp_path, capsys):
     path.write_text(UNUSED)
     assert main(["check", "-W", "error", str(path)]) == 1
     err = capsys.readouterr().err
-    assert len(re.findall(r"warn\.rnn:\d+:\d+: error: ", err)) == 4 and "warning:" not in err
+    assert len(re.findall(r"warn\.rnn:\d+:\d+: error: ", err)) == 5 and "warning:" not in err
 
 
 def test_check_W_ignore_hides_warnings(tmp_path, capsys):
