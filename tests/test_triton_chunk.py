@@ -109,8 +109,7 @@ def test_scalar_backward_runs_in_triton(monkeypatch, T, chunk, h0):
 @pytest.mark.parametrize("T,chunk,gate", [(5, 16, "extreme"), (40, 32, "mild"), (33, 24, "reset")])
 def test_channel_decay_backward_runs_in_triton(monkeypatch, T, chunk, gate, decay):
     """Per-key (GLA) or per-value decays: the dh kernel, the secondary-chunked dq/dk/dv kernel and the
-    gate's gradient, no recompute. (A gate with no effect at all, e.g. T = 1 without h0, gets a rounding
-    residue here rather than exactly 0: dG = q dq - k dk as fla forms it.)"""
+    gate's gradient, no recompute (its element-wise accuracy at extreme gates: test_gate_grad_numerics)."""
     monkeypatch.setattr(triton_chunk, "_chunk_recompute_backward", _no_recompute)
     check(T, 24, 20, chunk, decay, gate, h0=gate != "mild")
     check(T, 16, 80, chunk, decay, "mild")

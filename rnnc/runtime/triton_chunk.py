@@ -8,7 +8,9 @@ time-major q, k: [T, N, K], v: [T, N, V], gk: [T, N, K] or [T, N, 1] (scalar) or
 kernels below. The backward runs in Triton for no decay, a scalar decay (simple GLA, RetNet, linear
 attention), per-key decays (GLA, RWKV-6) or per-value decays: the forward saves the state entering each
 chunk, `_triton_chunk_bwd_dh` carries the state's adjoint back through the chunks, then
-`_triton_chunk_bwd_scalar`, `_bwd_key` or `_bwd_value` forms dq, dk, dv (and dg) per chunk in parallel.
+`_triton_chunk_bwd_scalar`, `_bwd_key` or `_bwd_value` forms dq, dk, dv and dg per chunk in parallel,
+dg summed term by term (never fla's q·dq − k·dk, which cancels: ~1e-6 absolute error where the exact
+gradient is ~1e-8 at g = -20 or 0 at g = -inf).
 Per-key and per-value decays together recompute the outputs with the PyTorch `_chunk_linear` under
 autograd and return its gradients.
 
@@ -292,6 +294,33 @@ def _triton_chunk_gate(ptr, row, m, cols, mcols, D):
 
 
 @triton.jit
+def _triton_chunk_decay_grad(qs, ks, P, R, U, g1, kept, nd, rt):
+    """One chunk's per-channel log-decay gradient [BT, BD], summed term by term (so nothing cancels: a
+    gate whose every term passes a -inf gate or a zero state gets exactly 0). With the decayed state
+    before step s, e^{g_s} S_{s-1}, and the adjoint of S_s:
+      dg_s = sum_{i >= s} qs_i R_i  +  sum_{j < s} (ks_j U_j  +  ks_j sum_{i >= s} P_ij qs_i e^{G_i - G_j})  +  kept
+    (the entering state read at rows i >= s; the update's rows j < s, kept to the chunk's end; pairs
+    j < s <= i; the entering state kept through the chunk). Per-key decays: qs = q, ks = k, P_ij = do_i . v_j,
+    R = (do S^T) e^G, U = (v dS^T) e^{G_last - G}; per-value decays swap the sides (qs = do, ks = v,
+    P_ij = q_i . k_j, R = (q S) e^G, U = (k dS) e^{G_last - G}). g1: the gates one row down (g_{j+1}, 0
+    past the chunk's end), clamped; nd: the chunk's valid rows. The pair sums go row by row, s from the
+    last row up: F_j = sum_{i >= s} P_ij qs_i e^{G_i - G_j} gains row s, each exponent a direct sum
+    sum_{j < r <= s} g_r masked to -inf for j >= s."""
+    dg = tl.cumsum(qs * R, 0, reverse=True) + kept[None, :]
+    w = ks * U
+    F = tl.zeros_like(qs)
+    for r in range(nd):
+        s = nd - 1 - r
+        early = rt[:, None] < s
+        E = tl.exp(tl.where(early, tl.cumsum(tl.where(early, g1, 0.0), 0, reverse=True), float("-inf")))
+        row = rt[:, None] == s
+        p = tl.sum(tl.where(row, P, 0.0), 0)                                           # P_sj over j
+        F += p[:, None] * tl.sum(tl.where(row, qs, 0.0), 0)[None, :] * E
+        dg += tl.where(row, tl.sum(tl.where(early, ks * F + w, 0.0), 0)[None, :], 0.0)
+    return dg
+
+
+@triton.jit
 def _triton_chunk_bwd_dh(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K, V, C,
                          HAS_G: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, HAS_DS: tl.constexpr,
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -390,10 +419,10 @@ def _triton_chunk_bwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, 
 
 
 @triton.jit
-def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
+def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                           T, N, K, V, C, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """dq, dk, dv of one chunk under per-key log-decays gk [T, N, K], one program per (chunk, row), all of K
-    and V, with the forward's secondary chunking: for rows i in sub-chunk a and j in sub-chunk b < a,
+    """dq, dk, dv and dgk of one chunk under per-key log-decays gk [T, N, K], one program per (chunk, row),
+    all of K and V, with the forward's secondary chunking: for rows i in sub-chunk a and j in sub-chunk b < a,
     e^{G_i - G_j} = e^{G_i - G_na} e^{G_na - G_j} through a's first row n_a (both exponents <= 0), so
       dq_a += ((do_a v_b^T) (k_b e^{G_na - G_b})) e^{G_a - G_na}
       dk_b += ((do_a v_b^T)^T (q_a e^{G_a - G_na})) e^{G_na - G_b},   dv_b += A_ab^T do_a;
@@ -461,12 +490,25 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
         tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=ma[:, None] & mk[None, :])
         tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=ma[:, None] & mk[None, :])
         tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=ma[:, None] & mv[None, :])
+    # the log-decays' gradient over the whole chunk (_triton_chunk_decay_grad)
+    rowf, mf = tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T)
+    qf = _triton_chunk_tile(q_ptr, rowf, mf, ck, mk, K)
+    kf = _triton_chunk_tile(k_ptr, rowf, mf, ck, mk, K)
+    vf = _triton_chunk_tile(v_ptr, rowf, mf, cv, mv, V)
+    dof = _triton_chunk_tile(do_ptr, rowf, mf, cv, mv, V)
+    g1f = _triton_chunk_gate(g_ptr, rowf + N, (rt + 1 < C) & (tf + 1 < T), ck, mk, K)
+    R = tl.dot(dof, tl.trans(S), input_precision="ieee") * tl.exp(tl.cumsum(gkf, 0))
+    U = tl.dot(vf, tl.trans(dS), input_precision="ieee") * tl.exp(tl.cumsum(g1f, 0, reverse=True))
+    kept = tl.exp(tl.sum(gkf, 0)) * tl.sum(S * dS, 1)
+    dg = _triton_chunk_decay_grad(qf, kf, tl.dot(dof, tl.trans(vf), input_precision="ieee"), R, U, g1f, kept,
+                                  tl.minimum(C, T - t0), rt)
+    tl.store(dg_ptr + rowf[:, None] * K + ck[None, :], dg, mask=mf[:, None] & mk[None, :])
 
 
 @triton.jit
-def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
+def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                             T, N, K, V, C, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """dq, dk, dv of one chunk under per-value log-decays gv [T, N, V]: `_triton_chunk_bwd_key` with the
+    """dq, dk, dv and dgv of one chunk under per-value log-decays gv [T, N, V]: `_triton_chunk_bwd_key` with the
     decay on the value side. With M_ij = (do_i e^{Gv_i - Gv_j}) . v_j and P_ij = q_i . k_j (j <= i):
       dq_i = sum_j M_ij k_j + S (do_i e^{Gv_i}),   dk_j = sum_i M_ij q_i + dS (v_j e^{Gv_last - Gv_j}),
       dv_j = sum_i P_ij do_i e^{Gv_i - Gv_j} + (dS^T k_j) e^{Gv_last - Gv_j},
@@ -532,63 +574,40 @@ def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, d
         tl.store(dq_ptr + rowa[:, None] * K + ck[None, :], dqa, mask=ma[:, None] & mk[None, :])
         tl.store(dk_ptr + rowa[:, None] * K + ck[None, :], dka, mask=ma[:, None] & mk[None, :])
         tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=ma[:, None] & mv[None, :])
+    # the log-decays' gradient over the whole chunk (_triton_chunk_decay_grad, the sides swapped)
+    rowf, mf = tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T)
+    qf = _triton_chunk_tile(q_ptr, rowf, mf, ck, mk, K)
+    kf = _triton_chunk_tile(k_ptr, rowf, mf, ck, mk, K)
+    vf = _triton_chunk_tile(v_ptr, rowf, mf, cv, mv, V)
+    dof = _triton_chunk_tile(do_ptr, rowf, mf, cv, mv, V)
+    g1f = _triton_chunk_gate(g_ptr, rowf + N, (rt + 1 < C) & (tf + 1 < T), cv, mv, V)
+    R = tl.dot(qf, S, input_precision="ieee") * tl.exp(tl.cumsum(gvf, 0))
+    U = tl.dot(kf, dS, input_precision="ieee") * tl.exp(tl.cumsum(g1f, 0, reverse=True))
+    kept = tl.exp(tl.sum(gvf, 0)) * tl.sum(S * dS, 0)
+    dg = _triton_chunk_decay_grad(dof, vf, tl.dot(qf, tl.trans(kf), input_precision="ieee"), R, U, g1f, kept,
+                                  tl.minimum(C, T - t0), rt)
+    tl.store(dg_ptr + rowf[:, None] * V + cv[None, :], dg, mask=mf[:, None] & mv[None, :])
 
 
-def _triton_chunk_key_backward(q, k, v, gk, h, S, do, dS, C):
-    """Launch the per-key-decay backward: (dq, dk, dv, dgk, dh0) in float32. dgk: with G the cumsum of gk
-    inside a chunk, dG_i = q_i dq_i - k_i dk_i (+ sum_v S_new dS at the chunk's last row), and dgk its
-    reverse cumsum within the chunk (elementwise, in PyTorch, as fla does)."""
+def _triton_chunk_channel_backward(q, k, v, g, h, do, dS, C, key):
+    """Launch the backward of per-key (key=True, g = gk [T, N, K]) or per-value (g = gv [T, N, V]) decays:
+    (dq, dk, dv, dg, dh0) in float32, dg summed term by term in the kernel (_triton_chunk_decay_grad)."""
     T, N, K = q.shape
     V = v.shape[-1]
     BT, BK, BV = _triton_chunk_blocks(C, K, V)
     nt = triton.cdiv(T, C)
     do = do.contiguous()
-    dh = torch.empty(nt, N, K, V, dtype=torch.float32, device=q.device)
-    dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dh, dh0 = torch.empty(nt, N, K, V, **f32), torch.empty(N, K, V, **f32)
     _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
-        q, gk, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
-        HAS_G=True, GK=True, GV=False, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
-    dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
-    dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
-    BVF = triton.next_power_of_2(max(int(V), 16))
-    _triton_chunk_bwd_key[(nt, N)](q, k, v, gk, h, dh, do, dq, dk, dv, T, N, K, V, C,
-                                   BT=BT, BC=16, BK=BK, BV=BVF)
-    dgk = _triton_chunk_gate_grad(q.float() * dq - k.float() * dk, h, S, dh, C, -1)
-    return dq, dk, dv, dgk, dh0
-
-
-def _triton_chunk_gate_grad(dG, h, S, dh, C, axis):
-    """A per-channel log-decay's gradient from dG [T, N, D], the gradient of its within-chunk cumsum
-    G: plus the decay of the whole leaving state at each chunk's last row (sum_{other axis} S_new dS,
-    `axis` -1 for per-key, -2 for per-value), then a reverse cumsum within each chunk."""
-    T, N, D = dG.shape
-    nt = triton.cdiv(T, C)
-    S_new = torch.cat([h[1:], S.float()[None]])                                        # leaving each chunk
-    last = torch.clamp(torch.arange(1, nt + 1, device=dG.device) * C, max=T) - 1
-    dG[last] += (S_new * dh).sum(axis)
-    dG = torch.cat([dG, dG.new_zeros(nt * C - T, N, D)]).view(nt, C, N, D)
-    return dG.flip(1).cumsum(1).flip(1).reshape(nt * C, N, D)[:T]
-
-
-def _triton_chunk_value_backward(q, k, v, gv, h, S, o, do, dS, C):
-    """Launch the per-value-decay backward: (dq, dk, dv, dgv, dh0) in float32; dGv_i = do_i o_i - v_i dv_i
-    (the output side and the input side of e^{Gv_i - Gv_j}), then as for per-key decays."""
-    T, N, K = q.shape
-    V = v.shape[-1]
-    BT, BK, BV = _triton_chunk_blocks(C, K, V)
-    nt = triton.cdiv(T, C)
-    do = do.contiguous()
-    dh = torch.empty(nt, N, K, V, dtype=torch.float32, device=q.device)
-    dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
-    _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
-        q, gv, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
-        HAS_G=True, GK=False, GV=True, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
-    dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
-    dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
-    _triton_chunk_bwd_value[(nt, N)](q, k, v, gv, h, dh, do, dq, dk, dv, T, N, K, V, C,
-                                     BT=BT, BC=16, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))
-    dgv = _triton_chunk_gate_grad(do.float() * o.float() - v.float() * dv, h, S, dh, C, -2)
-    return dq, dk, dv, dgv, dh0
+        q, g, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
+        HAS_G=True, GK=key, GV=not key, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+    dq, dk, dv = torch.empty(T, N, K, **f32), torch.empty(T, N, K, **f32), torch.empty(T, N, V, **f32)
+    dg = torch.empty(g.shape, **f32)
+    kernel = _triton_chunk_bwd_key if key else _triton_chunk_bwd_value
+    kernel[(nt, N)](q, k, v, g, h, dh, do, dq, dk, dv, dg, T, N, K, V, C,
+                    BT=BT, BC=16, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))                   # all of V
+    return dq, dk, dv, dg, dh0
 
 
 def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
@@ -657,7 +676,7 @@ class _triton_chunk_function(torch.autograd.Function):
             ctx.kind = "value" if gv is not None else "scalar" if _triton_chunk_is_scalar(gk, gv) else "key"
         save = ctx.kind is not None and any(ctx.needs_input_grad)
         o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=save)
-        ctx.save_for_backward(q, k, v, gk, gv, h0, h, S, o if ctx.kind == "value" else None)
+        ctx.save_for_backward(q, k, v, gk, gv, h0, h)
         ctx.chunk = C
         return o, S
 
@@ -665,13 +684,13 @@ class _triton_chunk_function(torch.autograd.Function):
     def backward(ctx, do, dS):
         if ctx.kind is None:
             return _chunk_recompute_backward(_chunk_linear, ctx, do, dS)
-        q, k, v, gk, gv, h0, h, S, o = ctx.saved_tensors
+        q, k, v, gk, gv, h0, h = ctx.saved_tensors
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dgk = dgv = None
         if ctx.kind == "key":
-            dq, dk, dv, dgk, dh0 = _triton_chunk_key_backward(q, k, v, gk.contiguous(), h, S, do, dS, ctx.chunk)
+            dq, dk, dv, dgk, dh0 = _triton_chunk_channel_backward(q, k, v, gk.contiguous(), h, do, dS, ctx.chunk, True)
         elif ctx.kind == "value":
-            dq, dk, dv, dgv, dh0 = _triton_chunk_value_backward(q, k, v, gv.contiguous(), h, S, o, do, dS, ctx.chunk)
+            dq, dk, dv, dgv, dh0 = _triton_chunk_channel_backward(q, k, v, gv.contiguous(), h, do, dS, ctx.chunk, False)
         else:
             g = None if gk is None else gk.reshape(gk.shape[0], -1).contiguous()
             dq, dk, dv, dg, dh0 = _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, ctx.chunk)
