@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 
 __all__ = [
-    "nn", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
+    "nn", "layers", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
     "RnncError", "RnncSyntaxError", "UnknownNameError", "ShapeError", "DimError", "StateError", "ArityError",
     "TypeError_", "UnsupportedError", "SpecNotFoundError", "BuildError", "InputError", "InternalError", "NumberError",
     "RnncWarning", "Diagnostic", "Note",
@@ -33,9 +33,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """`rnnc.nn` (the torch.nn drop-ins) imports torch: loaded on first use, so that compiling does not."""
-    if name == "nn":
+    """`rnnc.nn` (the torch.nn drop-ins) and `rnnc.layers` import torch: loaded on first use, so that
+    compiling does not."""
+    if name in ("nn", "layers"):
         import importlib
 
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'rnnc' has no attribute {name!r}")

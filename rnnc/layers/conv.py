@@ -1,0 +1,68 @@
+"""The short causal convolution fla's layers put on their projections (fla.modules.ShortConvolution)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise conv1d over time, then SiLU (or nothing): y_t = act(b + Σ_j w[:, 0, j] x_{t-W+1+j}).
+
+    The weight is nn.Conv1d's `[channels, 1, W]` (fla's layout, so its weights copy over). The W - 1
+    inputs before a sequence's first step come from `cache` (zeros without one), and the call
+    returns the W - 1 last inputs of every sequence as the next cache, so decoding one token a call
+    equals one call over the whole sequence. With `cu_seqlens`, x is a packed batch `[1, total, C]`
+    and no sequence sees another's inputs; a sequence of length 0 keeps its cache.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, bias: bool = False, activation: str | None = "silu",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if activation not in ("silu", "swish", None):
+            raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv1d's initialisation: U(-1/sqrt(W), 1/sqrt(W)) for a depthwise kernel of width W."""
+        bound = 1 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}, " \
+               f"activation={self.activation}"
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, C] (or [1, total, C] with cu_seqlens); cache: [N, W - 1, C]. Returns (y like x, cache)."""
+        pad, C = self.kernel_size - 1, self.channels
+        if cu_seqlens is None:
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        else:
+            lengths = torch.as_tensor(cu_seqlens, device=x.device).diff().long()
+        flat = x.reshape(-1, C)
+        N = lengths.numel()
+        if cache is None:
+            cache = flat.new_zeros(N, pad, C)
+        # every sequence laid out after its cache, all back to back: one conv1d over the lot, whose
+        # output at a token's row reads only that token's sequence and cache
+        ext_start = F.pad((lengths + pad).cumsum(0), (1, 0))[:-1]
+        seq = torch.repeat_interleave(torch.arange(N, device=x.device), lengths)
+        token_start = F.pad(lengths.cumsum(0), (1, 0))[:-1]
+        rows = ext_start[seq] + pad + torch.arange(flat.shape[0], device=x.device) - token_start[seq]
+        taps = torch.arange(pad, device=x.device)
+        ext = flat.new_zeros(flat.shape[0] + N * pad, C).index_copy(0, rows, flat)
+        ext = ext.index_copy(0, (ext_start[:, None] + taps).reshape(-1), cache.reshape(-1, C).to(flat.dtype))
+        y = F.conv1d(ext.t().unsqueeze(0), self.weight, self.bias, groups=C)[0].t()[rows - pad]
+        if self.activation is not None:
+            y = F.silu(y)
+        return y.reshape(x.shape), ext[(ext_start + lengths)[:, None] + taps]
