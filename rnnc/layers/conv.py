@@ -53,6 +53,8 @@ class ShortConvolution(nn.Module):
         N = lengths.numel()
         if cache is None:
             cache = flat.new_zeros(N, pad, C)
+        if flat.shape[0] == 0:  # no tokens in this call: every sequence keeps its cache
+            return x, cache
         # every sequence laid out after its cache, all back to back: one conv1d over the lot, whose
         # output at a token's row reads only that token's sequence and cache
         ext_start = F.pad((lengths + pad).cumsum(0), (1, 0))[:-1]

@@ -241,7 +241,7 @@ class Layer(nn.Module):
             o = self.o_norm(o)
         if self.gate_proj is not None:
             o = o * F.silu(self.gate_proj(x).reshape(o.shape))
-        o = self.o_proj(o.reshape(*o.shape[:2], -1))
+        o = self.o_proj(o.reshape(*o.shape[:2], self.o_proj.in_features))
         if indices is not None:
             o = o.new_zeros(B * T, o.shape[-1]).index_copy(0, indices, o[0]).reshape(B, T, -1)
         if past_key_values is None and use_cache:
@@ -253,23 +253,24 @@ class Layer(nn.Module):
     def _run_cell(self, inputs: list[torch.Tensor], state: dict | None, cu_seqlens: torch.Tensor | None):
         """(the chosen output, final states). Sequences of length 0 (all-padding rows) keep their states."""
         if cu_seqlens is None:
-            y, final = self.cell(*inputs, state=state)
+            return self._output(self.cell(*inputs, state=state))
+        lengths = torch.as_tensor(cu_seqlens).diff()
+        keep = (lengths > 0).nonzero().squeeze(-1)
+        if keep.numel() == lengths.numel():
+            return self._output(self.cell(*inputs, state=state, cu_seqlens=cu_seqlens))
+        # the cells take strictly rising cu_seqlens: run the other sequences, carry these rows' states over
+        if state is None:
+            state = self.initial_state(lengths.numel(), inputs[0])
+        kept = {k: v[keep.to(v.device)] for k, v in state.items()}
+        if keep.numel():
+            y, fin = self._output(self.cell(*inputs, state=kept, cu_seqlens=F.pad(lengths[keep].cumsum(0), (1, 0))))
         else:
-            lengths = torch.as_tensor(cu_seqlens).diff()
-            keep = (lengths > 0).nonzero().squeeze(-1)
-            if keep.numel() == lengths.numel():
-                y, final = self.cell(*inputs, state=state, cu_seqlens=cu_seqlens)
-            else:  # the cells take strictly rising cu_seqlens: run the others, carry these rows over
-                if state is None:
-                    state = self.initial_state(lengths.numel(), inputs[0])
-                kept = {k: v[keep.to(v.device)] for k, v in state.items()}
-                if keep.numel():
-                    y, fin = self.cell(*inputs, state=kept, cu_seqlens=F.pad(lengths[keep].cumsum(0), (1, 0)))
-                else:
-                    y, fin = tuple(x.new_zeros(1, 0, *self.output_shape) for _ in range(self.output_index + 1)), kept
-                final = {k: v.index_copy(0, keep.to(v.device), fin[k].to(v.dtype)) for k, v in state.items()}
-        y = y[self.output_index] if isinstance(y, tuple) else y
-        return y, final
+            y, fin = inputs[0].new_zeros(1, 0, *self.output_shape), kept
+        return y, {k: v.index_copy(0, keep.to(v.device), fin[k].to(v.dtype)) for k, v in state.items()}
+
+    def _output(self, result: tuple) -> tuple[torch.Tensor, dict]:
+        y, final = result
+        return (y[self.output_index] if isinstance(y, tuple) else y), final
 
     def initial_state(self, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cell's initial states for `batch` sequences (what it starts from without a cache)."""
