@@ -85,22 +85,22 @@ def _size(expr, sizes: dict[str, int]) -> int:
 class Layer(nn.Module):
     """A cell with fla's layer around it: `Layer("gla", hidden_size=256, num_heads=4)`.
 
-    spec/cell: as in `rnnc.build` (a library name, a .rnn path, source text or a Program).
-    hidden_size, num_heads, expand_k, expand_v: key width hidden_size * expand_k and value width
-    hidden_size * expand_v, split over the heads. The heads are an extra dim of the cell's inputs
-    ([B, T, heads, *declared]), or the cell's own dim NH when it declares one (mamba2, retnet).
-    dims: sizes of the cell's dims; unset ones take the spec's default, else the conventions
-    K = head_k_dim; V, D, H, I, P = head_v_dim; N = 16; M = 64; NH = num_heads.
-    backend, chunk_size: the cell's lowering, as in `rnnc.build`.
-    output: which output to read when the cell has several.
-    activations, qk_norm, scale (default head_k_dim^-1/2 on query inputs), gate_logit_normalizer:
-    the input transforms (module docstring). low_rank={"g": 16}: that input's projection goes through
-    a rank-16 bottleneck (with a bias), as fla's GLA gate.
-    use_short_conv, conv_size, conv_bias, conv_inputs: a ShortConvolution on each input of a role that
-    takes one (or on `conv_inputs`).
-    norm, norm_eps, use_output_gate: RMSNorm of each head's output, times swish(a projection of the
-    hidden states) (fla's FusedRMSNormGated).
-    layer_idx: this layer's entry in a Cache.
+    - spec, cell: as in `rnnc.build` (a library name, a .rnn path, source text or a Program).
+    - hidden_size, num_heads, expand_k, expand_v: key width hidden_size * expand_k and value width
+      hidden_size * expand_v, split over the heads. The heads are an extra dim of the cell's inputs
+      ([B, T, heads, *declared]), or the cell's own dim NH when it declares one (mamba2, retnet).
+    - dims: sizes of the cell's dims; unset ones take the spec's default, else the conventions
+      K = head_k_dim; V, D, H, I, P = head_v_dim; N = 16; M = 64; NH = num_heads.
+    - backend, chunk_size: the cell's lowering, as in `rnnc.build`.
+    - output: which output to read when the cell has several.
+    - activations, qk_norm, scale (default head_k_dim^-1/2 on query inputs), gate_logit_normalizer:
+      the input transforms (module docstring). low_rank={"g": 16}: that input's projection goes
+      through a rank-16 bottleneck (with a bias), as fla's GLA gate.
+    - use_short_conv, conv_size, conv_bias, conv_inputs: a ShortConvolution on each input of a role
+      that takes one (or on `conv_inputs`).
+    - norm, norm_eps, use_output_gate: RMSNorm of each head's output, times swish(a projection of
+      the hidden states) (fla's FusedRMSNormGated).
+    - layer_idx: this layer's entry in a Cache.
     """
 
     def __init__(self, spec: Spec = "gla", hidden_size: int = 256, num_heads: int = 4, *, cell: str | None = None,
