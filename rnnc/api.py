@@ -17,7 +17,11 @@ from .resources import specs_dir
 Spec = Union[Program, str, Path]
 
 def parse(text: str, filename: str = "<string>", import_roots=()) -> Program:
-    """Parse and type-check .rnn source text; raises RnncError (with line, column, excerpt).
+    """Parse and type-check .rnn source text.
+
+    Raises one RnncError for all the errors of the text: the first by position (its class, line and
+    column), whose `diagnostics` lists every one and whose text shows them all. Names declared and
+    never used are issued as `RnncWarning`s (and kept in the program's `warnings`).
 
     `import "x.rnn"` reads a file relative to `filename`'s folder, inside that folder, the library's,
     those in $RNNC_IMPORT_PATH or `import_roots` (docs/security.md); text without a filename imports

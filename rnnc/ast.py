@@ -167,6 +167,7 @@ class Let:
     names: list[str]
     value: Expr
     loc: Loc
+    name_locs: list[Loc] = field(default_factory=list)  # where each name is written
 
 
 @dataclass

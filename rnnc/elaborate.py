@@ -182,8 +182,8 @@ class Elaborator:
             if isinstance(s, ast.ParamDecl):
                 warn("param", s.name, s.loc, "remove it (it is still trained and saved), or use it")
             elif isinstance(s, ast.Let):
-                for name in s.names:
-                    warn("let", name, s.loc, f"remove it, or name it '_{name}' if it is unused on purpose")
+                for name, loc in zip(s.names, s.name_locs or [s.loc] * len(s.names)):
+                    warn("let", name, loc, f"remove it, or name it '_{name}' if it is unused on purpose")
 
     # ---- declarations -----------------------------------------------------------------
 
@@ -424,15 +424,18 @@ class Elaborator:
         if name in self._failed:
             raise _Poisoned(name)
         kind = self.kinds.get(name)
+        where = self.cell_scope.where.get(name)
         if kind is None:
             if name in self.cell_scope.values:
                 raise StateError(f"cannot assign '{name}': it is a let binding", loc,
-                                 "let names are immutable; declare a state to carry a value across steps")
+                                 "let names are immutable; declare a state to carry a value across steps",
+                                 [Note(f"'{name}' is defined here", where)] if where else ())
             raise UnknownNameError(f"assignment to undeclared name '{name}'", loc,
                                    f"use `let {name} = ...`, or declare `state {name}: [...] = ...`")
         if kind not in ("a state", "an output"):
             raise StateError(f"cannot assign '{name}': it is {kind}", loc,
-                             "only states and outputs are assigned; use `let` for new names")
+                             "only states and outputs are assigned; use `let` for new names",
+                             [Note(f"'{name}' is declared {kind} here", where)] if where else ())
         if name in assigned:
             what = "state" if kind == "a state" else "output"
             raise StateError(f"{what} '{name}' is assigned twice in one step", loc,

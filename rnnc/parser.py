@@ -91,6 +91,14 @@ def _loc(filename: str, lines: list[str], line: int, column: int, end_line: int 
     return Loc(filename, line, column, src, end_line, end_column)
 
 
+class _Names(list):
+    """The names of a `names` rule, with where each is written (`locs`)."""
+
+    def __init__(self, names: list[str], locs: list[Loc]) -> None:
+        super().__init__(names)
+        self.locs = locs
+
+
 @v_args(meta=True)
 class _Build(Transformer_NonRecursive):
     """Lark tree → rnnc.ast, without recursion (a flat sum of many terms is a deep tree). Each method
@@ -142,7 +150,7 @@ class _Build(Transformer_NonRecursive):
     def def_stmt(self, meta, children):
         name, params, body = children
         lets, returns = body
-        return ast.Def(self._name(name), params or [], lets, returns, self._at(name))
+        return ast.Def(self._name(name), list(params or []), lets, returns, self._at(name))
 
     def combine_stmt(self, meta, children):
         name, left, right, identity, body = children
@@ -152,7 +160,7 @@ class _Build(Transformer_NonRecursive):
 
     def combine_side(self, meta, children):
         if isinstance(children[0], list):
-            return children[0]
+            return list(children[0])
         return [self._name(children[0])]
 
     def def_expr(self, meta, children):
@@ -176,7 +184,7 @@ class _Build(Transformer_NonRecursive):
         return ast.Port(self._name(name), shape, self._at(name))
 
     def names(self, meta, children):
-        return [self._name(t) for t in children]
+        return _Names([self._name(t) for t in children], [self._at(t) for t in children])
 
     # -- statements --
     def dim_stmt(self, meta, children):
@@ -201,11 +209,11 @@ class _Build(Transformer_NonRecursive):
 
     def let_stmt(self, meta, children):
         names, value = children
-        return ast.Let(names, value, self._at(meta))
+        return ast.Let(list(names), value, self._at(meta), names.locs)
 
     def assign_stmt(self, meta, children):
         names, value = children
-        return ast.Assign(names, value, self._at(meta))
+        return ast.Assign(list(names), value, self._at(meta))
 
     # -- shapes --
     def shape(self, meta, children):

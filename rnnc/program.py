@@ -75,9 +75,9 @@ def unused_def_lets(module: ast.Module) -> list[Diagnostic]:
         for e in [*(let.value for let in d.lets), *d.returns]:
             read |= _names_read(e)
         for let in d.lets:
-            for name in let.names:
+            for name, loc in zip(let.names, let.name_locs or [let.loc] * len(let.names)):
                 if name not in read and not name.startswith("_"):
-                    out.append(Diagnostic("warning", f"let '{name}' is never used", let.loc,
+                    out.append(Diagnostic("warning", f"let '{name}' is never used", loc,
                                           f"remove it, or name it '_{name}' if it is unused on purpose",
                                           kind="unused-let"))
     return out

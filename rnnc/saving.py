@@ -38,14 +38,15 @@ def reduce_cell(self):
 def rebuild(recipe: dict[str, Any]):
     """An uninitialised instance of the cell class regenerated from `recipe`; pickle then sets its
     attributes (the parameters and the rest of the pickled state)."""
-    from .api import build, parse
+    from .api import build
+    from .program import parse_program  # not api.parse: its warnings were shown when the cell was built
 
     key = _key(recipe)
     if key not in _classes:
         if recipe.get("version") != 1:
             raise ValueError(f"this pickle holds an rnnc cell recipe of version {recipe.get('version')!r}; "
                              "this rnnc reads version 1")
-        program = parse(recipe["text"], recipe["file"])
+        program = parse_program(recipe["text"], recipe["file"])
         built = build(program, cell=recipe["cell"], backend=recipe["backend"], backward=recipe["backward"],
                       chunk_size=recipe["chunk_size"], device=_available(recipe["device"]), **recipe["dims"])
         _classes[key] = type(built), {k: built.__dict__[k] for k in _REGENERATED}

@@ -349,6 +349,14 @@ def test_redeclarations_note_the_first():
     assert [(n.loc.line, n.loc.column) for n in twice.notes] == [(5, 5)]
 
 
+@pytest.mark.parametrize("decl, kind", [("param W: [H] = 0", "param"), ("let W = x", "defined")])
+def test_assigning_a_param_or_let_notes_its_declaration(decl, kind):
+    text = f"cell c(x: [H]) -> (y: [H]) {{\n    {decl}\n    W = x\n    y = W\n}}\n"
+    err = errors_of(text)
+    assert isinstance(err, StateError) and (err.line, err.column) == (3, 5)
+    assert [n.loc.line for n in err.notes] == [2] and kind in err.notes[0].message
+
+
 def test_def_arity_notes_the_def():
     text = "def f(a, b) = a + b\ncell c(x: [H]) -> (y: [H]) {\n    y = f(x)\n}\n"
     err = errors_of(text)
@@ -427,6 +435,8 @@ UNUSED = src("""
 def test_unused_names_are_warnings():
     with pytest.warns(RnncWarning):
         prog = rnnc.parse(UNUSED, FILE)
+    lets = {d.message: (d.loc.line, d.loc.column) for d in prog.warnings if d.kind == "unused-let"}
+    assert lets["let 'q' is never used"] == (6, UNUSED.splitlines()[5].index("q") + 1)  # the name itself
     got = sorted((d.kind, d.loc.line) for d in prog.warnings)
     assert got == [("unused-input", 1), ("unused-let", 4), ("unused-let", 6), ("unused-let", 10), ("unused-param", 2)]
     assert all(d.severity == "warning" for d in prog.warnings)
@@ -531,3 +541,19 @@ def test_check_never_shows_a_traceback(tmp_path, capsys, text):
     assert code in (0, 1)
     if code == 1:
         assert re.search(r"m\.rnn:\d+:\d+: error: ", err), err
+
+
+def test_unpickling_a_cell_does_not_warn_again(monkeypatch):
+    """A cell's warnings are shown when it is built, not again each time it is loaded."""
+    import pickle
+
+    from rnnc import saving
+
+    with pytest.warns(RnncWarning):
+        cell = rnnc.build("cell c(x: [H], u: [H]) -> (y: [H]) {\n    y = x\n}\n", backend="loop", H=2)
+    data = pickle.dumps(cell)
+    monkeypatch.setattr(saving, "_classes", {})  # regenerate the class, as in a fresh process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RnncWarning)
+        twin = pickle.loads(data)
+    assert type(twin).__name__ == type(cell).__name__
