@@ -112,7 +112,12 @@ def test_python_example(block: Block, tmp_path, monkeypatch):
     torch.manual_seed(0)
     # blank lines first, so that a traceback names the line of the document
     code = compile("\n" * block.line + block.code, str(block.doc), "exec")
-    exec(code, {"__name__": "__doc_example__"})
+    dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    try:
+        exec(code, {"__name__": "__doc_example__"})
+    finally:  # an example that changes torch's global settings does not change the next test's
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
 
 
 # ----------------------------------------------------------------------------------- rnn
