@@ -5,7 +5,7 @@ pure-PyTorch chunked reference (fp32, forward+backward).
 
 Shape from issue 3: B=2, T=2048, H=4, K=V=64 (heads as the extra dim: inputs [B, T, H, K]).
 The peer is flash-linear-attention's `naive_chunk_simple_gla` (optional: `pip install fla-core`),
-loaded by file path so triton is not imported, called with scale=1 on the same inputs.
+loaded by file path so triton is not imported, called with its default scale K^-1/2 (the spec's) on the same inputs.
 Each timing runs in a fresh Python process (median of --repeats after --warmup calls); outputs are
 checked against the loop (and the peer) first.
 """
@@ -63,7 +63,7 @@ def time_here(name: str, backend: str, repeats: int, chunk_size: int | None) -> 
         naive = _fla_naive()
 
         def peer():
-            naive.naive_chunk_simple_gla(*xs, scale=1.0)[0].sum().backward()
+            naive.naive_chunk_simple_gla(*xs)[0].sum().backward()
         return timed(peer, repeats)
     cell = rnnc.build(name, backend=backend, chunk_size=chunk_size if backend == "chunk" else None, **_dims(name))
     return timed(fwd_bwd(cell, xs), repeats)
@@ -126,7 +126,7 @@ def main() -> None:
     q, k, v, g = inputs("simple_gla")
     cell = rnnc.build("simple_gla", backend="chunk")
     with torch.no_grad():
-        ref = naive.naive_chunk_simple_gla(q, k, v, g, scale=1.0)[0]
+        ref = naive.naive_chunk_simple_gla(q, k, v, g)[0]  # both K^-1/2
         assert (cell(q, k, v, g)[0] - ref).abs().max() <= 1e-3 * ref.abs().max()
     tp = time_isolated("simple_gla", "fla", args)
     tc = time_isolated("simple_gla", "chunk", args)

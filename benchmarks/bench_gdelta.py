@@ -5,7 +5,7 @@ the loop, and against fla's pure-PyTorch chunked references where they exist (fp
 
 Shape from issue 10: B=2, T=2048, H=4, K=V=64 (heads as the extra dim: inputs [B, T, H, ...]).
 Peers (optional: `pip install fla-core`; loaded by file path, so triton is not imported):
-naive_chunk_kda (64-step chunks, scale 1) for kda, and the DPLR chunked reference dplr_chunkwise
+naive_chunk_kda (64-step chunks, its default scale K^-1/2 as the spec) for kda, and the DPLR chunked reference dplr_chunkwise
 (head-first, 32-step chunks) that fla's RWKV-7 chunk op stands on for rwkv7. fla has no pure-PyTorch
 chunked DeltaProduct (its chunk_ref calls Triton kernels). Each timing runs in a fresh Python process
 (median of --repeats after --warmup calls); outputs are checked against the loop (and the peer) first.
@@ -65,7 +65,7 @@ def peer(name: str):
     if name == "kda":
         naive = _fla_naive("kda")
         return None if naive is None else \
-            (lambda q, k, v, g, beta: naive.naive_chunk_kda(q, k, v, g, beta, scale=1.0, chunk_size=64)[0])
+            (lambda q, k, v, g, beta: naive.naive_chunk_kda(q, k, v, g, beta, chunk_size=64)[0])
     if name == "rwkv7":
         naive = _fla_naive("generalized_delta_rule/dplr")
         if naive is None:

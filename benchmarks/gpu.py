@@ -61,11 +61,11 @@ def fla_peer(name: str):
     import fla.ops as ops
 
     fns = {
-        "gla": lambda q, k, v, g: ops.gla.chunk_gla(q, k, v, g, scale=1.0)[0],
-        "simple_gla": lambda q, k, v, g: ops.simple_gla.chunk_simple_gla(q, k, v, g, scale=1.0)[0],
-        "deltanet": lambda q, k, v, beta: ops.delta_rule.chunk_delta_rule(q, k, v, beta, scale=1.0)[0],
+        "gla": lambda q, k, v, g: ops.gla.chunk_gla(q, k, v, g)[0],
+        "simple_gla": lambda q, k, v, g: ops.simple_gla.chunk_simple_gla(q, k, v, g)[0],
+        "deltanet": lambda q, k, v, beta: ops.delta_rule.chunk_delta_rule(q, k, v, beta)[0],
         "gated_deltanet": lambda q, k, v, g, beta: ops.gated_delta_rule.chunk_gated_delta_rule(
-            q, k, v, g, beta, scale=1.0)[0],
+            q, k, v, g, beta)[0],
         "hgrn": lambda x, g: ops.hgrn.fused_recurrent_hgrn(x, g)[0],
     }
     return fns[name], f"fla {name}"

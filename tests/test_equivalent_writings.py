@@ -298,7 +298,7 @@ def source(name: str, body: str) -> str:
         assert SPEC_EDITS[name] in text
         return text.replace(SPEC_EDITS[name], body)
     if name in MATRIX:
-        return f"cell {name}{MATRIX[name]} {{\n    state S: [K, V] = 0\n    {body}\n    o = q @ S\n}}\n"
+        return f"cell {name}{MATRIX[name]} {{\n    state S: [K, V] = 0\n    {body}\n    o = (q * K ** -0.5) @ S\n}}\n"
     if name == "rwkv6":
         return ("cell rwkv6(r: [K], k: [K], v: [V], w: [K]) -> (o: [V]) {\n    param u: [K] = 0\n"
                 f"    state S: [K, V] = 0\n    {body}\n}}\n")
@@ -379,12 +379,12 @@ SCALED = {
     "outer-by-broadcasting": ("gla", "outer(k, v)", "k[:, None] * v[None, :]"),
     "outer-by-broadcasting-row": ("simple_gla", "outer(k, v)", "v * k[:, None]"),
     "outer-in-delta-rule": ("deltanet", "beta * outer(k, k)", "beta * (k[:, None] * k[None, :])"),
-    "scaled-readout": ("gla", "o = q @ S", "o = q @ S / sqrt(K)"),
-    "halved-readout": ("gla", "o = q @ S", "o = 0.5 * (q @ S)"),
-    "scaled-query": ("simple_gla", "o = q @ S", "o = (q * K ** -0.5) @ S"),
-    "gated-readout": ("simple_gla", "o = q @ S", "o = sigmoid(g) * (q @ S)"),
-    "negated-scaled-readout": ("deltanet", "o = q @ S", "o = -(q / sqrt(K)) @ S"),
-    "scaled-dplr-readout": ("kda", "o = q @ S", "o = (q @ S) * K ** -0.5"),
+    "unscaled-readout": ("gla", "o = q @ S / sqrt(K)", "o = q @ S"),
+    "halved-readout": ("gla", "o = q @ S / sqrt(K)", "o = 0.5 * (q @ S)"),
+    "scaled-query": ("simple_gla", "o = q @ S / sqrt(K)", "o = (q * K ** -0.5) @ S"),
+    "gated-readout": ("simple_gla", "o = q @ S / sqrt(K)", "o = sigmoid(g) * (q @ S)"),
+    "negated-scaled-readout": ("deltanet", "o = q @ S / sqrt(K)", "o = -(q / sqrt(K)) @ S"),
+    "scaled-dplr-readout": ("kda", "o = q @ S / sqrt(K)", "o = (q @ S) * K ** -0.5"),
     "scaled-readout-before": ("rwkv6", "o = r @ S", "o = 2 * (r @ S)"),
 }
 

@@ -38,14 +38,19 @@ def _read(q, S):
     return torch.einsum("...k,...kv->...v", q, S)
 
 
+def _scaled(q, S):
+    """o = S^T q / sqrt(K): the query scale fla applies by default (kda, deltaproduct, deltanet_neg)."""
+    return _read(q, S) / q.shape[-1] ** 0.5
+
+
 def ref_kda(x, S):
-    # S_t = (I - beta k k^T) diag(exp(g)) S_{t-1} + beta k v^T ; o_t = S_t^T q_t
+    # S_t = (I - beta k k^T) diag(exp(g)) S_{t-1} + beta k v^T ; o_t = S_t^T q_t / sqrt(K)
     os_ = []
     for t in range(x["q"].shape[1]):
         k, beta = x["k"][:, t], x["beta"][:, t][..., None, None]
         S = torch.exp(x["g"][:, t]).unsqueeze(-1) * S
         S = S - beta * k.unsqueeze(-1) * _read(k, S).unsqueeze(-2) + beta * k.unsqueeze(-1) * x["v"][:, t].unsqueeze(-2)
-        os_.append(_read(x["q"][:, t], S))
+        os_.append(_scaled(x["q"][:, t], S))
     return torch.stack(os_, 1), S
 
 
@@ -62,24 +67,24 @@ def ref_rwkv7(x, S):
 
 
 def ref_deltaproduct(x, S):
-    # S <- exp(g) S, then per Householder step j: S <- S + beta_j k_j (v_j - S^T k_j)^T ; o_t = S^T q_t
+    # S <- exp(g) S, then per Householder step j: S <- S + beta_j k_j (v_j - S^T k_j)^T ; o_t = S^T q_t / sqrt(K)
     os_ = []
     for t in range(x["q"].shape[1]):
         S = torch.exp(x["g"][:, t])[..., None, None] * S
         for j in range(x["k"].shape[-2]):
             k, v, beta = x["k"][:, t, ..., j, :], x["v"][:, t, ..., j, :], x["beta"][:, t, ..., j]
             S = S + beta[..., None, None] * k.unsqueeze(-1) * (v - _read(k, S)).unsqueeze(-2)
-        os_.append(_read(x["q"][:, t], S))
+        os_.append(_scaled(x["q"][:, t], S))
     return torch.stack(os_, 1), S
 
 
 def ref_deltanet_neg(x, S):
-    # beta = 2 sigmoid(b); S_t = S_{t-1} + beta k (v - S^T k)^T ; o_t = S_t^T q_t
+    # beta = 2 sigmoid(b); S_t = S_{t-1} + beta k (v - S^T k)^T ; o_t = S_t^T q_t / sqrt(K)
     os_ = []
     for t in range(x["q"].shape[1]):
         k, beta = x["k"][:, t], 2 * torch.sigmoid(x["b"][:, t])
         S = S + beta[..., None, None] * k.unsqueeze(-1) * (x["v"][:, t] - _read(k, S)).unsqueeze(-2)
-        os_.append(_read(x["q"][:, t], S))
+        os_.append(_scaled(x["q"][:, t], S))
     return torch.stack(os_, 1), S
 
 
@@ -227,7 +232,7 @@ def _against(name: str, fla_fn, T: int = 40):
 
 def test_kda_against_fla_naive_recurrent_kda():
     naive = fla_naive("ops/kda/naive.py")
-    _against("kda", lambda x, s0: naive.naive_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=1.0,
+    _against("kda", lambda x, s0: naive.naive_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"],
                                                             initial_state=s0, output_final_state=True))
 
 
@@ -246,7 +251,8 @@ def test_rwkv7_against_fla_dplr_recurrence():
 
 @pytest.mark.parametrize("name", ["deltaproduct", "deltaproduct3"])
 def test_deltaproduct_against_fla_naive_gated_delta_product(name):
-    """fla interleaves the n_h keys, values and betas of a token into sequences of length T * n_h."""
+    """fla interleaves the n_h keys, values and betas of a token into sequences of length T * n_h; its
+    naive reference takes the scale explicitly (chunk_gated_delta_product defaults to K^-1/2)."""
     naive = fla_naive("ops/gated_delta_product/naive.py")
     n_h = CELLS[name][3]
 
@@ -256,7 +262,7 @@ def test_deltaproduct_against_fla_naive_gated_delta_product(name):
 
     def fla(x, s0):
         return naive.naive_recurrent_gated_delta_product(
-            x["q"], inter(x["k"]), inter(x["v"]), x["g"], inter(x["beta"]), scale=1.0, initial_state=s0,
+            x["q"], inter(x["k"]), inter(x["v"]), x["g"], inter(x["beta"]), scale=K ** -0.5, initial_state=s0,
             output_final_state=True, num_householder=n_h)
     _against(name, fla)
 

@@ -1,7 +1,8 @@
 """The linear-attention family of the spec library against references written from the papers.
 
 Specs: linear_attn, simple_gla, hgrn, rwkv6, gated_deltanet (fla's recurrent conventions: per
-head, inputs already projected, no scale, gates in natural-log space).
+head, inputs already projected, gates in natural-log space, and fla's default query scale
+K^-1/2 where fla applies it: all but rwkv6, whose layer passes scale=1).
 
 1. A plain-PyTorch float64 per-step loop written here from each paper's equations (see the spec
    file's comment), independently of rnnc. rnnc (loop backend, float32) must agree on outputs,
@@ -50,25 +51,30 @@ def _readout(q, S):
     return torch.einsum("...k,...kv->...v", q, S)
 
 
+def _scaled_readout(q, S):
+    """o = S^T q / sqrt(K): fla's default query scale."""
+    return _readout(q, S) / q.shape[-1] ** 0.5
+
+
 def ref_linear_attn(inp, p, s0):
-    # Katharopoulos et al. 2020: S_t = S_{t-1} + k_t v_t^T ; o_t = S_t^T q_t
+    # Katharopoulos et al. 2020: S_t = S_{t-1} + k_t v_t^T ; o_t = S_t^T q_t / sqrt(K)
     q, k, v = inp["q"], inp["k"], inp["v"]
     S = s0["S"]
     os_ = []
     for t in range(q.shape[1]):
         S = S + _outer(k[:, t], v[:, t])
-        os_.append(_readout(q[:, t], S))
+        os_.append(_scaled_readout(q[:, t], S))
     return [torch.stack(os_, 1)], {"S": S}
 
 
 def ref_simple_gla(inp, p, s0):
-    # S_t = exp(g_t) S_{t-1} + k_t v_t^T (g_t a scalar per step and head) ; o_t = S_t^T q_t
+    # S_t = exp(g_t) S_{t-1} + k_t v_t^T (g_t a scalar per step and head) ; o_t = S_t^T q_t / sqrt(K)
     q, k, v, g = inp["q"], inp["k"], inp["v"], inp["g"]
     S = s0["S"]
     os_ = []
     for t in range(q.shape[1]):
         S = torch.exp(g[:, t])[..., None, None] * S + _outer(k[:, t], v[:, t])
-        os_.append(_readout(q[:, t], S))
+        os_.append(_scaled_readout(q[:, t], S))
     return [torch.stack(os_, 1)], {"S": S}
 
 
@@ -101,7 +107,7 @@ def ref_rwkv6(inp, p, s0):
 
 def ref_gated_deltanet(inp, p, s0):
     # Yang, Kautz, Hatamizadeh 2024, eq. (gated delta rule):
-    #   S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T ; o_t = S_t^T q_t
+    #   S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T ; o_t = S_t^T q_t / sqrt(K)
     # written here with an explicit identity matrix and a matrix product (the spec is the same
     # form; fla's naive is the "decay, then error-correct" form, checked further down).
     q, k, v, g, beta = inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"]
@@ -113,7 +119,7 @@ def ref_gated_deltanet(inp, p, s0):
         b = beta[:, t][..., None, None]
         kt = k[:, t]
         S = a * ((eye - b * _outer(kt, kt)) @ S) + b * _outer(kt, v[:, t])
-        os_.append(_readout(q[:, t], S))
+        os_.append(_scaled_readout(q[:, t], S))
     return [torch.stack(os_, 1)], {"S": S}
 
 
@@ -318,7 +324,7 @@ def test_linear_attn_vs_fla(T):
     _, cell, inputs, init = _fla_case("linear_attn", T)
 
     def fla(x, p, s):
-        o, S = m.naive_recurrent_linear_attn(x["q"], x["k"], x["v"], scale=1.0,
+        o, S = m.naive_recurrent_linear_attn(x["q"], x["k"], x["v"],  # fla's default scale, K^-1/2
                                              initial_state=s["S"], output_final_state=True)
         return o, S
     _compare_with_fla(cell, inputs, init, fla)
@@ -330,7 +336,7 @@ def test_linear_attn_vs_fla_chunk():
     _, cell, inputs, init = _fla_case("linear_attn", 128)
     init = {"S": torch.zeros_like(init["S"])}
     _compare_with_fla(cell, inputs, init,
-                      lambda x, p, s: (m.naive_chunk_linear_attn(x["q"], x["k"], x["v"], scale=1.0), None),
+                      lambda x, p, s: (m.naive_chunk_linear_attn(x["q"], x["k"], x["v"]), None),
                       check_state=False)
 
 
@@ -340,27 +346,26 @@ def test_simple_gla_vs_fla(T):
     _, cell, inputs, init = _fla_case("simple_gla", T)
 
     def recurrent(x, p, s):
-        return m.naive_recurrent_simple_gla(x["q"], x["k"], x["v"], x["g"], scale=1.0,
+        return m.naive_recurrent_simple_gla(x["q"], x["k"], x["v"], x["g"],  # default scale K^-1/2
                                             initial_state=s["S"], output_final_state=True)
 
     def chunk(x, p, s):  # chunk 16: T = 37 crosses two boundaries and ends ragged
         return m.naive_chunk_simple_gla(x["q"], x["k"], x["v"], x["g"], initial_state=s["S"],
-                                        output_final_state=True, chunk_size=16, scale=1.0)
+                                        output_final_state=True, chunk_size=16)
     _compare_with_fla(cell, inputs, init, recurrent)
     _compare_with_fla(cell, inputs, init, chunk)
 
 
 def test_simple_gla_as_retnet_vs_fla_retention():
     """RetNet = simple_gla with a constant per-head decay gamma_h = 1 - 2^(-5-h) (fla's
-    naive_retention: head-first [B, H, T, K], scale K^-1/2 built in, zero initial state)."""
+    naive_retention: head-first [B, H, T, K], scale K^-1/2 built in as in simple_gla, zero initial state)."""
     m = fla_naive("ops/retention/naive.py")
     _, cell, inputs, init = _fla_case("simple_gla", 37)
     T = 37
     gamma = 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64))
     inputs["g"] = torch.log(gamma).float().expand(B, T, H).contiguous()
-    scale = K ** -0.5
     with torch.no_grad():
-        o, _ = cell(inputs["q"] * scale, inputs["k"], inputs["v"], inputs["g"])
+        o, _ = cell(inputs["q"], inputs["k"], inputs["v"], inputs["g"])
         o_ret = m.naive_retention(*(inputs[n].transpose(1, 2) for n in ("q", "k", "v"))).transpose(1, 2)
     assert rel_err(o, o_ret) <= TOL_FLA
 
@@ -414,12 +419,12 @@ def test_gated_deltanet_vs_fla(T):
     _, cell, inputs, init = _fla_case("gated_deltanet", T)
 
     def recurrent(x, p, s):  # note fla's argument order (..., beta, g) here
-        return m.naive_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], scale=1.0,
+        return m.naive_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"],
                                                   initial_state=s["S"], output_final_state=True)
 
     def chunk(x, p, s):  # (..., g, beta) here
         return m.naive_chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=16,
-                                              scale=1.0, initial_state=s["S"], output_final_state=True)
+                                              initial_state=s["S"], output_final_state=True)
     _compare_with_fla(cell, inputs, init, recurrent)
     _compare_with_fla(cell, inputs, init, chunk)
 
@@ -567,9 +572,9 @@ def test_extreme_gates_limits():
         sg, sg_f = rnnc.build("simple_gla", backend="loop")(**qkv, g=zero_s)
         torch.testing.assert_close(sg, la, rtol=0, atol=0)
         torch.testing.assert_close(sg_f["S"], la_f["S"], rtol=0, atol=0)
-        # g = -20 everywhere: o_t = (k_t . q_t) v_t up to ~1e-8 relative
+        # g = -20 everywhere: o_t = (k_t . q_t) v_t / sqrt(K) up to ~1e-8 relative
         sg20, sg20_f = rnnc.build("simple_gla", backend="loop")(**qkv, g=zero_s - 20)
-        local = (qkv["q"] * qkv["k"]).sum(-1, keepdim=True) * qkv["v"]
+        local = (qkv["q"] * qkv["k"]).sum(-1, keepdim=True) * qkv["v"] / K ** 0.5
         assert rel_err(sg20, local) <= 1e-6
         # hgrn: g = -20 gives h_t = x_t; g = 0 a running sum
         x = f(_n(g, B, T, *E, D))
@@ -598,16 +603,18 @@ def test_identities_between_library_cells():
         o1, f1 = build("gated_deltanet")(q, k, v, torch.zeros_like(gs), beta)
         o2, f2 = build("deltanet")(q, k, v, beta)
         assert rel_err(o1, o2) <= 1e-6 and rel_err(f1["S"], f2["S"]) <= 1e-6
-        # rwkv6 with u = 0 reads S_{t-1}: its o_t is gla's o_{t-1} with q_{t-1} := r_t
+        # rwkv6 with u = 0 reads S_{t-1}: its o_t is gla's o_{t-1} with q_{t-1} := r_t (rwkv6 has
+        # no query scale, gla fla's K^-1/2: r carries it)
         rw = build("rwkv6")
-        o_rw, f_rw = rw(q, k, v, gk)
+        r = q * K ** -0.5
+        o_rw, f_rw = rw(r, k, v, gk)
         o_gla, f_gla = build("gla")(q[:, 1:], k[:, :-1], v[:, :-1], gk[:, :-1])
         assert o_rw[:, 0].abs().max() == 0
         assert rel_err(o_rw[:, 1:], o_gla) <= 1e-6
         # rwkv6 with u = 1 and no decay is linear attention
         with torch.no_grad():
             rw.u.fill_(1.0)
-        o1, f1 = rw(q, k, v, torch.zeros_like(gk))
+        o1, f1 = rw(r, k, v, torch.zeros_like(gk))
         o2, f2 = build("linear_attn")(q, k, v)
         assert rel_err(o1, o2) <= 1e-6 and rel_err(f1["S"], f2["S"]) <= 1e-6
 

@@ -57,9 +57,9 @@ def ref_gla(inp, p, s0):
     S = s0["S"]
     os = []
     for t in range(q.shape[1]):
-        # S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T ; o_t = S_t^T q_t
+        # S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T ; o_t = S_t^T q_t / sqrt(K)
         S = torch.exp(g[:, t]).unsqueeze(-1) * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
-        os.append(torch.einsum("...k,...kv->...v", q[:, t], S))
+        os.append(torch.einsum("...k,...kv->...v", q[:, t], S) / math.sqrt(q.shape[-1]))
     return [torch.stack(os, 1)], {"S": S}
 
 
@@ -68,11 +68,11 @@ def ref_deltanet(inp, p, s0):
     S = s0["S"]
     os = []
     for t in range(q.shape[1]):
-        # delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T ; o_t = S_t^T q_t
+        # delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T ; o_t = S_t^T q_t / sqrt(K)
         kt, vt, bt = k[:, t], v[:, t], beta[:, t]
         v_old = torch.einsum("...k,...kv->...v", kt, S)
         S = S + bt[..., None, None] * kt.unsqueeze(-1) * (vt - v_old).unsqueeze(-2)
-        os.append(torch.einsum("...k,...kv->...v", q[:, t], S))
+        os.append(torch.einsum("...k,...kv->...v", q[:, t], S) / math.sqrt(q.shape[-1]))
     return [torch.stack(os, 1)], {"S": S}
 
 
