@@ -22,33 +22,47 @@ def default_chunk_size(plan: ChunkPlan) -> int:
 
 
 def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
-    """The one matrix state by a chunkwise-parallel algorithm (rnnc/runtime/chunk.py)."""
+    """The one matrix state by a chunkwise-parallel algorithm (rnnc/runtime/chunk.py). Heads declared
+    as a dim run as more rows of the batch ([T, N, NH, ...] -> [T, N·NH, ...]); a state read as S @ q
+    runs transposed."""
     cell, r = rec.cell, rec.r
     (s,) = cell.states
     size = plan.chunk_size or default_chunk_size(plan)
     L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (rnnc/runtime/chunk.py)")
-    L(f"s0_{s.name} = {rec.initial(s)}")
+    for n in plan.positive:  # a constant decay taken by its log
+        L(f"_chunk_check_decay({r.tensor(n, 'const')}, {cell.graph[n].name or 'the decay'!r})")
+    s0 = f"{rec.initial(s)}"
+    if plan.heads is not None:
+        s0 += ".flatten(0, 1)"
+    L(f"s0_{s.name} = {s0}{'.transpose(-1, -2)' if plan.transposed else ''}")
 
-    def values(nid: int | None) -> str:
-        """A plan node's values for every step, [T, N, *shape] (None: absent)."""
+    def values(nid: int | None, scalar: bool = False) -> str:
+        """A plan node's values for every step, [T, N, *shape] (None: absent); with heads [T, N·NH,
+        ...]; `scalar`: one per step and row, [T, N] (a scale, a gate, β)."""
         if nid is None:
             return "None"
+        shape = cell.graph[nid].shape
         if r.stages.get(nid) == "hoist":
-            return f"_time_major({r.operand(nid, 'hoist').text}, B, T)"
-        if not cell.graph[nid].shape:  # a constant (a fixed decay's log-gate): the same every step
+            text = f"_time_major({r.operand(nid, 'hoist').text}, B, T)"
+        elif not shape:  # a constant (a fixed decay's log-gate): the same every step
             return f"torch.full((T, N), {r.operand(nid, 'const').text}, dtype=cdt, device=dev)"
-        return f"{r.tensor(nid, 'const')}.to(cdt).expand(T, N, -1)"  # a constant vector (a param)
+        else:  # a constant vector (a param)
+            text = f"{r.tensor(nid, 'const')}.to(cdt).expand(T, N{', -1' * len(shape)})"
+        if scalar and len(shape) > (plan.heads is not None):
+            return f"{text}.reshape(T, -1)"
+        return f"{text}.flatten(1, 2)" if plan.heads is not None else text
 
-    def seq(key: str) -> str:
-        return values(getattr(plan, key))
+    def seq(key: str, scalar: bool = False) -> str:
+        return values(getattr(plan, key), scalar)
 
     q, k, v = seq("q"), seq("k"), seq("v")
-    target = f"out_{plan.output}, {r.name(s.node_in)}"
+    result = f"out_{plan.output}, {r.name(s.node_in)}"
+    target = f"out_{plan.output}, s_rows" if plan.heads is not None or plan.transposed else result
     before = ", before=True" if plan.before else ""  # o_t = q_t @ S_{t-1}
     if plan.kind == "linear":
         for sc in plan.scale:
-            k = f"{k} * _time_major({r.operand(sc, 'hoist').text}, B, T).unsqueeze(-1)"
-        gk = seq("gk") if plan.gk is not None else (f"{seq('g')}.unsqueeze(-1)" if plan.g is not None else "None")
+            k = f"{k} * {values(sc, scalar=True)}.unsqueeze(-1)"
+        gk = seq("gk") if plan.gk is not None else (f"{seq('g', True)}.unsqueeze(-1)" if plan.g is not None else "None")
         gv = seq("gv") if plan.gv is not None else "None"
         if plan.triton:
             L(f"_check_triton_device(s0_{s.name})")
@@ -68,13 +82,19 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
         L(f"{target} = _chunk_dplr({q}, {steps('k')}, {steps('v')}, {steps('a')}, {steps('b')}, {gates}, "
           f"s0_{s.name}, {size}{before})")
     else:
-        beta = seq("beta") if plan.beta is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
-        g = seq("g") if plan.g is not None else "None"
+        beta = seq("beta", True) if plan.beta is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
+        g = seq("g", True) if plan.g is not None else "None"
         if plan.triton:
             L(f"_check_triton_device(s0_{s.name})")
         fn = "_triton_delta_chunk" if plan.triton else "_chunk_delta"
         L(f"{target} = {fn}({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
     out = f"out_{plan.output}"
+    if target != result:  # back to [T, N, NH, ...] and the state's own layout
+        rows = "s_rows.transpose(-1, -2)" if plan.transposed else "s_rows"
+        if plan.heads is not None:
+            L(f"{out} = {out}.unflatten(1, (N, -1))")
+            rows += ".unflatten(0, (N, -1))"
+        L(f"{r.name(s.node_in)} = {rows}")
     for t, sign in plan.extra:  # the output's state-free terms, computed with the hoisted values
         term = (f"_time_major({r.operand(t, 'hoist').text}, B, T)" if r.stages.get(t) == "hoist"
                 else r.tensor(t, "const"))

@@ -17,12 +17,13 @@ exp(g): the chunk form needs log-gates to stay stable.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from . import dims as D
 from .ir import Cell, Graph, Node
 from .matrix_terms import matrix_terms
 from .plans import ChunkPlan
-from .linear_form import same, strip_newaxis
+from .linear_form import ones, same
 from .linearity import contraction, transitions
 from .scanplan import _binary, _const, zero_state
 from .dplrplan import NotStep, micro_steps, stage_of
@@ -40,17 +41,46 @@ def _constant_decay_ok(num) -> bool:
         return False
 
 
-def _log_gate(g: Graph, factor: int, size, side: str) -> int:
+def _unexpanded(g: Graph, nid: int) -> int:
+    """The value under index nodes that only add unit axes or take whole axes (`x[:, None]`,
+    `x[None, None]` of a scalar): the same numbers in another shape."""
+    while g[nid].op == "index" and all(
+            it[0] == "new" or (it[0] == "slice" and D.equal(it[1], 0) and D.equal(it[2], size))
+            for it, size in zip(g[nid].attrs["items"], _sizes(g[nid].attrs["items"], g[g[nid].args[0]].shape))):
+        nid = g[nid].args[0]
+    return nid
+
+
+def _sizes(items: tuple, shape) -> list:
+    """The operand's size each index item reads (None for a new axis)."""
+    out, axis = [], 0
+    for it in items:
+        if it[0] == "new":
+            out.append(None)
+        else:
+            out.append(shape[axis] if axis < len(shape) else None)
+            axis += 1
+    return out
+
+
+def _log_gate(g: Graph, factor: int, size, side: str, stages: dict[int, str] | None = None,
+              positive: list[int] | None = None) -> int:
     """The log-gate of a decay factor on `side` ("k": rows, exp(g)[:, None] or exp(g[:, None]);
-    "v": columns, exp(g) with g [V]; "s": a scalar exp(g))."""
-    base, _ = strip_newaxis(g, factor)
+    "v": columns, exp(g) with g [V]; "s": a scalar exp(g)). A decay that does not change with the
+    inputs (RetNet's fixed γ) need not be written as exp where `positive` is given: its log is taken,
+    and the node is added to `positive` (the generated code checks it is not negative)."""
+    base = _unexpanded(g, factor)
     node = g[base]
-    if node.op != "exp":
+    if node.op == "exp":
+        arg = _unexpanded(g, node.args[0])
+    elif positive is not None and stage_of(g, stages, base) == "const":
+        arg = g.add(Node("log", (base,), node.shape))
+        positive.append(base)
+    else:
         raise NotChunkable("its decay is not written as exp(log-gate)")
-    arg, _ = strip_newaxis(g, node.args[0])
-    shape = [d for d in g[arg].shape if not D.equal(d, D.ONE)] if side != "s" else list(g[arg].shape)
-    if side == "s" and not shape and not g[arg].shape:
-        return arg
+    if side == "s" and ones(g[arg].shape):  # (a [1, 1] log-gate: its one element)
+        shape = g[arg].shape
+        return g.add(Node("index", (arg,), (), attrs={"items": (("int", D.const(0)),) * len(shape)})) if shape else arg
     if side != "s" and len(g[arg].shape) == 1 and D.equal(g[arg].shape[0], size):
         return arg
     raise NotChunkable(f"its decay has shape {D.fmt_shape(g[factor].shape)}, not per key, per value or scalar")
@@ -75,14 +105,14 @@ def _update(g: Graph, nid: int | None) -> tuple[list[int], int, int]:
     return [n for n, _ in t.scalars], k, v
 
 
-def _decay_gates(g: Graph, decay, K, V) -> dict[str, list[int]]:
+def _decay_gates(g: Graph, stages: dict[int, str], decay, K, V, positive: list[int]) -> dict[str, list[int]]:
     """The log-gates of a factored-out decay, by kind ("k" per key, "v" per value, "s" scalar)."""
     if decay.elem or any(inv for _, inv in decay.scalars) or any(a.inv for a in decay.left + decay.right) \
             or not _constant_decay_ok(decay.num):
         raise NotChunkable("its decay is not written as exp(log-gate) or a positive constant")
-    gates = {"k": [_log_gate(g, a.node, K, "k") for a in decay.left],
-             "v": [_log_gate(g, a.node, V, "v") for a in decay.right],
-             "s": [_log_gate(g, n, None, "s") for n, _ in decay.scalars]}
+    gates = {"k": [_log_gate(g, a.node, K, "k", stages, positive) for a in decay.left],
+             "v": [_log_gate(g, a.node, V, "v", stages, positive) for a in decay.right],
+             "s": [_log_gate(g, n, None, "s", stages, positive) for n, _ in decay.scalars]}
     if decay.num != 1:  # a constant decay γ (RetNet's): the constant log-gate log γ every step
         gates["s"].append(g.add(Node("const", (), (), attrs={"value": math.log(decay.num)}, scalar=True)))
     if any(len(v) > 1 for v in gates.values()):
@@ -103,25 +133,30 @@ def _scaled_query(g: Graph, read) -> int:
     return q
 
 
-def _linear_or_delta(cell: Cell, stages: dict[int, str], s, t) -> dict | None:
+def _linear_or_delta(cell: Cell, stages: dict[int, str], s, t, transposed: bool, positive: list[int]) -> dict | None:
     """The plan's fields for an additive update (kind "linear") or the scalar-gated delta rule
     e^g (I − β k kᵀ) S + β k vᵀ (kind "delta", which also has Triton kernels); None for a transition
-    the generalized form takes instead (a per-key decay, a ≠ b, an update not β k vᵀ)."""
+    the generalized form takes instead (a per-key decay, a ≠ b, an update not β k vᵀ). A state read
+    as S @ q (`transposed`) is chunked as Sᵀ: keys and values, per-row and per-column decays swap."""
     g = cell.graph
-    K, V = s.shape
+    rows, cols = s.shape
     try:
         update = zero_state(g, stages, s.node_out, {})
     except ValueError as e:
         raise NotChunkable(str(e)) from None
     if t.kind == "identity":
-        gates = _decay_gates(g, t.decay, K, V)
+        gates = _decay_gates(g, stages, t.decay, rows, cols, positive)
         scalars, k, v = _update(g, update)
+        if transposed:
+            gates["k"], gates["v"], k, v = gates["v"], gates["k"], v, k
         if gates["s"] and (gates["k"] or gates["v"]):
             raise NotChunkable("it mixes a scalar decay with a per-key or per-value one")
         return {"kind": "linear", "k": k, "v": v, "gk": (gates["k"] or [None])[0], "gv": (gates["v"] or [None])[0],
                 "g": (gates["s"] or [None])[0], "scale": scalars}  # scalars multiplying k vᵀ
+    if transposed:
+        raise NotChunkable(f"it is read as {s.name} @ q: only additive updates chunk that way")
     try:
-        gates = _decay_gates(g, t.decay, K, V)
+        gates = _decay_gates(g, stages, t.decay, rows, cols, positive)
     except NotChunkable:
         return None
     terms = None if update is None else matrix_terms(g, update)
@@ -146,30 +181,37 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
     if len(cell.states) != 1:
         raise NotChunkable("the chunk backend handles cells with one matrix state")
     s = cell.states[0]
+    if len(s.shape) == 3:  # heads declared as a dim: plan one head (rnnc/heads.py)
+        return _per_head(cell, stages)
     info = classes[s.name]
     if info["class"] != "matrix_affine" or len(s.shape) != 2 or info.get("coupled"):
         raise NotChunkable(f"state '{s.name}' is {info['class']}")
     if info.get("readout") != "contraction" or info.get("readout_of") not in ("new", "old"):
         raise NotChunkable(f"state '{s.name}' is not read out as q @ {s.name} (before or after its update)")
     g = cell.graph
-    K, V = s.shape
-    t = transitions(cell, stages)[s.name]
-    if t.kind == "diagonal":
-        raise NotChunkable(f"state '{s.name}' reaches its next value along several paths")
-    plan = _linear_or_delta(cell, stages, s, t) if t.kind in ("identity", "identity_plus_low_rank") else None
-    if plan is None:  # the generalized delta rule (rnnc/dplrplan.py)
-        try:
-            plan = {"kind": "dplr", "k": None, "v": None, "steps": micro_steps(cell, stages, s)}
-        except NotStep as e:
-            raise NotChunkable(str(e)) from None
-    before = info["readout_of"] == "old"
     outs = [o for o in cell.outputs if s.node_in in g.ancestors([o.node])]
     if len(outs) != 1:
         raise NotChunkable("exactly one output must read the state")
     (out,) = outs
     read = contraction(cell, stages, s.name, out.node)
-    if read is None or read.side != "left":
+    if read is None:
         raise NotChunkable(f"output '{out.name}' is not q @ {s.name} plus state-free terms")
+    transposed = read.side == "right"  # o = S @ q: the chunk form runs on Sᵀ
+    t = transitions(cell, stages)[s.name]
+    if t.kind == "diagonal":
+        raise NotChunkable(f"state '{s.name}' reaches its next value along several paths")
+    positive: list[int] = []
+    plan = _linear_or_delta(cell, stages, s, t, transposed, positive) \
+        if t.kind in ("identity", "identity_plus_low_rank") else None
+    if plan is None and transposed:
+        raise NotChunkable(f"it is read as {s.name} @ q: only additive updates chunk that way")
+    if plan is None:  # the generalized delta rule (rnnc/dplrplan.py)
+        positive.clear()
+        try:
+            plan = {"kind": "dplr", "k": None, "v": None, "steps": micro_steps(cell, stages, s)}
+        except NotStep as e:
+            raise NotChunkable(str(e)) from None
+    before = info["readout_of"] == "old"
     q = _scaled_query(g, read)
     read_node = s.node_in if before else s.node_out
     try:  # the state-free rest of the output: the output with the state read set to zero
@@ -188,4 +230,29 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
     return ChunkPlan(plan["kind"], s.name, out.name, plan["q"], plan["k"], plan["v"], plan.get("gk"), plan.get("gv"),
                      plan.get("g"), plan.get("beta"), tuple(plan.get("scale", ())), steps=plan.get("steps", ()),
                      before=before,  # o_t = q_t @ S_{t-1}: the state before this step's update
-                     extra=tuple(extra))  # (node, ±1): state-free terms of the output, hoisted
+                     extra=tuple(extra),  # (node, ±1): state-free terms of the output, hoisted
+                     transposed=transposed, positive=tuple(positive))
+
+
+def _per_head(cell: Cell, stages: dict[int, str]) -> ChunkPlan:
+    """The plan of a state [NH, K, V] whose heads never mix: one head's plan, its values written back
+    into the cell with the head axis in front (rnnc/heads.py); the runtime runs heads as batch rows."""
+    from .heads import Lift, NotPerHead, head_slice
+    from .linearity import classify
+
+    try:
+        one, headed = head_slice(cell)
+    except NotPerHead as e:
+        raise NotChunkable(f"its heads are not independent ({e})") from None
+    plan = chunk_plan(one, stages, classify(one, stages))
+    if plan.kind == "dplr":
+        raise NotChunkable("the generalized delta rule with heads declared as a dim is not chunked yet")
+    lift = Lift(cell, one.graph, headed)
+    try:
+        return replace(plan, heads=cell.states[0].shape[0],
+                       **{key: lift.full(getattr(plan, key)) for key in ("q", "k", "v", "gk", "gv", "g", "beta")},
+                       scale=tuple(lift.full(n) for n in plan.scale),
+                       extra=tuple((lift.node(n), sign) for n, sign in plan.extra),
+                       positive=tuple(lift.node(n) for n in plan.positive))
+    except NotPerHead as e:
+        raise NotChunkable(str(e)) from None

@@ -42,8 +42,11 @@ def decompose(g: Graph, nid: int, trans: bool = False) -> list[Term] | None:
         x = decompose(g, node.args[0], trans)
         out = None if x is None else [scale(t, -1) for t in x]
     elif node.op == "mul" and len(shape) == 2 and (pair := _broadcast_outer(g, node)) is not None:
-        a, b = (pair[1], pair[0]) if trans else pair  # a[:, None] * b[None, :] = a bᵀ
+        a, b, fs = pair
+        a, b = (b, a) if trans else (a, b)  # a[:, None] * b[None, :] = a bᵀ
         out = [replace(base, left=(Atom("col", a), Atom("row", b)))]
+        for split in fs:
+            out = [scale(out[0], *split)]
     elif node.op in ("mul", "div"):
         m, f = node.args
         if node.op == "mul" and not same(g[m].shape, shape):
@@ -72,16 +75,34 @@ def decompose(g: Graph, nid: int, trans: bool = False) -> list[Term] | None:
     return out if len(out) <= MAX_TERMS else None
 
 
-def _broadcast_outer(g: Graph, node) -> tuple[int, int] | None:
-    """(a, b) when a [p, q] product is an outer product written by broadcasting, a[:, None] times
-    b[None, :] or b (either order); None otherwise."""
+def _broadcast_outer(g: Graph, node) -> tuple[int, int, tuple] | None:
+    """(a, b, factors) when a [p, q] product is an outer product written by broadcasting, a[:, None]
+    times b[None, :] or b (either order), the column possibly scaled by [1, 1] factors
+    (`(c[:, None, None] * x[:, :, None])` per head); None otherwise."""
     x, y = node.args
     for col, row in ((x, y), (y, x)):
-        a, is_col = strip_newaxis(g, col)
+        found = _column(g, col)
         b = _row_vector(g, row)
-        if is_col and b is not None and D.equal(g[a].shape[0], node.shape[0]) \
+        if found is not None and b is not None and D.equal(g[found[0]].shape[0], node.shape[0]) \
                 and D.equal(g[b].shape[0], node.shape[1]):
-            return a, b
+            return found[0], b, found[1]
+    return None
+
+
+def _column(g: Graph, nid: int) -> tuple[int, tuple] | None:
+    """(a, factors) for a [p, 1] value written a[:, None], times or over one-element factors."""
+    a, is_col = strip_newaxis(g, nid)
+    if is_col:
+        return a, ()
+    node = g[nid]
+    if node.op in ("mul", "div") and len(node.shape) == 2 and D.equal(node.shape[1], D.ONE):
+        m, f = node.args
+        if node.op == "mul" and ones(g[m].shape):
+            m, f = f, m
+        if ones(g[f].shape) and same(g[m].shape, node.shape) and (inner := _column(g, m)) is not None:
+            split = factors(g, f, node.op == "div")
+            if split is not None:
+                return inner[0], inner[1] + (split,)
     return None
 
 

@@ -77,11 +77,14 @@ class ChunkPlan:
     chunk_size: int | None = None  # None: the default for the kind (backends/emit_chunk.py)
     triton: bool = False
     steps: tuple[MicroStep, ...] = ()  # kind "dplr"
+    transposed: bool = False  # o = S @ q: the chunk form runs on Sᵀ (k, v are its rows and columns)
+    heads: object = None  # a dim: the state is [heads, *matrix], every value of the plan [heads, ...]
+    positive: tuple[int, ...] = ()  # constant decays whose log is a gate: checked not negative
 
     def nodes(self) -> list[int]:
         keys = (self.q, self.k, self.v, self.gk, self.gv, self.g, self.beta)
         return ([n for n in keys if n is not None] + list(self.scale) + [t for t, _ in self.extra]
-                + [n for st in self.steps for n in st.nodes()])
+                + [n for st in self.steps for n in st.nodes()] + list(self.positive))
 
 
 @dataclass(frozen=True)

@@ -450,12 +450,13 @@ def test_hgrn2_vs_fla_gla(T):
     _compare_with_fla(cell, inputs, init, fla)
 
 
-def test_retnet_vs_fla_retention():
+@pytest.mark.parametrize("backend", ["loop", "chunk"])
+def test_retnet_vs_fla_retention(backend):
     """retnet's heads against fla's naive_retention (parallel form, head-first, gamma_h and the
-    K^-1/2 scale built in, zero initial state)."""
+    K^-1/2 scale built in, zero initial state); the chunk form runs the heads as batch rows."""
     m = fla_naive("ops/retention/naive.py")
     g = torch.Generator().manual_seed(8)
-    cell = rnnc.build("retnet", backend="loop")
+    cell = rnnc.build("retnet", backend=backend, chunk_size=16 if backend == "chunk" else None)
     inputs = _fla_inputs(g, 37, q=(3, K), k=(3, K), v=(3, V))
     init = {"S": torch.zeros(B, 3, K, V)}
 
@@ -464,14 +465,16 @@ def test_retnet_vs_fla_retention():
     _compare_with_fla(cell, inputs, init, fla, check_state=False)
 
 
+@pytest.mark.parametrize("backend", ["loop", "chunk"])
 @pytest.mark.parametrize("T", [1, 37])
-def test_mamba2_vs_fla_simple_gla(T):
+def test_mamba2_vs_fla_simple_gla(T, backend):
     """Mamba-2's SSD per head is simple GLA with q = C, k = B, v = dt x and g = dt A, plus D x:
-    fla's naive_recurrent_simple_gla (scale 1; its state is [N, P], ours [P, N])."""
+    fla's naive_recurrent_simple_gla (scale 1; its state is [N, P], ours [P, N], which the chunk
+    form runs transposed)."""
     m = fla_naive("ops/simple_gla/naive.py")
     g = torch.Generator().manual_seed(9)
     NH, P, N = 3, 5, 4
-    cell = rnnc.build("mamba2", backend="loop", NH=NH)
+    cell = rnnc.build("mamba2", backend=backend, NH=NH, chunk_size=16 if backend == "chunk" else None)
     with torch.no_grad():
         for p in cell.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))

@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 
+from rnnc.errors import InputError
+
+
 def _chunk_split(x, chunk, nt):
     """[T, N, D] -> [NT, N, C, D], zero-padding the time axis up to NT * C."""
     pad = nt * chunk - x.shape[0]
@@ -408,3 +411,11 @@ def _chunk_recompute_backward(fn, ctx, do, dS):
         gx = next(grads) if n else None
         out.append(None if gx is None else gx.to(x.dtype))
     return (*out, None)
+
+
+def _chunk_check_decay(decay, name):
+    """A constant decay (RetNet's fixed γ per head) enters the chunk form as its log: it must not be
+    negative (0 forgets everything, log 0 = -inf is a reset)."""
+    if bool((decay < 0).any()) or bool(torch.isnan(decay).any()):
+        raise InputError(f"the decay {name!r} has a negative or NaN value; the chunk form takes a constant "
+                         "decay by its log: build this cell with backend='loop' for negative decays")

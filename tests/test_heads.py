@@ -1,0 +1,103 @@
+"""Heads declared as a dim (retnet, mamba2: a state [NH, K, V]) run on the chunk form.
+
+Each head is an ordinary one-head matrix state (rnnc/heads.py slices the step to one head, the chunk
+plan is found there and written back with the head axis in front); the runtime runs the heads as more
+batch rows, and Mamba-2's state, read as h @ C, transposed. Checked against the loop (values, final
+states, gradients of inputs, params and the initial state) at lengths around the chunk size, with and
+without extra head axes; cells whose heads mix, or whose constant decay is negative, are refused with
+a reason. fla's references for both cells are in test_library_linear.py.
+"""
+import pytest
+import torch
+
+import rnnc
+from rnnc.analysis import analyze_cell
+from rnnc.optimize import optimize
+from rnnc.plans import chunk_plan
+
+from helpers import DIMS, library_inputs
+
+RETNET_HEAD = "cell r(q: [NH, K], k: [NH, K], v: [NH, V]) -> (o: [NH, V]) {\n    state S: [NH, K, V] = 0\n"
+
+
+def _plan(spec):
+    cell = optimize((rnnc.parse(spec) if "{" in spec else rnnc.load(spec)).cell())
+    return cell, chunk_plan(cell, analyze_cell(cell))
+
+
+@pytest.mark.parametrize("name,transposed", [("retnet", False), ("mamba2", True)])
+def test_plan_runs_the_heads_as_rows(name, transposed):
+    cell, plan = _plan(name)
+    assert plan.kind == "linear" and str(plan.heads) == "NH" and plan.transposed == transposed
+    g = cell.graph
+    for key in ("q", "k", "v"):  # every value the chunk form reads has the heads in front
+        assert str(g[getattr(plan, key)].shape[0]) == "NH", key
+    assert plan.g is not None and plan.gk is None and plan.gv is None  # one decay per head and step
+    assert rnnc.analyze(name).to_dict()["backend"] == "chunk"
+
+
+def _agree(spec, dims, T, heads, chunk_size=16, tol=1e-9):
+    ref = rnnc.build(spec, backend="loop", dtype=torch.float64, **dims)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    cell = rnnc.build(spec, backend="chunk", dtype=torch.float64, chunk_size=chunk_size, **dims)
+    cell.load_state_dict(ref.state_dict())
+    name = spec if "{" not in spec else "retnet"
+    inputs = [x.requires_grad_() for x in library_inputs(name, 2, T, heads, False, torch.float64, seed=T)]
+    (s,) = rnnc.load(name).cell().states if "{" not in spec else rnnc.parse(spec).cell().states
+    shape = [2, heads] + [dims[str(d)] for d in s.shape]  # library_inputs: [B, T, heads, ...]
+    h0 = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
+    res = []
+    for c in (cell, ref):
+        y, final = c(*inputs, state={s.name: h0})
+        w = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+        loss = (y * w).sum() + (final[s.name] * 0.3).sum()
+        res.append([y, final[s.name], *torch.autograd.grad(loss, [*inputs, h0, *c.parameters()])])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["retnet", "mamba2"])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 70])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_chunk_matches_loop(name, T, heads):
+    dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
+    _agree(name, dims, T, heads)
+
+
+def test_retnet_decay_written_in_log_space_chunks_alike():
+    """The same decay as exp(log γ) (a log-gate) and as γ (a constant taken by its log)."""
+    text = RETNET_HEAD + ("    let lg = log(1 - 2 ** (-5 - arange(NH)))\n"
+                          "    S = exp(lg)[:, None, None] * S + k[:, :, None] * v[:, None, :]\n"
+                          "    o = sum(q[:, :, None] * S, axis=1) / sqrt(K)\n}\n")
+    _, plan = _plan(text)
+    _, ref = _plan("retnet")
+    assert (plan.kind, plan.transposed, len(plan.positive), len(ref.positive)) == ("linear", False, 0, 1)
+    _agree(text, {"NH": 2, "K": 4, "V": 3}, 37, 1)
+
+
+def test_negative_constant_decay_is_refused_at_call_time():
+    text = RETNET_HEAD + ("    param gamma: [NH] = 0.5\n    S = gamma[:, None, None] * S + k[:, :, None] * v[:, None, :]\n"
+                          "    o = sum(q[:, :, None] * S, axis=1)\n}\n")
+    cell = rnnc.build(text, backend="chunk", NH=2, K=4, V=3)
+    x = [torch.randn(1, 5, 2, d) for d in (4, 4, 3)]
+    cell(*x)  # positive: fine
+    with torch.no_grad():
+        cell.gamma.fill_(-0.5)
+    with pytest.raises(rnnc.InputError, match="gamma.*backend='loop'"):
+        cell(*x)
+    loop = rnnc.build(text, backend="loop", NH=2, K=4, V=3)
+    loop.load_state_dict(cell.state_dict())
+    assert torch.isfinite(loop(*x)[0]).all()  # the loop runs it
+
+
+@pytest.mark.parametrize("body,why", [
+    ("S = S + sum(k, axis=0)[None, :, None] * v[:, None, :]\n    o = sum(q[:, :, None] * S, axis=1)", "heads"),
+    ("S = S + k[:, :, None] * v[:, None, :]\n    o = sum(q[:, :, None] * S, axis=1) + sum(v, axis=0)", "heads"),
+])
+def test_heads_that_mix_are_refused(body, why):
+    text = RETNET_HEAD + f"    {body}\n}}\n"
+    assert "chunk" not in rnnc.backends_for(text)
+    with pytest.raises(rnnc.BuildError, match=why):
+        rnnc.build(text, backend="chunk")
