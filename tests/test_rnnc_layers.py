@@ -7,7 +7,7 @@ fused_recurrent_gla, ShortConvolution, FusedRMSNormGated) is a Triton kernel tha
 (on CPU they fail with "0 active drivers", even under TRITON_INTERPRET). So `FlaGLA` and `FlaDeltaNet`
 below transcribe those layers' forward passes into plain PyTorch, with fla's parameter names and
 shapes, their conventions (expand_k, gate_logit_normalizer, low-rank gate projection, SiLU short
-convolutions, L2-normalised q/k, K^-1/2 query scale, RMSNorm with swish gate, state_v_first cache) and
+convolutions, L2-normalised q/k, K^-1/2 query scale (in the cells), RMSNorm with swish gate, state_v_first cache) and
 the recurrence from fla-core's own pure-torch naive references; rnnc's layer loads their state_dict
 through a key map and must give the same outputs, states and gradients.
 """
@@ -72,13 +72,13 @@ def test_projections_follow_the_declared_inputs(spec):
 def test_roles_pick_activations_and_qk_norm():
     gdn = _layer("gated_deltanet")
     assert gdn.roles == {"q": "query", "k": "key", "v": "value", "g": "log_decay", "beta": "beta"}
-    assert gdn.qk_norm == "l2" and gdn.scale == pytest.approx(8 ** -0.5)
+    assert gdn.qk_norm == "l2" and gdn.scale == 1.0  # the cell applies fla's K^-1/2 itself
     assert _layer("gla").qk_norm is None  # an additive state: no key normalisation
     y = torch.randn(2, 3, HEADS * 8, dtype=torch.float64)
     torch.testing.assert_close(gdn._input("g", y[..., :HEADS]), F.logsigmoid(y[..., :HEADS, None])[..., 0] / 16)
     torch.testing.assert_close(gdn._input("beta", y[..., :HEADS]), torch.sigmoid(y[..., :HEADS]))
     q = gdn._input("q", y)
-    torch.testing.assert_close(q.norm(dim=-1), torch.full(q.shape[:-1], 8 ** -0.5, dtype=q.dtype))
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(q.shape[:-1], dtype=q.dtype))
     mamba = _layer("mamba2")
     assert mamba.roles["dt"] == "step" and mamba.extra == () and mamba.dims["NH"] == HEADS
     assert (F.softplus(mamba.proj["dt"].bias) > 0.9e-3).all()  # Mamba's dt initialisation

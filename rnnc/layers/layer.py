@@ -4,7 +4,8 @@ hidden states [B, T, hidden_size] -> a projection per input the cell declares (i
 read from the cell's signature) -> optional short causal convolution -> heads -> per-input activation
 (by the input's role, table below) -> L2 norm of queries and keys for delta-rule cells -> query
 scale -> the cell (any backend; `cu_seqlens` as the cells take it) -> RMSNorm per head -> output gate
-(swish) -> output projection. `attention_mask` (0 for padding, e.g. left padding) is unpadded into
+(swish) -> output projection. The library's attention cells apply fla's K^-1/2 query scale themselves
+(README), so the layer's own `scale` is 1 unless given. `attention_mask` (0 for padding, e.g. left padding) is unpadded into
 `cu_seqlens` as fla does, and a `Cache` carries the cell's states and the convolutions' last inputs
 between calls, so decoding a token a call gives the outputs of one call over the whole sequence.
 
@@ -12,7 +13,7 @@ Input roles come from the input's name, the names the library's cells share (REA
 
 | role      | names             | activation                               | short conv | why                              |
 |-----------|-------------------|------------------------------------------|------------|----------------------------------|
-| query     | q, r              | identity, × scale (head_k_dim^-1/2)      | yes        | fla scales q by K^-1/2           |
+| query     | q, r              | identity, × scale (default 1)            | yes        | the cells apply fla's K^-1/2     |
 | key       | k                 | identity                                 | yes        |                                  |
 | value     | v, x, u, i        | identity                                 | yes        |                                  |
 | log_decay | g, w, gk          | logsigmoid(x) / gate_logit_normalizer    | no         | a decay e^g in (0, 1) (fla's GLA) |
@@ -93,7 +94,8 @@ class Layer(nn.Module):
       K = head_k_dim; V, D, H, I, P = head_v_dim; N = 16; M = 64; NH = num_heads.
     - backend, chunk_size: the cell's lowering, as in `rnnc.build`.
     - output: which output to read when the cell has several.
-    - activations, qk_norm, scale (default head_k_dim^-1/2 on query inputs), gate_logit_normalizer:
+    - activations, qk_norm, scale (an extra factor on query inputs, default 1: the library's attention
+      cells apply fla's head_k_dim^-1/2 themselves), gate_logit_normalizer:
       the input transforms (module docstring). low_rank={"g": 16}: that input's projection goes
       through a rank-16 bottleneck (with a bias), as fla's GLA gate.
     - use_short_conv, conv_size, conv_bias, conv_inputs: a ShortConvolution on each input of a role
@@ -159,8 +161,7 @@ class Layer(nn.Module):
         if qk_norm not in ("l2", None):
             raise BuildError(f"qk_norm must be 'auto', 'l2' or None, got {qk_norm!r}")
         self.qk_norm = qk_norm
-        query = next((n for n, r in self.roles.items() if r == "query" and self.inputs[n]), None)
-        self.scale = scale if scale is not None else (self.inputs[query][-1] ** -0.5 if query else 1.0)
+        self.scale = 1.0 if scale is None else scale
 
         factory = {"device": device, "dtype": dtype}
         self.proj = nn.ModuleDict()
