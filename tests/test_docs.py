@@ -163,6 +163,7 @@ def test_rnn_example(block: Block, tmp_path):
     path = folder / block.markers.get("file", f"example_{block.line}.rnn")
     path.write_text(block.code, encoding="utf-8")
     prog = rnnc.load(path)
+    assert not prog.warnings, f"{block.id}: an example should not warn: {[str(w) for w in prog.warnings]}"
     given = _dims(block)
     unknown = set(given) - {d for c in prog.cells.values() for d in c.dims}
     assert not unknown, f"dims marker names dims no cell has: {unknown}"
