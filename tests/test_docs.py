@@ -2,7 +2,7 @@
 
 - ```python: executed in a fresh namespace with a temporary working directory (torch seeded);
 - ```rnn: written to a file in a temporary folder (one per document, so a later block can import an
-  earlier one named by `<!-- file: NAME.rnn -->`), loaded, analysed, and every cell built and run on
+  earlier one named by `<!-- file: NAME.rnn -->`), loaded without warnings, analysed, and every cell built and run on
   random inputs (B=2, T=5); a dim that neither the spec nor a `<!-- dims: K=4 V=3 -->` marker binds
   gets size 3;
 - ```bash: each command (lines, `&&`, `\\` continuations) that starts with `rnnc` runs through
