@@ -557,3 +557,21 @@ def test_unpickling_a_cell_does_not_warn_again(monkeypatch):
         warnings.simplefilter("error", RnncWarning)
         twin = pickle.loads(data)
     assert type(twin).__name__ == type(cell).__name__
+
+
+def test_check_prints_several_syntax_errors(tmp_path, capsys):
+    path = tmp_path / "syn.rnn"
+    path.write_text("cell c(x: [H]) -> (y: [H]) {\n    state h: [H]\n    let a = x + * 2\n    h = x\n    y = h\n}\n")
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert re.findall(r"syn\.rnn:(\d+):(\d+): error: ", err) == [("2", "17"), ("3", "17")]
+    assert "state 'h' has no initial value" in err and "2 errors" in err
+
+
+def test_other_commands_print_warnings_and_succeed(tmp_path, capsys):
+    path = tmp_path / "warn.rnn"
+    path.write_text(UNUSED)
+    out = tmp_path / "out.py"
+    assert main(["compile", str(path), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert len(re.findall(r"warn\.rnn:\d+:\d+: warning: ", err)) == 5 and out.is_file()
