@@ -26,6 +26,7 @@ _PATTERN_NAMES = {"NAME": "a name", "NUMBER": "a number", "INT": "an integer", "
                   "COMMENT": "a comment", "$END": "end of file"}
 #: Keywords that start a statement or a top-level item: the parser resynchronises on them.
 _STATEMENT_KEYWORDS = {"LET", "STATE", "PARAM", "DIM", "RETURN", "CELL", "DEF", "COMBINE", "IMPORT"}
+_KEYWORD_TEXTS = {"let", "state", "param", "dim", "return", "cell", "def", "combine", "import"}
 _OPEN = {"LPAR": ")", "LSQB": "]", "LBRACE": "}"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
 
@@ -168,6 +169,14 @@ class _Recovery:
         inner = [t for t in open_brackets if t.type != "LBRACE"]
         if inner:
             notes.append(self._unclosed_note(inner[-1], stack))
+        if prev is not None and prev.type == "NAME" and str(prev) in _KEYWORD_TEXTS and self.before_last is not None:
+            # The contextual lexer reads a keyword where a name may stand as a name: `x +` then `return t`.
+            op = self.before_last
+            self.errors.append(RnncSyntaxError(
+                f"unexpected {_quote(prev)}", self._token_loc(prev),
+                f"{_quote(prev)} is a keyword, not a value: is an operand missing after {_quote(op)} "
+                f"(line {op.end_line or op.line})?", notes))
+            return
         missing = None if inner else self._missing_initialiser(statement, expected)
         if missing and prev is not None:
             message, hint = missing

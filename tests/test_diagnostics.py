@@ -293,6 +293,14 @@ def test_operand_missing_at_end_of_line():
     assert "after '*'" in err.message and "'y'" in err.hint
 
 
+def test_keyword_read_as_an_operand_is_named():
+    """`let t = a +` then `return t`: the lexer reads `return` as the operand; the error names it."""
+    text = "def f(a) {\n    let t = a +\n    return t\n}\ncell c(x: [H]) -> (y: [H]) {\n    y = f(x)\n}\n"
+    err = errors_of(text)
+    assert (err.line, err.column) == (3, 5) and "'return'" in err.message
+    assert "'+'" in err.hint and "line 2" in err.hint
+
+
 # ---- notes: the declaration an error refers to ----------------------------------------------
 
 def test_shape_mismatch_notes_the_state_declaration():
