@@ -14,7 +14,7 @@ import lark
 from lark import Token, v_args
 from lark.visitors import Transformer_NonRecursive
 
-from . import ast, syntax_errors
+from . import ast, nesting, syntax_errors
 from .errors import Loc, NumberError, RnncError, RnncSyntaxError, raise_collected
 from .parser_tables import load_parser
 from .resources import grammar_file
@@ -64,6 +64,7 @@ def parse_module(text: str, filename: str = "<string>") -> ast.Module:
         raise RnncSyntaxError("expression nested too deeply", Loc(filename, 1, 1, ""),
                               "split it into several `let` bindings") from None
     raise_collected(build.errors)
+    nesting.check(module)
     return module
 
 

@@ -516,6 +516,55 @@ def test_a_syntax_error_on_a_huge_line_has_a_short_message():
         assert len(str(info.value)) < 1000 and "^" in str(info.value)
 
 
+#: Expressions nested n deep, each a different way elaboration (or index arithmetic) recurses.
+DEEP = {
+    "parens around sums": lambda n: "(x + " * n + "x" + ")" * n,
+    "negations": lambda n: "-(" * n + "x" + ")" * n,
+    "calls": lambda n: "tanh(" * n + "x" + ")" * n,
+    "scalings": lambda n: "(0.5 * (" * n + "x" + "))" * n,
+    "indexing": lambda n: "(" * n + "x" + ")[:]" * n,
+    "index arithmetic": lambda n: "x[" + "(1 - " * n + "1" + ")" * n + "]",
+    "a def's body": lambda n: "f(x)",
+}
+
+
+@pytest.mark.parametrize("shape", list(DEEP))
+def test_deep_nesting_is_a_located_error(tmp_path, capsys, shape):
+    """5000 levels: a RnncSyntaxError at the first operand past MAX_NESTING (line and column), from
+    build and from `rnnc check`, never a RecursionError or an InternalError."""
+    from rnnc.nesting import MAX_NESTING
+    deep = DEEP[shape](5000)
+    head = "def f(a) = " + DEEP["calls"](5000).replace("x", "a") + "\n" if shape == "a def's body" else ""
+    spec = head + f"cell c(x: [H]) -> (h: [H]) {{\n dim H = 2\n state h: [H] = 0\n h = 0.5 * h + {deep}\n}}\n"
+    with pytest.raises(RnncSyntaxError) as info:
+        rnnc.build(spec)
+    err = info.value
+    assert f"more than {MAX_NESTING} deep" in err.message and "let" in err.hint
+    assert (err.line, err.column > 1) == ((1, True) if head else (4, True))
+    path = tmp_path / "deep.rnn"
+    path.write_text(spec)
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr()
+    assert f"deep.rnn:{err.line}:{err.column}: error: expression nested more than" in out.err
+    assert "Traceback" not in out.err + out.out and len(out.err) < 2000
+
+
+def test_nesting_within_the_limit_builds_and_runs():
+    """Up to MAX_NESTING levels build and give the recurrence's values (loop backend, generated backward)."""
+    from rnnc.nesting import MAX_NESTING
+    n = MAX_NESTING - 5
+    spec = f"cell c(x: [H]) -> (h: [H]) {{\n dim H = 2\n state h: [H] = 0\n h = 0.5 * h + {DEEP['calls'](n)}\n}}\n"
+    x = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    y = rnnc.build(spec, backend="loop", dtype=torch.float64)(x)[0]
+    z = x
+    for _ in range(n):
+        z = torch.tanh(z)
+    torch.testing.assert_close(y, _reference_decay(z))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (want,) = torch.autograd.grad(_reference_decay(z).sum(), x)
+    torch.testing.assert_close(g, want)
+
+
 def test_nested_defs_share_subexpressions():
     """16 levels of f(a) = g(a) + g(a): 2**16 copies as a tree, 17 values shared."""
     defs = "def f0(a) = a * 2\n" + "".join(f"def f{i}(a) = f{i - 1}(a) + f{i - 1}(a)\n" for i in range(1, 17))
