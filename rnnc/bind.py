@@ -11,8 +11,9 @@ import os
 
 import sympy
 
+from . import constants
 from . import dims as D
-from .errors import BuildError, DimError, ShapeError
+from .errors import BuildError, DimError, NumberError, ShapeError
 from .ir import Cell
 
 
@@ -52,6 +53,7 @@ def check_bound_dims(cell: Cell, dims: dict[str, int]) -> None:
                 raise DimError(f"{what} has size {D.fmt(d)} = {v} with {given}", loc,
                                "every size must be at least 1; check the dims passed to build()")
 
+    _check_constants(cell, env)
     for p in cell.inputs + cell.outputs:
         sizes(p.shape, p.loc, f"'{p.name}'")
     for p in cell.params:
@@ -88,6 +90,27 @@ def check_bound_dims(cell: Cell, dims: dict[str, int]) -> None:
                                      f"size {D.fmt(src[axis])} = {size} with {given}", node.loc,
                                      "a slice must select at least one element inside the axis")
             axis += 1
+
+
+def _check_constants(cell: Cell, env: dict) -> None:
+    """Evaluate the compile-time scalars that read a dim (`2.0 ** H`, `exp(H)`, `1 / (H - 4)`) with the
+    dims now bound, in the step and in the params' initialisers, as constants.check does for those made
+    of numbers alone when the spec is checked: a NumberError at the expression names the dims, instead
+    of an OverflowError (or an inf) when the cell runs."""
+    bound = {name: v for name in cell.dims if (v := _value(D.symbol(name), env)) is not None}
+    if not bound:
+        return
+    given = ", ".join(f"{name}={v}" for name, v in bound.items())
+    for graph, nodes in ((cell.graph, cell.live()), (cell.init_graph, cell.init_graph.ids())):
+        values: dict[int, object] = {}
+        for nid in graph.order(nodes):
+            if not graph[nid].scalar:
+                continue
+            try:
+                constants.check(graph, nid, values, bound, given)
+            except NumberError as e:
+                raise NumberError(e.message, e.loc, "its value depends on the dims given to build() (or their "
+                                  "defaults): use other dims, or rewrite it to stay finite (e.g. in log space)") from None
 
 
 def _check_param_total(cell: Cell, env: dict, given: str) -> None:

@@ -358,7 +358,7 @@ FINITE = {
 #: Constants that cannot be a finite real number: a NumberError at the constant's place.
 BAD = ["2.0**4096", "1e400", "1" * 5000, "2**4096", "10**400", "1/0", "1 // 0", "5 % 0", "0*inf", "inf - inf",
        "(-1)**0.5", "exp(1e308)", "log(0)", "sqrt(-1)", "1e308 * 10", "-(2.0**1025)", "1." + "5" * 5000,
-       "9" * 400 + ".0", "(0.1 ** -400)", "exp(710)"]
+       "9" * 400 + ".0", "(0.1 ** -400)", "exp(710)", "99999999 ** 99999999"]
 
 
 @pytest.mark.parametrize("text", list(FINITE), ids=lambda s: s[:30])
@@ -383,6 +383,27 @@ def test_out_of_range_constants_are_located_errors(text):
         err = info.value
         assert err.line == 4 and 5 <= err.column <= 12 and err.hint, str(err)
         assert len(str(err)) < 1000
+
+
+#: Constants that read a dim: out of range only for the dims given to build() (H = 2000 here).
+BAD_WITH_DIMS = ["2.0 ** H", "exp(H)", "1e306 * H", "1 / (H - 2000)", "log(2000 - H)", "sqrt(1999 - H)",
+                 "(1999.0 - H) ** 0.5", "H ** H", "2 ** H", "0.0 * inf ** (H - 1999)"]
+
+
+@pytest.mark.parametrize("text", BAD_WITH_DIMS)
+def test_constants_that_read_dims_are_checked_at_build(text):
+    """A NumberError at the expression naming the dims, from build(), instead of an OverflowError, a
+    ZeroDivisionError or an inf when the cell runs; with a small H the same spec builds and runs."""
+    spec = NUMBER_SPEC.replace("dim H = 3", "dim H").format(e=f"({text}) * 0.0 + 0.5")
+    for given in ({"H": 2000}, {}):
+        with pytest.raises(NumberError) as info:
+            rnnc.build(spec.replace("dim H\n", "dim H = 2000\n") if not given else spec, backend="loop", **given)
+        err = info.value
+        assert err.line == 4 and 5 <= err.column <= 14, str(err)
+        assert "H=2000" in err.message and "dims" in err.hint and len(str(err)) < 1000
+    x = torch.rand(1, 2, 3, dtype=torch.float64)
+    y = rnnc.build(spec, backend="loop", dtype=torch.float64, H=3)(x)[0]
+    torch.testing.assert_close(y[:, 1], 0.5 * x[:, 0] + x[:, 1])
 
 
 @pytest.mark.parametrize("shape", ["[99999999999999999999999]", "[H + 1" + "0" * 5000 + "]", "[1" + "0" * 19 + "]"])
