@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rnnc.layers
+import rnnc.nn
 
 IGNORE = -100
 
@@ -50,20 +51,23 @@ def make_batch(batch: int, pairs: int, queries: int, keys: int, values: int,
 
 
 class LSTMMixer(nn.Module):
-    """torch.nn.LSTM with the layer call of rnnc.layers.Layer (no padding, no cache: training only)."""
+    """torch.nn.LSTM (or rnnc.nn.LSTM, its drop-in) with the layer call of rnnc.layers.Layer (no padding,
+    no cache: training only)."""
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, lstm: type = nn.LSTM) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(hidden_size, hidden_size, batch_first=True)
+        self.lstm = lstm(hidden_size, hidden_size, batch_first=True)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None, None]:
         return self.lstm(hidden_states)[0], None, None
 
 
 def build_model(kind: str, vocab: int, args: argparse.Namespace) -> nn.Module:
-    """The LM with rnnc layers (`kind == "rnnc"`) or with nn.LSTM mixers (`"lstm"`)."""
+    """The LM with rnnc layers (`kind == "rnnc"`), torch.nn.LSTM mixers (`"lstm"`) or rnnc.nn.LSTM ones
+    (`"rnnc-lstm"`: rnnc's lstm cell behind torch.nn.LSTM's interface)."""
     torch.manual_seed(args.seed)
-    mixer = (lambda i: LSTMMixer(args.hidden)) if kind == "lstm" else None
+    lstm = {"lstm": nn.LSTM, "rnnc-lstm": rnnc.nn.LSTM}.get(kind)
+    mixer = (lambda i: LSTMMixer(args.hidden, lstm)) if lstm else None
     return rnnc.layers.LM(vocab, args.hidden, args.layers, spec=args.spec, num_heads=args.heads, mixer=mixer,
                           use_short_conv=not args.no_conv, backend=args.backend)
 
@@ -145,7 +149,7 @@ def write_curves(results: dict, out: Path, log=print) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mixers", default="rnnc,lstm", help="comma-separated: rnnc, lstm")
+    p.add_argument("--mixers", default="rnnc,lstm", help="comma-separated: rnnc, lstm, rnnc-lstm")
     p.add_argument("--spec", default="gated_deltanet", help="the rnnc layers' cell (a library name or .rnn path)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-conv", action="store_true", help="no short convolutions in the rnnc layers")
@@ -158,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=6e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
@@ -172,7 +176,7 @@ def main(argv=None) -> dict:
     print(f"\nMQAR: {args.pairs} pairs, {args.queries} queries, T = {2 * (args.pairs + args.queries)}, "
           f"batch {args.batch}, {args.steps} steps, torch threads {torch.get_num_threads()}")
     for kind, r in results.items():
-        name = f"rnnc {args.spec} ({r['backend']})" if kind == "rnnc" else "torch.nn.LSTM"
+        name = {"rnnc": f"rnnc {args.spec} ({r['backend']})", "lstm": "torch.nn.LSTM", "rnnc-lstm": "rnnc.nn.LSTM"}[kind]
         print(f"{name:32s} params {r['params']:7d}  loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}  "
               f"train acc {r['accs'][-1]:.3f}  held-out acc {r['held_out_acc']:.3f}  "
               f"{r['ms_per_step']:.1f} ms/step (CPU time {r['cpu_ms_per_step']:.1f} ms)")

@@ -82,6 +82,9 @@ def test_roles_pick_activations_and_qk_norm():
     mamba = _layer("mamba2")
     assert mamba.roles["dt"] == "step" and mamba.extra == () and mamba.dims["NH"] == HEADS
     assert (F.softplus(mamba.proj["dt"].bias) > 0.9e-3).all()  # Mamba's dt initialisation
+    rwkv7 = _layer("rwkv7")  # the DPLR transition: kk unit-norm, a in (0, 1), as fla's RWKV7 layer
+    assert rwkv7.qk_norm == "l2" and rwkv7.roles["kk"] == "key" and rwkv7.roles["a"] == "beta"
+    assert torch.isfinite(rwkv7(_x(2, 40) * 10)[0]).all()
     override = _layer("gated_deltanet", activations={"beta": "identity", "g": lambda t: -t.abs()})
     torch.testing.assert_close(override._input("beta", y[..., :HEADS]), y[..., :HEADS])
     torch.testing.assert_close(override._input("g", y[..., :HEADS]), -y[..., :HEADS].abs())

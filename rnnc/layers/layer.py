@@ -14,10 +14,10 @@ Input roles come from the input's name, the names the library's cells share (REA
 | role      | names             | activation                               | short conv | why                              |
 |-----------|-------------------|------------------------------------------|------------|----------------------------------|
 | query     | q, r              | identity, × scale (default 1)            | yes        | the cells apply fla's K^-1/2     |
-| key       | k                 | identity                                 | yes        |                                  |
+| key       | k, kk             | identity                                 | yes        |                                  |
 | value     | v, x, u, i        | identity                                 | yes        |                                  |
 | log_decay | g, w, gk          | logsigmoid(x) / gate_logit_normalizer    | no         | a decay e^g in (0, 1) (fla's GLA) |
-| beta      | beta              | sigmoid                                  | no         | delta-rule step in (0, 1) (fla)  |
+| beta      | beta, a           | sigmoid                                  | no         | delta-rule step in (0, 1) (fla)  |
 | step      | dt, delta         | softplus (projection with Mamba's dt bias)| no        | Mamba's step Δ > 0               |
 | other     | anything else     | identity                                 | no         |                                  |
 
@@ -43,8 +43,9 @@ from .cache import Cache
 from .conv import ShortConvolution
 
 #: input name -> role (see the module docstring)
-ROLE_OF_NAME = {"q": "query", "r": "query", "k": "key", "v": "value", "x": "value", "u": "value", "i": "value",
-                "g": "log_decay", "w": "log_decay", "gk": "log_decay", "beta": "beta", "dt": "step", "delta": "step"}
+ROLE_OF_NAME = {"q": "query", "r": "query", "k": "key", "kk": "key", "v": "value", "x": "value", "u": "value",
+                "i": "value", "g": "log_decay", "w": "log_decay", "gk": "log_decay", "beta": "beta", "a": "beta",
+                "dt": "step", "delta": "step"}
 
 #: role -> (default activation, short convolution when use_short_conv)
 ROLES = {"query": ("identity", True), "key": ("identity", True), "value": ("identity", True),
