@@ -107,8 +107,9 @@ def train(kind: str, args: argparse.Namespace, log=print) -> dict:
         pred = model(ids)[0].argmax(-1)
         asked = targets != IGNORE
         held_out = (pred[asked] == targets[asked]).float().mean().item()
+    names = {"rnnc": f"rnnc {args.spec}", "lstm": "torch.nn.LSTM", "rnnc-lstm": "rnnc.nn.LSTM"}
     skip = min(5, len(times) - 1)  # the first steps allocate and generate code
-    return {"losses": losses, "accs": accs, "times": times, "held_out_acc": held_out,
+    return {"name": names[kind], "losses": losses, "accs": accs, "times": times, "held_out_acc": held_out,
             "ms_per_step": 1e3 * statistics.median(times[skip:]), "cpu_ms_per_step": 1e3 * statistics.median(cpu[skip:]),
             "params": sum(p.numel() for p in model.parameters()),
             "backend": next((m.cell.backend for m in model.modules() if isinstance(m, rnnc.layers.Layer)), "-")}
@@ -134,7 +135,7 @@ def write_curves(results: dict, out: Path, log=print) -> None:
         return
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, r in results.items():
-        label = f"{kind} ({r['ms_per_step']:.0f} ms/step)"
+        label = f"{r['name']} ({r['cpu_ms_per_step']:.0f} ms CPU/step)"
         ax_loss.plot(r["losses"], label=label)
         ax_acc.plot(r["accs"], label=label)
     ax_loss.set(xlabel="step", ylabel="cross-entropy (query positions)", yscale="log", title="MQAR training loss")
@@ -176,7 +177,7 @@ def main(argv=None) -> dict:
     print(f"\nMQAR: {args.pairs} pairs, {args.queries} queries, T = {2 * (args.pairs + args.queries)}, "
           f"batch {args.batch}, {args.steps} steps, torch threads {torch.get_num_threads()}")
     for kind, r in results.items():
-        name = {"rnnc": f"rnnc {args.spec} ({r['backend']})", "lstm": "torch.nn.LSTM", "rnnc-lstm": "rnnc.nn.LSTM"}[kind]
+        name = f"{r['name']} ({r['backend']})" if kind == "rnnc" else r["name"]
         print(f"{name:32s} params {r['params']:7d}  loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}  "
               f"train acc {r['accs'][-1]:.3f}  held-out acc {r['held_out_acc']:.3f}  "
               f"{r['ms_per_step']:.1f} ms/step (CPU time {r['cpu_ms_per_step']:.1f} ms)")

@@ -227,6 +227,13 @@ def test_short_convolution_is_a_causal_depthwise_conv1d():
     torch.testing.assert_close(cache, x[:, -3:])
     y2, _ = conv(x[:, 5:], cache=conv(x[:, :5])[1])
     torch.testing.assert_close(y2, y[:, 5:])
+    # packed sequences of lengths 2, 0, 5, each after its own cache, as the batched path runs them
+    cache = torch.randn(3, 3, 5, dtype=torch.float64)
+    seqs = [x[0, :2], x[1, :0], x[2, :5]]
+    yp, cp = conv(torch.cat(seqs)[None], cache=cache, cu_seqlens=torch.tensor([0, 2, 2, 7]))
+    alone = [conv(s[None], cache=cache[i:i + 1]) for i, s in enumerate(seqs)]
+    torch.testing.assert_close(yp[0], torch.cat([a[0][0] for a in alone]))
+    torch.testing.assert_close(cp, torch.cat([a[1] for a in alone]))
 
 
 # --- fla's layers, transcribed (see the module docstring) ------------------------------------------

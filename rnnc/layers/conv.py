@@ -45,18 +45,19 @@ class ShortConvolution(nn.Module):
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, C] (or [1, total, C] with cu_seqlens); cache: [N, W - 1, C]. Returns (y like x, cache)."""
         pad, C = self.kernel_size - 1, self.channels
-        if cu_seqlens is None:
-            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-        else:
-            lengths = torch.as_tensor(cu_seqlens, device=x.device).diff().long()
-        flat = x.reshape(-1, C)
-        N = lengths.numel()
+        N = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
         if cache is None:
-            cache = flat.new_zeros(N, pad, C)
-        if flat.shape[0] == 0:  # no tokens in this call: every sequence keeps its cache
+            cache = x.new_zeros(N, pad, C)
+        if x.shape[1] == 0:  # no tokens in this call: every sequence keeps its cache
             return x, cache
-        # every sequence laid out after its cache, all back to back: one conv1d over the lot, whose
-        # output at a token's row reads only that token's sequence and cache
+        if cu_seqlens is None:  # [B, T, C]: each sequence after its cache, one batched conv1d
+            ext = torch.cat([cache.to(x.dtype), x], 1)
+            y = F.conv1d(ext.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
+            return self._act(y), ext[:, ext.shape[1] - pad:]
+        # packed: every sequence laid out after its cache, all back to back; the W rows ending at a
+        # token's row hold only that token's sequence and cache
+        lengths = torch.as_tensor(cu_seqlens, device=x.device).diff().long()
+        flat = x[0]
         ext_start = F.pad((lengths + pad).cumsum(0), (1, 0))[:-1]
         seq = torch.repeat_interleave(torch.arange(N, device=x.device), lengths)
         token_start = F.pad(lengths.cumsum(0), (1, 0))[:-1]
@@ -64,7 +65,10 @@ class ShortConvolution(nn.Module):
         taps = torch.arange(pad, device=x.device)
         ext = flat.new_zeros(flat.shape[0] + N * pad, C).index_copy(0, rows, flat)
         ext = ext.index_copy(0, (ext_start[:, None] + taps).reshape(-1), cache.reshape(-1, C).to(flat.dtype))
-        y = F.conv1d(ext.t().unsqueeze(0), self.weight, self.bias, groups=C)[0].t()[rows - pad]
-        if self.activation is not None:
-            y = F.silu(y)
-        return y.reshape(x.shape), ext[(ext_start + lengths)[:, None] + taps]
+        y = sum(ext[rows - pad + j] * self.weight[:, 0, j] for j in range(self.kernel_size))
+        if self.bias is not None:
+            y = y + self.bias
+        return self._act(y).unsqueeze(0), ext[(ext_start + lengths)[:, None] + taps]
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        return F.silu(y) if self.activation is not None else y
