@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from rnnc.plans import ChunkPlan
 
+from .emit_scan import _AllRows, _scan_coefficient
 from .render import Lines, Recurrence
+from .torch_expr import ATOM, shape_text
 
 CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see default_chunk_size)
 
@@ -25,6 +27,9 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     """The one matrix state by a chunkwise-parallel algorithm (rnnc/runtime/chunk.py). Heads declared
     as a dim run as more rows of the batch ([T, N, NH, ...] -> [T, N·NH, ...]); a state read as S @ q
     runs transposed."""
+    if plan.staged:
+        emit_staged(L, rec, plan)
+        return
     cell, r = rec.cell, rec.r
     (s,) = cell.states
     size = plan.chunk_size or default_chunk_size(plan)
@@ -99,3 +104,70 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
         term = (f"_time_major({r.operand(t, 'hoist').text}, B, T)" if r.stages.get(t) == "hoist"
                 else r.tensor(t, "const"))
         L(f"{out} = {out} {'+' if sign > 0 else '-'} {term}")
+
+
+def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
+    """Several states in one chunk pass (rnnc/chunkplan.py, staged_plan): the max-plus states by
+    `_maxplus_scan`, then, from their sequences, the decay and values of every step; the matrix state
+    and the vector states sharing its decay as one state [S | n] with values [c v | c'] by
+    `_chunk_linear`; the output for all steps from the columns of its readout q @ [S | n]."""
+    cell, r, stages = rec.cell, rec.r, rec.stages
+    by_name = {s.name: s for s in cell.states}
+    size = plan.chunk_size or default_chunk_size(plan)
+    for n in plan.positive:  # a constant decay taken by its log
+        L(f"_chunk_check_decay({r.tensor(n, 'const')}, {cell.graph[n].name or 'the decay'!r})")
+    for s in cell.states:
+        L(f"s0_{s.name} = {rec.initial(s)}")
+    rows = _AllRows(cell, r, stages, rec.loop)
+
+    def seq(nid: int, rank: int) -> str:
+        """A node's values for every step, [T, N, *shape] (padded on the left to `rank`)."""
+        shape = cell.graph[nid].shape
+        full = "" if not shape and not rank else ", " + ", ".join(["1"] * (rank - len(shape)) + ["-1"] * len(shape))
+        return f"{_scan_coefficient(r, stages, nid, rank)}.expand(T, N{full})".replace("N, )", "N)")
+
+    for m in plan.maxplus:
+        s = by_name[m.state]
+        L(f"# {s.name}' = max({s.name} + a, b): linear over (max, +), all steps by a max-plus scan first")
+        b = seq(m.b[0], len(s.shape))
+        for other in m.b[1:]:
+            b = f"torch.maximum({b}, {seq(other, len(s.shape))})"
+        a = "None" if m.a is None else seq(m.a, len(s.shape))
+        L(f"all_{s.name} = _maxplus_scan({a}, {b}, s0_{s.name})")
+        rows.scanned.add(s.name)
+    needs = [n for n in (plan.g, plan.gk, plan.v, *(c for _, c in plan.columns)) if n is not None]
+    if any(stages.get(n) == "loop" for n in needs):
+        L("# the decay and the values of every step, from the scanned sequences")
+        rows.emit(L, [n for n in needs if stages.get(n) == "loop"])
+    S = by_name[plan.state]
+    names = [S.name] + [n for n, _ in plan.columns]
+    L(f"# {', '.join(names)} share their decay: one chunk pass over [{' | '.join(names)}], the vector "
+      f"state{'s' if len(plan.columns) > 1 else ''} as extra value columns (rnnc/runtime/chunk.py)")
+    v = seq(plan.v, 1)
+    cols = ", ".join(f"{seq(c, 0)}.unsqueeze(-1)" for _, c in plan.columns)
+    L(f"v_all = torch.cat([{v}, {cols}], -1)" if plan.columns else f"v_all = {v}")
+    h0 = ", ".join([f"s0_{S.name}"] + [f"s0_{n}.unsqueeze(-1)" for n, _ in plan.columns])
+    L(f"s0_all = torch.cat([{h0}], -1)" if plan.columns else f"s0_all = {h0}")
+    gk = seq(plan.gk, 1) if plan.gk is not None else (f"{seq(plan.g, 0)}.unsqueeze(-1)" if plan.g is not None
+                                                      else "None")
+    before = ", before=True" if plan.before else ""
+    L(f"o_all, s_all = _chunk_linear({seq(plan.q, 1)}, {seq(plan.k, 1)}, v_all, {gk}, None, s0_all, {size}{before})")
+    ncol = len(plan.columns)
+    part = {S.name: f"[..., :{-ncol}]" if ncol else ""}
+    part.update({n: f"[..., {i - ncol}]" for i, (n, _) in enumerate(plan.columns)})
+    L("# the output's reads of the states: columns of the joined readout")
+    for nid, name, sign, rest in plan.reads:
+        value = f"{'-' if sign < 0 else ''}o_all{part[name]}.flatten(0, 1)"
+        if rest is not None and stages.get(rest) == "loop":
+            rows.emit(L, [rest])
+            value = f"{value} + {r.operand(rest, 'loop').at(ATOM)}"
+        elif rest is not None:
+            value = f"{value} + {seq(rest, len(cell.graph[nid].shape))}.flatten(0, 1)"
+        L(f"{r.name(nid)} = {value}")
+        rows.done.add(nid)
+    L("# the outputs, for all T*B*extra rows at once")
+    rows.emit(L, [o.node for o in rec.loop_outs])
+    for o in rec.loop_outs:
+        L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
+    final = [f"s_all{part[n]}" for n in names] + [f"all_{m.state}[-1]" for m in plan.maxplus]
+    L(f"{', '.join(r.name(by_name[n].node_in) for n in names + [m.state for m in plan.maxplus])} = {', '.join(final)}")

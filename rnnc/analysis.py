@@ -126,8 +126,10 @@ def analyze_cell(cell: Cell, backend: str = "loop") -> Report:
     from .associative import classify_combines
     from .jacobian import jacobian_groups
     from .linearity import classify
+    from .maxplus import classify_maxplus
 
     st = stages(cell)
     classes = classify(cell, st)
     classify_combines(cell, st, classes)
+    classify_maxplus(cell, st, classes)
     return Report(cell, st, state_reads(cell), classes, backend, jacobian=jacobian_groups(cell, classes))

@@ -21,10 +21,10 @@ from dataclasses import replace
 
 from . import dims as D
 from .ir import Cell, Graph, Node
-from .matrix_terms import matrix_terms
+from .linear_form import linear_forms, ones, same
+from .linearity import contraction, group_stages, transitions
+from .matrix_terms import matrix_terms, normal_terms
 from .plans import ChunkPlan
-from .linear_form import ones, same
-from .linearity import contraction, transitions
 from .scanplan import _binary, _const, zero_state
 from .dplrplan import NotStep, micro_steps, stage_of
 
@@ -177,9 +177,9 @@ def _linear_or_delta(cell: Cell, stages: dict[int, str], s, t, transposed: bool,
 
 
 def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> ChunkPlan:
-    """The chunk plan of a one-state cell, or NotChunkable with the reason."""
+    """The chunk plan of a cell, or NotChunkable with the reason."""
     if len(cell.states) != 1:
-        raise NotChunkable("the chunk backend handles cells with one matrix state")
+        return staged_plan(cell, stages, classes)
     s = cell.states[0]
     if len(s.shape) == 3:  # heads declared as a dim: plan one head (rnnc/heads.py)
         return _per_head(cell, stages)
@@ -256,3 +256,147 @@ def _per_head(cell: Cell, stages: dict[int, str]) -> ChunkPlan:
                        positive=tuple(lift.node(n) for n in plan.positive))
     except NotPerHead as e:
         raise NotChunkable(str(e)) from None
+
+
+# ---- several states in one pass (mLSTM) ----------------------------------------------------------
+
+def _scale(g: Graph, t) -> int | None:
+    """sign · num · Π scalars of a term as one node (None: 1)."""
+    node = None
+    for n, inv in t.scalars:
+        node = (_binary(g, "div", _const(g, 1), n) if inv else n) if node is None else \
+            _binary(g, "div" if inv else "mul", node, n)
+    try:
+        c = float(t.sign * t.num)
+    except TypeError:  # a symbolic coefficient (a mean's 1/K)
+        raise NotChunkable("its update has a coefficient that depends on a dim") from None
+    if c != 1:
+        node = _const(g, c) if node is None else _binary(g, "mul", _const(g, c), node)
+    return node
+
+
+def _dot_read(cell: Cell, stages: dict[int, str], s, nid: int) -> tuple[str, int, int] | None:
+    """("old" | "new", q, sign) when `nid` is ± q · s of a vector state s, plus state-free terms."""
+    leaves = {s.node_in: "old"} | ({s.node_out: "new"} if s.node_out != s.node_in else {})
+    form = linear_forms(cell, stages, leaves).get(nid)
+    if form is None or form.nonlinear or form.opaque:
+        return None
+    terms = normal_terms(cell.graph, form.terms)
+    if terms is None or len(terms) != 1:
+        return None
+    (t,) = terms
+    if t.orient != "scalar" or t.elem or t.dots or t.scalars or t.num != 1 or t.right or len(t.left) != 1 \
+            or t.left[0].kind != "row" or t.left[0].node is None or stages.get(t.left[0].node) == "loop":
+        return None
+    return t.state, t.left[0].node, t.sign
+
+
+def _reads(cell: Cell, stages: dict[int, str], states: list, out: int) -> list[tuple[int, str, int, int, str]]:
+    """The values nearest the output that are ± q @ S (matrix S) or ± q · n (vector n) of one of
+    `states`, plus state-free terms: (node, state, sign, q, "old" | "new"). NotChunkable when the
+    output reaches a state other than through such a read."""
+    g = cell.graph
+    touched = {n: s for s in states for n in (s.node_in, s.node_out)}
+    found, seen, stack = [], set(), [out]
+    while stack:
+        nid = stack.pop()
+        if nid in seen or stages.get(nid) != "loop":
+            continue
+        seen.add(nid)
+        deps = g.ancestors([nid])
+        hits = {touched[n].name: touched[n] for n in deps if n in touched}
+        if len(hits) == 1:
+            (s,) = hits.values()
+            read = contraction(cell, stages, s.name, nid) if len(s.shape) == 2 else _dot_read(cell, stages, s, nid)
+            if read is not None and (len(s.shape) == 1 or read[3] == "left"):
+                found.append((nid, s.name, read[2], read[1], read[0]))
+                continue
+        if nid in touched:
+            raise NotChunkable(f"an output reads state '{touched[nid].name}' other than as q @ {touched[nid].name}")
+        stack.extend(g[nid].args)
+    return found
+
+
+def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> ChunkPlan:
+    """Several states in one chunk pass: max-plus states (xLSTM's stabiliser m) by a max-plus scan
+    first; then, with their values known for every step, one matrix state with an additive update
+    c k vᵀ and any vector states n' = decay · n + c' k sharing its decay and k (mLSTM's normaliser,
+    C's "ones column"), joined into one state [S | n] with values [c v | c']; the output is
+    computed for all steps from its reads q @ S and q · n (the columns of the joined readout) and
+    the scanned sequences. NotChunkable with the reason when the cell is not of this shape."""
+    from .maxplus import maxplus_form
+
+    g = cell.graph
+    first = [maxplus_form(cell, stages, s) for s in cell.states if classes[s.name].get("maxplus")]
+    early = {m.state for m in first}
+    rest = [s for s in cell.states if s.name not in early]
+    mats = [s for s in rest if len(s.shape) == 2]
+    if len(mats) != 1:
+        raise NotChunkable("the chunk backend handles one matrix state (with vector states sharing its decay, "
+                           "and max-plus states scanned first)")
+    (S,) = mats
+    vecs = [s for s in rest if s is not S]
+    for s in rest:
+        info = classes[s.name]
+        if info["class"] not in ("matrix_affine", "elementwise_affine") or info.get("coupled") \
+                or not set(info.get("after", ())) <= early or (s in vecs and len(s.shape) != 1):
+            raise NotChunkable(f"state '{s.name}' is {info['class']}: {info['why']}")
+    for m in first:
+        if any(stage_of(g, stages, n) == "loop" for n in (m.a, *m.b) if n is not None):
+            raise NotChunkable(f"state '{m.state}' is max-plus, but its coefficients read other states")
+    st = group_stages(cell, stages, [s.name for s in rest])  # the max-plus states known for every step
+    found = transitions(cell, st, [s.name for s in rest])
+    t = found[S.name]
+    K, V = S.shape
+    if isinstance(t, str) or t.kind != "identity":
+        raise NotChunkable(f"state '{S.name}' shares its pass with vector states only with an additive update")
+    positive: list[int] = []  # constant decays taken by their log
+    gates = _decay_gates(g, st, t.decay, K, V, positive)
+    if gates["v"] or (gates["s"] and gates["k"]):
+        raise NotChunkable(f"state '{S.name}' has a per-value decay, which the joined vector states cannot share")
+    try:
+        update = zero_state(g, st, S.node_out, {})
+    except ValueError as e:
+        raise NotChunkable(str(e)) from None
+    terms = matrix_terms(g, update) if update is not None else None
+    if not terms or len(terms) != 1 or [a.kind for a in terms[0].left] != ["col", "row"] or terms[0].dots \
+            or terms[0].elem or terms[0].right:
+        raise NotChunkable(f"the update of state '{S.name}' is not c k vᵀ")
+    k, v = terms[0].left[0].node, terms[0].left[1].node
+    c = _scale(g, terms[0])
+    columns = []
+    for n in vecs:
+        tn = found[n.name]
+        if isinstance(tn, str) or tn.kind not in ("identity", "diagonal") or tn.decay != t.decay:
+            raise NotChunkable(f"state '{n.name}' does not share the decay of state '{S.name}'")
+        try:
+            un = zero_state(g, st, n.node_out, {})
+        except ValueError as e:
+            raise NotChunkable(str(e)) from None
+        tu = matrix_terms(g, un) if un is not None else None
+        if not tu or len(tu) != 1 or len(tu[0].left) != 1 or tu[0].left[0].node != k or tu[0].left[0].inv \
+                or tu[0].dots or tu[0].elem or tu[0].right:
+            raise NotChunkable(f"the update of state '{n.name}' is not c k with the k of state '{S.name}'")
+        cn = _scale(g, tu[0])
+        columns.append((n.name, cn if cn is not None else _const(g, 1)))
+    outs = [o for o in cell.outputs if g.ancestors([o.node]) & {s.node_in for s in rest}]
+    if len(outs) != 1:
+        raise NotChunkable("exactly one output must read the states")
+    (out,) = outs
+    reads = _reads(cell, st, rest, out.node)
+    if len({q for *_, q, _ in reads}) != 1 or len({w for *_, w in reads}) != 1:
+        raise NotChunkable(f"output '{out.name}' reads the states with different queries, or before and after "
+                           "the update")
+    rests, zero = [], {n: None for s in rest for n in (s.node_in, s.node_out)}  # the states' values set to 0
+    for nid, name, sign, q, _ in reads:
+        try:
+            rests.append((nid, name, sign, zero_state(g, st, nid, dict(zero))))
+        except ValueError as e:
+            raise NotChunkable(str(e)) from None
+    for key, nid in (("q", reads[0][3]), ("k", k), ("v", v)):
+        if stage_of(g, stages, nid) not in ("hoist", "const"):
+            raise NotChunkable(f"its {key} reads a state")
+    v = v if c is None else _binary(g, "mul", c, v)
+    return ChunkPlan("linear", S.name, out.name, reads[0][3], k, v, gk=(gates["k"] or [None])[0],
+                     g=(gates["s"] or [None])[0], before=reads[0][4] == "old", maxplus=tuple(first),
+                     columns=tuple(columns), reads=tuple(rests), positive=tuple(positive))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from .analysis import Report
 from .associative import scan_groups
 from .ir import Cell, Combine
+from .maxplus import MaxPlus
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,24 @@ class ChunkPlan:
     transposed: bool = False  # o = S @ q: the chunk form runs on Sᵀ (k, v are its rows and columns)
     heads: object = None  # a dim: the state is [heads, *matrix], every value of the plan [heads, ...]
     positive: tuple[int, ...] = ()  # constant decays whose log is a gate: checked not negative
+    # several states in one pass (rnnc/chunkplan.py, staged_plan): max-plus states scanned first, vector
+    # states sharing the matrix state's decay and k joined as extra value columns, and the output read
+    # through `reads` (node = sign · q @ state + rest, rest state-free or None); `v` is then the coefficient
+    # times v, and the output is computed for all steps from the reads (`extra` unused)
+    maxplus: tuple[MaxPlus, ...] = ()
+    columns: tuple[tuple[str, int], ...] = ()  # (vector state, c): state' = decay · state + c k
+    reads: tuple[tuple[int, str, int, int | None], ...] = ()  # (node, state, sign, rest)
+
+    @property
+    def staged(self) -> bool:
+        return bool(self.reads)
 
     def nodes(self) -> list[int]:
         keys = (self.q, self.k, self.v, self.gk, self.gv, self.g, self.beta)
         return ([n for n in keys if n is not None] + list(self.scale) + [t for t, _ in self.extra]
-                + [n for st in self.steps for n in st.nodes()] + list(self.positive))
+                + [n for st in self.steps for n in st.nodes()] + list(self.positive)
+                + [n for m in self.maxplus for n in (m.a, *m.b) if n is not None] + [c for _, c in self.columns]
+                + [r for *_, r in self.reads if r is not None])
 
 
 @dataclass(frozen=True)

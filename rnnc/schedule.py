@@ -50,9 +50,7 @@ def layered(report: Report) -> str | None:
 
 def why_not(backend: str, report: Report) -> str | None:
     """Why `backend` cannot lower the cell (None when it can)."""
-    if backend == "chunk" and (why := layered(report)):
-        return why
-    if backend == "chunk":
+    if backend == "chunk":  # (states in stages: rnnc/chunkplan.py's staged_plan decides)
         try:
             chunk_plan(report.cell.derived(), report.stages, report.classes)
         except NotChunkable as e:

@@ -1,6 +1,6 @@
 """Parallel prefix scans over time in plain PyTorch: `_linear_scan` for h_t = a_t h_{t-1} + b_t (the scan
 backend, and the fused Triton scans' pass over chunk summaries), `_fold_scan` for a declared associative
-combine. O(T) work in O(log T) rounds; autograd differentiates them.
+combine, `_maxplus_scan` for h_t = max(h_{t-1} + a_t, b_t). O(T) work in O(log T) rounds; autograd differentiates them.
 """
 import torch
 
@@ -29,6 +29,31 @@ def _scan_from_zero(a, b):
     a0, a1, b0, b1 = a[0::2], a[1::2], b[0::2], b[1::2]
     odd = _scan_from_zero(a1 * a0, a1 * b0 + b1)  # the states after steps 1, 3, 5, ...
     even = torch.cat([b0[:1], a0[1:] * odd[:-1] + b0[1:]])  # after steps 0, 2, 4, ...
+    return torch.stack([even, odd], 1).reshape(b.shape)
+
+
+def _maxplus_scan(a, b, h0):
+    """h_t = max(h_{t-1} + a_t, b_t) for every t along dim 0 (a max-plus linear recurrence, xLSTM's
+    max-stabiliser), with O(T) work in O(log T) rounds, as _linear_scan over the (max, +) semiring:
+    (a1, b1) then (a2, b2) is (a1 + a2, max(b1 + a2, b2)). a: [T, N, ...] or None (0); b: [T, N, ...];
+    h0: [N, ...]. Only sums and maxima: exact to rounding, and -inf shifts (a hard reset) give no NaN."""
+    if b.shape[0] == 0:
+        return b
+    a = torch.zeros_like(b) if a is None else a.expand(b.shape)
+    b = torch.cat([torch.maximum(h0 + a[0], b[0]).unsqueeze(0), b[1:]])
+    return _maxplus_from_zero(a, b)
+
+
+def _maxplus_from_zero(a, b):
+    T = b.shape[0]
+    if T == 1:
+        return b
+    if T % 2:
+        head = _maxplus_from_zero(a[:-1], b[:-1])
+        return torch.cat([head, torch.maximum(head[-1] + a[-1], b[-1]).unsqueeze(0)])
+    a0, a1, b0, b1 = a[0::2], a[1::2], b[0::2], b[1::2]
+    odd = _maxplus_from_zero(a0 + a1, torch.maximum(b0 + a1, b1))
+    even = torch.cat([b0[:1], torch.maximum(odd[:-1] + a0[1:], b0[1:])])
     return torch.stack([even, odd], 1).reshape(b.shape)
 
 
