@@ -216,12 +216,12 @@ def recurrent_for_decoding(cell, report: Report):
 
 def triton_chunk_plan(report: Report) -> ChunkPlan | None:
     """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule; the
-    generalized delta rule has its PyTorch chunk form only)."""
+    generalized delta rule and several states in one pass have their PyTorch chunk form only)."""
     try:
         plan = chunk_plan(report.cell.derived(), report.stages, report.classes)
     except NotChunkable:
         return None
-    return None if plan.kind == "dplr" else plan
+    return None if plan.kind == "dplr" or plan.staged else plan
 
 
 def triton_note(report: Report) -> None:
