@@ -345,6 +345,13 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
     if isinstance(plan, ChunkPlan):  # only what the chunkwise form reads (not the per-step k vᵀ, decays, ...)
         state_free_outs = [o.node for o in cell.outputs if o.name != plan.output]
         used = cell.graph.ancestors(plan.nodes() + state_free_outs + [s.init for s in cell.states])
+        if plan.staged:  # its output is computed from the reads (the joined readout's columns) and what else it reads
+            reads, stack = {n for n, *_ in plan.reads}, [o.node for o in cell.outputs]
+            while stack:
+                n = stack.pop()
+                if n not in used and n not in reads:
+                    used.add(n)
+                    stack.extend(cell.graph[n].args)
         live = [n for n in live if n in used or stages[n] == "loop"]
     const = [n for n in live if stages[n] == "const"]
     hoist = [n for n in live if stages[n] == "hoist"]

@@ -1,0 +1,200 @@
+"""Several states in one chunk pass (issue 10, item 3). mLSTM's matrix memory C and normaliser n share
+their decay and run as one chunk form ([C | n], n as an extra value column); its max-stabiliser m is
+recognised in the IR as a max-plus state (m' = max(m + a, b)) and scanned first, so every exponential
+of the chunk form is of a quantity <= 0 however large the input gate. Checked against the loop
+(values, final states, gradients of every input and initial state) at lengths around the chunk size
+with mild, extreme and -inf gates, in float64, float32 and with bf16 inputs; against the paper's
+equations in float64 (tests/test_library_reference.ref_mlstm); and on another cell of this shape (a
+normalised linear attention, no stabiliser), so the joining is read off the IR, not the cell's name.
+Packed batches (cu_seqlens) and the library-wide differential tests cover mlstm's chunk form too
+(tests/test_varlen.py, tests/test_backends_agree.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnc
+from rnnc.analysis import analyze_cell
+from rnnc.api import _program
+from rnnc.maxplus import maxplus_form
+from rnnc.optimize import optimize
+from rnnc.plans import chunk_plan
+from rnnc.runtime.scan import _maxplus_scan
+
+from test_library_reference import ref_mlstm
+
+K, V = 4, 3
+NLA = """
+cell nla(q: [K], k: [K], v: [V], g: []) -> (o: [V]) {
+    state S: [K, V] = 0
+    state z: [K] = 0
+    S = exp(g) * S + outer(k, v)
+    z = exp(g) * z + k
+    o = (q @ S) / (1 + abs(q @ z))
+}
+"""
+
+
+def _gates(shape, kind: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """(igate, fgate) pre-activations: mild; extreme (input gates up to +50, forget gates from -1e3,
+    saturated at +30); or extreme with some forget gates -inf (logsigmoid -inf: a hard reset)."""
+    i = torch.randn(shape, generator=gen, dtype=torch.float64)
+    f = torch.randn(shape, generator=gen, dtype=torch.float64) + 2
+    if kind == "big_input":  # input gates up to +50, mild forget gates
+        return 60 * torch.rand(shape, generator=gen, dtype=torch.float64) - 10, f
+    if kind != "mild":
+        i = 60 * torch.rand(shape, generator=gen, dtype=torch.float64) - 10
+        f = torch.where(torch.rand(shape, generator=gen) < 0.2, torch.full_like(f, -1e3), 10 * f)
+    if kind == "inf":
+        f = torch.where(torch.rand(shape, generator=gen) < 0.1, torch.full_like(f, -torch.inf), f)
+    return i, f
+
+
+def _inputs(B, T, H, kind, gen):
+    q, k = (torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    return [q, k, v, *_gates((B, T, H), kind, gen)]
+
+
+def _state(B, H, gen):
+    return {"C": 0.5 * torch.randn(B, H, K, V, generator=gen, dtype=torch.float64),
+            "n": torch.randn(B, H, K, generator=gen, dtype=torch.float64).abs() + 0.5,
+            "m": torch.randn(B, H, generator=gen, dtype=torch.float64)}
+
+
+def _run(cell, inputs, state, dtype=torch.float64):
+    """(outputs, final states, gradients of a weighted loss w.r.t. every input and initial state)."""
+    xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    s0 = {k: v.detach().to(dtype).requires_grad_() for k, v in state.items()}
+    y, final = cell(*xs, state=s0)
+    w = torch.cos(torch.arange(y.numel(), dtype=torch.float64)).view_as(y)
+    loss = (y.double() * w).sum() + sum((f.double() * (1 + i)).sum() for i, f in enumerate(final.values()))
+    grads = torch.autograd.grad(loss, xs + list(s0.values()))
+    return y, final, grads
+
+
+def _close(a, b, tol):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    assert (a - b).abs().max().item() <= tol * (b.abs().max().item() + 1e-30)
+
+
+def test_the_stabiliser_is_max_plus_and_the_states_share_one_pass():
+    cell = optimize(_program("mlstm").cell(None))
+    report = analyze_cell(cell)
+    assert report.classes["m"].get("maxplus") and report.classes["C"]["after"] == ["m"]
+    plan = chunk_plan(cell.derived(), report)
+    assert plan.staged and [m.state for m in plan.maxplus] == ["m"] and [n for n, _ in plan.columns] == ["n"]
+    assert {name for _, name, _, _ in plan.reads} == {"C", "n"} and not plan.before
+    assert rnnc.analyze("mlstm").backend == "chunk" and rnnc.backends_for("mlstm") == ["loop", "chunk"]
+
+
+@pytest.mark.parametrize("text,form", [
+    ("m = maximum(log_f + m, igate)", ("a", 1)),
+    ("m = maximum(igate, m + log_f)", ("a", 1)),
+    ("m = maximum(maximum(m + log_f, igate), fgate)", ("a", 2)),
+    ("m = maximum(m, igate)", (None, 1)),
+    ("m = maximum(log_f * m, igate)", None),
+    ("m = maximum(m + m, igate)", None),
+    ("m = maximum(log_f + m, igate + m)", None),
+])
+def test_max_plus_writings(text, form):
+    src = ("cell c(igate: [], fgate: []) -> (y: []) {\n    state m: [] = 0\n    let log_f = logsigmoid(fgate)\n"
+           f"    {text}\n    y = m\n}}\n")
+    cell = optimize(rnnc.parse(src).cell())
+    found = maxplus_form(cell, analyze_cell(cell).stages, cell.states[0])
+    if form is None:
+        assert found is None
+    else:
+        assert (found.a is not None, len(found.b)) == (form[0] is not None, form[1])
+
+
+def test_maxplus_scan_is_the_recurrence():
+    gen = torch.Generator().manual_seed(0)
+    for T in (1, 2, 7, 64, 65):
+        a = -5 * torch.rand(T, 3, generator=gen, dtype=torch.float64)
+        a[torch.rand(T, 3, generator=gen) < 0.2] = -torch.inf
+        b = 10 * torch.randn(T, 3, generator=gen, dtype=torch.float64)
+        h0 = torch.randn(3, generator=gen, dtype=torch.float64)
+        h, want = h0, []
+        for t in range(T):
+            h = torch.maximum(h + a[t], b[t])
+            want.append(h)
+        torch.testing.assert_close(_maxplus_scan(a, b, h0), torch.stack(want), rtol=1e-12, atol=1e-12)  # sums regrouped
+
+
+@pytest.mark.parametrize("kind", ["mild", "extreme", "inf"])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
+def test_chunk_matches_loop(T, kind):
+    gen = torch.Generator().manual_seed(T)
+    inputs, state = _inputs(2, T, 2, kind, gen), _state(2, 2, gen)
+    want = _run(rnnc.build("mlstm", backend="loop", dtype=torch.float64), inputs, state)
+    got = _run(rnnc.build("mlstm", backend="chunk", dtype=torch.float64), inputs, state)
+    _close(got[0], want[0], 1e-10)
+    for k in want[1]:
+        _close(got[1][k], want[1][k], 1e-10)
+    for a, b in zip(got[2], want[2]):
+        _close(a, b, 1e-9)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_chunk_in_low_precision_with_extreme_gates(dtype, tol):
+    """Input gates up to +50 and -inf forget gates: the float32 chunk form (bf16 inputs, float32
+    compute) stays finite and agrees with the loop in float64 on the same rounded inputs."""
+    gen = torch.Generator().manual_seed(7)
+    inputs, state = [x.to(dtype).double() for x in _inputs(2, 130, 2, "inf", gen)], _state(2, 2, gen)
+    want = _run(rnnc.build("mlstm", backend="loop", dtype=torch.float64), inputs, state)
+    got = _run(rnnc.build("mlstm", backend="chunk", chunk_size=32), inputs, state, dtype)
+    _close(got[0], want[0], tol)
+    for k in want[1]:
+        _close(got[1][k], want[1][k], tol)
+    for a, b in zip(got[2], want[2]):
+        _close(a, b, tol)
+
+
+@pytest.mark.parametrize("kind", ["mild", "big_input"])
+def test_chunk_matches_the_papers_equations(kind):
+    """Against the paper's parallel form, unstabilised, in float64 (test_library_reference.ref_mlstm):
+    values, final states and every gradient; input gates up to +50 (e^50 fits in float64). (Its
+    masked exp(F_t - F_j) overflows above the diagonal for strong forgetting, which makes its own
+    gradients NaN: the forget gates stay mild here; the loop comparisons above take the extreme ones.)"""
+    gen = torch.Generator().manual_seed(3)
+    inputs, state = _inputs(2, 130, 1, kind, gen), _state(2, 1, gen)
+    got = _run(rnnc.build("mlstm", backend="chunk", dtype=torch.float64), inputs, state)
+    xs = [x.squeeze(2).requires_grad_() for x in inputs]
+    s0 = {k: v.squeeze(1).requires_grad_() for k, v in state.items()}
+    (y,), final = ref_mlstm(dict(zip(["q", "k", "v", "igate", "fgate"], xs)), {}, s0)
+    w = torch.cos(torch.arange(y.numel(), dtype=torch.float64)).view_as(y)
+    loss = (y * w).sum() + sum((final[k] * (1 + i)).sum() for i, k in enumerate(["C", "n", "m"]))
+    grads = torch.autograd.grad(loss, xs + list(s0.values()))
+    _close(got[0].squeeze(2), y, 1e-9)
+    for k in final:
+        _close(got[1][k].squeeze(1), final[k], 1e-9)
+    for i, (a, b) in enumerate(zip(got[2], grads)):  # five inputs (heads at dim 2), then three states (dim 1)
+        _close(a.squeeze(2 if i < 5 else 1), b, 1e-8)
+
+
+def test_another_cell_with_a_normaliser_joins_the_same_way():
+    """A normalised linear attention (no stabiliser): S and z share exp(g) and k, one pass."""
+    cell = optimize(rnnc.parse(NLA).cell())
+    report = analyze_cell(cell)
+    plan = chunk_plan(cell.derived(), report)
+    assert plan.staged and not plan.maxplus and [n for n, _ in plan.columns] == ["z"]
+    assert rnnc.analyze(NLA).backend == "chunk"
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 70, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 70, V, generator=gen, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(2, 70, generator=gen, dtype=torch.float64) + 2)
+    state = {"S": torch.randn(2, K, V, generator=gen, dtype=torch.float64),
+             "z": torch.randn(2, K, generator=gen, dtype=torch.float64)}
+    want = _run(rnnc.build(NLA, backend="loop", dtype=torch.float64), [q, k, v, g], state)
+    got = _run(rnnc.build(NLA, backend="chunk", chunk_size=16, dtype=torch.float64), [q, k, v, g], state)
+    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
+        _close(a, b, 1e-10)
+
+
+def test_states_that_do_not_share_the_decay_are_refused():
+    text = NLA.replace("z = exp(g) * z + k", "z = z + k")
+    assert "does not share the decay" in str(rnnc.backends_for(text)) or "chunk" not in rnnc.backends_for(text)
+    with pytest.raises(rnnc.BuildError, match="does not share the decay of state 'S'"):
+        rnnc.build(text, backend="chunk")
