@@ -13,6 +13,11 @@ module reads a cell's single matrix state's canonical transition (rnnc/transitio
 factored out, identity or I − β k kᵀ left) and its update's collected outer product, and returns a
 ChunkPlan of IR node ids, or the reason it does not fit. Decays must be written in log space, as
 exp(g): the chunk form needs log-gates to stay stable.
+
+Cells with several states (staged_plan): max-plus states s' = max(s + a, b) (xLSTM's stabiliser,
+rnnc/maxplus.py) are scanned first; with their values known, one matrix state and the vector states
+sharing its decay and k (mLSTM's normaliser) run as one chunk pass, the vectors as extra value
+columns, and the output is computed for all steps from the joined readout's columns.
 """
 from __future__ import annotations
 

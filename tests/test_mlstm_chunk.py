@@ -174,21 +174,28 @@ def test_chunk_matches_the_papers_equations(kind):
         _close(a.squeeze(2 if i < 5 else 1), b, 1e-8)
 
 
-def test_another_cell_with_a_normaliser_joins_the_same_way():
+#: NLA reading the states before the step's update (RWKV-style), and with a state-free term added to a read.
+BEFORE = NLA.replace("    S = exp(g) * S + outer(k, v)\n    z = exp(g) * z + k\n    o = (q @ S) / (1 + abs(q @ z))",
+                     "    o = (q @ S) / (1 + abs(q @ z + sum(k)))\n    S = exp(g) * S + outer(k, v)\n    z = exp(g) * z + k")
+
+
+@pytest.mark.parametrize("text", [NLA, BEFORE], ids=["after", "before"])
+def test_another_cell_with_a_normaliser_joins_the_same_way(text):
     """A normalised linear attention (no stabiliser): S and z share exp(g) and k, one pass."""
-    cell = optimize(rnnc.parse(NLA).cell())
+    cell = optimize(rnnc.parse(text).cell())
     report = analyze_cell(cell)
     plan = chunk_plan(cell.derived(), report)
     assert plan.staged and not plan.maxplus and [n for n, _ in plan.columns] == ["z"]
-    assert rnnc.analyze(NLA).backend == "chunk"
+    assert plan.before == (text is BEFORE)
+    assert rnnc.analyze(text).backend == "chunk"
     gen = torch.Generator().manual_seed(5)
     q, k = (torch.randn(2, 70, K, generator=gen, dtype=torch.float64) for _ in range(2))
     v = torch.randn(2, 70, V, generator=gen, dtype=torch.float64)
     g = torch.nn.functional.logsigmoid(torch.randn(2, 70, generator=gen, dtype=torch.float64) + 2)
     state = {"S": torch.randn(2, K, V, generator=gen, dtype=torch.float64),
              "z": torch.randn(2, K, generator=gen, dtype=torch.float64)}
-    want = _run(rnnc.build(NLA, backend="loop", dtype=torch.float64), [q, k, v, g], state)
-    got = _run(rnnc.build(NLA, backend="chunk", chunk_size=16, dtype=torch.float64), [q, k, v, g], state)
+    want = _run(rnnc.build(text, backend="loop", dtype=torch.float64), [q, k, v, g], state)
+    got = _run(rnnc.build(text, backend="chunk", chunk_size=16, dtype=torch.float64), [q, k, v, g], state)
     for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
         _close(a, b, 1e-10)
 
