@@ -38,13 +38,13 @@ RECURRENT_BELOW = 65
 
 
 def layered(report: Report) -> str | None:
-    """Why a state linear only given earlier states keeps the cell off the chunk form and the
-    fused Triton scans (None when no state is): only the PyTorch scan runs such a state as a
-    parallel stage after those it reads."""
+    """Why a state linear only given earlier states keeps the cell off the fused Triton scans (None
+    when no state is): the PyTorch scan runs such a state as a parallel stage after those it reads
+    (and the chunk form a matrix state after max-plus states: chunkplan.staged_plan)."""
     for name, info in report.classes.items():
         if info.get("after"):
             return (f"state '{name}' is linear only once {', '.join(info['after'])} is known for every step "
-                    "(a stage after them: only the scan backend runs such stages)")
+                    "(a stage after them: the fused Triton scans do not run such stages)")
     return None
 
 
