@@ -43,9 +43,8 @@ def _agree(spec, dims, T, heads, chunk_size=16, tol=1e-9):
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
     cell = rnnc.build(spec, backend="chunk", dtype=torch.float64, chunk_size=chunk_size, **dims)
     cell.load_state_dict(ref.state_dict())
-    name = spec if "{" not in spec else "retnet"
-    inputs = [x.requires_grad_() for x in library_inputs(name, 2, T, heads, False, torch.float64, seed=T)]
-    (s,) = rnnc.load(name).cell().states if "{" not in spec else rnnc.parse(spec).cell().states
+    inputs = [x.requires_grad_() for x in library_inputs(spec, 2, T, heads, False, torch.float64, seed=T)]
+    (s,) = (rnnc.parse(spec) if "{" in spec else rnnc.load(spec)).cell().states
     shape = [2, heads] + [dims[str(d)] for d in s.shape]  # library_inputs: [B, T, heads, ...]
     h0 = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
     res = []
@@ -64,6 +63,24 @@ def _agree(spec, dims, T, heads, chunk_size=16, tol=1e-9):
 def test_chunk_matches_loop(name, T, heads):
     dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
     _agree(name, dims, T, heads)
+
+
+def _rwkv6_heads() -> str:
+    """rwkv6.rnn's per-head cell (u: [NH, K]) as its own source."""
+    from rnnc.resources import specs_dir
+
+    text = (specs_dir() / "rwkv6.rnn").read_text()
+    return text[text.index("cell rwkv6_heads"):]
+
+
+@pytest.mark.parametrize("T", [1, 8, 9, 37])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_rwkv6_per_head_bonus_chunk_matches_loop(T, heads):
+    """RWKV-6 read before the update, a per-key decay and a per-head bonus u [NH, K]."""
+    spec = _rwkv6_heads()
+    _, plan = _plan(spec)
+    assert plan.before and plan.gk is not None and len(plan.extra) == 1 and str(plan.heads) == "NH"
+    _agree(spec, {"NH": 2, "K": 4, "V": 3}, T, heads, chunk_size=8)
 
 
 def test_retnet_decay_written_in_log_space_chunks_alike():

@@ -412,6 +412,48 @@ def test_rwkv6_vs_fla_chunk():
     assert rel_err(o, o_fla) <= TOL_FLA
 
 
+def _rwkv6_heads(backend, g):
+    """rwkv6_heads (u: [NH, K], fla's layout) with a different bonus per head."""
+    cell = rnnc.build("rwkv6", cell="rwkv6_heads", backend=backend, NH=H, K=K,
+                      chunk_size=8 if backend == "chunk" else None)
+    with torch.no_grad():
+        cell.u.copy_(0.7 * _n(g, H, K))
+    assert cell.u.shape == (H, K) and not torch.equal(cell.u[0], cell.u[1])
+    return cell
+
+
+@pytest.mark.parametrize("backend", ["loop", "chunk"])
+@pytest.mark.parametrize("T", [1, 37])
+def test_rwkv6_heads_per_head_bonus_vs_fla(T, backend):
+    """fla's naive_recurrent_rwkv6 with its u: [H, K], one bonus per head (scale 1, as fla's RWKV-6
+    layer): outputs, final state and the gradients of every input, u and the initial state."""
+    m = fla_naive("ops/rwkv6/recurrent_naive.py")
+    g = torch.Generator().manual_seed(13)
+    cell = _rwkv6_heads(backend, g)
+    inputs = {k: v.float() for k, v in gen_rwkv6(g, T, (H,)).items()}
+    init = {"S": (0.5 * _n(g, B, H, K, V)).float()}
+
+    def fla(x, p, s):
+        hf = [x[n].transpose(1, 2) for n in ("r", "k", "v", "w")]
+        o, S = m.naive_recurrent_rwkv6(*hf, p["u"], scale=1.0, initial_state=s["S"], output_final_state=True)
+        return o.transpose(1, 2), S
+    _compare_with_fla(cell, inputs, init, fla)
+
+
+@pytest.mark.parametrize("backend", ["loop", "chunk"])
+def test_rwkv6_heads_vs_fla_chunk(backend):
+    """fla's chunkwise rwkv6 reference with a per-head u (values; no initial state)."""
+    m = fla_naive("ops/rwkv6/chunk_naive.py")
+    g = torch.Generator().manual_seed(14)
+    cell = _rwkv6_heads(backend, g)
+    inputs = {k: v.float() for k, v in gen_rwkv6(g, 32, (H,)).items()}
+    with torch.no_grad():
+        hf = [inputs[n].transpose(1, 2) for n in ("r", "k", "v", "w")]
+        o_fla = m.naive_chunk_rwkv6(*hf, cell.u, chunk_size=8).transpose(1, 2)
+        o, _ = cell(*inputs.values())
+    assert rel_err(o, o_fla) <= TOL_FLA
+
+
 @pytest.mark.parametrize("T", [1, 37])
 def test_gated_deltanet_vs_fla(T):
     """fla's naive gated delta rule ("decay, then error-correct" form): recurrent and chunk 16."""
