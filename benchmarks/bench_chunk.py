@@ -3,7 +3,8 @@ pure-PyTorch chunked reference (fp32, forward+backward).
 
     python benchmarks/bench_chunk.py [--repeats 3] [--warmup 3] [--cells gla,rwkv6] [--chunk-size 16] [--same-process]
 
-Shape from issue 3: B=2, T=2048, H=4, K=V=64 (heads as the extra dim: inputs [B, T, H, K]).
+Shape from issue 3: B=2, T=2048, H=4, K=V=64 (heads as the extra dim: inputs [B, T, H, K]; retnet and
+mamba2 declare them as the dim NH = 4, mamba2 with P = N = 64).
 The peer is flash-linear-attention's `naive_chunk_simple_gla` (optional: `pip install fla-core`),
 loaded by file path so triton is not imported, called with its default scale K^-1/2 (the spec's) on the same inputs.
 Each timing runs in a fresh Python process (median of --repeats after --warmup calls); outputs are
@@ -33,8 +34,22 @@ def timed(fn, repeats: int) -> float:
     return median_ms(fn, repeats, WARMUP)
 
 
+#: Cells that declare their heads as the dim NH (per-head constants or params): inputs [B, T, NH, ...].
+HEAD_DIM_CELLS = ("retnet", "mamba2")
+
+
 def inputs(name: str):
-    return head_inputs(name, B, T, H, K)
+    if name not in HEAD_DIM_CELLS:
+        return head_inputs(name, B, T, H, K)
+    sizes = {"NH": H, "K": K, "V": K, "P": K, "N": K}  # mamba2: head width P and state size N as K, V
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for port in rnnc.load(name).cell().inputs:
+        x = torch.randn(B, T, *[sizes[str(d)] for d in port.shape], generator=gen)
+        if port.name == "dt":  # Mamba-2's step, positive
+            x = torch.nn.functional.softplus(x - 1)
+        out.append(x.requires_grad_())
+    return out
 
 
 def _fla_naive():
@@ -53,6 +68,8 @@ def _fla_naive():
 
 
 def _dims(name: str) -> dict:
+    if name in HEAD_DIM_CELLS:
+        return {"NH": H}  # mamba2's A_log and D are params: [NH]
     return {"K": K} if name == "rwkv6" else {}  # rwkv6's bonus u is a param: [K]
 
 

@@ -123,11 +123,13 @@ cell c(q: [K], k: [K], v: [V]) -> (o: [V]) {{
 @pytest.mark.parametrize("readout", ["o = sum(q[:, None] * S, axis=0)", "o = -(0 * v - sum(q[:, None] * S, axis=0))",
                                      "o = transpose(S) @ q", "o = q @ transpose(transpose(S))"])
 def test_other_writings_of_the_readout_chunk_like_q_at_S(readout):
-    """`sum(q[:, None] * S, axis=0)` and `transpose(S) @ q` are q @ S: the same verdict, backend and numbers."""
+    """`sum(q[:, None] * S, axis=0)` and `transpose(S) @ q` are q @ S: the same verdict, backend and numbers
+    (scaled by 1/sqrt(K) as the library's gla they are compared with)."""
+    scaled = readout.replace("o = ", "o = (", 1) + ") / sqrt(K)"
     text = f"""cell c(q: [K], k: [K], v: [V], g: [K]) -> (o: [V]) {{
     state S: [K, V] = 0
     S = exp(g)[:, None] * S + outer(k, v)
-    {readout}
+    {scaled}
 }}"""
     info = rnnc.analyze(text).to_dict()["states"]["S"]
     assert (info["readout"], info["readout_of"]) == ("contraction", "new")

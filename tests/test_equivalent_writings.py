@@ -391,6 +391,7 @@ SCALED = {
 
 def _scaled_source(name: str, old: str, new: str) -> str:
     text = (specs_dir() / f"{name}.rnn").read_text()
+    text = text[:text.index(f"cell {name}_heads")] if f"cell {name}_heads" in text else text  # the file's first cell
     assert old in text
     return text.replace(old, new)
 
