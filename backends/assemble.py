@@ -22,7 +22,7 @@ from rnnc.errors import UnsupportedError
 from rnnc.ir import Cell
 from rnnc.plans import ChunkPlan, LoopPlan, NewtonPlan, ScanPlan
 
-from . import emit_chunk, emit_loop, emit_newton, emit_recurrent, emit_scan, link
+from . import emit_chunk, emit_loop, emit_newton, emit_recurrent, emit_scan, link, opaque
 from .render import Lines, Recurrence, Renderer, docstring, node_dims
 from .tiles import TileProgram
 from .torch_expr import shape_text
@@ -129,6 +129,8 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
         emit_scan.kernels(L, cell, stages, scan)
     if recurrent is not None:
         emit_recurrent.kernels(L, cell, recurrent)
+    top = Lines()  # each forward's recurrence as a function and custom op (backends/opaque.py)
+    class_at = len(L.lines)
     L(f"class {cls}(nn.Module):")
     L.indent()
     L(f'"""One step of `{cell.name}`, run over sequences shaped [B, T, *extra, *declared]."""')
@@ -159,10 +161,10 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
         _emit_dispatch(L, parallel, short)
     loop_plan = LoopPlan(generated_backward)
     plan = next(p for p in (chunk, scan, recurrent, newton, loop_plan) if p is not None)
-    _emit_forward(L, cell, r, stages, needed, plan, f"_forward_{parallel}" if dispatch else "forward")
+    _emit_forward(L, top, cell, r, stages, needed, plan, f"_forward_{parallel}" if dispatch else "forward")
     if dispatch:  # the short sequences' forward, with a renderer of its own (its names start afresh)
         short_plan = recurrent if short == "recurrent" else loop_plan
-        _emit_forward(L, cell, Renderer(graph, stages, roots), stages, needed, short_plan, f"_forward_{short}")
+        _emit_forward(L, top, cell, Renderer(graph, stages, roots), stages, needed, short_plan, f"_forward_{short}")
     _emit_step(L, cell)
     L("def extra_repr(self):")
     L("    return ', '.join(f'{k}={v}' for k, v in self.dims.items())")
@@ -170,6 +172,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     L()
     L()
     L(f"Cell = {cls}")
+    L.lines[class_at:class_at] = top.lines
     code = "\n".join(L.lines) + "\n"
     spec = Path(cell.file).name  # never the absolute path of the spec or of rnnc's install
     if standalone:
@@ -269,8 +272,9 @@ def _emit_dispatch(L: Lines, parallel: str, short: str) -> None:
     L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states).')
     L()
     L(f"Sequences of LOOP_BELOW steps or more run the {parallel} form, shorter ones the {short} form: the")
-    L(f'same results either way. cu_seqlens: see _forward_{parallel}."""')
-    L("if cu_seqlens is None and _seq_len(self.INPUTS, args, kwargs) < self.LOOP_BELOW:")
+    L(f"same results either way (compiled or exported: the {parallel} form at every length, see _runs_short).")
+    L(f'cu_seqlens: see _forward_{parallel}."""')
+    L("if cu_seqlens is None and _runs_short(self.INPUTS, args, kwargs, self.LOOP_BELOW):")
     if short == "recurrent":  # unless its register tiles would be too large for these dims
         L("    try:")
         L("        return self._forward_recurrent(*args, state=state, **kwargs)")
@@ -284,9 +288,11 @@ def _emit_dispatch(L: Lines, parallel: str, short: str) -> None:
     L()
 
 
-def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], needed: list[str], plan: Plan,
-                  method: str = "forward") -> None:
-    """One forward method: the common prologue and epilogue around the fragment of `plan`'s lowering."""
+def _emit_forward(L: Lines, top: Lines, cell: Cell, r: Renderer, stages: dict[int, str], needed: list[str],
+                  plan: Plan, method: str = "forward") -> None:
+    """One forward method: the common prologue and epilogue around the fragment of `plan`'s lowering,
+    which runs as one custom op where it can (backends/opaque.py; its functions go to `top`)."""
+    start = len(L.lines)
     names = [p.name for p in cell.inputs]
     ranks = tuple(tuple(D.fmt(d) for d in p.shape) for p in cell.inputs)
     L(f"def {method}(self, /, *args, state=None, cu_seqlens=None, **kwargs):")
@@ -367,8 +373,15 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
                        | {s.node_out for s in cell.states if stages.get(s.node_out) == "hoist"})
     loop_outs = [o for o in cell.outputs if stages.get(o.node) == "loop"]
     if cell.states or loop_outs:  # else nothing is carried from step to step: no loop at all
+        for s in cell.states:
+            L(f"s0_{s.name} = {Recurrence.initial_of(r, s)}")
         r.use_deferred = isinstance(plan, LoopPlan)  # a per-step weight gradient only where there are steps
-        FRAGMENTS[type(plan)](L, Recurrence(cell, r, stages, loop, into_loop, loop_outs), plan)
+        rec = Recurrence(cell, r, stages, loop, into_loop, loop_outs, top)
+        if emit_loop.own_region(rec, plan):  # the loop with its generated backward: its own op
+            rec.forward_locals = opaque.forward_locals(L.lines[start:])
+            FRAGMENTS[type(plan)](L, rec, plan)
+        else:
+            _emit_region(L, top, rec, plan, opaque.forward_locals(L.lines[start:]))
     results = []
     for o in cell.outputs:
         stage = stages.get(o.node)
@@ -387,6 +400,27 @@ def _emit_forward(L: Lines, cell: Cell, r: Renderer, stages: dict[int, str], nee
         L(f"return ({', '.join(results)}), final")
     L.dedent()
     L()
+
+
+#: The region's name by the type of the plan it runs.
+KINDS: dict[type, str] = {LoopPlan: "loop", ScanPlan: "scan", ChunkPlan: "chunk", TileProgram: "recurrent",
+                          NewtonPlan: "newton"}
+
+
+def _emit_region(L: Lines, top: Lines, rec: Recurrence, plan: Plan, locals_: set[str]) -> None:
+    """The fragment as a function and custom op differentiated by recomputing it (rnnc/runtime/opaque.py),
+    called through `_run_region`; inline where the fragment reads a local no op can take."""
+    body = Lines()
+    body.depth = 1
+    FRAGMENTS[type(plan)](body, rec, plan)
+    cell, r = rec.cell, rec.r
+    results = [f"out_{o.name}" for o in rec.loop_outs] + [r.name(s.node_in) for s in cell.states]
+    returned = [f"_as_tensor(out_{o.name})" for o in rec.loop_outs] + results[len(rec.loop_outs):]
+    shapes = ([opaque.result_shape("T, N", o.shape, cell.graph[o.node].dtype) for o in rec.loop_outs]
+              + [opaque.result_shape("N", s.shape, "float") for s in cell.states])
+    region = opaque.Region(KINDS[type(plan)], body, results, shapes, returned)
+    if not opaque.emit(top, L, region, locals_, r, cell):
+        L.lines += [("    " * (L.depth - 1)) + line if line else line for line in body.lines]
 
 
 def _emit_empty(L: Lines, cell: Cell, r: Renderer) -> None:

@@ -2,8 +2,9 @@
 
 Autograd through a Python loop pays for ~10 graph nodes per step and, for a weight used at
 every step, one full-size weight-gradient matmul and accumulation per step. Instead the loop
-runs as one `_Recurrence` autograd node: its forward steps through time without autograd,
-saving only the values the backward reads; its backward steps back through time.
+runs as one custom op (backends/opaque.py, rnnc/runtime/opaque.py): its forward steps through time
+without autograd, saving only the values the backward reads; its backward, a second op, steps back
+through time.
 
 The backward of one step is an IR graph: rnnc/autodiff.py's vjp of the step (outputs and next
 states, seeded by their cotangents) with respect to the states, the hoisted values the loop
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from rnnc import autodiff
 from rnnc.ir import Cell, Graph, Node
 
-from .render import next_state
+from .opaque import Region, result_shape
+from .render import Lines, next_state
 from .torch_expr import ATOM, Operand, TorchExpr
 
 LEAVES = ("input", "param", "state")
@@ -151,10 +153,12 @@ class _Batched:
         return self.memo[n]
 
 
-def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], seqs: list[int],
-                    loop_outs: list, saved: set[int]) -> None:
-    """Emit the loop as closures + `_Recurrence.apply`; leaves `out_<name>` ([T, N, ...]) and the
-    final state variables bound, like the autograd loop does."""
+def region(cell: Cell, r, stages: dict[int, str], loop: list[int], seqs: list[int], loop_outs: list,
+           saved: set[int]) -> Region:
+    """The loop as a region (backends/opaque.py) with its generated backward: the body steps through
+    time without autograd and returns the outputs ([T, N, ...]), the final states and the values the
+    backward reads, each stacked over the steps; the backward steps back through time and returns the
+    gradients of the param-derived constants, the initial states and the hoisted sequences (`tracked`)."""
     adj = step_adjoint(cell, stages, loop)
     consts = adj.consts
     seq_name = {n: f"seq_{r.name(n)}" for n in seqs}
@@ -166,9 +170,9 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     saved_var = {n: f"saved_{r.name(n)}" for n in saved_list}
 
     # ---- forward -----------------------------------------------------------------------
-    L("def loop_forward():")
+    L = Lines()
     L.indent()
-    L('"""Steps through time without autograd, saving what loop_backward reads."""')
+    L("# steps through time without autograd, saving what the backward reads")
     if s_in:
         L(f"{', '.join(s_in)} = {', '.join(s0)}")
     for n in saved_list:
@@ -189,68 +193,69 @@ def emit_recurrence(L, cell: Cell, r, stages: dict[int, str], loop: list[int], s
     if len(L.lines) == start:
         L("pass")
     L.dedent()
-    results = [f"torch.stack(out_{o.name})" for o in loop_outs] + s_in
-    L(f"return ({', '.join(results)},), ({', '.join(saved_var[n] for n in saved_list)}{',' if len(saved_list) == 1 else ''})")
-    L.dedent()
-    L()
+    results = [f"out_{o.name}" for o in loop_outs] + s_in
+    returned = [f"torch.stack(out_{o.name})" for o in loop_outs] + s_in
+    returned += [f"torch.stack({saved_var[n]})" for n in saved_list]
+    g = cell.graph
+    shapes = ([result_shape("T, N", o.shape, g[o.node].dtype) for o in loop_outs]
+              + [result_shape("N", s.shape, "float") for s in cell.states]
+              + [result_shape("T, N", g[n].shape, g[n].dtype) for n in saved_list])
 
     # ---- backward ----------------------------------------------------------------------
-    L("def loop_backward(saved, grads):")
-    L.indent()
-    L('"""Steps back through time, the adjoint of one step rendered from its vjp graph."""')
+    B = Lines()
+    B.indent()
+    B('"""Steps back through time, the adjoint of one step rendered from its vjp graph."""')
     if saved_list:
-        L(f"{', '.join(saved_var[n] for n in saved_list)}{',' if len(saved_list) == 1 else ''} = saved")
+        B(f"{', '.join(saved_var[n] for n in saved_list)}{',' if len(saved_list) == 1 else ''} = "
+          "[x.unbind(0) for x in saved]")
     gouts = [f"g_out_{o.name}" for o in loop_outs]
     gstate = [f"gs_{s.name}" for s in cell.states]
-    L(f"{', '.join(gouts + gstate)}{',' if len(gouts + gstate) == 1 else ''} = grads")
+    B(f"{', '.join(gouts + gstate)}{',' if len(gouts + gstate) == 1 else ''} = grads")
     dconst = {c: f"d_{r.name(c)}" for c in consts}
     dseq = {n: f"d_{seq_name[n]}" for n in seqs}
     plan = _Plan(adj, stages)
     body = _Body(adj, r, stages, plan, seq_name)
     for c in consts:
-        L(f"{dconst[c]} = None")
+        B(f"{dconst[c]} = None")
     lin = {c: (f"lin_g_{r.name(c)}", f"lin_x_{r.name(c)}") for c in plan.deferred}
     for gs_list, xs_list in lin.values():
-        L(f"{gs_list}, {xs_list} = [], []")
+        B(f"{gs_list}, {xs_list} = [], []")
     for n in seqs:
-        L(f"{dseq[n]} = torch.empty_like({seq_name[n]})" if adj.grads.get(n) is not None else f"{dseq[n]} = None")
+        B(f"{dseq[n]} = torch.empty_like({seq_name[n]})" if adj.grads.get(n) is not None else f"{dseq[n]} = None")
     for line in body.before:
-        L(line)
-    L("for t in range(T - 1, -1, -1):")
-    L.indent()
+        B(line)
+    B("for t in range(T - 1, -1, -1):")
+    B.indent()
     for n in saved_list:
-        L(f"{r.name(n)} = {saved_var[n]}[t]")
+        B(f"{r.name(n)} = {saved_var[n]}[t]")
     for line in body.lines:
-        L(line)
+        B(line)
     for n in seqs:
         if adj.grads.get(n) is not None:
-            L(f"{dseq[n]}[t] = {body.text(adj.grads[n])}")
+            B(f"{dseq[n]}[t] = {body.text(adj.grads[n])}")
     for c, terms in plan.per_step.items():
         for t in terms:
             total = body.text(t, ATOM)
-            L(f"{dconst[c]} = _acc({dconst[c]}, {total}.sum(0))" if body.batched(t) else
+            B(f"{dconst[c]} = _acc({dconst[c]}, {total}.sum(0))" if body.batched(t) else
               f"{dconst[c]} = _acc({dconst[c]}, {total})")
     for c, pairs in plan.deferred.items():
         for u, x in pairs:
-            L(f"{lin[c][0]}.append({body.text(u)})")
-            L(f"{lin[c][1]}.append({body.text(x)})")
+            B(f"{lin[c][0]}.append({body.text(u)})")
+            B(f"{lin[c][1]}.append({body.text(x)})")
     if cell.states:
         new = [body.text(adj.grads[s.node_in]) if adj.grads.get(s.node_in) is not None
                else f"torch.zeros_like({gs})" for s, gs in zip(cell.states, gstate)]
-        L(f"{', '.join(gstate)} = {', '.join(new)}")
+        B(f"{', '.join(gstate)} = {', '.join(new)}")
     else:
-        L("pass")
-    L.dedent()
+        B("pass")
+    B.dedent()
     for c, (gs_list, xs_list) in lin.items():
-        L(f"{dconst[c]} = _acc({dconst[c]}, torch.cat({gs_list}).t() @ torch.cat({xs_list}))")
-    ret = [dconst[c] for c in consts] + gstate + [dseq[n] for n in seqs]
-    L(f"return ({', '.join(ret)}{',' if len(ret) == 1 else ''})")
-    L.dedent()
-    L()
+        B(f"{dconst[c]} = _acc({dconst[c]}, torch.cat({gs_list}).t() @ torch.cat({xs_list}))")
     tracked = [r.tensor(c, "const") for c in consts] + s0 + [seq_name[n] for n in seqs]
-    outs = [f"out_{o.name}" for o in loop_outs] + s_in
-    L(f"{', '.join(outs)}{',' if len(outs) == 1 else ''} = _Recurrence.apply(loop_forward, loop_backward, "
-      f"{', '.join(tracked)})")
+    grads = [dconst[c] for c in consts] + gstate + [dseq[n] for n in seqs]
+    B("# a gradient no step contributed to is zero")
+    B(f"return [{', '.join(f'_or_zeros({d}, {x})' for d, x in zip(grads, tracked))}]")
+    return Region("loop", L, results, shapes, returned, B, tracked)
 
 
 class _Body:

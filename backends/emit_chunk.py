@@ -36,10 +36,11 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     L(f"# the recurrence in chunkwise-parallel form, {size} steps a chunk (rnnc/runtime/chunk.py)")
     for n in plan.positive:  # a constant decay taken by its log
         L(f"_chunk_check_decay({r.tensor(n, 'const')}, {cell.graph[n].name or 'the decay'!r})")
-    s0 = f"{rec.initial(s)}"
-    if plan.heads is not None:
-        s0 += ".flatten(0, 1)"
-    L(f"s0_{s.name} = {s0}{'.transpose(-1, -2)' if plan.transposed else ''}")
+    h0 = rec.initial(s)  # the chunk form's layout of it: heads as rows, transposed for S @ q
+    if plan.heads is not None or plan.transposed:
+        h0 = f"h0_{s.name}"
+        flat = ".flatten(0, 1)" if plan.heads is not None else ""
+        L(f"{h0} = {rec.initial(s)}{flat}{'.transpose(-1, -2)' if plan.transposed else ''}")
 
     def values(nid: int | None, scalar: bool = False) -> str:
         """A plan node's values for every step, [T, N, *shape] (None: absent); with heads [T, N·NH,
@@ -70,9 +71,9 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
         gk = seq("gk") if plan.gk is not None else (f"{seq('g', True)}.unsqueeze(-1)" if plan.g is not None else "None")
         gv = seq("gv") if plan.gv is not None else "None"
         if plan.triton:
-            L(f"_check_triton_device(s0_{s.name})")
+            L(f"_check_triton_device({h0})")
         fn = "_triton_chunk_linear" if plan.triton else "_chunk_linear"
-        L(f"{target} = {fn}({q}, {k}, {v}, {gk}, {gv}, s0_{s.name}, {size}{before})")
+        L(f"{target} = {fn}({q}, {k}, {v}, {gk}, {gv}, {h0}, {size}{before})")
     elif plan.kind == "dplr":
         def steps(key: str) -> str:
             return "[" + ", ".join(values(getattr(st, key)) for st in plan.steps) + "]"
@@ -85,14 +86,14 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
         L(f"# {len(plan.steps)} micro-step(s) a step: S <- diag(exp(g)) S + a (b @ S) + outer(k, v) "
           "(rnnc/runtime/chunk_dplr.py)")
         L(f"{target} = _chunk_dplr({q}, {steps('k')}, {steps('v')}, {steps('a')}, {steps('b')}, {gates}, "
-          f"s0_{s.name}, {size}{before})")
+          f"{h0}, {size}{before})")
     else:
         beta = seq("beta", True) if plan.beta is not None else "torch.ones(T, N, dtype=cdt, device=dev)"
         g = seq("g", True) if plan.g is not None else "None"
         if plan.triton:
-            L(f"_check_triton_device(s0_{s.name})")
+            L(f"_check_triton_device({h0})")
         fn = "_triton_delta_chunk" if plan.triton else "_chunk_delta"
-        L(f"{target} = {fn}({q}, {k}, {v}, {beta}, {g}, s0_{s.name}, {size}{before})")
+        L(f"{target} = {fn}({q}, {k}, {v}, {beta}, {g}, {h0}, {size}{before})")
     out = f"out_{plan.output}"
     if target != result:  # back to [T, N, NH, ...] and the state's own layout
         rows = "s_rows.transpose(-1, -2)" if plan.transposed else "s_rows"

@@ -29,8 +29,6 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
     """`_step` (the step over rows lo*N..hi*N of the time-major values), the solve, then the outputs."""
     cell, r, stages = rec.cell, rec.r, rec.stages
     r.use_deferred = False  # a param @ state is one product over all rows here, not one per step
-    for s in cell.states:
-        L(f"s0_{s.name} = {rec.initial(s)}")
     if rec.into_loop:
         L("# time-major [T*B*extra, ...] rows of the hoisted values the step reads")
     for nid in rec.into_loop:

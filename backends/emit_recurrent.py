@@ -21,8 +21,6 @@ def kernels(L: Lines, cell: Cell, prog: TileProgram) -> None:
 def emit(L: Lines, rec: Recurrence, prog: TileProgram) -> None:
     """Every step in one fused Triton kernel (backends/triton_recurrent.py)."""
     cell, r = rec.cell, rec.r
-    for s in cell.states:
-        L(f"s0_{s.name} = {rec.initial(s)}")
     L("# the recurrence in one fused Triton kernel: states in registers, hoisted values [T, N, ...] per step")
     leaves = [f"_time_major({r.operand(n, 'hoist').text}, B, T)" if per_step else f"{r.tensor(n, 'const')}.to(cdt)"
               for n, per_step in zip(prog.leaves, prog.per_step)]

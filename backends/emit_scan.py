@@ -42,8 +42,6 @@ def emit(L: Lines, rec: Recurrence, scan: ScanPlan) -> None:
     scanned sequences before its own scan."""
     cell, r, stages, loop, loop_outs = rec.cell, rec.r, rec.stages, rec.loop, rec.loop_outs
     linear, combines = scan.linear, scan.combines
-    for s in cell.states:
-        L(f"s0_{s.name} = {rec.initial(s)}")
     rows = _AllRows(cell, r, stages, loop)
     by_in = {s.node_in: s for s in cell.states}
     by_name = {s.name: s for s in cell.states}

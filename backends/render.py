@@ -7,7 +7,7 @@ value is named and inlined the same way wherever it is emitted.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rnnc import dims as D
 from rnnc.errors import InternalError
@@ -137,7 +137,8 @@ class Recurrence:
     """What a lowering's fragment gets from the assembled forward (backends/assemble.py).
 
     On entry the generated forward has bound B, T, extra, N, cdt, odt, dev, the dims (`d_<name>`),
-    the constants and the hoisted values, all named by `r`. A fragment `emit(L, rec, plan)` steps
+    the constants and the hoisted values, all named by `r`, and every state's initial value
+    ([N, *shape]) as `s0_<name>`. A fragment `emit(L, rec, plan)` steps
     through (or scans, or chunks) the recurrence and must leave bound `out_<name>` for every output
     in `loop_outs` (a [T, N, ...] tensor or a list of T steps, for `_unsteps`) and the final value
     of every state under `r.name(state.node_in)`; the assembler returns them.
@@ -150,9 +151,12 @@ class Recurrence:
     into_loop: list[int]  # hoisted values the loop stage reads (and states whose next value is hoisted)
     loop_outs: list[Port]  # outputs computed in the loop stage
 
+    top: Lines | None = None  # the module's top level, where the loop writes its functions (backends/opaque.py)
+    forward_locals: set[str] = field(default_factory=set)  # the names the forward has bound on entry
+
     def initial(self, s: State) -> str:
-        """The call giving state `s`'s initial value ([N, *shape]): the caller's, else the spec's."""
-        return self.initial_of(self.r, s)
+        """State `s`'s initial value ([N, *shape]), bound by the forward before the fragment."""
+        return f"s0_{s.name}"
 
     @staticmethod
     def initial_of(r: Renderer, s: State) -> str:

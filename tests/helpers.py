@@ -1,6 +1,8 @@
 """Shared test helpers: random inputs for a cell, and a loss whose gradients reach everything."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +72,8 @@ def fla_naive(rel: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def has_generated_backward(cell) -> bool:
+    """Whether the cell's loop runs with its generated backward through time (its module defines one)."""
+    return hasattr(sys.modules[type(cell).__module__], "_recurrence_loop_backward")

@@ -112,13 +112,13 @@ def _defines(node: ast.stmt) -> set[str]:
 
 def test_only_what_the_cell_uses_is_vendored():
     loop = set(_vendored_names(rnnc.compile("lstm", backend="loop")))
-    assert {"_Recurrence", "_gather_inputs", "InputError"} <= loop
+    assert {"_recurrence_op", "_gather_inputs", "InputError"} <= loop
     assert not {n for n in loop if n.startswith(("_chunk", "_triton", "_linear_scan", "_fold", "_Deferred"))}
     autograd = set(_vendored_names(rnnc.compile("lstm", backend="loop", backward="autograd")))
-    assert "_DeferredWeight" in autograd and "_Recurrence" not in autograd
+    assert "_DeferredWeight" in autograd and "_or_zeros" not in autograd
     gla = set(_vendored_names(rnnc.compile("gla", backend="chunk")))
     assert "_chunk_linear" in gla and "_chunk_linear_key" in gla
-    assert not {n for n in gla if n.startswith(("_chunk_delta", "_triton", "_Recurrence"))}
+    assert not {n for n in gla if n.startswith(("_chunk_delta", "_triton", "_or_zeros"))}
     delta = set(_vendored_names(rnnc.compile("deltanet", backend="triton")))
     assert {"_triton_delta_chunk", "_chunk_delta", "_triton_chunk_block"} <= delta
     assert "_triton_chunk_linear" not in delta and "_chunk_linear" not in delta

@@ -7,7 +7,8 @@ classes and constants at the top level, and no name is defined in two of them. N
 here: a cell without Triton never imports triton.
 
   calling        inputs, dims, dtypes, initial states, time-major layout, packed batches
-  backward       the loop's autograd node and the helpers of its generated backward
+  backward       the helpers of the loop's generated backward and of its autograd fallback
+  opaque         the recurrence as one torch.library custom op (for torch.compile and torch.export)
   scan           parallel prefix scans (linear, and by an associative combine)
   newton         Newton's method over time for nonlinear cells, and its adjoint
   chunk          chunkwise-parallel linear attention and delta rule, in PyTorch
@@ -19,5 +20,5 @@ here: a cell without Triton never imports triton.
 
 #: The modules, in the order a standalone file holds what it vendors from them (a module before those
 #: importing from it).
-MODULES = ("calling", "backward", "scan", "newton", "chunk", "chunk_dplr", "triton_launch", "triton_chunk",
+MODULES = ("calling", "backward", "opaque", "scan", "newton", "chunk", "chunk_dplr", "triton_launch", "triton_chunk",
            "triton_delta")

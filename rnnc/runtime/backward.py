@@ -1,24 +1,9 @@
-"""What the loop's backward runs: the recurrence as one autograd node whose backward is generated
-(`_Recurrence`, backends/bptt.py), the gradient accumulation that generated backward calls (`_acc`), and
-the one-matmul weight gradient of the autograd fallback (`_DeferredWeight`).
+"""What the loop's backward runs: the gradient accumulation its generated backward calls (`_acc`,
+backends/bptt.py; the op running it is in opaque.py), and the one-matmul weight gradient of the
+autograd fallback (`_DeferredWeight`).
 """
 import torch
 import torch.nn.functional as F
-
-
-class _Recurrence(torch.autograd.Function):
-    """The loop as one autograd node: `fwd` runs it without autograd, `bwd` is its generated
-    backward through time. `inputs` are the tensors whose gradients `bwd` returns, in order."""
-
-    @staticmethod
-    def forward(ctx, fwd, bwd, *inputs):
-        outputs, saved = fwd()
-        ctx.bwd, ctx.saved = bwd, saved
-        return outputs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, None, *ctx.bwd(ctx.saved, grads))
 
 
 def _acc(total, part):

@@ -81,11 +81,16 @@ def _step_shape(names, inputs, declared, state, states):
     return lead
 
 
-def _seq_len(names, args, kwargs):
-    """T of a call's inputs, to choose a lowering (0 when unclear: the forward reports why)."""
+def _runs_short(names, args, kwargs, below):
+    """Whether a call's sequences are shorter than `below` steps, to choose a lowering (yes when T is
+    unclear: the forward reports why). Only in eager mode: compiled and exported code takes the
+    parallel form at every length, since the choice would be a guard on T there (a recompilation at
+    the threshold, an export that fails); both forms give the same results."""
+    if torch.compiler.is_compiling():
+        return False
     inputs = _gather_inputs(names, args, kwargs)
     x = inputs[0] if inputs else None
-    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
+    return (x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0) < below
 
 
 def _bind(dims, origin, dim, size, source):
