@@ -157,8 +157,9 @@ def region(cell: Cell, r, stages: dict[int, str], loop: list[int], seqs: list[in
            saved: set[int]) -> Region:
     """The loop as a region (backends/opaque.py) with its generated backward: the body steps through
     time without autograd and returns the outputs ([T, N, ...]), the final states and the values the
-    backward reads, each stacked over the steps; the backward steps back through time and returns the
-    gradients of the param-derived constants, the initial states and the hoisted sequences (`tracked`)."""
+    backward reads, each stacked over the steps (when the forward's `save` says a gradient is needed);
+    the backward steps back through time and returns the gradients of the param-derived constants,
+    the initial states and the hoisted sequences (`tracked`)."""
     adj = step_adjoint(cell, stages, loop)
     consts = adj.consts
     seq_name = {n: f"seq_{r.name(n)}" for n in seqs}
@@ -183,8 +184,10 @@ def region(cell: Cell, r, stages: dict[int, str], loop: list[int], seqs: list[in
     L.indent()
     start = len(L.lines)
     r.emit(L, loop, "loop")
-    for n in saved_list:
-        L(f"{saved_var[n]}.append({r.name(n)})")
+    if saved_list:
+        L("if save:")
+        for n in saved_list:
+            L(f"    {saved_var[n]}.append({r.name(n)})")
     for o in loop_outs:
         L(f"out_{o.name}.append({r.operand(o.node, 'loop').text})")
     if cell.states:
@@ -195,11 +198,13 @@ def region(cell: Cell, r, stages: dict[int, str], loop: list[int], seqs: list[in
     L.dedent()
     results = [f"out_{o.name}" for o in loop_outs] + s_in
     returned = [f"torch.stack(out_{o.name})" for o in loop_outs] + s_in
-    returned += [f"torch.stack({saved_var[n]})" for n in saved_list]
     g = cell.graph
+    for n in saved_list:  # none without a gradient to compute (`save` is False)
+        shape, dtype = result_shape("0, N", g[n].shape, g[n].dtype)
+        returned.append(f"(torch.stack({saved_var[n]}) if save else torch.empty({shape}, dtype={dtype}, device=dev))")
     shapes = ([result_shape("T, N", o.shape, g[o.node].dtype) for o in loop_outs]
               + [result_shape("N", s.shape, "float") for s in cell.states]
-              + [result_shape("T, N", g[n].shape, g[n].dtype) for n in saved_list])
+              + [result_shape("T if save else 0, N", g[n].shape, g[n].dtype) for n in saved_list])
 
     # ---- backward ----------------------------------------------------------------------
     B = Lines()

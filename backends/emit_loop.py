@@ -49,6 +49,8 @@ def _generated(L: Lines, rec: Recurrence) -> None:
     saved = bptt.saved_nodes(cell, rec.loop, stages)
     r.keep = saved
     region = bptt.region(cell, r, stages, rec.loop, rec.into_loop, rec.loop_outs, saved)
+    L(f"save = _needs_grad({', '.join(region.tracked)})  # keep what the backward reads only if it will run")
+    bound.add("save")
     if not opaque.emit(rec.top, L, region, bound, r, cell):
         raise InternalError(f"the loop of cell '{cell.name}' reads a value a custom op cannot take")
 

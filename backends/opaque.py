@@ -57,6 +57,8 @@ def _reads(body: Lines) -> set[str]:
 def _annotation(name: str, r: Renderer, cell: Cell) -> str:
     if name in ("T", "B", "N") or name.startswith("d_"):
         return "int"
+    if name == "save":
+        return "bool"
     if name in ("cdt", "odt"):
         return "torch.dtype"
     if name == "dev":
@@ -70,7 +72,7 @@ def _annotation(name: str, r: Renderer, cell: Cell) -> str:
 
 
 def _order(name: str) -> tuple:
-    first = ("T", "B", "N", "extra", "cdt", "odt", "dev")
+    first = ("save", "T", "B", "N", "extra", "cdt", "odt", "dev")
     return (first.index(name), "") if name in first else (len(first) + (not name.startswith("d_")), name)
 
 
@@ -95,14 +97,15 @@ def emit(top: Lines, L: Lines, region: Region, locals_: set[str], r: Renderer, c
     text.indent()
     text(f'"""The {region.kind} recurrence of the forward, as one function of tensors and ints (the op below)."""')
     text.lines += region.body.lines
-    text(f"return [{', '.join(region.returned or region.results)}]")
+    _list(text, "return", region.returned or region.results)
     text.dedent()
     text()
     text()
     text(f"def {fn}_fake({signature}) -> list[torch.Tensor]:")
     text('    """Its outputs\' shapes and dtypes, from the arguments\' (T may be symbolic)."""')
-    values = ", ".join(f"torch.empty({shape}, dtype={dtype}, device=dev)" for shape, dtype in region.shapes)
-    text(f"    return [{values}]")
+    text.indent()
+    _list(text, "return", [f"torch.empty({shape}, dtype={dtype}, device=dev)" for shape, dtype in region.shapes])
+    text.dedent()
     text()
     text()
     if region.backward is not None:
@@ -126,6 +129,18 @@ def emit(top: Lines, L: Lines, region: Region, locals_: set[str], r: Renderer, c
     else:
         L(f"{lhs} = _run_region({op}, {fn}, {args})")
     return True
+
+
+def _list(L: Lines, head: str, items: list[str]) -> None:
+    """`head [a, b]` on one line, or one item a line when that would be long."""
+    line = f"{head} [{', '.join(items)}]"
+    if len(line) + 4 * L.depth <= 110:
+        L(line)
+        return
+    L(f"{head} [")
+    for item in items:
+        L(f"    {item},")
+    L("]")
 
 
 def _words(text: str) -> set[str]:

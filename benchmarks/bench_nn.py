@@ -3,6 +3,7 @@
 
     python benchmarks/bench_nn.py                 # both shapes (several minutes on 2 busy cores)
     python benchmarks/bench_nn.py --case small    # B=16, H=128 only
+    python benchmarks/bench_nn.py --compiled      # and torch.compile'd nn.LSTM and rnnc cell (inductor)
 
 One fp32 layer, time-major input [T, B, I] with I = H, T = 256, at (B=16, H=128) and (B=64, H=512):
 the forward under torch.inference_mode(), and forward + backward of out.sum() with respect to the
@@ -26,7 +27,7 @@ CASES = {"small": (16, 128), "large": (64, 512)}  # (B, H); I = H, T = 256
 T = 256
 
 
-def jobs(B: int, H: int) -> dict:
+def jobs(B: int, H: int, compiled: bool = False) -> dict:
     torch.manual_seed(0)
     ref = torch.nn.LSTM(H, H)
     ours = rnnc.nn.LSTM(H, H)
@@ -53,8 +54,12 @@ def jobs(B: int, H: int) -> dict:
             module(xg)[0].sum().backward()
         return run
 
+    modules = [("torch.nn.LSTM", ref, x), ("rnnc.nn.LSTM", ours, x), ("rnnc cell", cell, xb)]
+    if compiled:  # torch.compile'd (inductor, dynamic T): rnnc's recurrence is one custom op there
+        modules += [("torch.nn.LSTM compiled", torch.compile(ref, dynamic=True), x),
+                    ("rnnc cell compiled", torch.compile(cell, fullgraph=True, dynamic=True), xb)]
     return {f"{name} {kind}": make(module, inp) for kind, make in (("forward", forward), ("fwd+bwd", forward_backward))
-            for name, module, inp in (("torch.nn.LSTM", ref, x), ("rnnc.nn.LSTM", ours, x), ("rnnc cell", cell, xb))}
+            for name, module, inp in modules}
 
 
 def main() -> None:
@@ -63,23 +68,29 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15, help="timed runs of each at least (15)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of runs of each at least (2)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also torch.compile'd torch.nn.LSTM and rnnc cell (inductor, dynamic=True)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; T={T}, I=H")
-    print("| B | H | pass | torch.nn.LSTM ms (median [q1, q3]) | rnnc.nn.LSTM ms | rnnc cell ms | rnnc.nn/torch | "
-          "torch min–max | rnnc.nn min–max |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    names = ["torch.nn.LSTM", "rnnc.nn.LSTM", "rnnc cell"] + (["torch.nn.LSTM compiled", "rnnc cell compiled"]
+                                                            if args.compiled else [])
+    print(f"| B | H | pass | {' | '.join(f'{n} ms (median [q1, q3])' for n in names)} | rnnc.nn/torch | "
+          f"rnnc cell/torch |{' rnnc cell compiled/torch |' if args.compiled else ''} torch min–max | rnnc.nn min–max |")
+    print("|---" * (len(names) + 7 + args.compiled) + "|")
     for case in CASES if args.case == "all" else [args.case]:
         B, H = CASES[case]
-        stats = measure(jobs(B, H), args.repeat, args.min_time, warmup=3)
+        stats = measure(jobs(B, H, args.compiled), args.repeat, args.min_time, warmup=3)
         for kind in ("forward", "fwd+bwd"):
-            t, r, c = (stats[f"{name} {kind}"] for name in ("torch.nn.LSTM", "rnnc.nn.LSTM", "rnnc cell"))
-            print(f"| {B} | {H} | {kind} | {t.median_ms:.1f} [{t.q1_ms:.1f}, {t.q3_ms:.1f}] | "
-                  f"{r.median_ms:.1f} [{r.q1_ms:.1f}, {r.q3_ms:.1f}] | "
-                  f"{c.median_ms:.1f} [{c.q1_ms:.1f}, {c.q3_ms:.1f}] | "
-                  f"{r.median_ms / t.median_ms:.2f}× | "
-                  f"{t.min_ms:.1f}–{t.max_ms:.1f} | {r.min_ms:.1f}–{r.max_ms:.1f} |", flush=True)
+            got = [stats[f"{name} {kind}"] for name in names]
+            t, r, c = got[:3]
+            ratios = [r.median_ms / t.median_ms, c.median_ms / t.median_ms]
+            ratios += [got[4].median_ms / t.median_ms] if args.compiled else []
+            print(f"| {B} | {H} | {kind} | "
+                  + " | ".join(f"{x.median_ms:.1f} [{x.q1_ms:.1f}, {x.q3_ms:.1f}]" for x in got) + " | "
+                  + " | ".join(f"{q:.2f}×" for q in ratios)
+                  + f" | {t.min_ms:.1f}–{t.max_ms:.1f} | {r.min_ms:.1f}–{r.max_ms:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ def _unaliased(outputs, inputs):
     return fresh
 
 
+def _like(x):
+    """A contiguous tensor of x's shape, dtype and device (what an op's outputs are, see _unaliased)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _existing_op(name):
     """The op `rnnc::<name>` if this process registered it already (the same region, loaded again)."""
     try:
@@ -62,13 +67,12 @@ def _recurrence_op(name, impl, fake, results, backward=None, tracked=()):
         lists = "Tensor[] saved, Tensor[] grads" if head.endswith("(") else ", Tensor[] saved, Tensor[] grads"
         bwd = torch.library.custom_op(f"rnnc::{name}_backward", lambda *a: _unaliased(backward(*a), a),
                                       mutates_args=(), schema=f"{head}{lists}) -> Tensor[]")
-        bwd.register_fake(lambda *a: [torch.empty_like(a[i]) for i in tracked])
+        bwd.register_fake(lambda *a: [_like(a[i]) for i in tracked])
     else:
         grads_arg = "Tensor[] grads" if head.endswith("(") else ", Tensor[] grads"
         bwd = torch.library.custom_op(f"rnnc::{name}_vjp", lambda *a: _unaliased(_recompute_vjp(impl, results, *a), a),
                                       mutates_args=(), schema=f"{head}{grads_arg}) -> Tensor[]")
-        bwd.register_fake(lambda *a: [torch.empty_like(x) for x in a[:-1]
-                                      if isinstance(x, torch.Tensor) and x.is_floating_point()])
+        bwd.register_fake(lambda *a: [_like(x) for x in a[:-1] if isinstance(x, torch.Tensor) and x.is_floating_point()])
 
     def setup_context(ctx, inputs, output):
         ctx.positions = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
@@ -84,6 +88,8 @@ def _recurrence_op(name, impl, fake, results, backward=None, tracked=()):
         seeds = [torch.zeros_like(y) if g is None else g for g, y in zip(grads[:results], outputs)]
         out = [None] * len(args)
         if backward is not None:
+            if outputs[results:] and args[0] is False:  # `save`, the first argument of a loop that saves
+                raise RuntimeError("rnnc: the loop's op ran with save=False (it kept no steps), then was differentiated")
             for i, g in zip(tracked, bwd(*args, list(outputs[results:]), seeds)):
                 out[i] = g
         else:
@@ -122,6 +128,11 @@ def _autograd_keys():
     for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"):
         keys = keys.remove(getattr(torch._C.DispatchKey, key))
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), keys)
+
+
+def _needs_grad(*tensors):
+    """Whether autograd will ask for the gradients of these tensors (the loop then keeps its steps)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
 def _or_zeros(grad, like):
