@@ -47,11 +47,12 @@ def forward_locals(lines: list[str]) -> set[str]:
     return {s.get_name() for s in fn.get_symbols() if s.is_assigned() or s.is_parameter()}
 
 
-def _reads(body: Lines) -> set[str]:
-    """The outer names a function body (at depth 1) reads, its nested functions included."""
+def _reads(body: Lines) -> tuple[set[str], set[str]]:
+    """(the outer names a function body at depth 1 reads, its nested functions included; the names it
+    assigns)."""
     text = "def _region():\n" + "\n".join(body.lines) + "\n    pass\n"
     (fn,) = symtable.symtable(text, "<region>", "exec").get_children()
-    return _global_reads(fn)
+    return _global_reads(fn), {s.get_name() for s in fn.get_symbols() if s.is_assigned()}
 
 
 def _annotation(name: str, r: Renderer, cell: Cell) -> str:
@@ -83,10 +84,14 @@ def result_shape(lead: str, shape, dtype: str) -> tuple[str, str]:
 
 def emit(top: Lines, L: Lines, region: Region, locals_: set[str], r: Renderer, cell: Cell) -> bool:
     """Write the region's functions and op at the top of the module (`top`) and its call into the
-    forward (`L`); False (nothing written) when the body reads a local an op cannot take."""
-    reads = _reads(region.body) | (_reads(region.backward) - {"saved", "grads"} if region.backward else set())
+    forward (`L`); False (nothing written) when the body reads a local an op cannot take or rebinds
+    one of the forward's names."""
+    reads, assigned = _reads(region.body)
+    if region.backward is not None:
+        more, assigned_too = _reads(region.backward)
+        reads, assigned = reads | (more - {"saved", "grads"}), assigned | assigned_too
     used = reads & locals_
-    if used & UNSUPPORTED:
+    if used & UNSUPPORTED or assigned & locals_:  # a rebound forward local would be read unbound
         return False
     shape_names = {w for shape, _ in region.shapes for w in _words(shape)} | {"cdt", "dev"}
     params = sorted(used | (shape_names & locals_), key=_order)

@@ -87,6 +87,20 @@ def test_inductor_compiles_the_loop_once():
             _close(g, w)
 
 
+@pytest.mark.parametrize("name", rnnc.library())
+def test_every_library_cell_runs_its_recurrence_as_one_op(name):
+    """On every backend it has but newton (whose iteration count depends on the data), the generated
+    module registers its recurrence as a custom op: nothing fell back to the inline form."""
+    for backend in rnnc.backends_for(name):
+        if backend == "newton":
+            continue
+        source = rnnc.compile(name, backend=backend)
+        namespace = {}
+        exec(compile(source, f"<{name}:{backend}>", "exec"), namespace)  # noqa: S102 - rnnc's generated code
+        ops = [v for k, v in namespace.items() if k.startswith("_RECURRENCE_")]
+        assert ops and all(isinstance(op, torch._ops.OpOverload) and op.namespace == "rnnc" for op in ops), backend
+
+
 def _export(name: str, cell, T: int):
     xs = [x.detach() for x in _inputs(name, T)]
     time = Dim("T", min=2, max=4096)
