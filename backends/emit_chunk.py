@@ -117,8 +117,6 @@ def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     size = plan.chunk_size or default_chunk_size(plan)
     for n in plan.positive:  # a constant decay taken by its log
         L(f"_chunk_check_decay({r.tensor(n, 'const')}, {cell.graph[n].name or 'the decay'!r})")
-    for s in cell.states:
-        L(f"s0_{s.name} = {rec.initial(s)}")
     rows = _AllRows(cell, r, stages, rec.loop)
 
     def seq(nid: int, rank: int) -> str:
