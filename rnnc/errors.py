@@ -239,6 +239,9 @@ class RnncWarning(UserWarning):
     `warnings.warn` by rnnc.parse/load/build: filter it as any Python warning, e.g.
     `warnings.simplefilter("error", rnnc.RnncWarning)`. `diagnostic` holds its place and hint."""
 
-    def __init__(self, diagnostic: Diagnostic) -> None:
-        super().__init__(diagnostic.render())
-        self.diagnostic = diagnostic
+    def __init__(self, diagnostic: Diagnostic | str) -> None:
+        # args is the rendered text alone, so that the warning is rebuilt from it (pytest-xdist calls
+        # cls(*args) to pass a warning between processes; pickle restores `diagnostic` too).
+        text = diagnostic.render() if isinstance(diagnostic, Diagnostic) else str(diagnostic)
+        super().__init__(text)
+        self.diagnostic = diagnostic if isinstance(diagnostic, Diagnostic) else None

@@ -472,6 +472,20 @@ def test_warnings_are_python_warnings_and_filterable():
         rnnc.parse(UNUSED, FILE)  # silenced
 
 
+def test_warning_is_rebuilt_from_its_args_and_pickles():
+    """pytest-xdist passes warnings between processes as cls(*args); pickle keeps the diagnostic."""
+    import pickle
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rnnc.parse(UNUSED, FILE)
+    w = caught[0].message
+    rebuilt = type(w)(*w.args)
+    assert str(rebuilt) == str(w) and rebuilt.diagnostic is None
+    twin = pickle.loads(pickle.dumps(w))
+    assert str(twin) == str(w) and twin.diagnostic == w.diagnostic
+
+
 def test_a_cell_with_errors_gets_no_unused_warnings():
     err = errors_of("cell c(x: [H], u: [H]) -> (y: [H]) {\n    y = zz\n}\n")
     assert [d.severity for d in err.diagnostics] == ["error"]
