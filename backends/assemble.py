@@ -121,7 +121,7 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
                     | {n for p in cell.outputs for d in p.shape for n in D.free_names(d)}
                     | {n for p in cell.inputs for d in p.shape for n in D.free_names(d)}
                     | set(param_dims) | {n for nid in stages for n in node_dims(graph, nid)})
-    defaults = {**{d.name: int(d.default) for d in cell.dims.values() if d.default is not None},
+    defaults = {**{d.name: int(d.default) for d in cell.dims.values() if d.default is not None and d.default.is_Integer},
                 **(defaults or {})}
 
     L = Lines()
@@ -209,6 +209,21 @@ def _emit_setattr(L: Lines, names: tuple[str, ...]) -> None:
     L()
 
 
+def _emit_derived_dims(L: Lines, cell: Cell, target: str) -> None:
+    """Dims whose defaults are expressions of other dims (`dim M = 2*N`): computed, in the order the
+    elaborator put them in, when not given and once the dims they read are known."""
+    for d in cell.dims.values():
+        if d.default is None or d.default.is_Integer:
+            continue
+        reads = sorted(D.free_names(d.default))
+        known = " and ".join(f"{n!r} in {target}" for n in reads)
+        value = D.to_python(d.default, {n: f"{target}[{n!r}]" for n in reads})
+        L(f"if {d.name!r} not in {target} and {known}:  # dim {d.name} = {D.fmt(d.default)}")
+        L(f"    {target}[{d.name!r}] = {value}")
+        L(f"    if {target}[{d.name!r}] < 1:")
+        L(f"        raise InputError(f\"dim {d.name} = {D.fmt(d.default)} is {{{target}[{d.name!r}]}}, not a positive size\")")
+
+
 def _emit_init(L: Lines, cell: Cell) -> None:
     L("def __init__(self, /, *, device=None, dtype=None, **dims):")
     L.indent()
@@ -223,6 +238,7 @@ def _emit_init(L: Lines, cell: Cell) -> None:
     L("    if isinstance(value, bool) or not isinstance(value, int) or value < 1:")
     L("        raise InputError(f'dim {key} must be a positive integer, got {value!r}')")
     L("    self.dims[key] = value")
+    _emit_derived_dims(L, cell, "self.dims")
     L("_need_dims(self.dims, self.REQUIRED, 'the params need them')")
     for name in sorted({n for p in cell.params for d in p.shape for n in D.free_names(d)}):
         L(f"d_{name} = self.dims[{name!r}]")
@@ -320,6 +336,7 @@ def _emit_forward(L: Lines, top: Lines, cell: Cell, r: Renderer, stages: dict[in
             if d.is_Symbol:
                 axis = i - len(p.shape)
                 L(f"_bind(dims, origin, {d.name!r}, {a}.shape[{axis}], \"input '{p.name}' axis {axis}\")")
+    _emit_derived_dims(L, cell, "dims")
     if needed:
         L(f"_need_dims(dims, {tuple(needed)!r}, 'they cannot be inferred from the inputs')")
         for n in needed:

@@ -60,7 +60,8 @@ class Report:
         return {
             "cell": c.name,
             "file": c.file,
-            "dims": {d.name: (int(d.default) if d.default is not None else None) for d in c.dims.values()},
+            "dims": {d.name: (None if d.default is None else int(d.default) if d.default.is_Integer else D.fmt(d.default))
+                     for d in c.dims.values()},
             "inputs": {p.name: shape(p.shape) for p in c.inputs},
             "outputs": {p.name: shape(p.shape) for p in c.outputs},
             "params": {p.name: shape(p.shape) for p in c.params},

@@ -212,7 +212,8 @@ def build(spec: Spec, cell: str | None = None, backend: str = "auto", device=Non
     check_bound_dims(ir, dims)
     source, report = _lower(ir, backend, backward, chunk_size=chunk_size, device=device)
     module = load_source(source, ir.name[:40])  # the file name: the hash makes it unique, the name readable
-    missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS]
+    derived = {d.name for d in ir.dims.values() if d.default is not None and not d.default.is_Integer}
+    missing = [d for d in module.Cell.REQUIRED if d not in dims and d not in module.Cell.DEFAULTS and d not in derived]
     if missing:
         raise BuildError(f"dim {missing[0]} of cell '{ir.name}' is not bound", ir.dims[missing[0]].loc,
                          f"the params' shapes need it: pass {missing[0]}=... to build")

@@ -193,9 +193,14 @@ class Cell:
 class Def:
     name: str
     params: list[str]
-    lets: list[Let]
+    lets: list[Let | StateDecl | Assign]  # in order; states and their assignments make a stateful def
     returns: list[Expr]
     loc: Loc
+    defaults: dict[str, Expr] = field(default_factory=dict)  # parameter -> default value (`mu = 1000`)
+
+    @property
+    def stateful(self) -> bool:
+        return any(isinstance(s, StateDecl) for s in self.lets)
 
 
 @dataclass

@@ -40,9 +40,14 @@ def max_params() -> int:
 
 def check_bound_dims(cell: Cell, dims: dict[str, int]) -> None:
     env = {D.symbol(k): sympy.Integer(v) for k, v in dims.items()}
-    for d in cell.dims.values():
+    for d in cell.dims.values():  # in order: a default that reads other dims (`dim M = 2*N`) comes after them
         if d.default is not None and D.symbol(d.name) not in env:
-            env[D.symbol(d.name)] = d.default
+            value = _value(d.default, env)
+            if value is not None and value < 1:
+                raise DimError(f"dim {d.name} = {D.fmt(d.default)} is {value}, not a positive size", d.loc,
+                               "check the dims passed to build()")
+            if value is not None:
+                env[D.symbol(d.name)] = sympy.Integer(value)
     given = ", ".join(f"{k}={v}" for k, v in dims.items()) or "the defaults"
     _check_param_total(cell, env, given)
 

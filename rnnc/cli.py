@@ -568,6 +568,10 @@ def bench_dims(info: dict, given: dict[str, int], default: int = DEFAULT_DIM
     for name, value in declared.items():
         if name not in env and value is not None:
             env[name] = value
+    raw = info.get("dims")
+    for name, text in (raw.items() if isinstance(raw, dict) else ()):
+        if name not in env and isinstance(text, str):  # a default of other dims (`dim M = 2*N`)
+            env[name] = eval_dim(text, env, default)
     names: list[str] = list(declared)
     for key in ("inputs", "outputs", "states", "params"):
         for shape in _ports(info.get(key)).values():

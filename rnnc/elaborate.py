@@ -49,8 +49,9 @@ class DefInfo:
 class Scope:
     """Names visible in a cell body or a def body, plus what they mean."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, graph: Graph | None = None) -> None:
         self.what = what  # "cell", "def f", "state init", "param init"
+        self.graph = graph  # the graph the values live in (to read sizes bound to names)
         self.values: dict[str, Value] = {}
         self.where: dict[str, Loc | None] = {}
 
@@ -71,7 +72,7 @@ class Elaborator:
         self._constants: dict[int, dict[int, object]] = {}  # id(graph) -> scalar node -> value (None: unknown)
         self._inline_stack: list[str] = []
         self._inlined: dict[tuple, tuple[Graph, Value]] = {}  # (graph, def, operands, scope) -> result
-        self.cell_scope = Scope("cell")
+        self.cell_scope = Scope("cell", self.graph)
         self.kinds: dict[str, str] = {}  # cell-level name -> input/param/state/output
         self.combines: list[Combine] = []
         self.errors: list[RnncError] = []  # every independent error, reported together at the end
@@ -79,6 +80,10 @@ class Elaborator:
         self._failed: set[str] = set()  # declared names whose declaration failed
         self._reads: set[str] = set()  # cell-level names read by some expression
         self._declared: dict[str, tuple[D.Shape, str, Loc]] = {}  # state/output -> (shape, what, where declared)
+        self.def_states: list[State] = []  # states made by calls of stateful defs, in call order
+        self._state_prefix: list[str] = []  # the names of the stateful calls being inlined (outermost first)
+        self._let_names: dict[int, str] = {}  # id(call expression) -> the let name bound to its value
+        self._pure = 0  # > 0 while elaborating a combine (where a def may not hold states)
 
     # ---- entry point ------------------------------------------------------------------
 
@@ -106,6 +111,7 @@ class Elaborator:
                 s.node_out = self._fit(self._value(s.name), s.shape, f"state '{s.name}'", assigned[s.name],
                                        decl=s.loc)
                 self.graph.add_carry(s.node_out, s.node_in)
+        states += self.def_states
         outputs = []
         for p in c.outputs:
             if p.name in self._failed:
@@ -196,21 +202,52 @@ class Elaborator:
                                                 f"the first declaration is at line {first.line}",
                                                 [Note(f"dim '{s.name}' is first declared here", first)]))
                     continue
-                default = None
                 with self._recover():
                     self._check_dim_name(s.name, s.loc)
-                    if s.default is not None:
-                        value = self._dim(s.default)
-                        if not (value.is_Integer and value > 0):
-                            raise DimError(f"the default of dim '{s.name}' must be a positive integer, got "
-                                           f"{D.fmt(value)}", s.loc, "write e.g. `dim N = 16`")
-                        default = value
-                self.dims[s.name] = DimInfo(s.name, default, s.loc)
+                self.dims[s.name] = DimInfo(s.name, None, s.loc)
         shapes = [p.shape for p in c.inputs + c.outputs]
         shapes += [s.shape for s in c.body if isinstance(s, (ast.ParamDecl, ast.StateDecl))]
+        shapes += [[s.default] for s in c.body if isinstance(s, ast.DimDecl) and s.default is not None]
         for shape in shapes:
             for d in shape:
                 self._collect_dim_names(d)
+        for s in c.body:
+            if isinstance(s, ast.DimDecl) and s.default is not None and self.dims[s.name].loc is s.loc:
+                with self._recover():
+                    default = self._dim(s.default)
+                    if default.is_Integer and default <= 0:
+                        raise DimError(f"the default of dim '{s.name}' must be a positive integer, got "
+                                       f"{D.fmt(default)}", s.loc, "write e.g. `dim N = 16` or `dim M = 2*N`")
+                    if not D.is_integral_poly(default) and not default.has(sympy.floor):
+                        raise DimError(f"the default of dim '{s.name}' is not an integer: {D.fmt(default)}", s.loc,
+                                       "use + - * // on integers and dims")
+                    self.dims[s.name].default = default
+        with self._recover():
+            self._order_dim_defaults()
+
+    def _order_dim_defaults(self) -> None:
+        """Dims whose defaults are expressions of other dims (`dim M = 2*N`), checked acyclic, and
+        self.dims reordered so that every dim comes after the dims its default reads."""
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1: being visited, 2: done
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                chain = " -> ".join(path[path.index(name):] + [name])
+                raise DimError(f"the dim defaults refer to each other in a cycle: {chain}", self.dims[name].loc,
+                               "give one of them a number as its default")
+            state[name] = 1
+            default = self.dims[name].default
+            for dep in sorted(D.free_names(default)) if default is not None else ():
+                visit(dep, path + [name])
+            state[name] = 2
+            order.append(name)
+
+        for name in list(self.dims):
+            visit(name, [])
+        self.dims = {name: self.dims[name] for name in order}
 
     def _collect_dim_names(self, d: ast.DimExpr) -> None:
         if isinstance(d, ast.DimName):
@@ -228,14 +265,16 @@ class Elaborator:
             raise DimError(f"'{name}' cannot name a dim (build() takes a '{name}' argument)", loc,
                            "pick another name")
 
-    def _dim(self, d: ast.DimExpr) -> D.Dim:
+    def _dim(self, d: ast.DimExpr, scope: Scope | None = None) -> D.Dim:
         if isinstance(d, ast.DimNum):
             return D.const(d.value)
         if isinstance(d, ast.DimName):
+            if scope is not None and d.name in scope.values:  # a def's size argument
+                return self._node_dim(scope, scope.values[d.name], d.loc)
             if d.name not in self.dims:
                 raise DimError(f"unknown dim '{d.name}'", d.loc, "dims are named in the shapes of inputs, params or states")
             return D.symbol(d.name)
-        left, right = self._dim(d.left), self._dim(d.right)
+        left, right = self._dim(d.left, scope), self._dim(d.right, scope)
         if d.op == "+":
             return left + right
         if d.op == "-":
@@ -250,8 +289,36 @@ class Elaborator:
             raise DimError(f"shape size {D.fmt(out)} is not positive", d.loc, "sizes must be at least 1")
         return out
 
-    def _shape(self, shape: list[ast.DimExpr]) -> D.Shape:
-        return tuple(self._dim(d) for d in shape)
+    def _shape(self, shape: list[ast.DimExpr], scope: Scope | None = None) -> D.Shape:
+        return tuple(self._dim(d, scope) for d in shape)
+
+    #: The scalar ops a size may be computed with (a def's size argument `2*n + 1`).
+    _SIZE_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+                 "floordiv": lambda a, b: sympy.floor(a / b), "neg": lambda a: -a}
+
+    def _node_dim(self, scope: Scope, v: Value, loc: Loc | None, name: str = "") -> D.Dim:
+        """The size a name holds: a number, a dim, or + - * // of them, passed to a def (`arange(d)`)."""
+        graph = scope.graph
+        what = f"'{name}' must be" if name else "expected"
+        bad = TypeError_(f"{what} a constant integer (numbers and dims with + - * //)", loc,
+                         "indices, slice bounds and sizes must be known before the step runs; pass a size "
+                         "such as 3 or N to the def")
+        if graph is None or isinstance(v, tuple):
+            raise bad
+
+        def walk(nid: int) -> D.Dim:
+            node = graph[nid]
+            if node.op == "const" and isinstance(node.attrs["value"], int) and not isinstance(node.attrs["value"], bool):
+                return D.const(node.attrs["value"])
+            if node.op == "dim":
+                return D.symbol(node.attrs["name"])
+            if node.scalar and node.op in self._SIZE_OPS:
+                args = [walk(a) for a in node.args]
+                if node.op == "floordiv" and args[1] == 0:
+                    raise ShapeError("integer division by zero", loc, "divide by a positive size")
+                return self._SIZE_OPS[node.op](*args)
+            raise bad
+        return walk(v)
 
     def _declare_name(self, name: str, kind: str, loc: Loc) -> None:
         if name in self.dims:
@@ -365,6 +432,8 @@ class Elaborator:
     # ---- statements ---------------------------------------------------------------------
 
     def _let(self, stmt: ast.Let, scope: Scope, graph: Graph) -> None:
+        if isinstance(stmt.value, ast.Call):  # names the states a stateful def makes (`let mn = counter(3)`)
+            self._let_names[id(stmt.value)] = stmt.names[0]
         value = self.expr(stmt.value, scope, graph)
         names = stmt.names
         if len(names) == 1:
@@ -511,6 +580,8 @@ class Elaborator:
             return self._dim_value(e.id, graph, e.loc)
         if e.id == "inf":
             return self._const(math.inf, graph, e.loc)
+        if e.id == "pi":
+            return self._const(math.pi, graph, e.loc)
         if scope.what in ("state init", "param init") and e.id in self.kinds:
             allowed = "params, dims and constants" if scope.what == "state init" else "numbers, dims and constants"
             raise TypeError_(f"{scope.what.replace('init', 'initial value')} cannot use {self.kinds[e.id]} ('{e.id}')",
@@ -629,6 +700,8 @@ class Elaborator:
             return D.const(e.value)
         if isinstance(e, ast.Name) and e.id in self.dims and e.id not in scope.values:
             return D.symbol(e.id)
+        if isinstance(e, ast.Name) and e.id in scope.values:
+            return self._node_dim(scope, scope.values[e.id], e.loc, e.id)
         if isinstance(e, ast.UnaryOp) and e.op == "-":
             return -self.dimval(e.operand, scope)
         if isinstance(e, ast.BinOp) and e.op in ("+", "-", "*", "//"):
@@ -646,29 +719,58 @@ class Elaborator:
                          "indices, slice bounds and sizes must be known before the step runs")
 
     def _e_Literal(self, e: ast.Literal, scope: Scope, graph: Graph) -> Value:
-        value = self._literal(e)
-        shape, v = [], value
-        while isinstance(v, list):
-            shape.append(D.const(len(v)))
-            v = v[0]
-        return graph.add(Node("literal", (), tuple(shape), attrs={"value": value}, loc=e.loc))
+        """A literal vector or matrix. Its entries are numbers, constant expressions (`cos(2*pi/d)`),
+        or values of one shape, stacked along new leading axes (`[cos(a), sin(a)]` for vectors `a`).
+        With every entry a number known now it is one `literal` node; otherwise the entries are
+        concatenated axis by axis (a scalar known at build time is broadcast, a value indexed [None])."""
+        entries = self._literal(e, scope, graph)
+        outer = _shape_of(entries)
+        flat = _flatten(entries)
+        inner = graph[flat[0]].shape
+        for v in flat:
+            if not D.shapes_equal(graph[v].shape, inner):
+                raise ShapeError(f"the entries of a literal have different shapes ({D.fmt_shape(inner)} and "
+                                 f"{D.fmt_shape(graph[v].shape)})", e.loc, "give every entry the same shape")
+        values = self._constants.get(id(graph), {})
+        known = [graph[v].attrs["value"] if graph[v].op == "const" else values.get(v) for v in flat]
+        if not inner and all(isinstance(k, (int, float)) and not isinstance(k, bool) for k in known):
+            it = iter(known)
+            value = _nest(entries, lambda _: next(it))
+            return graph.add(Node("literal", (), tuple(D.const(n) for n in outer), attrs={"value": value}, loc=e.loc))
+        return self._stack(entries, len(outer), graph, e.loc)
 
-    def _literal(self, e: ast.Expr):
+    def _stack(self, entries, rank: int, graph: Graph, loc: Loc) -> int:
+        """Entries (nested lists of node ids) stacked along `rank` new leading axes."""
+        if not isinstance(entries, list):
+            node = graph[entries]
+            ones = (D.ONE,) * rank
+            if node.scalar:  # a number in the generated code: fill a tensor of ones' shape
+                return graph.add(Node("broadcast", (entries,), ones, attrs={"shape": ones}, loc=loc))
+            return graph.add(Node("index", (entries,), ones + tuple(node.shape), node.dtype,
+                                  attrs={"items": (("new",),) * rank + (("ellipsis",),)}, loc=loc))
+        parts = [self._stack(x, rank, graph, loc) for x in entries]
+        if len(parts) == 1:
+            return parts[0]
+        axis = rank - len(_shape_of(entries))
+        shape, ax = ops.concat([graph[x] for x in parts], axis, loc)
+        return graph.add(Node("concat", tuple(parts), shape, attrs={"axis": ax}, loc=loc))
+
+    def _literal(self, e: ast.Expr, scope: Scope, graph: Graph):
+        """The entries of a literal as nested lists of node ids."""
         if isinstance(e, ast.Literal):
-            items = [self._literal(i) for i in e.items]
-            kinds = {isinstance(i, list) for i in items}  # rows or numbers (ints and floats mix freely)
+            items = [self._literal(i, scope, graph) for i in e.items]
+            kinds = {isinstance(i, list) for i in items}  # rows or entries
             if len(kinds) > 1:
                 raise ShapeError("a literal mixes numbers and rows", e.loc, "write every row as [...]")
             if isinstance(items[0], list) and len({_shape_of(i) for i in items}) > 1:
                 raise ShapeError("the rows of a literal matrix have different lengths", e.loc,
                                  "every row needs the same number of entries")
             return items
-        if isinstance(e, ast.Number):
-            return e.value
-        if isinstance(e, ast.UnaryOp) and e.op == "-" and isinstance(e.operand, ast.Number):
-            return -e.operand.value
-        raise UnsupportedError("literal vectors and matrices hold numbers only", e.loc,
-                               "build a vector of values with concat(a[None], b[None], ...)")
+        v = self._single(self.expr(e, scope, graph), e.loc)
+        if graph[v].dtype != "float":
+            raise TypeError_("the entries of a literal must be numbers, got a boolean", e.loc,
+                             "use where(cond, 1, 0)")
+        return v
 
     # ---- calls --------------------------------------------------------------------------
 
@@ -689,37 +791,123 @@ class Elaborator:
     def _inline(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
         info = self.defs[e.func]
         d = info.node
-        if e.kwargs:
-            raise ArityError(f"'{e.func}' takes positional arguments only", e.loc,
-                             f"call it as {e.func}({', '.join(d.params)})")
-        if len(e.args) != len(d.params):
-            raise ArityError(f"'{e.func}' takes {len(d.params)} argument{'s' * (len(d.params) != 1)}, "
-                             f"got {len(e.args)}", e.loc, f"it is defined at {d.loc}",
-                             [Note(f"'{e.func}' is defined here", d.loc)])
         if e.func in self._inline_stack:
             chain = " -> ".join(self._inline_stack + [e.func])
             raise UnsupportedError(f"recursive def: {chain}", e.loc, "defs are inlined and cannot call themselves")
-        args = [self._single(self.expr(a, scope, graph), a.loc) for a in e.args]
-        inner = Scope(f"def {e.func}") if scope.what not in ("state init", "param init") else Scope(scope.what)
+        if d.stateful and (graph is not self.graph or self._pure or scope.what in ("state init", "param init")):
+            raise UnsupportedError(f"def '{e.func}' holds states, so it can only be called in a cell's body", e.loc,
+                                   f"call it in a cell (it is defined at {d.loc})")
+        given = self._bind_args(e, d)
+        inner = Scope(f"def {e.func}", graph) if scope.what not in ("state init", "param init") else Scope(scope.what, graph)
+        args = []
+        for name in d.params:
+            if name in inner.values:
+                raise RnncError(f"parameter '{name}' of '{e.func}' is named twice", d.loc, "give each parameter its own name")
+            if name in given:
+                v = self._single(self.expr(given[name], scope, graph), given[name].loc)
+            else:  # its default, which may read the parameters before it
+                v = self._single(self.expr(d.defaults[name], inner, graph), d.defaults[name].loc)
+            inner.bind(name, v, d.loc)
+            args.append(v)
         # A def is pure, so a second call with the same operands is the first one's result: sharing
         # it keeps nested calls (f1(a) = f0(a) + f0(a), ...) linear in size rather than exponential.
+        # A call that made states is never shared: each call of a stateful def has states of its own.
         key = (id(graph), e.func, tuple(args), inner.what)
         if key in self._inlined and self._inlined[key][0] is graph:
             return self._inlined[key][1]
-        for name, v in zip(d.params, args):
-            if name in inner.values:
-                raise RnncError(f"parameter '{name}' of '{e.func}' is named twice", d.loc, "give each parameter its own name")
-            inner.bind(name, v, d.loc)
+        made = len(self.def_states)
+        prefix = self._let_names.pop(id(e), e.func)
         self._inline_stack.append(e.func)
+        self._state_prefix.append(prefix)
         try:
-            for let in d.lets:
-                self._let(let, inner, graph)
+            if d.stateful:
+                self._stateful_body(d, inner, graph)
+            else:
+                for let in d.lets:
+                    self._let(let, inner, graph)
             results = tuple(self._single(self.expr(r, inner, graph), r.loc) for r in d.returns)
         finally:
             self._inline_stack.pop()
+            self._state_prefix.pop()
         value = results[0] if len(results) == 1 else results
-        self._inlined[key] = (graph, value)
+        if len(self.def_states) == made:
+            self._inlined[key] = (graph, value)
         return value
+
+    def _bind_args(self, e: ast.Call, d: ast.Def) -> dict[str, ast.Expr]:
+        """The call's arguments by parameter name (positional, then keyword; defaults fill the rest)."""
+        usage = f"{e.func}({', '.join(p + (' = ...' if p in d.defaults else '') for p in d.params)})"
+        if len(e.args) > len(d.params):
+            raise ArityError(f"'{e.func}' takes {len(d.params)} argument{'s' * (len(d.params) != 1)}, "
+                             f"got {len(e.args)}", e.loc, f"call it as {usage} (defined at {d.loc})")
+        given = dict(zip(d.params, e.args))
+        for key, value in e.kwargs.items():
+            if key not in d.params:
+                raise ArityError(f"'{e.func}' has no parameter '{key}'", value.loc, f"call it as {usage}")
+            if key in given:
+                raise ArityError(f"'{e.func}': '{key}' is given twice (by position and by name)", value.loc,
+                                 "give it either by position or by name")
+            given[key] = value
+        missing = [p for p in d.params if p not in given and p not in d.defaults]
+        if missing:
+            raise ArityError(f"'{e.func}' needs '{missing[0]}'", e.loc, f"call it as {usage} (defined at {d.loc})")
+        return given
+
+    def _stateful_body(self, d: ast.Def, inner: Scope, graph: Graph) -> None:
+        """A stateful def's body, for one call: its states become the cell's (named after the call,
+        e.g. `let mn = counter(3)` makes `mn_s` from the def's `state s`), read and assigned in order."""
+        local: dict[str, State] = {}
+        assigned: dict[str, Loc] = {}
+        for stmt in d.lets:
+            if isinstance(stmt, ast.Let):
+                self._let(stmt, inner, graph)
+            elif isinstance(stmt, ast.StateDecl):
+                self._check_new_name(stmt.name, inner, stmt.loc)
+                local[stmt.name] = self._def_state(stmt, inner)
+                inner.bind(stmt.name, local[stmt.name].node_in, stmt.loc)
+            else:
+                for name in stmt.names:
+                    if name not in local:
+                        what = "a parameter or let" if name in inner.values else "not declared"
+                        raise StateError(f"cannot assign '{name}' in def '{d.name}': it is {what}", stmt.loc,
+                                         "a def assigns only the states it declares (`state s: [n] = 0`)")
+                    if name in assigned:
+                        raise StateError(f"state '{name}' is assigned twice in def '{d.name}'", stmt.loc,
+                                         f"it was first assigned at line {assigned[name].line}")
+                value = self.expr(stmt.value, inner, graph)
+                values = (self._single(value, stmt.value.loc),) if len(stmt.names) == 1 else value
+                if not isinstance(values, tuple) or len(values) != len(stmt.names):
+                    raise ArityError(f"cannot assign {len(values) if isinstance(values, tuple) else 1} values to "
+                                     f"{len(stmt.names)} names", stmt.loc, "give as many values as names")
+                for name, v in zip(stmt.names, values):
+                    st = local[name]
+                    st.node_out = self._fit(v, st.shape, f"state '{name}' of def '{d.name}'", stmt.loc)
+                    graph.add_carry(st.node_out, st.node_in)
+                    assigned[name] = stmt.loc
+                    inner.bind(name, st.node_out, stmt.loc)
+        for name, st in local.items():
+            if name not in assigned:
+                raise StateError(f"state '{name}' of def '{d.name}' is never assigned", st.loc,
+                                 "assign it in the def's body")
+
+    def _def_state(self, s: ast.StateDecl, inner: Scope) -> State:
+        """A state declared in a def, for one call: a cell state named after the call path."""
+        base = "_".join(self._state_prefix + [s.name])
+        name, k = base, 1
+        while name in self.kinds or name in self.cell_scope.values or name in self.dims:
+            k += 1
+            name = f"{base}_{k}"
+        self.kinds[name] = "a def's state"
+        shape = self._shape(s.shape, inner)
+        init = self._single(self.expr(s.init, inner, self.graph), s.init.loc)
+        if any(self.graph[a].op in ("input", "state") for a in self.graph.ancestors([init])):
+            raise TypeError_(f"the initial value of state '{s.name}' must be constant", s.init.loc,
+                             "it may use numbers, dims, params and the def's constant arguments")
+        init = self._fit(init, shape, f"the initial value of state '{s.name}'", s.init.loc)
+        nid = self.graph.add(Node("state", (), shape, attrs={"name": name}, loc=s.loc, name=name))
+        state = State(name, shape, init, nid, nid, s.loc)
+        self.def_states.append(state)
+        return state
 
     def _combine(self, e: ast.Call, scope: Scope, graph: Graph) -> Value:
         """Apply a declared combine: inline its body, and record the application (ir.Combine)."""
@@ -770,9 +958,13 @@ class Elaborator:
         if len(c.returns) != len(c.left):
             raise ArityError(f"combine '{c.name}' returns {len(c.returns)} value{'s' * (len(c.returns) != 1)} "
                              f"but folds {len(c.left)}", c.loc, "return one value per operand component")
-        for let in c.lets:
-            self._let(let, inner, graph)
-        return [self._single(self.expr(r, inner, graph), r.loc) for r in c.returns]
+        self._pure += 1
+        try:
+            for let in c.lets:
+                self._let(let, inner, graph)
+            return [self._single(self.expr(r, inner, graph), r.loc) for r in c.returns]
+        finally:
+            self._pure -= 1
 
     def _combine_identity(self, c: ast.Combine, graph: Graph, shapes: list[D.Shape]) -> list[int]:
         items = c.identity.items if isinstance(c.identity, ast.Tuple) else [c.identity]
@@ -923,6 +1115,15 @@ def _declared_here(nodes: list[Node]) -> tuple[Note, ...]:
             verb = "declared" if what != "let" else "defined"
             notes.append(Note(f"{what} '{n.name}' is {verb} {D.fmt_shape(n.shape)} here", n.loc))
     return tuple(notes)
+
+
+def _flatten(v) -> list:
+    return [x for item in v for x in _flatten(item)] if isinstance(v, list) else [v]
+
+
+def _nest(v, f):
+    """Nested lists shaped like `v`, each leaf replaced by f(leaf)."""
+    return [_nest(item, f) for item in v] if isinstance(v, list) else f(v)
 
 
 def _shape_of(v) -> tuple:

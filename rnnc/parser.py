@@ -151,11 +151,31 @@ class _Build(Transformer_NonRecursive):
     def def_stmt(self, meta, children):
         name, params, body = children
         lets, returns = body
-        return ast.Def(self._name(name), list(params or []), lets, returns, self._at(name))
+        names, defaults = [], {}
+        for pname, default, loc in params or []:
+            if default is None and defaults:
+                raise RnncSyntaxError(f"parameter '{pname}' without a default follows one with a default", loc,
+                                      "put the parameters with defaults last")
+            names.append(pname)
+            if default is not None:
+                defaults[pname] = default
+        return ast.Def(self._name(name), names, lets, returns, self._at(name), defaults)
+
+    def def_params(self, meta, children):
+        return list(children)
+
+    def def_param(self, meta, children):
+        name, default = children
+        return self._name(name), default, self._at(name)
 
     def combine_stmt(self, meta, children):
         name, left, right, identity, body = children
         lets, returns = body
+        for s in lets:
+            if not isinstance(s, ast.Let):
+                what = "declare states" if isinstance(s, ast.StateDecl) else "assign names"
+                raise RnncSyntaxError(f"a combine cannot {what}", s.loc,
+                                      "a combine is a pure function of its operands: use `let` and `return`")
         text = "\n".join(self.lines[meta.line - 1:meta.end_line])
         return ast.Combine(self._name(name), left, right, identity, lets, returns, self._at(name), text)
 
@@ -168,8 +188,9 @@ class _Build(Transformer_NonRecursive):
         return [], [children[0]]
 
     def def_block(self, meta, children):
-        lets = [c for c in children if isinstance(c, ast.Let)]
-        returns = [c for c in children if not isinstance(c, ast.Let) and c is not None]
+        body = (ast.Let, ast.StateDecl, ast.Assign)
+        lets = [c for c in children if isinstance(c, body)]
+        returns = [c for c in children if not isinstance(c, body) and c is not None and not isinstance(c, Token)]
         return lets, returns
 
     def cell(self, meta, children):
