@@ -201,12 +201,13 @@ def _parse_imported(path: Path, imp: ast.Import) -> ast.Module:
 def resolve_import(imp: ast.Import, importer: str, roots: tuple[Path, ...] = ()) -> Path:
     """The file an import names, symlinks resolved: a library spec by name, or a `.rnn` regular file
     that lies (after resolving `..` and symlinks) inside one of `roots` (see allowed_roots)."""
-    if not imp.is_path:
-        path = specs_dir() / f"{imp.target}.rnn"
-        if not path.is_file():
-            raise SpecNotFoundError(f"no library file named '{imp.target}'", imp.loc,
-                                    "import a library spec by name, or a file with import \"path.rnn\"")
-        return path
+    if not imp.is_path:  # a library module (specs/lib: defs only), else a library cell's spec
+        for path in (specs_dir() / "lib" / f"{imp.target}.rnn", specs_dir() / f"{imp.target}.rnn"):
+            if path.is_file():
+                return path
+        raise SpecNotFoundError(f"no library file named '{imp.target}'", imp.loc,
+                                "import a library module or spec by name (`import lsrl`), or a file with "
+                                "import \"path.rnn\"")
     if not imp.target.endswith(".rnn"):
         raise SpecNotFoundError(f"cannot import '{imp.target}': only .rnn files can be imported", imp.loc,
                                 "name a .rnn file")
