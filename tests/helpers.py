@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+import sympy
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,13 @@ import rnnc
 
 #: Sizes of the library's dims in the differential tests (small, distinct, awkward).
 DIMS = {"K": 4, "V": 3, "D": 3, "N": 2, "H": 3, "I": 2, "NH": 2, "P": 3, "M": 5}
+
+
+def sizes(cell, shape, dims=None) -> list[int]:
+    """A declared shape's sizes with `dims` (DIMS), else the cell's dim defaults (`dim N = 3`, `M = 2*N`)."""
+    env = {d: info.default for d, info in cell.dims.items() if info.default is not None}
+    env = {sympy.Symbol(d, integer=True, positive=True): v for d, v in {**env, **(dims or DIMS)}.items()}
+    return [int(sympy.sympify(d).subs(env).subs(env)) for d in shape]
 
 
 def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=None) -> list[torch.Tensor]:
@@ -23,7 +31,7 @@ def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=
     g = torch.Generator().manual_seed(hash((cell.name, T, extreme)) % 2**31 if seed is None else seed)
     out = []
     for p in cell.inputs:
-        shape = [B, T, heads] + [DIMS[str(d)] if str(d) in DIMS else int(d) for d in p.shape]
+        shape = [B, T, heads] + sizes(cell, p.shape)
         x = torch.randn(*shape, generator=g, dtype=torch.float64)
         if p.name in ("g", "w"):
             x = -20 * torch.rand(*shape, generator=g, dtype=torch.float64) if extreme else F.logsigmoid(x + 3)

@@ -102,6 +102,8 @@ LOWERINGS = {
     "gsa": ("loop scan triton newton", "loop"),
     "deltanet_neg": ("loop chunk triton", "chunk"), "deltaproduct": ("loop chunk triton", "chunk"),
     "kda": ("loop chunk triton", "chunk"), "rwkv7": ("loop chunk triton", "chunk"),
+    "lsrl_table": ("loop scan triton newton", "scan"), "lsrl_graph": ("loop scan triton newton", "scan"),
+    "lsrl_vec2vec": ("loop scan triton newton", "scan"), "lsrl_tok2tok": ("loop scan newton", "scan"),
 }
 
 

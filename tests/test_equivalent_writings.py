@@ -185,6 +185,22 @@ REWRITES = {
         "let im0 = im\n    im = ai * re + ar * im + bi * u[:, None]\n    re = ar * re - ai * im0 + br * u[:, None]",
         "let re0 = re\n    re = br * u[:, None] + (ar * re - ai * im)\n    im = u[:, None] * bi + (im * ar + re0 * ai)",
     ],
+    "lsrl_table": [  # the swap and the product written out, the counter's start by name
+        "y = concat(f_counter(s0=0), a, [[0, 1], [1, 0]] @ r[2:4], x[0:1] * x[1:2])",
+        "y = concat(f_counter(), r[0:2] + [1, 1], b, f_multiplicative(x))",
+    ],
+    "lsrl_graph": [  # LSRL's counter LinState written with matrices, and with its input folded
+        "c = [[1]] @ c + [[0, 0]] @ z + [1]",
+        "c = 1 + c",
+    ],
+    "lsrl_vec2vec": [
+        "acc = f_ifelse(f_larger(hit, 0.5), x[1 + DIN:], 0) + acc",
+        "acc = 1 * acc + f_ifelse(f_larger(hit, 0.5), x[1 + DIN:1 + DIN + DOUT], 0.0)",
+    ],
+    "lsrl_tok2tok": [  # the shift register as buf Sᵀ, and with its terms swapped
+        "buf = buf @ eye(n + 2)[0:n + 1, 1:n + 2] + concat(zeros(n), match)",
+        "buf = concat(zeros(n), match) + eye(n + 2)[1:n + 2, 0:n + 1] @ buf",
+    ],
     "lsrl_modcounter": [  # the LinState as s Aᵀ, and with its zero input map as 0 * u
         "s = s @ transpose(R) + [[0], [0], [0], [0], [0], [0], [0], [0]] @ u",
         "s = R @ s + 0 * u",
@@ -275,6 +291,10 @@ SPEC_EDITS = {
     "paragru": "h = z * c + (1 - z) * h",
     "paralstm": "h = o * tanh(c_new)",
     "indrnn": "h = relu(weight @ x + u * h + bias)",
+    "lsrl_table": "y = concat(f_counter(), a, b, f_multiplicative(x))",
+    "lsrl_graph": "c = c + ([[0, 0]] @ z + 1)",
+    "lsrl_vec2vec": "acc = acc + f_ifelse(f_larger(hit, 0.5), x[1 + DIN:1 + DIN + DOUT], 0)",
+    "lsrl_tok2tok": "buf = eye(n + 2)[1:n + 2, 0:n + 1] @ buf + concat(zeros(n), match)",
 }
 
 

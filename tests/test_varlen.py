@@ -6,14 +6,17 @@ import torch.nn.functional as F
 
 import rnnc
 
+from helpers import sizes  # noqa: E402
+
 DIMS = {"K": 3, "V": 2, "D": 3, "N": 2, "H": 3, "I": 2, "1": 1, "2": 2, "NH": 2, "P": 2, "M": 2}
 LENGTHS = [5, 1, 9, 5]
 
 
 def _inputs(name, total, heads, gen):
     out = []
-    for p in rnnc.load(name).cell().inputs:
-        x = torch.randn(1, total, heads, *[DIMS.get(str(d)) or int(d) for d in p.shape], generator=gen, dtype=torch.float64)
+    cell = rnnc.load(name).cell()
+    for p in cell.inputs:
+        x = torch.randn(1, total, heads, *sizes(cell, p.shape, DIMS), generator=gen, dtype=torch.float64)
         if p.name in ("g", "w"):
             x = F.logsigmoid(x + 2)
         elif p.name in ("delta", "dt"):
@@ -35,7 +38,7 @@ def test_packed_equals_separate(name, backend):
     cu = torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist())
     inputs = _inputs(name, sum(LENGTHS), 2, gen)
     prog = rnnc.load(name).cell()
-    state = {s.name: torch.randn(len(LENGTHS), 2, *[DIMS.get(str(d)) or int(d) for d in s.shape], generator=gen,
+    state = {s.name: torch.randn(len(LENGTHS), 2, *sizes(prog, s.shape, DIMS), generator=gen,
                                  dtype=torch.float64).requires_grad_() for s in prog.states}
     y, final = cell(*inputs, state=state, cu_seqlens=cu)
     ys = y if isinstance(y, tuple) else (y,)
