@@ -72,15 +72,28 @@ def unused_def_lets(module: ast.Module) -> list[Diagnostic]:
     out = []
     for d in [*module.defs, *module.combines]:
         read: set[str] = set()
-        for e in [*(let.value for let in d.lets), *d.returns]:
+        body = [s.init if isinstance(s, ast.StateDecl) else s.value for s in d.lets]  # lets, states, assignments
+        for e in [*body, *d.returns, *getattr(d, "defaults", {}).values()]:
             read |= _names_read(e)
+        read |= {n for s in d.lets if isinstance(s, ast.StateDecl) for dim in s.shape for n in _dim_names(dim)}
         for let in d.lets:
+            if not isinstance(let, ast.Let):
+                continue
             for name, loc in zip(let.names, let.name_locs or [let.loc] * len(let.names)):
                 if name not in read and not name.startswith("_"):
                     out.append(Diagnostic("warning", f"let '{name}' is never used", loc,
                                           f"remove it, or name it '_{name}' if it is unused on purpose",
                                           kind="unused-let"))
     return out
+
+
+def _dim_names(d) -> set[str]:
+    """The names a shape's dim expression reads (a def's size argument in `state s: [n + 1]`)."""
+    if isinstance(d, ast.DimName):
+        return {d.name}
+    if isinstance(d, ast.DimBin):
+        return _dim_names(d.left) | _dim_names(d.right)
+    return set()
 
 
 def _names_read(e) -> set[str]:
