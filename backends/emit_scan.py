@@ -89,6 +89,10 @@ def emit(L: Lines, rec: Recurrence, scan: ScanPlan) -> None:
                 rows.emit(L, pair)
             coef = [_scan_coefficient(r, stages, n, len(s.shape)) if n is not None else "None"
                     for n in linear[name]]
+            if _is_one(rec.cell.graph, linear[name][0]):  # a running sum (a counter, an accumulator)
+                L(f"all_{s.name} = _sum_scan({coef[1]}, s0_{s.name}, T)")
+                rows.scanned.add(name)
+                continue
             if not any(stages.get(n) in ("hoist", "loop") for n in pair):  # constant a and b: T steps still
                 coef[0] = f"{coef[0]}.expand(T, {', '.join(['-1'] * (len(s.shape) + 1))})"
             L(f"all_{s.name} = _linear_scan({coef[0]}, {coef[1]}, s0_{s.name})")
@@ -100,6 +104,12 @@ def emit(L: Lines, rec: Recurrence, scan: ScanPlan) -> None:
             L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
     L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
+
+
+def _is_one(graph, nid: int | None) -> bool:
+    """Whether a scan coefficient is the constant 1 (`s = s + b`): its scan is a cumulative sum."""
+    node = graph[nid] if nid is not None else None
+    return node is not None and node.op == "const" and node.attrs.get("value") == 1 and not node.args
 
 
 def _emit_matrix(L: Lines, rec: Recurrence, rows: "_AllRows", group: MatrixScan) -> None:

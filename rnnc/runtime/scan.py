@@ -19,6 +19,14 @@ def _linear_scan(a, b, h0):
     return _scan_from_zero(a, b)
 
 
+def _sum_scan(b, h0, T):
+    """h_t = h_{t-1} + b_t (a = 1: a running sum, LSRL's counters and accumulators) as one cumsum."""
+    full = (T,) + tuple(h0.shape)
+    if b is None:
+        return h0.expand(full).clone()
+    return h0 + torch.cumsum(b.expand(full), 0)
+
+
 def _scan_from_zero(a, b):
     T = b.shape[0]
     if T == 1:
