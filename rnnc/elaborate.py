@@ -837,20 +837,22 @@ class Elaborator:
     def _bind_args(self, e: ast.Call, d: ast.Def) -> dict[str, ast.Expr]:
         """The call's arguments by parameter name (positional, then keyword; defaults fill the rest)."""
         usage = f"{e.func}({', '.join(p + (' = ...' if p in d.defaults else '') for p in d.params)})"
+        here = [Note(f"'{e.func}' is defined here", d.loc)]
         if len(e.args) > len(d.params):
             raise ArityError(f"'{e.func}' takes {len(d.params)} argument{'s' * (len(d.params) != 1)}, "
-                             f"got {len(e.args)}", e.loc, f"call it as {usage} (defined at {d.loc})")
+                             f"got {len(e.args)}", e.loc, f"call it as {usage}", here)
         given = dict(zip(d.params, e.args))
         for key, value in e.kwargs.items():
             if key not in d.params:
-                raise ArityError(f"'{e.func}' has no parameter '{key}'", value.loc, f"call it as {usage}")
+                raise ArityError(f"'{e.func}' has no parameter '{key}'", value.loc, f"call it as {usage}", here)
             if key in given:
                 raise ArityError(f"'{e.func}': '{key}' is given twice (by position and by name)", value.loc,
                                  "give it either by position or by name")
             given[key] = value
         missing = [p for p in d.params if p not in given and p not in d.defaults]
         if missing:
-            raise ArityError(f"'{e.func}' needs '{missing[0]}'", e.loc, f"call it as {usage} (defined at {d.loc})")
+            what = f"takes {len(d.params)} argument{'s' * (len(d.params) != 1)}, got {len(given)}: "
+            raise ArityError(f"'{e.func}' {what}'{missing[0]}' is missing", e.loc, f"call it as {usage}", here)
         return given
 
     def _stateful_body(self, d: ast.Def, inner: Scope, graph: Graph) -> None:
