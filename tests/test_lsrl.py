@@ -342,3 +342,26 @@ def test_other_key_lengths_by_import():
     tokens, want = tok2tok_prompt(5, 8, 10, rng, query=6)
     y, _ = rnnc.build(src)(torch.tensor(tokens, dtype=torch.float32).reshape(1, -1, 1))
     assert y[0, -5:, 0].tolist() == list(want)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 153, 1000])
+def test_a_rotation_without_input_scans_by_its_powers(T):
+    """The modulo counters' states have a constant transition and no input: the runtime applies the
+    powers A^t (doubling); against the step-by-step recursion, values and gradients, float64."""
+    from rnnc.runtime.scan import _group_scan
+
+    a = torch.tensor(2 * math.pi / 7, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    A = torch.stack([torch.stack([torch.cos(a), -torch.sin(a)]), torch.stack([torch.sin(a), torch.cos(a)])])
+    got, = _group_scan(T, ((A.reshape(1, 1, 2, 2),),), (None,), (h0,), dense=True)
+    h, want = h0, []
+    for _ in range(T):
+        h = h @ A.T
+        want.append(h)
+    want = torch.stack(want)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    w = torch.randn_like(want)
+    g1 = torch.autograd.grad((got * w).sum(), (a, h0), retain_graph=True)
+    g2 = torch.autograd.grad((want * w).sum(), (a, h0))
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)

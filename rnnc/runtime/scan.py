@@ -134,6 +134,16 @@ def _matrix_scan_from_zero(A, b):
     return torch.stack([even, odd], 1).reshape(b.shape)
 
 
+def _free_matrix_scan(A, h0, T):
+    """h_t = A^t h0 for t = 1..T: a time-invariant A [1, ..., n, n] and no input (LSRL's rotating
+    counters). The powers A, A², ..., A^T by doubling (each round multiplies the powers so far by the
+    last one: O(log T) batched products), then one product with h0 [..., n]."""
+    P = A
+    while P.shape[0] < T:
+        P = torch.cat([P, P[-1:] @ P])
+    return (P[:T] @ h0.unsqueeze(-1)).squeeze(-1)
+
+
 def _block_scan(A, b, h0):
     """h_t = A_t h_{t-1} + b_t with A an m×m matrix per element, held as m×m nested lists of
     tensors [T or 1, ...] (None: zero) and b, h0 as lists of m tensors ([T, ...], [...]); returns
@@ -193,6 +203,8 @@ def _group_scan(T, a, b, h0, dense):
     shape, a[i][j] elementwise (_block_scan). Dense: vector states [N, n_i], a[i][j] an
     [n_i, n_j] block of one matrix over the concatenated states (_matrix_scan)."""
     ref = h0[0]
+    if dense and len(h0) == 1 and b[0] is None and a[0][0].shape[0] == 1:  # h_t = A^t h0
+        return (_free_matrix_scan(a[0][0], ref, T),)
     B = [x.expand(T, *h.shape) if x is not None else ref.new_zeros(T, *h.shape) for x, h in zip(b, h0)]
     if not dense:
         return tuple(_block_scan(a, B, list(h0)))
