@@ -21,7 +21,7 @@ from rnnc.interpret import evaluate
 from rnnc.ir import Graph, Node
 from rnnc.irbuild import Builder, node_key
 
-from helpers import DIMS
+from helpers import DIMS, sizes
 
 K, H = D.symbol("K"), D.symbol("H")
 SIZES = {"K": 4, "H": 3}
@@ -241,9 +241,7 @@ def _cell_values(cell, seed: int) -> dict[int, torch.Tensor]:
     ports = [(p.node, p.shape, p.name) for p in cell.inputs + cell.params] + [(s.node_in, s.shape, s.name)
                                                                               for s in cell.states]
     for nid, shape, name in ports:
-        size = [DIMS[str(d)] if str(d) in DIMS else int(d.subs({D.symbol(k): v for k, v in DIMS.items()}))
-                for d in shape]
-        x = torch.randn(size, generator=gen, dtype=torch.float64)
+        x = torch.randn(sizes(cell, shape), generator=gen, dtype=torch.float64)
         if name in ("g", "w"):
             x = F.logsigmoid(x + 3)
         elif name == "delta":
@@ -265,7 +263,9 @@ def test_cell_step_vjp_and_jvp_match_torch(name):
     cell = rnnc.load(name).cell()
     outs = [o.node for o in cell.outputs] + [s.node_out for s in cell.states]
     env = _cell_values(cell, seed=len(name))
-    check_vjp(cell.graph, env, list(env), outs, DIMS, rtol=1e-8, atol=1e-9)
-    check_jvp(rnnc.load(name).cell().graph, env, list(env), outs, DIMS, rtol=1e-8, atol=1e-9)
+    dims = {**{d: int(i.default) for d, i in cell.dims.items() if i.default is not None and i.default.is_Integer},
+            **DIMS}  # the library's sizes, else the cell's defaults (lsrl_vec2vec's DIN)
+    check_vjp(cell.graph, env, list(env), outs, dims, rtol=1e-8, atol=1e-9)
+    check_jvp(rnnc.load(name).cell().graph, env, list(env), outs, dims, rtol=1e-8, atol=1e-9)
     check_jvp(rnnc.load(name).cell().graph, env, [s.node_in for s in cell.states],
-              [s.node_out for s in cell.states], DIMS, rtol=1e-8, atol=1e-9)
+              [s.node_out for s in cell.states], dims, rtol=1e-8, atol=1e-9)
