@@ -97,6 +97,7 @@ class _Recovery:
         self.errors: list[RnncSyntaxError] = []
         self.last: Token | None = None  # the last token the parser took
         self.before_last: Token | None = None
+        self.third_last: Token | None = None
         self.queue: list[Token] = []  # tokens read while resynchronising, fed before lexing resumes
 
     # -- driving the parser --
@@ -131,7 +132,7 @@ class _Recovery:
 
     def _take(self, token: Token | None) -> None:
         if token is not None:
-            self.before_last, self.last = self.last, token
+            self.third_last, self.before_last, self.last = self.before_last, self.last, token
 
     # -- reporting --
     def _loc(self, line: int, column: int, end_line: int = 0, end_column: int = 0) -> Loc:
@@ -169,9 +170,13 @@ class _Recovery:
         inner = [t for t in open_brackets if t.type != "LBRACE"]
         if inner:
             notes.append(self._unclosed_note(inner[-1], stack))
-        if prev is not None and prev.type == "NAME" and str(prev) in _KEYWORD_TEXTS and self.before_last is not None:
+        keyword, op = prev, self.before_last
+        if prev is not None and prev.type == "NAME" and self.before_last is not None \
+                and self.before_last.type == "NAME" and str(self.before_last) in _KEYWORD_TEXTS:
+            keyword, op = self.before_last, self.third_last  # `return t`: t was taken as a new statement's target
+        if keyword is not None and keyword.type == "NAME" and str(keyword) in _KEYWORD_TEXTS and op is not None:
             # The contextual lexer reads a keyword where a name may stand as a name: `x +` then `return t`.
-            op = self.before_last
+            prev = keyword
             self.errors.append(RnncSyntaxError(
                 f"unexpected {_quote(prev)}", self._token_loc(prev),
                 f"{_quote(prev)} is a keyword, not a value: is an operand missing after {_quote(op)} "
