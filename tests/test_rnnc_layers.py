@@ -392,3 +392,17 @@ def test_lm_recall_example_trains(tmp_path):
     example.write_curves(results, tmp_path, log=lambda *_: None)
     rows = (tmp_path / "lm_recall.csv").read_text().splitlines()
     assert rows[0] == "step,rnnc_loss,rnnc_acc,lstm_loss,lstm_acc" and len(rows) == 13
+
+
+def test_layer_pickles_with_its_cell():
+    """torch.save(layer) carries the cell as its spec (rnnc/saving.py): the loaded layer computes the same."""
+    import io
+
+    layer = _layer("gated_deltanet")
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = _x(2, 6)
+    torch.testing.assert_close(loaded(x)[0], layer(x)[0])
+    assert loaded.roles == layer.roles and loaded.cell.backend == layer.cell.backend
