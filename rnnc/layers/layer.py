@@ -206,11 +206,13 @@ class Layer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool = False,
-                cu_seqlens: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None, Cache | None]:
+                cu_seqlens: torch.Tensor | None = None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, None, Cache | None]:
         """hidden_states: [B, T, hidden_size] ([1, total, hidden_size] with cu_seqlens).
         attention_mask: [B, T_seen + T], 1 for tokens and 0 for padding (its last T columns are this
         call's). Returns (output like hidden_states, None, the cache), as fla's layers; the cache is
-        updated when given or when use_cache (a new one then)."""
+        updated when given or when use_cache (a new one then). output_attentions is accepted for
+        fla's call signature; there are no attention weights to return."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise InputError(f"hidden_states must be [B, T, {self.hidden_size}], got {list(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
