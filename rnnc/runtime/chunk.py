@@ -249,6 +249,17 @@ def _chunk_readout_before(q, h0, o):
     return torch.cat([first, o[:-1]])
 
 
+def _chunk_empty_or_before(fn, q, h0, V, *args):
+    """The two cases every chunkwise entry point (`fn`, called as fn(q, *args)) hands on first: T == 0
+    gives empty outputs and the initial state (zeros without h0); otherwise the readout before the
+    update, o_t = S_{t-1}^T q_t, is fn's readout after the update with the queries shifted one step up."""
+    T, N, K = q.shape
+    if T == 0:
+        return q.new_zeros(0, N, V), (q.new_zeros(N, K, V) if h0 is None else h0)
+    o, S = fn(torch.cat([q[1:], torch.zeros_like(q[:1])]), *args)
+    return _chunk_readout_before(q, h0, o), S
+
+
 def _chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     """S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T ;  o_t = S_t^T q_t (before: S_{t-1}^T q_t).
 
@@ -261,11 +272,8 @@ def _chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     C = int(chunk)
     nt = (T + C - 1) // C
     dev, dt = q.device, q.dtype
-    if T == 0:
-        return q.new_zeros(0, N, V), (torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0)
-    if before:
-        o, S = _chunk_linear(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, gk, gv, h0, chunk)
-        return _chunk_readout_before(q, h0, o), S
+    if T == 0 or before:
+        return _chunk_empty_or_before(_chunk_linear, q, h0, V, k, v, gk, gv, h0, chunk)
     gk, gv = _chunk_fold_scalar(gk, gv)
     qc, kc, vc = _chunk_split(q, C, nt), _chunk_split(k, C, nt), _chunk_split(v, C, nt)
     gkc = None if gk is None else _chunk_split(gk, C, nt)                              # [NT, N, C, K or 1]
@@ -336,11 +344,8 @@ def _chunk_delta(q, k, v, beta, g, h0, chunk, before=False):
     C = int(chunk)
     nt = (T + C - 1) // C
     dev, dt = q.device, q.dtype
-    if T == 0:
-        return q.new_zeros(0, N, V), (torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0)
-    if before:
-        o, S = _chunk_delta(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, beta, g, h0, chunk)
-        return _chunk_readout_before(q, h0, o), S
+    if T == 0 or before:
+        return _chunk_empty_or_before(_chunk_delta, q, h0, V, k, v, beta, g, h0, chunk)
     qc, kc, vc = _chunk_split(q, C, nt), _chunk_split(k, C, nt), _chunk_split(v, C, nt)
     bc = _chunk_split(beta.unsqueeze(-1), C, nt)                                       # [NT, N, C, 1]
     tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()

@@ -26,7 +26,7 @@ Backward: autograd through these ops (the solve's backward is another triangular
 import torch
 import torch.nn.functional as F
 
-from .chunk import (_chunk_masked_exp, _chunk_merge, _chunk_pair_sums, _chunk_readout_before, _chunk_split,
+from .chunk import (_chunk_empty_or_before, _chunk_masked_exp, _chunk_merge, _chunk_pair_sums, _chunk_split,
                     _chunk_sub_factors, _chunk_sub_size, _chunk_suffix_sums)
 
 
@@ -59,11 +59,8 @@ def _chunk_dplr(q, ks, vs, as_, bs, gs, h0, chunk, before=False):
     T, N, K = q.shape
     V = next(v for v in vs if v is not None).shape[-1]
     M = len(ks)
-    if T == 0:
-        return q.new_zeros(0, N, V), (q.new_zeros(N, K, V) if h0 is None else h0)
-    if before:
-        o, S = _chunk_dplr(torch.cat([q[1:], torch.zeros_like(q[:1])]), ks, vs, as_, bs, gs, h0, chunk)
-        return _chunk_readout_before(q, h0, o), S
+    if T == 0 or before:
+        return _chunk_empty_or_before(_chunk_dplr, q, h0, V, ks, vs, as_, bs, gs, h0, chunk)
     rows = [_dplr_rows(x, T, N, w, q) for x, w in ((ks, K), (vs, V), (as_, K), (bs, K))]
     g = _dplr_gates(gs, T, N, K, q)
     if M > 1:  # the query on each token's last micro-step

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import _chunk_fold_scalar, _chunk_linear, _chunk_readout_before, _chunk_recompute_backward
+from .chunk import _chunk_empty_or_before, _chunk_fold_scalar, _chunk_linear, _chunk_recompute_backward
 
 
 def _triton_chunk_blocks(C, K, V):
@@ -119,6 +119,25 @@ def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h
 
 
 @triton.jit
+def _triton_chunk_sub_decays(gf, ga, ga1, rt, rc, a, BC: tl.constexpr):
+    """Sub-chunk a's decays from the chunk's gates gf [BT, D] and a's own, ga (its rows) and ga1 (the rows
+    below, 0 past a's end), every exponent a direct sum of gates (<= 0): for rows i, j of a,
+    (e^{G_i}, e^{G_i - G_na}, sum_{j < s <= e_a} g_s, e^{G_last - G_j}), n_a and e_a a's first and last rows."""
+    before = tl.sum(tl.where(rt[:, None] < a * BC, gf, 0.0), 0)                       # sum_{s < n_a}
+    after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gf, 0.0), 0)                 # sum_{s > e_a}
+    sfx = tl.cumsum(ga1, 0, reverse=True)
+    ein = tl.exp(tl.cumsum(ga, 0) + before[None, :])
+    erel = tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))
+    return ein, erel, sfx, tl.exp(sfx + after[None, :])
+
+
+@triton.jit
+def _triton_chunk_link(gf, rt, b, a, BC: tl.constexpr):
+    """sum_{e_b < s <= n_a} g_s of the chunk's gates gf: what links sub-chunk b's last row to a later a's first."""
+    return tl.sum(tl.where((rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC), gf, 0.0), 0)
+
+
+@triton.jit
 def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr, s_ptr, h_ptr, T, N, K, V, C,
                              GK: tl.constexpr, GV: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr,
                              BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -145,68 +164,45 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
             gvf = tl.maximum(gvf.to(tl.float32), -1e4)
         U = tl.zeros([BK, BV], dtype=tl.float32)
         for a in tl.static_range(BT // BC):
-            ra = a * BC + rc
-            ta = t0 + ra
-            ma = (ra < C) & (ta < T)
-            ma1 = (rc + 1 < BC) & (ra + 1 < C) & (ta + 1 < T)                          # row below, same sub-chunk
-            rowa = ta.to(tl.int64) * N + i_n
-            mak = ma[:, None] & mk[None, :]
-            mav = ma[:, None] & mv[None, :]
-            qa = tl.load(q_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
-            ka = tl.load(k_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0).to(tl.float32)
-            va = tl.load(v_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0).to(tl.float32)
+            rowa, ma, ma1 = _triton_chunk_rows(t0, a, rc, C, T, N, i_n, BC)
+            qa = _triton_chunk_tile(q_ptr, rowa, ma, ck, mk, K)
+            ka = _triton_chunk_tile(k_ptr, rowa, ma, ck, mk, K)
+            va = _triton_chunk_tile(v_ptr, rowa, ma, cv, mv, V)
             qin = qa                                                                   # q_i e^{G_i}
             qrel = qa                                                                  # q_i e^{G_i - G_na}
             kout = ka                                                                  # k_j e^{G_last - G_j}
             vout = va                                                                  # v_j e^{Gv_last - Gv_j}
             if GK:
-                ga = tl.load(gk_ptr + rowa[:, None] * K + ck[None, :], mask=mak, other=0.0)
-                ga = tl.maximum(ga.to(tl.float32), -1e4)
-                ga1 = tl.load(gk_ptr + (rowa + N)[:, None] * K + ck[None, :], mask=ma1[:, None] & mk, other=0.0)
-                ga1 = tl.maximum(ga1.to(tl.float32), -1e4)
-                before = tl.sum(tl.where(rt[:, None] < a * BC, gkf, 0.0), 0)          # sum_{s < n_a}
-                after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gkf, 0.0), 0)    # sum_{s > e_a}
-                qin = qa * tl.exp(tl.cumsum(ga, 0) + before[None, :])
-                qrel = qa * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))
-                kout = ka * tl.exp(tl.cumsum(ga1, 0, reverse=True) + after[None, :])
+                ga = _triton_chunk_gate(gk_ptr, rowa, ma, ck, mk, K)
+                ga1 = _triton_chunk_gate(gk_ptr, rowa + N, ma1, ck, mk, K)
+                ein, erel, sfx, eout = _triton_chunk_sub_decays(gkf, ga, ga1, rt, rc, a, BC)
+                qin = qa * ein
+                qrel = qa * erel
+                kout = ka * eout
             if GV:
-                gva = tl.load(gv_ptr + rowa[:, None] * V + cv[None, :], mask=mav, other=0.0)
-                gva = tl.maximum(gva.to(tl.float32), -1e4)
-                gva1 = tl.load(gv_ptr + (rowa + N)[:, None] * V + cv[None, :], mask=ma1[:, None] & mv, other=0.0)
-                gva1 = tl.maximum(gva1.to(tl.float32), -1e4)
-                beforev = tl.sum(tl.where(rt[:, None] < a * BC, gvf, 0.0), 0)
-                afterv = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gvf, 0.0), 0)
-                ein = tl.exp(tl.cumsum(gva, 0) + beforev[None, :])                       # e^{Gv_i}
-                erel = tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gva, 0.0), 0))         # e^{Gv_i - Gv_na}
-                vout = va * tl.exp(tl.cumsum(gva1, 0, reverse=True) + afterv[None, :])
+                gva = _triton_chunk_gate(gv_ptr, rowa, ma, cv, mv, V)
+                gva1 = _triton_chunk_gate(gv_ptr, rowa + N, ma1, cv, mv, V)
+                einv, erelv, sfxv, eoutv = _triton_chunk_sub_decays(gvf, gva, gva1, rt, rc, a, BC)
+                vout = va * eoutv
 
             # pairs in sub-chunks b < a, through the first row n_a of sub-chunk a
             off = tl.zeros([BC, BV], dtype=tl.float32)
             for b in tl.static_range(a):
-                rb = b * BC + rc
-                tb = t0 + rb
-                mb = (rb < C) & (tb < T)
-                mb1 = (rc + 1 < BC) & (rb + 1 < C) & (tb + 1 < T)
-                rowb = tb.to(tl.int64) * N + i_n
-                kb = tl.load(k_ptr + rowb[:, None] * K + ck[None, :], mask=mb[:, None] & mk, other=0.0)
-                vb = tl.load(v_ptr + rowb[:, None] * V + cv[None, :], mask=mb[:, None] & mv, other=0.0)
-                kb = kb.to(tl.float32)
-                vb = vb.to(tl.float32)
-                link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)     # e_b < s <= n_a
+                rowb, mb, mb1 = _triton_chunk_rows(t0, b, rc, C, T, N, i_n, BC)
+                kb = _triton_chunk_tile(k_ptr, rowb, mb, ck, mk, K)
+                vb = _triton_chunk_tile(v_ptr, rowb, mb, cv, mv, V)
                 if GK:
-                    gb1 = tl.load(gk_ptr + (rowb + N)[:, None] * K + ck[None, :], mask=mb1[:, None] & mk, other=0.0)
-                    gb1 = tl.maximum(gb1.to(tl.float32), -1e4)
-                    lk = tl.sum(tl.where(link, gkf, 0.0), 0)
+                    gb1 = _triton_chunk_gate(gk_ptr, rowb + N, mb1, ck, mk, K)
+                    lk = _triton_chunk_link(gkf, rt, b, a, BC)
                     kb = kb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + lk[None, :])  # k_j e^{G_na - G_j}
                 if GV:
-                    gvb1 = tl.load(gv_ptr + (rowb + N)[:, None] * V + cv[None, :], mask=mb1[:, None] & mv, other=0.0)
-                    gvb1 = tl.maximum(gvb1.to(tl.float32), -1e4)
-                    lv = tl.sum(tl.where(link, gvf, 0.0), 0)
+                    gvb1 = _triton_chunk_gate(gv_ptr, rowb + N, mb1, cv, mv, V)
+                    lv = _triton_chunk_link(gvf, rt, b, a, BC)
                     vb = vb * tl.exp(tl.cumsum(gvb1, 0, reverse=True) + lv[None, :])
                 A = tl.dot(qrel, tl.trans(kb), input_precision="ieee")                 # [BC, BC]
                 off += tl.dot(A, vb, input_precision="ieee")
             if GV:
-                off = off * erel
+                off = off * erelv
 
             # pairs inside sub-chunk a, row by row; X_j = sum_{j < s <= i} g_s carried from row to row.
             # Only the sub-chunk's valid rows (nd of them): the rest are zero steps, never stored
@@ -246,8 +242,9 @@ def _triton_chunk_fwd_vector(q_ptr, k_ptr, v_ptr, gk_ptr, gv_ptr, h0_ptr, o_ptr,
             # the state entering the chunk
             inter = tl.dot(qin, S, input_precision="ieee")
             if GV:
-                inter = inter * ein
-            tl.store(o_ptr + rowa[:, None] * V + cv[None, :], (diag + off + inter).to(o_ptr.dtype.element_ty), mask=mav)
+                inter = inter * einv
+            tl.store(o_ptr + rowa[:, None] * V + cv[None, :], (diag + off + inter).to(o_ptr.dtype.element_ty),
+                     mask=ma[:, None] & mv[None, :])
             U += tl.dot(tl.trans(kout), vout, input_precision="ieee")
         if GK:
             S = S * tl.exp(tl.sum(gkf, 0))[:, None]
@@ -444,12 +441,8 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
         doa = _triton_chunk_tile(do_ptr, rowa, ma, cv, mv, V)
         ga = _triton_chunk_gate(g_ptr, rowa, ma, ck, mk, K)
         ga1 = _triton_chunk_gate(g_ptr, rowa + N, ma1, ck, mk, K)
-        before = tl.sum(tl.where(rt[:, None] < a * BC, gkf, 0.0), 0)                  # sum_{s < n_a}
-        after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gkf, 0.0), 0)            # sum_{s > e_a}
-        erel = tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))               # e^{G_i - G_na}
-        sfx = tl.cumsum(ga1, 0, reverse=True)                                          # sum_{j < s <= e_a}
-        eout = tl.exp(sfx + after[None, :])                                            # e^{G_last - G_j}
-        dqa = tl.dot(doa, tl.trans(S), input_precision="ieee") * tl.exp(tl.cumsum(ga, 0) + before[None, :])
+        ein, erel, sfx, eout = _triton_chunk_sub_decays(gkf, ga, ga1, rt, rc, a, BC)
+        dqa = tl.dot(doa, tl.trans(S), input_precision="ieee") * ein
         dka = tl.dot(va, tl.trans(dS), input_precision="ieee") * eout
         dva = tl.dot(ka * eout, dS, input_precision="ieee")
         for b in tl.static_range(BT // BC):
@@ -458,8 +451,7 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
                 kb = _triton_chunk_tile(k_ptr, rowb, mb, ck, mk, K)
                 vb = _triton_chunk_tile(v_ptr, rowb, mb, cv, mv, V)
                 gb1 = _triton_chunk_gate(g_ptr, rowb + N, mb1, ck, mk, K)
-                link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)
-                kb = kb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + tl.sum(tl.where(link, gkf, 0.0), 0)[None, :])
+                kb = kb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + _triton_chunk_link(gkf, rt, b, a, BC)[None, :])
                 dP = tl.dot(doa, tl.trans(vb), input_precision="ieee")                # [BC_a, BC_b]
                 dqa += tl.dot(dP, kb, input_precision="ieee") * erel
             if b > a:  # a is the key side: q_b e^{G_i - G_nb} and k_a e^{G_nb - G_j}
@@ -467,8 +459,7 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
                 dob = _triton_chunk_tile(do_ptr, rowb, mb, cv, mv, V)
                 gb = _triton_chunk_gate(g_ptr, rowb, mb, ck, mk, K)
                 qb = qb * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gb, 0.0), 0))
-                link = (rt[:, None] > (a + 1) * BC - 1) & (rt[:, None] <= b * BC)
-                ea = tl.exp(sfx + tl.sum(tl.where(link, gkf, 0.0), 0)[None, :])       # e^{G_nb - G_j}
+                ea = tl.exp(sfx + _triton_chunk_link(gkf, rt, a, b, BC)[None, :])     # e^{G_nb - G_j}
                 dP = tl.dot(dob, tl.trans(va), input_precision="ieee")                # [BC_b, BC_a]
                 dka += tl.dot(tl.trans(dP), qb, input_precision="ieee") * ea
                 A = tl.dot(qb, tl.trans(ka * ea), input_precision="ieee")
@@ -529,30 +520,25 @@ def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, d
         doa = _triton_chunk_tile(do_ptr, rowa, ma, cv, mv, V)
         ga = _triton_chunk_gate(g_ptr, rowa, ma, cv, mv, V)
         ga1 = _triton_chunk_gate(g_ptr, rowa + N, ma1, cv, mv, V)
-        before = tl.sum(tl.where(rt[:, None] < a * BC, gvf, 0.0), 0)                  # sum_{s < n_a}
-        after = tl.sum(tl.where(rt[:, None] >= (a + 1) * BC, gvf, 0.0), 0)            # sum_{s > e_a}
-        sfx = tl.cumsum(ga1, 0, reverse=True)                                          # sum_{j < s <= e_a}
-        eout = tl.exp(sfx + after[None, :])                                            # e^{Gv_last - Gv_j}
-        dqa = tl.dot(doa * tl.exp(tl.cumsum(ga, 0) + before[None, :]), tl.trans(S), input_precision="ieee")
+        ein, erel, sfx, eout = _triton_chunk_sub_decays(gvf, ga, ga1, rt, rc, a, BC)
+        dqa = tl.dot(doa * ein, tl.trans(S), input_precision="ieee")
         dka = tl.dot(va * eout, tl.trans(dS), input_precision="ieee")
         dva = tl.dot(ka, dS, input_precision="ieee") * eout
-        dor = doa * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, ga, 0.0), 0))           # do_i e^{Gv_i - Gv_na}
+        dor = doa * erel                                                               # do_i e^{Gv_i - Gv_na}
         for b in tl.static_range(BT // BC):
             rowb, mb, mb1 = _triton_chunk_rows(t0, b, rc, C, T, N, i_n, BC)
             if b < a:  # a is the query side: v_b e^{Gv_na - Gv_j}, with e_b < s <= n_a linking them
                 kb = _triton_chunk_tile(k_ptr, rowb, mb, ck, mk, K)
                 vb = _triton_chunk_tile(v_ptr, rowb, mb, cv, mv, V)
                 gb1 = _triton_chunk_gate(g_ptr, rowb + N, mb1, cv, mv, V)
-                link = (rt[:, None] > (b + 1) * BC - 1) & (rt[:, None] <= a * BC)
-                vb = vb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + tl.sum(tl.where(link, gvf, 0.0), 0)[None, :])
+                vb = vb * tl.exp(tl.cumsum(gb1, 0, reverse=True) + _triton_chunk_link(gvf, rt, b, a, BC)[None, :])
                 dqa += tl.dot(tl.dot(dor, tl.trans(vb), input_precision="ieee"), kb, input_precision="ieee")
             if b > a:  # a is the key side: do_b e^{Gv_i - Gv_nb} and v_a e^{Gv_nb - Gv_j}
                 qb = _triton_chunk_tile(q_ptr, rowb, mb, ck, mk, K)
                 dob = _triton_chunk_tile(do_ptr, rowb, mb, cv, mv, V)
                 gb = _triton_chunk_gate(g_ptr, rowb, mb, cv, mv, V)
                 dorb = dob * tl.exp(tl.cumsum(tl.where(rc[:, None] > 0, gb, 0.0), 0))
-                link = (rt[:, None] > (a + 1) * BC - 1) & (rt[:, None] <= b * BC)
-                ea = tl.exp(sfx + tl.sum(tl.where(link, gvf, 0.0), 0)[None, :])       # e^{Gv_nb - Gv_j}
+                ea = tl.exp(sfx + _triton_chunk_link(gvf, rt, a, b, BC)[None, :])     # e^{Gv_nb - Gv_j}
                 Mba = tl.dot(dorb, tl.trans(va * ea), input_precision="ieee")         # [BC_b, BC_a]
                 dka += tl.dot(tl.trans(Mba), qb, input_precision="ieee")
                 Pba = tl.dot(qb, tl.trans(ka), input_precision="ieee")
@@ -708,8 +694,6 @@ def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     if T == 0 or q.dtype == torch.float64:
         return _chunk_linear(q, k, v, gk, gv, h0, C, before)
     if before:
-        # the readout after step t-1 with query t (as _chunk_linear / _chunk_readout_before do)
-        o, S = _triton_chunk_linear(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, gk, gv, h0, C)
-        return _chunk_readout_before(q, h0, o), S
+        return _chunk_empty_or_before(_triton_chunk_linear, q, h0, v.shape[-1], k, v, gk, gv, h0, C)
     gk, gv = _chunk_fold_scalar(gk, gv)
     return _triton_chunk_function.apply(q, k, v, gk, gv, h0, C)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import _chunk_delta, _chunk_readout_before
+from .chunk import _chunk_delta, _chunk_empty_or_before
 from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks
 
 
@@ -281,7 +281,5 @@ def _triton_delta_chunk(q, k, v, beta, g, h0, chunk, before=False):
     if T == 0 or q.dtype == torch.float64:
         return _chunk_delta(q, k, v, beta, g, h0, C, before)
     if before:
-        # the readout after step t-1 with query t (as _chunk_delta / _chunk_readout_before do)
-        o, S = _triton_delta_chunk(torch.cat([q[1:], torch.zeros_like(q[:1])]), k, v, beta, g, h0, C)
-        return _chunk_readout_before(q, h0, o), S
+        return _chunk_empty_or_before(_triton_delta_chunk, q, h0, v.shape[-1], k, v, beta, g, h0, C)
     return _triton_delta_function.apply(q, k, v, beta, g, h0, C)
