@@ -141,6 +141,25 @@ def test_auto_under_export_takes_the_parallel_form_at_every_length():
     assert not any(op.startswith("rnnc.loop_") for op in ops), ops
 
 
+def test_exporting_newton_says_what_to_do_instead():
+    cell = _build("gru", "newton")
+    xs = [x.detach() for x in _inputs("gru", 9)]
+    with pytest.raises(Exception, match="newton backend cannot be exported.*backend='loop'"):
+        torch.export.export(cell, tuple(xs))
+
+
+def test_the_drop_in_lstm_compiles_once():
+    """rnnc.nn.LSTM (two layers, time-major) under fullgraph=True with a dynamic T: one compilation."""
+    torch.manual_seed(0)
+    lstm = rnnc.nn.LSTM(4, 5, num_layers=2)
+    torch._dynamo.reset()
+    compiled = torch.compile(lstm, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T in (6, 11):
+        x = torch.randn(T, 3, 4)
+        with torch._dynamo.config.patch(error_on_recompile=T == 11):
+            _close(compiled(x)[0], lstm(x)[0])
+
+
 def test_op_names_come_from_the_content_hash_not_the_spec():
     spec = 'cell evil_x__import__(x: [3]) -> (y: [3]) {\n    state h: [3] = 0\n    h = tanh(x + h)\n    y = h\n}\n'
     cell = rnnc.build(spec, backend="loop")

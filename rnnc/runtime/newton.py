@@ -47,6 +47,9 @@ def _newton(cell, step, s0, T, groups):
 
     The cell's NEWTON_MAX_ITERS and NEWTON_TOL (None: by dtype) control the iterations; what happened is
     left in `cell.newton_info` (iterations, whether they converged, where the sequential finish began)."""
+    if torch.compiler.is_exporting():  # the iterations stop on the data: no graph holds them
+        raise InputError("the newton backend cannot be exported: its number of iterations depends on the "
+                         "data; export the cell built with backend='loop' (one op for every length)")
     max_its = cell.NEWTON_MAX_ITERS
     tol = cell.NEWTON_TOL if cell.NEWTON_TOL is not None else _newton_tolerance(s0[0].dtype)
     with torch.no_grad():
