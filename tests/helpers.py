@@ -85,3 +85,18 @@ def fla_naive(rel: str):
 def has_generated_backward(cell) -> bool:
     """Whether the cell's loop runs with its generated backward through time (its module defines one)."""
     return hasattr(sys.modules[type(cell).__module__], "_recurrence_loop_backward")
+
+
+def count_calls(monkeypatch, cell, name: str) -> list:
+    """Wrap the global `name` of the cell's generated module so each call is recorded; returns the list
+    of calls (one entry per call). The generated code looks its runtime functions up as module globals
+    at call time, so this observes what a forward really runs, not what its source text mentions."""
+    module = sys.modules[type(cell).__module__]
+    inner, calls = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls

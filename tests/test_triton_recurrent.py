@@ -2,6 +2,8 @@
 CPU interpreter here: the lowering that pushes split/slice/concat down to the loads, fp16 and
 float64 inputs against the loop, its refusals. LSTM/GRU/Elman against torch.nn are in
 test_library_torch_nn.py; every cell it takes is in the differential and varlen tests."""
+import sys
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ import rnnc
 from rnnc.analysis import analyze_cell
 from rnnc.backends import tiles
 from rnnc.optimize import optimize
+from tests.helpers import library_inputs
 
 
 def _program(name):
@@ -110,14 +113,29 @@ def test_short_sequences_of_a_parallel_cell_run_the_recurrent_kernel():
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_the_delta_rule_steps_without_a_matrix_product(name):
+def test_the_delta_rule_steps_without_a_matrix_product(name, monkeypatch):
     """(I - b k kᵀ) S is lowered as S - b k (kᵀ S): no [K, K, V] block, and I - b k kᵀ is not even
-    formed outside the kernel, so decoding takes the recurrent kernel."""
+    formed outside the kernel, so decoding (a short sequence) takes the recurrent kernel."""
     prog = _program(name)
     assert "mm" not in [t.op for t in prog.tiles]
-    source = rnnc.compile(name, backend="triton")
-    recurrent = source[source.index("def _forward_recurrent"):source.index("def step")]
-    assert "torch.eye" not in recurrent and "_Recurrent.apply" in recurrent
+    loop = rnnc.build(name, backend="loop", K=4, V=3)
+    tri = rnnc.build(name, backend="triton", K=4, V=3)
+    module = sys.modules[type(tri).__module__]
+    applied = []
+    monkeypatch.setattr(module._Recurrent, "apply", _recorded(module._Recurrent.apply, applied))
+    eyes = []
+    monkeypatch.setattr(torch, "eye", _recorded(torch.eye, eyes))
+    xs = library_inputs(name, B=2, T=5, heads=1, extreme=False, dtype=torch.float32, seed=0)
+    got = tri(*xs)[0]
+    assert len(applied) == 1 and not eyes
+    torch.testing.assert_close(got, loop(*xs)[0], rtol=1e-5, atol=1e-5)
+
+
+def _recorded(fn, log):
+    def wrapper(*args, **kwargs):
+        log.append(fn)
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "gla", "linear_attn"])
