@@ -26,9 +26,9 @@ from dataclasses import replace
 
 from . import dims as D
 from .ir import Cell, Graph, Node
-from .linear_form import linear_forms, ones, same
-from .linearity import contraction, group_stages, transitions
-from .matrix_terms import matrix_terms, normal_terms
+from .linear_form import ones, same
+from .linearity import contraction, group_stages, single_term, transitions
+from .matrix_terms import matrix_terms
 from .plans import ChunkPlan
 from .scanplan import _binary, _const, zero_state
 from .dplrplan import NotStep, micro_steps, stage_of
@@ -36,6 +36,15 @@ from .dplrplan import NotStep, micro_steps, stage_of
 
 class NotChunkable(Exception):
     pass
+
+
+def _update_of(g: Graph, stages: dict[int, str], node: int) -> int | None:
+    """The state-free part of a state's next value (its value at a zero state), or NotChunkable with
+    the reason zero_state gives when that cannot be formed."""
+    try:
+        return zero_state(g, stages, node, {})
+    except ValueError as e:
+        raise NotChunkable(str(e)) from None
 
 
 def _constant_decay_ok(num) -> bool:
@@ -145,10 +154,7 @@ def _linear_or_delta(cell: Cell, stages: dict[int, str], s, t, transposed: bool,
     as S @ q (`transposed`) is chunked as Sᵀ: keys and values, per-row and per-column decays swap."""
     g = cell.graph
     rows, cols = s.shape
-    try:
-        update = zero_state(g, stages, s.node_out, {})
-    except ValueError as e:
-        raise NotChunkable(str(e)) from None
+    update = _update_of(g, stages, s.node_out)
     if t.kind == "identity":
         gates = _decay_gates(g, stages, t.decay, rows, cols, positive)
         scalars, k, v = _update(g, update)
@@ -282,15 +288,8 @@ def _scale(g: Graph, t) -> int | None:
 
 def _dot_read(cell: Cell, stages: dict[int, str], s, nid: int) -> tuple[str, int, int] | None:
     """("old" | "new", q, sign) when `nid` is ± q · s of a vector state s, plus state-free terms."""
-    leaves = {s.node_in: "old"} | ({s.node_out: "new"} if s.node_out != s.node_in else {})
-    form = linear_forms(cell, stages, leaves).get(nid)
-    if form is None or form.nonlinear or form.opaque:
-        return None
-    terms = normal_terms(cell.graph, form.terms)
-    if terms is None or len(terms) != 1:
-        return None
-    (t,) = terms
-    if t.orient != "scalar" or t.elem or t.dots or t.scalars or t.num != 1 or t.right or len(t.left) != 1 \
+    t = single_term(cell, stages, s, nid)
+    if t is None or t.orient != "scalar" or t.elem or t.dots or t.scalars or t.num != 1 or t.right or len(t.left) != 1 \
             or t.left[0].kind != "row" or t.left[0].node is None or stages.get(t.left[0].node) == "loop":
         return None
     return t.state, t.left[0].node, t.sign
@@ -359,10 +358,7 @@ def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) ->
     gates = _decay_gates(g, st, t.decay, K, V, positive)
     if gates["v"] or (gates["s"] and gates["k"]):
         raise NotChunkable(f"state '{S.name}' has a per-value decay, which the joined vector states cannot share")
-    try:
-        update = zero_state(g, st, S.node_out, {})
-    except ValueError as e:
-        raise NotChunkable(str(e)) from None
+    update = _update_of(g, st, S.node_out)
     terms = matrix_terms(g, update) if update is not None else None
     if not terms or len(terms) != 1 or [a.kind for a in terms[0].left] != ["col", "row"] or terms[0].dots \
             or terms[0].elem or terms[0].right:
@@ -374,10 +370,7 @@ def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) ->
         tn = found[n.name]
         if isinstance(tn, str) or tn.kind not in ("identity", "diagonal") or tn.decay != t.decay:
             raise NotChunkable(f"state '{n.name}' does not share the decay of state '{S.name}'")
-        try:
-            un = zero_state(g, st, n.node_out, {})
-        except ValueError as e:
-            raise NotChunkable(str(e)) from None
+        un = _update_of(g, st, n.node_out)
         tu = matrix_terms(g, un) if un is not None else None
         if not tu or len(tu) != 1 or len(tu[0].left) != 1 or tu[0].left[0].node != k or tu[0].left[0].inv \
                 or tu[0].dots or tu[0].elem or tu[0].right:

@@ -220,19 +220,25 @@ class Readout(NamedTuple):
     scalars: tuple[tuple[int, bool], ...] = ()
 
 
+def single_term(cell: Cell, stages: dict[int, str], s, nid: int):
+    """The value `nid` as one normal term over the state s's two values ("old", "new"; state-free terms
+    aside), or None when it is not linear in s or has several such terms."""
+    leaves = {s.node_in: "old"} | ({s.node_out: "new"} if s.node_out != s.node_in else {})
+    form = linear_forms(cell, stages, leaves).get(nid)
+    if form is None or form.nonlinear or form.opaque:
+        return None
+    terms = normal_terms(cell.graph, form.terms)
+    return terms[0] if terms is not None and len(terms) == 1 else None
+
+
 def contraction(cell: Cell, stages: dict[int, str], state: str, out: int) -> Readout | None:
     """The output `out` as ± c · q @ S or ± c · S @ q of the state before or after its update, plus
     state-free terms, in any writing (`q @ S`, `sum(q[:, None] * S, axis=0)`, `q @ S / sqrt(K)`,
     `(q * 0.5) @ S`, ...); None otherwise. Read off the value's canonical form over S's two values."""
     s = next(x for x in cell.states if x.name == state)
-    leaves = {s.node_in: "old"} | ({s.node_out: "new"} if s.node_out != s.node_in else {})
-    form = linear_forms(cell, stages, leaves).get(out)
-    if form is None or form.nonlinear or form.opaque:
+    t = single_term(cell, stages, s, out)
+    if t is None:
         return None
-    terms = normal_terms(cell.graph, form.terms)
-    if terms is None or len(terms) != 1:
-        return None
-    (t,) = terms
     num = _rational(t.num)
     if t.elem or t.dots or num is None or any(stages.get(n) == "loop" for n, _ in t.scalars):
         return None
