@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
 import torch
 
 import rnnc
-from common import median_ms
+from common import cpu_ms, median_ms
 
 
 def prompts(n: int = 3, pairs: int = 25, vocab: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,19 +32,6 @@ def prompts(n: int = 3, pairs: int = 25, vocab: int = 10, seed: int = 0) -> tupl
     body = [t for k, v in zip(ks, vs) for t in k + v]
     x = torch.tensor([list(k) + body for k in ks], dtype=torch.float32)[..., None]
     return x, torch.tensor(vs, dtype=torch.float32)
-
-
-def cpu_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median CPU time of this process per fn() in ms: on a shared host, where wall time counts the
-    waits for a core, about what an idle core takes (one thread)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        times.append((time.process_time() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
