@@ -285,6 +285,13 @@ def _triton_chunk_tile(ptr, row, m, cols, mcols, D):
 
 
 @triton.jit
+def _triton_chunk_whole(q_ptr, k_ptr, v_ptr, do_ptr, row, m, ck, mk, cv, mv, K, V):
+    """The chunk's q, k (K columns), v and do (V columns) tiles, for the log-decays' gradient."""
+    return (_triton_chunk_tile(q_ptr, row, m, ck, mk, K), _triton_chunk_tile(k_ptr, row, m, ck, mk, K),
+            _triton_chunk_tile(v_ptr, row, m, cv, mv, V), _triton_chunk_tile(do_ptr, row, m, cv, mv, V))
+
+
+@triton.jit
 def _triton_chunk_gate(ptr, row, m, cols, mcols, D):
     """A tile of log-decays, clamped at -1e4 (exp is 0 there in float32; -inf gates give no NaN)."""
     return tl.maximum(_triton_chunk_tile(ptr, row, m, cols, mcols, D), -1e4)
@@ -483,10 +490,7 @@ def _triton_chunk_bwd_key(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, dq_
         tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=ma[:, None] & mv[None, :])
     # the log-decays' gradient over the whole chunk (_triton_chunk_decay_grad)
     rowf, mf = tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T)
-    qf = _triton_chunk_tile(q_ptr, rowf, mf, ck, mk, K)
-    kf = _triton_chunk_tile(k_ptr, rowf, mf, ck, mk, K)
-    vf = _triton_chunk_tile(v_ptr, rowf, mf, cv, mv, V)
-    dof = _triton_chunk_tile(do_ptr, rowf, mf, cv, mv, V)
+    qf, kf, vf, dof = _triton_chunk_whole(q_ptr, k_ptr, v_ptr, do_ptr, rowf, mf, ck, mk, cv, mv, K, V)
     g1f = _triton_chunk_gate(g_ptr, rowf + N, (rt + 1 < C) & (tf + 1 < T), ck, mk, K)
     R = tl.dot(dof, tl.trans(S), input_precision="ieee") * tl.exp(tl.cumsum(gkf, 0))
     U = tl.dot(vf, tl.trans(dS), input_precision="ieee") * tl.exp(tl.cumsum(g1f, 0, reverse=True))
@@ -562,10 +566,7 @@ def _triton_chunk_bwd_value(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, d
         tl.store(dv_ptr + rowa[:, None] * V + cv[None, :], dva, mask=ma[:, None] & mv[None, :])
     # the log-decays' gradient over the whole chunk (_triton_chunk_decay_grad, the sides swapped)
     rowf, mf = tf.to(tl.int64) * N + i_n, (rt < C) & (tf < T)
-    qf = _triton_chunk_tile(q_ptr, rowf, mf, ck, mk, K)
-    kf = _triton_chunk_tile(k_ptr, rowf, mf, ck, mk, K)
-    vf = _triton_chunk_tile(v_ptr, rowf, mf, cv, mv, V)
-    dof = _triton_chunk_tile(do_ptr, rowf, mf, cv, mv, V)
+    qf, kf, vf, dof = _triton_chunk_whole(q_ptr, k_ptr, v_ptr, do_ptr, rowf, mf, ck, mk, cv, mv, K, V)
     g1f = _triton_chunk_gate(g_ptr, rowf + N, (rt + 1 < C) & (tf + 1 < T), cv, mv, V)
     R = tl.dot(qf, S, input_precision="ieee") * tl.exp(tl.cumsum(gvf, 0))
     U = tl.dot(kf, dS, input_precision="ieee") * tl.exp(tl.cumsum(g1f, 0, reverse=True))
