@@ -91,7 +91,28 @@ def classify(cell: Cell, stages: dict[int, str]) -> dict[str, dict]:
     _layers(cell, stages, out)
     _matrix_groups(cell, stages, out)
     _readouts(cell, stages, out)
+    _per_head(cell, stages, out)
     return out
+
+
+def _per_head(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
+    """A state whose heads are declared as a leading dim and never mix ([NH, K, V], rnnc/heads.py)
+    is NH one-head states: its verdict is one head's (a scalar decay per head is "scalar", `q @ S`
+    per head a contraction), with `heads` naming the dim. Read on the whole state, a per-head decay
+    looks like a per-value one and the per-head readout like no contraction at all."""
+    from .heads import NotPerHead, head_slice
+
+    if len(cell.states) != 1 or len(cell.states[0].shape) != 3:
+        return
+    try:
+        one, _ = head_slice(cell)
+    except NotPerHead:
+        return
+    heads = D.fmt(cell.states[0].shape[0])
+    for name, info in classify(one, stages).items():
+        info["heads"] = heads
+        info["why"] = f"per head ({heads} heads that never mix): {info['why']}"
+        out[name] = info
 
 
 # ---- states in layers ------------------------------------------------------------------------

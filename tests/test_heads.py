@@ -36,6 +36,34 @@ def test_plan_runs_the_heads_as_rows(name, transposed):
     assert rnnc.analyze(name).to_dict()["backend"] == "chunk"
 
 
+ONE_HEAD = {  # the same cells written for one head: the verdict a per-head state must get
+    "retnet": "cell r(q: [K], k: [K], v: [V]) -> (o: [V]) {\n    state S: [K, V] = 0\n"
+              "    S = 0.9 * S + k[:, None] * v[None, :]\n    o = q @ S\n}\n",
+    "mamba2": "cell m(x: [P], dt: [], B: [N], C: [N]) -> (y: [P]) {\n    param A_log: [] = 0\n"
+              "    state h: [P, N] = 0\n    h = exp(-dt * exp(A_log)) * h + (dt * x)[:, None] * B[None, :]\n"
+              "    y = h @ C\n}\n",
+}
+VERDICT = ("class", "transition", "decay", "readout", "readout_of")
+
+
+@pytest.mark.parametrize("name", ["retnet", "mamba2"])
+def test_analysis_describes_each_head(name):
+    """`rnnc analyze` reads a per-head state as NH one-head states: the decay one scalar per head and
+    step, the readout q @ S per head, as the same cell written for one head is described."""
+    (state,) = rnnc.analyze(name).to_dict()["states"].values()
+    (one,) = rnnc.analyze(ONE_HEAD[name]).to_dict()["states"].values()
+    assert {k: state[k] for k in VERDICT} == {k: one[k] for k in VERDICT}
+    assert (state["decay"], state["readout"], state["heads"]) == ("scalar", "contraction", "NH")
+    assert state["why"].startswith("per head (NH heads that never mix)")
+
+
+def test_analysis_of_heads_that_mix_is_of_the_whole_state():
+    text = RETNET_HEAD + ("    S = S + sum(k, axis=0)[None, :, None] * v[:, None, :]\n"
+                          "    o = sum(q[:, :, None] * S, axis=1)\n}\n")
+    (state,) = rnnc.analyze(text).to_dict()["states"].values()
+    assert "heads" not in state and state["readout"] == "other"
+
+
 def _agree(spec, dims, T, heads, chunk_size=16, tol=1e-9):
     ref = rnnc.build(spec, backend="loop", dtype=torch.float64, **dims)
     with torch.no_grad():
