@@ -111,7 +111,8 @@ def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     """Several states in one chunk pass (rnnc/chunkplan.py, staged_plan): the max-plus states by
     `_maxplus_scan`, then, from their sequences, the decay and values of every step; the matrix state
     and the vector states sharing its decay as one state [S | n] with values [c v | c'] by
-    `_chunk_linear`; the output for all steps from the columns of its readout q @ [S | n]."""
+    `_chunk_linear` (`_triton_chunk_linear` on the triton backend; the max-plus scan and the
+    elementwise rows stay PyTorch); the output for all steps from the columns of its readout q @ [S | n]."""
     cell, r, stages = rec.cell, rec.r, rec.stages
     by_name = {s.name: s for s in cell.states}
     size = plan.chunk_size or default_chunk_size(plan)
@@ -150,7 +151,10 @@ def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     gk = seq(plan.gk, 1) if plan.gk is not None else (f"{seq(plan.g, 0)}.unsqueeze(-1)" if plan.g is not None
                                                       else "None")
     before = ", before=True" if plan.before else ""
-    L(f"o_all, s_all = _chunk_linear({seq(plan.q, 1)}, {seq(plan.k, 1)}, v_all, {gk}, None, s0_all, {size}{before})")
+    if plan.triton:  # the joined pass by the Triton chunk kernels (any number of value columns)
+        L("_check_triton_device(s0_all)")
+    fn = "_triton_chunk_linear" if plan.triton else "_chunk_linear"
+    L(f"o_all, s_all = {fn}({seq(plan.q, 1)}, {seq(plan.k, 1)}, v_all, {gk}, None, s0_all, {size}{before})")
     ncol = len(plan.columns)
     part = {S.name: f"[..., :{-ncol}]" if ncol else ""}
     part.update({n: f"[..., {i - ncol}]" for i, (n, _) in enumerate(plan.columns)})

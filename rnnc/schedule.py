@@ -215,13 +215,14 @@ def recurrent_for_decoding(cell, report: Report):
 
 
 def triton_chunk_plan(report: Report) -> ChunkPlan | None:
-    """The chunk plan when a Triton chunk kernel applies (the additive form and the delta rule; the
-    generalized delta rule and several states in one pass have their PyTorch chunk form only)."""
+    """The chunk plan when a Triton chunk kernel applies (the additive form, also as several states in
+    one pass after a max-plus scan, mLSTM's; the delta rule; the generalized delta rule has its
+    PyTorch chunk form only)."""
     try:
         plan = chunk_plan(report.cell.derived(), report.stages, report.classes)
     except NotChunkable:
         return None
-    return None if plan.kind == "dplr" or plan.staged else plan
+    return None if plan.kind == "dplr" else plan
 
 
 def triton_note(report: Report) -> None:
@@ -236,6 +237,10 @@ def triton_note(report: Report) -> None:
         report.notes.append("triton: the fused recurrent kernel (no parallel form applies)")
         return
     report.notes.append(f"triton: {'chunkwise' if kind == 'chunk' else 'fused scan'} kernels")
+    if kind == "chunk" and (plan := triton_chunk_plan(report)) is not None and plan.staged:
+        report.notes.append("triton: one chunk pass over the joined states; "
+                            + ("the max-plus scan before it and " if plan.maxplus else "")
+                            + "the elementwise reads after it run in PyTorch")
     if recurrent_for_decoding(report.cell, report) is not None:
         report.notes.append(f"triton: sequences shorter than {RECURRENT_BELOW} steps (and step) run the fused "
                             "recurrent kernel")

@@ -96,7 +96,7 @@ LOWERINGS = {
     "running_logsumexp": ("loop scan triton newton", "scan"), "running_max": ("loop scan triton newton", "scan"),
     "rwkv6": ("loop scan chunk triton newton", "chunk"), "simple_gla": ("loop scan chunk triton newton", "chunk"),
     "hgrn2": ("loop scan chunk triton newton", "chunk"), "mamba2": ("loop scan chunk triton newton", "chunk"),
-    "mlstm": ("loop chunk", "chunk"), "qrnn": ("loop scan triton newton", "scan"),
+    "mlstm": ("loop chunk triton", "chunk"), "qrnn": ("loop scan triton newton", "scan"),
     "retnet": ("loop scan chunk triton newton", "chunk"), "rglru": ("loop scan triton newton", "scan"),
     "slstm": ("loop triton newton", "loop"), "sru": ("loop triton newton", "loop"),
     "gsa": ("loop scan triton newton", "loop"),

@@ -21,6 +21,7 @@ from rnnc.optimize import optimize
 from rnnc.plans import chunk_plan
 from rnnc.runtime.scan import _maxplus_scan
 
+from helpers import count_calls
 from test_library_reference import ref_mlstm
 
 K, V = 4, 3
@@ -33,6 +34,12 @@ cell nla(q: [K], k: [K], v: [V], g: []) -> (o: [V]) {
     o = (q @ S) / (1 + abs(q @ z))
 }
 """
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _gates(shape, kind: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +93,8 @@ def test_the_stabiliser_is_max_plus_and_the_states_share_one_pass():
     plan = chunk_plan(cell.derived(), report)
     assert plan.staged and [m.state for m in plan.maxplus] == ["m"] and [n for n, _ in plan.columns] == ["n"]
     assert {name for _, name, _, _ in plan.reads} == {"C", "n"} and not plan.before
-    assert rnnc.analyze("mlstm").backend == "chunk" and rnnc.backends_for("mlstm") == ["loop", "chunk"]
+    assert rnnc.analyze("mlstm").backend == "chunk"
+    assert rnnc.backends_for("mlstm") == ["loop", "chunk"] + (["triton"] if _has_triton() else [])
 
 
 @pytest.mark.parametrize("text,form", [
@@ -205,3 +213,60 @@ def test_states_that_do_not_share_the_decay_are_refused():
     assert "does not share the decay" in str(rnnc.backends_for(text)) or "chunk" not in rnnc.backends_for(text)
     with pytest.raises(rnnc.BuildError, match="does not share the decay of state 'S'"):
         rnnc.build(text, backend="chunk")
+
+
+# ---- the triton backend: the joined pass by the Triton chunk kernels --------------------------------
+
+def _err(a, b) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("T,kind", [(65, "inf"), pytest.param(130, "extreme", marks=pytest.mark.slow),
+                                    pytest.param(64, "mild", marks=pytest.mark.slow)])
+def test_triton_joined_pass_matches_loop(monkeypatch, T, kind):
+    """mLSTM on the triton backend: the max-plus scan in PyTorch, then C and n as one [K, V + 1] pass
+    by `_triton_chunk_linear` (forward and backward kernels; float32 compute) against the loop in
+    float64 on the same inputs: values, final states and every gradient, with input gates up to +50
+    and -inf forget gates, T not a multiple of the chunk. The readout divides by max(|n . q|, e^-m),
+    which can be near 0: the float32 loop itself is off by up to ~3e-3 there, so each error may be at
+    most 3x the float32 loop's (plus 1e-5)."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(11)
+    inputs, state = _inputs(2, T, 2, kind, gen), _state(2, 2, gen)
+    want = _run(rnnc.build("mlstm", backend="loop", dtype=torch.float64), inputs, state)
+    base = _run(rnnc.build("mlstm", backend="loop"), inputs, state, torch.float32)
+    cell = rnnc.build("mlstm", backend="triton", chunk_size=32)
+    calls = count_calls(monkeypatch, cell, "_triton_chunk_linear")
+    import rnnc.runtime.triton_chunk as tc
+    recomputed = []
+    monkeypatch.setattr(tc, "_chunk_recompute_backward", lambda *a: recomputed.append(1))
+    got = _run(cell, inputs, state, torch.float32)
+    assert calls == ["_triton_chunk_linear"] and not recomputed  # one joined pass, its backward in Triton
+    flat = lambda r: [r[0], *(r[1][k] for k in want[1]), *r[2]]  # noqa: E731
+    for a, f32, b in zip(flat(got), flat(base), flat(want)):
+        assert _err(a, b) <= 3 * _err(f32, b) + 1e-5, (_err(a, b), _err(f32, b))
+
+
+def test_triton_joined_pass_with_bf16_inputs():
+    """bf16 inputs (the interpreter's bf16 rule: upcast on load), extreme and -inf gates: bf16 results,
+    finite, as close to the float64 loop (on the same rounded inputs) as the PyTorch chunk form with
+    bf16 inputs is (both round their results to bf16), within 2x + 1e-3."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(12)
+    inputs, state = [x.to(torch.bfloat16).double() for x in _inputs(1, 40, 2, "inf", gen)], _state(1, 2, gen)
+    want = _run(rnnc.build("mlstm", backend="loop", dtype=torch.float64), inputs, state)
+    base = _run(rnnc.build("mlstm", backend="chunk", chunk_size=16), inputs, state, torch.bfloat16)
+    got = _run(rnnc.build("mlstm", backend="triton", chunk_size=16), inputs, state, torch.bfloat16)
+    assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in got[2])
+    flat = lambda r: [r[0], *(r[1][k] for k in want[1]), *r[2]]  # noqa: E731
+    for a, bf, b in zip(flat(got), flat(base), flat(want)):
+        assert _err(a, b) <= 2 * _err(bf, b) + 1e-3, (_err(a, b), _err(bf, b))
+
+
+def test_triton_note_says_what_runs_in_pytorch():
+    pytest.importorskip("triton")
+    notes = rnnc.analyze("mlstm", backend="triton").notes
+    assert "triton: chunkwise kernels" in notes
+    assert any("max-plus scan" in n and "PyTorch" in n for n in notes)
