@@ -161,7 +161,7 @@ class _AllRows:
         for n in sorted(needed):
             if n in ins_at:
                 s = ins_at[n]
-                L(f"{r.name(n)} = torch.cat([s0_{s.name}.unsqueeze(0), all_{s.name}[:-1]]).flatten(0, 1)")
+                L(f"{r.name(n)} = _state_before(s0_{s.name}, all_{s.name}).flatten(0, 1)")
             elif n in outs_at and outs_at[n].name in self.scanned:
                 L(f"{r.name(n)} = all_{outs_at[n].name}.flatten(0, 1)")
             else:

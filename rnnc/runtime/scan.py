@@ -27,6 +27,12 @@ def _sum_scan(b, h0, T):
     return h0 + torch.cumsum(b.expand(full), 0)
 
 
+def _state_before(h0, h):
+    """The state before each step, [h0, h_0, ..., h_{T-2}], from the states after them h: [T, ...]
+    (what a step that reads the old state sees; rnnc.distributed swaps in the entering state)."""
+    return torch.cat([h0.unsqueeze(0), h[:-1]])
+
+
 def _scan_from_zero(a, b):
     T = b.shape[0]
     if T == 1:
@@ -208,9 +214,14 @@ def _group_scan(T, a, b, h0, dense):
     B = [x.expand(T, *h.shape) if x is not None else ref.new_zeros(T, *h.shape) for x, h in zip(b, h0)]
     if not dense:
         return tuple(_block_scan(a, B, list(h0)))
-    lead = torch.broadcast_shapes(*(x.shape[:-2] for row in a for x in row if x is not None))
-    A = torch.cat([torch.cat([x.expand(*lead, -1, -1) if x is not None else
-                              ref.new_zeros(*lead, hi.shape[-1], hj.shape[-1]) for x, hj in zip(row, h0)], -1)
-                   for row, hi in zip(a, h0)], -2)
-    out = _matrix_scan(A, torch.cat(B, -1), torch.cat(list(h0), -1))
+    out = _matrix_scan(_group_matrix(a, h0), torch.cat(B, -1), torch.cat(list(h0), -1))
     return tuple(out.split([h.shape[-1] for h in h0], -1))
+
+
+def _group_matrix(a, h0):
+    """A dense group's blocks a[i][j] (None: zero) as one matrix [T or 1, ..., n, n] over the
+    concatenated states h0 (vector states [N, n_i])."""
+    lead = torch.broadcast_shapes(*(x.shape[:-2] for row in a for x in row if x is not None))
+    return torch.cat([torch.cat([x.expand(*lead, -1, -1) if x is not None else
+                                 h0[0].new_zeros(*lead, hi.shape[-1], hj.shape[-1]) for x, hj in zip(row, h0)], -1)
+                      for row, hi in zip(a, h0)], -2)
