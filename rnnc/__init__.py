@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 
 __all__ = [
-    "nn", "layers", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
+    "nn", "layers", "distributed", "SequenceParallel", "parse", "load", "library", "analyze", "build", "compile", "graph_dot", "graph_svg", "backends_for", "Program",
     "RnncError", "RnncSyntaxError", "UnknownNameError", "ShapeError", "DimError", "StateError", "ArityError",
     "TypeError_", "UnsupportedError", "SpecNotFoundError", "BuildError", "InputError", "InternalError", "NumberError",
     "RnncWarning", "Diagnostic", "Note",
@@ -33,10 +33,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """`rnnc.nn` (the torch.nn drop-ins) and `rnnc.layers` import torch: loaded on first use, so that
-    compiling does not."""
-    if name in ("nn", "layers"):
-        import importlib
+    """`rnnc.nn` (the torch.nn drop-ins), `rnnc.layers` and `rnnc.distributed` (with `rnnc.SequenceParallel`)
+    import torch: loaded on first use, so that compiling does not."""
+    import importlib
 
+    if name in ("nn", "layers", "distributed"):
         return importlib.import_module("." + name, __name__)
+    if name == "SequenceParallel":
+        return importlib.import_module(".distributed", __name__).SequenceParallel
     raise AttributeError(f"module 'rnnc' has no attribute {name!r}")
