@@ -71,25 +71,84 @@ def _chunk_dplr(q, ks, vs, as_, bs, gs, h0, chunk, before=False):
     return o, S
 
 
-def _dplr_pairs_key(x, y, factors, bc):
-    """A[s, ..., i, j] = sum_c x_ic y_jc exp(G_ic - G_jc) for j <= i, else 0; x, y: [S, ..., C, K] (S pairs
-    of rows and columns sharing one per-key gate), factors: _chunk_sub_factors(g, bc) for that gate.
+def _dplr_key_spans(C):
+    """The spans lo < s <= hi of the chunk whose gate sums _dplr_key_parts exponentiates, grouped, and
+    the halving levels and base block size they serve. Per group, one span a row of the chunk (or
+    of the base blocks):
 
-    Secondary chunking as _chunk_intra_key: pairs in sub-chunks b < a by matmul through the first row of
-    sub-chunk a; pairs inside a sub-chunk element-wise with the masked [bc, bc, K] exponentials.
+    start    s <= i               exp(G_i): the read of the entering state
+    prev     s < i                exp(G_{i-1}): the low-rank read of it
+    tail     j < s                exp(G_last - G_j): a row's part in the state leaving the chunk
+    all      every s              exp(G_last): the decay across the chunk (one row)
+    level h  for each block of h rows halved at u (h = C, C/2, ... while even and > 2): rows i >= u
+             span u - 1 < s <= i, rows j < u span j < s <= u - 1, so pairs across the halves factor
+             as exp(G_i - G_j) = exp(G_i - G_{u-1}) exp(G_{u-1} - G_j)
+    offset d inside each base block (the blocks left, b rows), rows i >= d of it: i - d < s <= i
     """
-    rows, cols, link, diag = factors
-    C, K = x.shape[-2], x.shape[-1]
-    lead = x.shape[:-2]
-    nc = C // bc
-    xb, yb = x.reshape(*lead, nc, bc, K), y.reshape(*lead, nc, bc, K)
-    Ad = ((xb.unsqueeze(-2) * diag) * yb.unsqueeze(-3)).sum(-1)                        # [..., nc, bc, bc]
-    eye = torch.eye(nc, dtype=x.dtype, device=x.device)
-    A = (Ad.unsqueeze(-2) * eye.unsqueeze(-2).unsqueeze(-1)).reshape(*lead, C, C)     # block diagonal
-    if nc > 1:
-        ys = ((yb * cols).unsqueeze(-4) * link.unsqueeze(-2)).reshape(*lead, nc, C, K)  # [..., a, j, K]
-        A = A + ((xb * rows) @ ys.transpose(-1, -2)).reshape(*lead, C, C)
-    return A
+    spans = [(-1, i) for i in range(C)] + [(-1, i - 1) for i in range(C)] + [(j, C - 1) for j in range(C)]
+    spans.append((-1, C - 1))
+    levels, h = [], C
+    while h % 2 == 0 and h > 2:
+        u = [p - p % h + h // 2 for p in range(C)]
+        spans += [(u[p] - 1, p) if p >= u[p] else (p, u[p] - 1) for p in range(C)]
+        levels.append(h)
+        h //= 2
+    spans += [(blk + i - d, blk + i) for d in range(1, h) for blk in range(0, C, h) for i in range(d, h)]
+    return spans, levels, h
+
+
+def _dplr_key_parts(xs, ys, g):
+    """Pair matrices A_xy[i, j] = sum_c x_ic y_jc exp(G_ic - G_jc) for j <= i (else 0), for every x of xs
+    and y of ys, and the factors exp(G_i), exp(G_{i-1}), exp(G_last - G_j), exp(G_last); per-key log-gates
+    g [..., C, K]
+    (raw, per row; G their chunk-local cumulative sum), xs, ys: [..., C, K] each.
+
+    Every exponent is one row of E @ g for a 0/1 matrix E (_dplr_key_spans): a direct sum of the gates
+    in between, <= 0, no difference of cumulative sums; gates are clamped at -1e4 first (exp is 0 there
+    in float32 and float64 alike), so a -inf gate never meets a 0 of E. The pairs go by recursive
+    halving: pairs across the two halves of a block are one matmul of the factored rows and columns
+    (all xs and ys stacked into one product), pairs inside a base block element-wise by offset. No
+    [C, C, K] tensor, and no small op per chunk.
+    Returns A [..., nx, ny, C, C] and the factors [..., C, K] each (exp(G_last): [..., 1, K]).
+    """
+    C, K = g.shape[-2], g.shape[-1]
+    lead = g.shape[:-2]
+    nx, ny = len(xs), len(ys)
+    spans, levels, b = _dplr_key_spans(C)
+    s = torch.arange(C, device=g.device)
+    lo = torch.tensor([p[0] for p in spans], device=g.device).unsqueeze(-1)
+    hi = torch.tensor([p[1] for p in spans], device=g.device).unsqueeze(-1)
+    E = ((s > lo) & (s <= hi)).to(g.dtype)
+    sizes = [C, C, C, 1] + [C] * len(levels) + [(C // b) * (b - d) for d in range(1, b)]
+    e_start, e_prev, e_tail, e_all, *rest = (E @ g.clamp_min(-1e4)).exp_().split(sizes, -2)
+    e_levels, e_offsets = rest[:len(levels)], rest[len(levels):]
+    nb = C // b
+
+    def blocks(x, n, h):
+        return x.reshape(*lead, n, h, x.shape[-1])
+
+    def combos(parts):  # parts[ix][iy]: [..., nb, r] -> [..., nb, nx, ny, r]
+        return torch.stack([torch.stack(row, -2) for row in parts], -3)
+
+    # pairs inside a base block of b rows, by offset d = i - j: D [..., nb, nx, ny, b, b]
+    D = torch.diag_embed(combos([[(x * y).sum(-1).reshape(*lead, nb, b) for y in ys] for x in xs]))
+    for d in range(1, b):
+        ed = blocks(e_offsets[d - 1], nb, b - d)
+        yd = [blocks(y, nb, b)[..., :b - d, :] * ed for y in ys]
+        D = D + torch.diag_embed(combos([[(blocks(x, nb, b)[..., d:, :] * y).sum(-1) for y in yd] for x in xs]),
+                                 offset=-d)
+    # halving levels, smallest blocks first: a block of h rows is [[D_lo, 0], [cross, D_hi]], the cross
+    # pairs of every x and y in one matmul (operands side by side: rows [nx * m], columns [ny * m])
+    for h, e in zip(reversed(levels), reversed(e_levels)):
+        nb, m = C // h, h // 2
+        f_lo, f_hi = blocks(e, 2 * nb, m).reshape(*lead, nb, 2, m, K).unbind(-3)
+        x_hi = torch.cat([blocks(x, 2 * nb, m).reshape(*lead, nb, 2, m, K).unbind(-3)[1] * f_hi for x in xs], -2)
+        y_lo = torch.cat([blocks(y, 2 * nb, m).reshape(*lead, nb, 2, m, K).unbind(-3)[0] * f_lo for y in ys], -2)
+        cross = (x_hi @ y_lo.transpose(-1, -2)).reshape(*lead, nb, nx, m, ny, m).transpose(-3, -2)
+        d_lo, d_hi = D.reshape(*lead, nb, 2, nx, ny, m, m).unbind(-5)
+        D = torch.cat([torch.cat([d_lo, torch.zeros_like(d_lo)], -1), torch.cat([cross, d_hi], -1)], -2)
+    A = D.reshape(*lead, nx, ny, C, C)
+    return A, e_start, e_prev, e_tail, e_all
 
 
 def _dplr_shift_down(A):
@@ -142,24 +201,23 @@ def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
         qg, bg, kg, ag, dec = qc, bc, kc, ac, None
     else:
         gc = _chunk_split(g, C, nt)                                                     # [NT, N, C, K or 1]
-        G = gc.cumsum(-2)                                                               # G_i
-        Gx = F.pad(gc[..., :-1, :], (0, 0, 1, 0)).cumsum(-2)                            # G_{i-1}
         if gc.shape[-1] == 1:
+            G = gc.cumsum(-2)                                                           # G_i
+            Gx = F.pad(gc[..., :-1, :], (0, 0, 1, 0)).cumsum(-2)                        # G_{i-1}
             P = _chunk_pair_sums(gc).squeeze(-1)                                        # sum_{j < s <= i} g_s
             Gam, Gamb = _chunk_masked_exp(P, tri), _chunk_masked_exp(_dplr_shift_down(P), strict)
             Aqk, Aqa = (qc @ kc.transpose(-1, -2)) * Gam, (qc @ ac.transpose(-1, -2)) * Gam
             Abk, Aba = (bc @ kc.transpose(-1, -2)) * Gamb, (bc @ ac.transpose(-1, -2)) * Gamb
+            qg, bg = qc * torch.exp(G), bc * torch.exp(Gx)
+            tail = torch.exp(_chunk_suffix_sums(gc))                                   # exp(G_last - G_j)
+            kg, ag = kc * tail, ac * tail
+            dec = torch.exp(G[..., -1, :])                                              # [NT, N, 1]
         else:
-            sub = _chunk_sub_size(C)
             bnext = F.pad(bc[..., 1:, :], (0, 0, 0, 1))                                 # row i holds b_{i+1}
-            A4 = _dplr_pairs_key(torch.stack([qc, qc, bnext, bnext]), torch.stack([kc, ac, kc, ac]),
-                                 _chunk_sub_factors(gc, sub), sub)
-            Aqk, Aqa, Ynk, Yna = A4.unbind(0)
+            A, eG, eGx, tail, dec = _dplr_key_parts([qc, bnext], [kc, ac], gc)
+            (Aqk, Aqa), (Ynk, Yna) = (x.unbind(-3) for x in A.unbind(-4))
             Abk, Aba = _dplr_shift_down(Ynk), _dplr_shift_down(Yna)
-        qg, bg = qc * torch.exp(G), bc * torch.exp(Gx)
-        tail = torch.exp(_chunk_suffix_sums(gc))                                       # exp(G_last - G_j)
-        kg, ag = kc * tail, ac * tail
-        dec = torch.exp(G[..., -1, :])                                                  # [NT, N, K or 1]
+            qg, bg, kg, ag, dec = qc * eG, bc * eGx, kc * tail, ac * tail, dec.squeeze(-2)
     Tinv = _dplr_tril_inverse(Aba)
     U0, W = Tinv @ (Abk @ vc), Tinv @ bg                                                # U = U0 + W S
     ag_t = ag.transpose(-1, -2)
