@@ -220,19 +220,20 @@ def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
             qg, bg, kg, ag, dec = qc * eG, bc * eGx, kc * tail, ac * tail, dec.squeeze(-2)
     Tinv = _dplr_tril_inverse(Aba)
     U0, W = Tinv @ (Abk @ vc), Tinv @ bg                                                # U = U0 + W S
-    ag_t = ag.transpose(-1, -2)
-    step = ag_t @ W                                                                     # [NT, N, K, K]
-    eye_k = torch.eye(K, dtype=dt, device=dev)
-    step = step + (eye_k if dec is None else dec.unsqueeze(-1) * eye_k)
-    inc = ag_t @ U0 + kg.transpose(-1, -2) @ vc                                         # [NT, N, K, V]
+    inc = kg.transpose(-1, -2) @ vc                                                     # [NT, N, K, V]
     S = torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0
-    # unbind (not step[n]): the backward of per-chunk indexing would add a full-size zero tensor per chunk
-    steps, incs, states = step.unbind(0), inc.unbind(0), []
+    # the pass over chunks: U = U0 + W S, S <- dec S + ag^T U + kg^T V (two [C, K] x [K, V] products a
+    # chunk, not a [K, K] transition). unbind (not x[n]): the backward of per-chunk indexing would add
+    # a full-size zero tensor per chunk
+    U0s, Ws, ags, incs = U0.unbind(0), W.unbind(0), ag.transpose(-1, -2).unbind(0), inc.unbind(0)
+    decs = None if dec is None else dec.unsqueeze(-1).unbind(0)
+    states, us = [], []
     for n in range(nt):
         states.append(S)
-        S = torch.baddbmm(incs[n], steps[n], S)
-    H = torch.stack(states)                                                             # entering states
-    U = U0 + W @ H
+        u = torch.baddbmm(U0s[n], Ws[n], S)
+        us.append(u)
+        S = torch.baddbmm(incs[n] + S if decs is None else torch.addcmul(incs[n], S, decs[n]), ags[n], u)
+    H, U = torch.stack(states), torch.stack(us)                                         # entering states
     o = qg @ H + Aqa @ U + Aqk @ vc
     return _chunk_merge(o, L), S
 
