@@ -16,18 +16,19 @@ cumulative log-decay, u_t = S_{t-1}^T b_t the pseudo-values satisfy, inside a ch
 (B~ = b exp(G_{i-1})), so U = W S + U0 with the unit lower-triangular inverse (blockwise forward
 substitution, as fla's solve_tril); then
     O = (Q exp(G)) S + A_qa U + A_qk V,   A_qy[i, j] = sum_c q_ic y_jc exp(G_ic - G_jc)  (j <= i)
-    S <- (diag(exp(G_C)) + A~^T W) S + A~^T U0 + K~^T V   (A~, K~: a, k times exp(G_C - G_j)).
-The pass over chunks is one batched matmul a chunk. Numerics as in rnnc/runtime/chunk.py: every
-exponent is a direct sum of gates <= 0 (pair sums, suffix sums, cumulative sums from the chunk start),
-masked to -inf before exponentiating; per-key decays use its secondary chunking (sub-chunk factors),
-so there is no exp of a positive number, no 0 * inf, and -inf gates (hard resets) give no NaN.
-Backward: autograd through these ops (the solve's backward is another triangular solve).
+    S <- diag(exp(G_C)) S + A~^T U + K~^T V   (A~, K~: a, k times exp(G_C - G_j)).
+The pass over chunks is two small matmuls a chunk (U from S, then S). Numerics as in
+rnnc/runtime/chunk.py: every exponent is a direct sum of gates <= 0 (pair sums, suffix sums,
+cumulative sums from the chunk start), masked to -inf (scalar gates) or clamped at -1e4 (per-key
+gates, as _chunk_linear_key) before exponentiating; per-key pairs factor through recursive halving
+of the chunk (_dplr_key_parts), so there is no exp of a positive number, no 0 * inf, and -inf gates
+(hard resets) give no NaN. Backward: autograd through these ops (the inverse is matmuls).
 """
 import torch
 import torch.nn.functional as F
 
 from .chunk import (_chunk_empty_or_before, _chunk_masked_exp, _chunk_merge, _chunk_pair_sums, _chunk_split,
-                    _chunk_sub_factors, _chunk_sub_size, _chunk_suffix_sums)
+                    _chunk_suffix_sums)
 
 
 def _dplr_rows(parts, T, N, width, like):
@@ -100,8 +101,7 @@ def _dplr_key_spans(C):
 def _dplr_key_parts(xs, ys, g):
     """Pair matrices A_xy[i, j] = sum_c x_ic y_jc exp(G_ic - G_jc) for j <= i (else 0), for every x of xs
     and y of ys, and the factors exp(G_i), exp(G_{i-1}), exp(G_last - G_j), exp(G_last); per-key log-gates
-    g [..., C, K]
-    (raw, per row; G their chunk-local cumulative sum), xs, ys: [..., C, K] each.
+    g [..., C, K] (raw, per row; G their chunk-local cumulative sum), xs, ys: [..., C, K] each.
 
     Every exponent is one row of E @ g for a 0/1 matrix E (_dplr_key_spans): a direct sum of the gates
     in between, <= 0, no difference of cumulative sums; gates are clamped at -1e4 first (exp is 0 there
