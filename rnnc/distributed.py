@@ -333,7 +333,10 @@ class SequenceParallel(torch.nn.Module):
                                    hint="call torch.distributed.init_process_group(...) on every rank first")
         group = self.group if self.group is not None else dist.group.WORLD
         ranks = _Ranks(group, dist.get_rank(group), dist.get_world_size(group))
-        _check_slices(ranks, _gather_inputs(self.cell.INPUTS, args, kwargs))
+        inputs = _gather_inputs(self.cell.INPUTS, args, kwargs)
+        tracked = [*inputs, *self.cell.parameters(), *(state or {}).values()]
+        grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tracked)
+        _check_slices(ranks, inputs, grad)
         _install(sys.modules[type(self.cell).__module__])
         with _sequence_parallel(ranks):
             return getattr(self.cell, self._form)(*args, state=state, **kwargs)
@@ -354,16 +357,23 @@ def _parallel_form(cell) -> str:
              "a cell with neither, e.g. an LSTM, has no sequence parallel form)")
 
 
-def _check_slices(ranks: _Ranks, inputs) -> None:
+def _check_slices(ranks: _Ranks, inputs, grad: bool) -> None:
     """Every rank's slice is [B, T_r >= 1, *extra, ...] with the same B and extra (the gathers need equal
-    shapes; an empty slice would skip the collectives): raised on every rank alike."""
+    shapes; an empty slice would skip the collectives), and every rank records gradients or none does
+    (else some would wait in the backward's collectives for ranks that never run them): checked on every
+    rank alike, so all raise together."""
     x = inputs[0] if inputs else None
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise InputError("SequenceParallel needs inputs shaped [B, T, ...]")
     shape = [x.dim(), *x.shape][:16]
-    mine = torch.tensor(shape + [-1] * (17 - len(shape)), dtype=torch.int64)
+    mine = torch.tensor([int(grad)] + shape + [-1] * (17 - len(shape)), dtype=torch.int64)
     every = [torch.empty_like(mine) for _ in range(ranks.world)]
     dist.all_gather(every, mine, group=ranks.group)
+    if len({int(e[0]) for e in every}) > 1:
+        raise InputError("SequenceParallel: some ranks record gradients and others do not "
+                         f"(per rank: {[bool(e[0]) for e in every]}); every rank must run the same backward, so "
+                         "the same tensors must require grad on every rank")
+    every = [e[1:] for e in every]
     lengths = [int(e[2]) for e in every]
     if min(lengths) < 1:
         raise InputError(f"SequenceParallel: every rank needs at least one step; the slices have {lengths} steps")

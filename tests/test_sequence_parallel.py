@@ -25,37 +25,38 @@ from helpers import DIMS, library_inputs
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
 
-#: (cell, backend): every primitive the scan and chunk forms call, at least once.
-SCAN = [("mingru", "scan"),              # _linear_scan
-        ("qrnn", "scan"),                # a state that is the last input (a = 0), read before the step
-        ("linear_attn", "scan"),         # _sum_scan
-        ("running_logsumexp", "scan"),   # _fold_scan
-        ("aaren", "scan"),               # _fold_scan over a tuple of states
-        ("lru", "scan"),                 # _group_scan, 2x2 blocks
-        ("lsrl_modcounter", "scan"),     # _group_scan, one dense constant matrix and no input (A^t h0)
-        ("lsrl_tok2tok", "scan")]        # layered: sums and dense scans whose coefficients read earlier states
-CHUNK = [("gla", "auto"),                # _chunk_linear, per-key decay (auto: its parallel form at any length)
-         ("simple_gla", "chunk"),        # scalar decay
-         ("retnet", "chunk"),            # heads declared, a constant decay
-         ("mamba2", "chunk"),            # heads, the state read transposed
-         ("rwkv6", "chunk"),             # readout before the update, a bonus term
-         ("deltanet", "chunk"),          # _chunk_delta
-         ("gated_deltanet", "chunk"),    # _chunk_delta with a decay
-         ("kda", "chunk"),               # _chunk_dplr, per-key decay
-         ("rwkv7", "chunk"),             # _chunk_dplr, a != b
-         ("deltaproduct", "chunk"),      # _chunk_dplr, two micro-steps a token
-         ("mlstm", "chunk")]             # _maxplus_scan, then the joined chunk pass over [C | n]
+#: Cells given as source text: a decay per key and per value (no library cell has both).
+SOURCES = {"key_value_decays": """cell kv(q: [K], k: [K], v: [V], g: [K], w: [V]) -> (o: [V]) {
+    state S: [K, V] = 0
+    S = exp(g)[:, None] * S * exp(w)[None, :] + outer(k, v)
+    o = q @ S
+}"""}
+#: (cell, backend) in the fast run: each kind of primitive the scan and chunk forms call.
+FAST = [("mingru", "scan"),                # _linear_scan
+        ("running_logsumexp", "scan"),     # _fold_scan
+        ("lru", "scan"),                   # _group_scan, 2x2 blocks
+        ("gla", "auto"),                   # _chunk_linear, per-key decay (auto: its parallel form at any length)
+        ("key_value_decays", "chunk"),     # _chunk_linear, per-key and per-value decays
+        ("gated_deltanet", "chunk"),       # _chunk_delta with a decay
+        ("kda", "chunk"),                  # _chunk_dplr, per-key decay
+        ("mlstm", "chunk")]                # _maxplus_scan, _state_before, then the joined chunk pass over [C | n]
 #: Cells run again with extreme gates (log-decays down to -20, mLSTM's gate pre-activations ten times wider).
 EXTREME = [("gla", "chunk", True), ("gated_deltanet", "chunk", True), ("kda", "chunk", True),
-           ("mlstm", "chunk", True), ("mingru", "scan", True)]
+           ("mlstm", "chunk", True), ("mingru", "scan", True), ("key_value_decays", "chunk", True)]
 LENGTHS = {2: [9, 12], 4: [5, 6, 3, 7]}  # the ranks' slices: unequal, several 4-step chunks each
-FAST = {"mingru", "lru", "running_logsumexp", "gla", "gated_deltanet", "kda", "mlstm"}
+
+
+def _library() -> list[tuple[str, str]]:
+    """Every library cell on each of its scan and chunk forms (analysed when a slow test asks, not at import)."""
+    return [(name, backend) for name in rnnc.library() for backend in rnnc.backends_for(name)
+            if backend in ("scan", "chunk")]
 
 
 def _build(name: str, backend: str) -> torch.nn.Module:
-    dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
+    spec = SOURCES.get(name, name)
+    dims = {k: v for k, v in DIMS.items() if k in (rnnc.parse(spec) if name in SOURCES else rnnc.load(spec)).cell().dims}
     torch.manual_seed(0)
-    cell = rnnc.build(name, backend=backend, dtype=torch.float64, chunk_size=4 if backend == "chunk" else None, **dims)
+    cell = rnnc.build(spec, backend=backend, dtype=torch.float64, chunk_size=4 if backend == "chunk" else None, **dims)
     with torch.no_grad():
         for p in cell.parameters():  # non-trivial params (rwkv6's bonus starts at zero)
             p.add_(0.1 * torch.randn_like(p))
@@ -80,7 +81,7 @@ def _case(name: str, backend: str, extreme: bool, lengths: list[int], failures: 
     rank, world = dist.get_rank(), dist.get_world_size()
     cell = _build(name, backend)
     params = [p for _, p in sorted(cell.named_parameters())]
-    inputs = library_inputs(name, 2, sum(lengths), 2, extreme, torch.float64, seed=3)
+    inputs = library_inputs(SOURCES.get(name, name), 2, sum(lengths), 2, extreme, torch.float64, seed=3)
     g = torch.Generator().manual_seed(4)
     _, shapes = cell(*[x[:, :1].detach() for x in inputs])
     h0 = {k: torch.randn(v.shape, generator=g, dtype=torch.float64).requires_grad_() for k, v in shapes.items()}
@@ -125,8 +126,10 @@ def _refusals(failures: list[str]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = SequenceParallel(_build("gla", "chunk"))
     x = library_inputs("gla", 2, 4 * world, 2, False, torch.float64, seed=3)
+    x = [t.detach() for t in x]
     for what, mine in (("an empty slice on the last rank", [t[:, :0 if rank == world - 1 else 4] for t in x]),
-                       ("batches of different sizes", [t[:1 if rank else 2, :4] for t in x])):
+                       ("batches of different sizes", [t[:1 if rank else 2, :4] for t in x]),
+                       ("gradients on rank 0 only", [t[:, :4].requires_grad_(rank == 0) for t in x])):
         try:
             sp(*mine)
             failures.append(f"{what} was not refused")
@@ -175,17 +178,17 @@ def _spawn(world: int, cases: list[tuple], tmp_path, timeout: float) -> None:
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    _spawn(2, [c for c in SCAN + CHUNK if c[0] in FAST] + [("refusals", "")], tmp_path, 300)
+    _spawn(2, FAST + [("refusals", "")], tmp_path, 300)
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process_on_every_primitive(tmp_path):
-    _spawn(2, [c for c in SCAN + CHUNK if c[0] not in FAST] + EXTREME, tmp_path, 600)
+def test_two_ranks_match_one_process_on_every_library_cell(tmp_path):
+    _spawn(2, [c for c in _library() if c not in FAST] + EXTREME, tmp_path, 600)
 
 
 @pytest.mark.slow
-def test_four_ranks_match_one_process(tmp_path):
-    _spawn(4, SCAN + CHUNK + EXTREME + [("refusals", "")], tmp_path, 900)
+def test_four_ranks_match_one_process_on_every_library_cell(tmp_path):
+    _spawn(4, _library() + [("gla", "auto"), ("key_value_decays", "chunk")] + EXTREME + [("refusals", "")], tmp_path, 900)
 
 
 def test_cells_without_a_scan_or_chunk_form_are_refused():
