@@ -16,10 +16,12 @@ CHUNK = 64  # steps per chunk in the chunkwise form (per-channel decays: see def
 def default_chunk_size(plan: ChunkPlan) -> int:
     """Steps per chunk when the caller gives none. Per-key/per-value decays cost K-wide work that
     grows with the chunk: 16 measured fastest on CPU for gla (benchmarks/RESULTS.md), 64 otherwise;
-    the generalized delta rule: 16 steps with a per-key decay, else 64 micro-step rows (a power of two
-    times at most 16, for its blockwise triangular inverse)."""
-    if plan.kind == "dplr":  # rows of micro-steps a chunk: 16 with a per-key decay, else 64 (32 for n_h = 3)
-        return 16 if any(st.gk is not None for st in plan.steps) else {1: 64, 2: 32}.get(len(plan.steps), 16)
+    the generalized delta rule: 16 steps with a per-key decay, else 64 steps of one micro-step, 16 of
+    two, 8 of three (DeltaProduct at B=2, T=2048, H=4, K=V=64, fwd+bwd on one CPU thread: 16 steps
+    343 ms, 32 steps 436, 64 steps 749; rows a chunk stay a power of two times at most 16, for the
+    blockwise inverse)."""
+    if plan.kind == "dplr":
+        return 16 if any(st.gk is not None for st in plan.steps) else {1: 64, 2: 16}.get(len(plan.steps), 8)
     return 16 if plan.kind == "linear" and (plan.gk is not None or plan.gv is not None) else CHUNK
 
 

@@ -64,12 +64,12 @@ def _chunk_dplr(q, ks, vs, as_, bs, gs, h0, chunk, before=False):
         return _chunk_empty_or_before(_chunk_dplr, q, h0, V, ks, vs, as_, bs, gs, h0, chunk)
     rows = [_dplr_rows(x, T, N, w, q) for x, w in ((ks, K), (vs, V), (as_, K), (bs, K))]
     g = _dplr_gates(gs, T, N, K, q)
-    if M > 1:  # the query on each token's last micro-step
-        q = torch.stack([q.new_zeros(T, N, K)] * (M - 1) + [q], 1).reshape(T * M, N, K)
+    if M == 1 or g is None or g.shape[-1] == 1:  # read out at every M-th row only
+        return _chunk_dplr_rows(q, *rows, g, h0, int(chunk) * M, M)
+    # per-key decays and several micro-steps: the query on each token's last row, zeros before
+    q = torch.stack([q.new_zeros(T, N, K)] * (M - 1) + [q], 1).reshape(T * M, N, K)
     o, S = _chunk_dplr_rows(q, *rows, g, h0, int(chunk) * M)
-    if M > 1:
-        o = o.reshape(T, M, N, V)[:, -1]
-    return o, S
+    return o.reshape(T, M, N, V)[:, -1], S
 
 
 def _dplr_key_spans(C):
@@ -183,20 +183,27 @@ def _dplr_tril_inverse(A):
     return T.reshape(*lead, C, C)
 
 
-def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
-    """S_r = diag(exp(g_r)) S_{r-1} + a_r (b_r^T S_{r-1}) + k_r v_r^T ; o_r = S_r^T q_r, over rows r.
+def _chunk_dplr_rows(q, k, v, a, b, g, h0, C, read=1):
+    """S_r = diag(exp(g_r)) S_{r-1} + a_r (b_r^T S_{r-1}) + k_r v_r^T ; o_r = S_r^T q_r, over rows r,
+    read out at every `read`-th row (r = read - 1, 2 read - 1, ...: a token's last micro-step).
 
-    q, k, a, b: [L, N, K]; v: [L, N, V]; g: [L, N, K], [L, N, 1] or None; C rows a chunk.
+    q: [L / read, N, K]; k, a, b: [L, N, K]; v: [L, N, V]; g: [L, N, K], [L, N, 1] or None (per key:
+    read = 1 only); C rows a chunk (a multiple of read). Returns (o [L / read, N, V], S_L [N, K, V]).
     """
-    L, N, K = q.shape
+    L, N, K = k.shape
     V = v.shape[-1]
     nt = (L + C - 1) // C
     dev, dt = q.device, q.dtype
-    qc, kc, vc, ac, bc = (_chunk_split(x, C, nt) for x in (q, k, v, a, b))          # [NT, N, C, D]
+    # contiguous once: every one of them is a matmul operand, which would copy a strided view each time
+    kc, vc, ac, bc = (_chunk_split(x, C, nt).contiguous() for x in (k, v, a, b))     # [NT, N, C, D]
+    qc = _chunk_split(q, C // read, nt).contiguous()                                 # [NT, N, C / read, K]
+
+    def reads(x):  # [..., C, D] -> the rows read out, [..., C / read, D]
+        return x if read == 1 else x.reshape(*x.shape[:-2], C // read, read, x.shape[-1]).unbind(-2)[-1]
     tri = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
     strict = torch.ones(C, C, dtype=torch.bool, device=dev).tril(-1)
     if g is None:
-        Aqk, Aqa = torch.where(tri, qc @ kc.transpose(-1, -2), 0.0), torch.where(tri, qc @ ac.transpose(-1, -2), 0.0)
+        Aqk, Aqa = (torch.where(reads(tri), qc @ y.transpose(-1, -2), 0.0) for y in (kc, ac))
         Abk, Aba = (torch.where(strict, bc @ y.transpose(-1, -2), 0.0) for y in (kc, ac))
         qg, bg, kg, ag, dec = qc, bc, kc, ac, None
     else:
@@ -205,10 +212,10 @@ def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
             G = gc.cumsum(-2)                                                           # G_i
             Gx = F.pad(gc[..., :-1, :], (0, 0, 1, 0)).cumsum(-2)                        # G_{i-1}
             P = _chunk_pair_sums(gc).squeeze(-1)                                        # sum_{j < s <= i} g_s
-            Gam, Gamb = _chunk_masked_exp(P, tri), _chunk_masked_exp(_dplr_shift_down(P), strict)
+            Gam, Gamb = _chunk_masked_exp(reads(P), reads(tri)), _chunk_masked_exp(_dplr_shift_down(P), strict)
             Aqk, Aqa = (qc @ kc.transpose(-1, -2)) * Gam, (qc @ ac.transpose(-1, -2)) * Gam
             Abk, Aba = (bc @ kc.transpose(-1, -2)) * Gamb, (bc @ ac.transpose(-1, -2)) * Gamb
-            qg, bg = qc * torch.exp(G), bc * torch.exp(Gx)
+            qg, bg = qc * torch.exp(reads(G)), bc * torch.exp(Gx)
             tail = torch.exp(_chunk_suffix_sums(gc))                                   # exp(G_last - G_j)
             kg, ag = kc * tail, ac * tail
             dec = torch.exp(G[..., -1, :])                                              # [NT, N, 1]
@@ -235,5 +242,5 @@ def _chunk_dplr_rows(q, k, v, a, b, g, h0, C):
         S = torch.baddbmm(incs[n] + S if decs is None else torch.addcmul(incs[n], S, decs[n]), ags[n], u)
     H, U = torch.stack(states), torch.stack(us)                                         # entering states
     o = qg @ H + Aqa @ U + Aqk @ vc
-    return _chunk_merge(o, L), S
+    return _chunk_merge(o, L // read), S
 
