@@ -27,13 +27,24 @@ sequentially, on every rank) and adds Φ_t S_in:
   zero values: those columns carry Φ_t, their readout is Φ_t^T q_t and their final state Φ_T, so no
   second pass is needed; the value-width work grows from V to V + K.
 The state before each step (`_state_before`, what a cell that reads its old state sees) starts from the
-previous rank's last state.
+previous rank's last state. `sequence_parallel(model)` does this for every cell of a model, and gives
+rnnc.layers' short convolutions the inputs before the slice from the ranks before (_conv_halo).
+
+Why at the primitives: every generated module of the scan and chunk backends works unchanged, and
+layered cells (LSRL programs, mLSTM's max-plus stabiliser read by its chunk pass) are right by
+construction: a later state's coefficients are computed from the earlier states' corrected sequences
+before its own primitive exchanges its map. The dispatchers go into the generated module's globals (not
+into rnnc.runtime), so standalone files from `rnnc compile` carry no hook and other instances of the class
+run as before. The identity columns for the delta rules replace a second pass from S_in (which would
+double the local work, as for matrix scans) by one wider pass.
 
 Semantics: only rank 0's initial state is used (`state=` on the other ranks is ignored and gets zero
 gradient); each rank's final states are those at the end of its slice, so the last rank's are the
 sequence's. Every rank must run the forward and the backward together, in the same order, with the same
-tensors requiring grad (as with DistributedDataParallel): each primitive's gather is a collective, in
-the forward and again in the backward.
+tensors requiring grad, and a loss that reads its outputs (as with DistributedDataParallel): each
+primitive's gather is a collective, in the forward and again in the backward. A call where some ranks
+record gradients and others do not is refused on every rank; a rank whose loss ignores its outputs would
+leave the others waiting in the backward.
 """
 from __future__ import annotations
 
@@ -53,7 +64,7 @@ from .runtime import chunk_dplr as _dplr
 from .runtime import scan as _sc
 from .runtime.calling import _gather_inputs
 
-__all__ = ["SequenceParallel"]
+__all__ = ["SequenceParallel", "sequence_parallel"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ class _Ranks:
     world: int
 
 
-#: The process group while a SequenceParallel cell runs (None: the primitives run as usual).
+#: The process group inside `sequence_parallel` (None: the primitives run as usual).
 _ACTIVE: contextvars.ContextVar[_Ranks | None] = contextvars.ContextVar("rnnc_sequence_parallel", default=None)
 
 
@@ -272,7 +283,7 @@ _PARALLEL = {f.__name__: f for f in (_linear_scan, _sum_scan, _maxplus_scan, _fo
 
 def _install(module) -> None:
     """Point a generated module's names of the runtime primitives at dispatchers (once per module): the
-    sequence parallel version while a SequenceParallel cell runs in this context, the module's own
+    sequence parallel version inside `sequence_parallel` (in this context), the module's own
     function otherwise (other cells of the same class are unaffected)."""
     names = vars(module)
     if names.get("_RNNC_SEQUENCE_PARALLEL"):
@@ -290,13 +301,78 @@ def _dispatcher(own, parallel):
     return call
 
 
+def _conv_halo(x, cache, pad):
+    """The `pad` inputs before this rank's slice x [N, T, C] for a causal convolution (rnnc.layers'
+    ShortConvolution): the last ones of the ranks before, rank 0's from `cache` (zeros without one).
+    A slice shorter than `pad` passes on what it received, shifted (so any lengths work)."""
+    N, T, C = x.shape
+    start = x.new_zeros(N, pad, C) if cache is None else cache.to(x.dtype)
+    n = min(T, pad)
+    tail = torch.cat([x.new_zeros(N, pad - n, C), x[:, T - n:]], 1)
+
+    def step(h, s):
+        k = int(s[1].item())
+        return (torch.cat([h[0], s[0][:, pad - k:]], 1)[:, -pad:],)
+    (halo,) = _entering((start,), (tail, x.new_full((1,), float(n))), step)
+    return halo
+
+
 @contextlib.contextmanager
-def _sequence_parallel(ranks: _Ranks):
-    token = _ACTIVE.set(ranks)
+def sequence_parallel(model: torch.nn.Module, group=None):
+    """Inside the block, `model` runs sequence parallel: each rank calls it with its time slice.
+
+    `model` is an rnnc cell or any module holding them (e.g. an `rnnc.layers.LM`): every cell in it must
+    have a scan or chunk form (else UnsupportedError, before anything runs), and runs as under
+    `SequenceParallel`; the short convolutions of `rnnc.layers` take their first inputs from the ranks
+    before. Everything else in a model must work token by token (projections, norms, MLPs), as in
+    rnnc.layers. Padding masks and packed sequences (`cu_seqlens`) are refused.
+
+    Args:
+        model: the module to run sequence parallel.
+        group: the process group (None: the default group, which must be initialised).
+    """
+    cells = [m for m in model.modules() if hasattr(type(m), "INPUTS") and hasattr(m, "backend")]
+    if not cells:
+        raise UnsupportedError(f"sequence_parallel found no rnnc cell in {type(model).__name__}",
+                               hint="pass a cell from rnnc.build or a module holding such cells")
+    forms = [_parallel_form(c) for c in cells]
+    if not dist.is_available() or not dist.is_initialized():
+        raise UnsupportedError("sequence parallelism needs torch.distributed initialised",
+                               hint="call torch.distributed.init_process_group(...) on every rank first")
+    group = group if group is not None else dist.group.WORLD
+    ranks = _Ranks(group, dist.get_rank(group), dist.get_world_size(group))
+    hooks, shadowed = [], []
     try:
-        yield
+        for cell, form in zip(cells, forms):
+            _install(sys.modules[type(cell).__module__])
+            hooks.append(cell.register_forward_pre_hook(functools.partial(_check_call, ranks), with_kwargs=True))
+            if form != "forward" and "LOOP_BELOW" not in vars(cell):  # auto: no loop for short slices
+                object.__setattr__(cell, "LOOP_BELOW", 0)
+                shadowed.append(cell)
+        token = _ACTIVE.set(ranks)
+        try:
+            yield model
+        finally:
+            _ACTIVE.reset(token)
     finally:
-        _ACTIVE.reset(token)
+        for h in hooks:
+            h.remove()
+        for cell in shadowed:
+            del vars(cell)["LOOP_BELOW"]
+
+
+def _check_call(ranks: _Ranks, cell, args, kwargs):
+    """A cell's forward pre-hook under sequence_parallel: refuse what cannot run, on every rank alike."""
+    if kwargs.get("cu_seqlens") is not None:
+        raise UnsupportedError("sequence parallelism does not take cu_seqlens (packed sequences or padding masks)",
+                               hint="split the sequences along time across ranks as a padded batch [B, T, ...]")
+    if torch.compiler.is_compiling():
+        raise UnsupportedError("sequence parallelism does not run under torch.compile or torch.export",
+                               hint="compile the modules around the cells, or run eagerly")
+    inputs = _gather_inputs(cell.INPUTS, args, {k: v for k, v in kwargs.items() if k not in ("state", "cu_seqlens")})
+    tracked = [*inputs, *cell.parameters(), *(kwargs.get("state") or {}).values()]
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tracked)
+    _check_slices(ranks, inputs, grad)
 
 
 class SequenceParallel(torch.nn.Module):
@@ -307,7 +383,8 @@ class SequenceParallel(torch.nn.Module):
     end of its slice; only rank 0's `state=` counts. Values and gradients equal one process running the
     concatenated sequence (tests/test_sequence_parallel.py). The cell must be built with a scan or chunk
     form (`backend="auto"` where it picks one, or `"scan"`/`"chunk"`); short slices still run it (the
-    auto backend's loop for short sequences is skipped here). See the module docstring for how.
+    auto backend's loop for short sequences is skipped here). For a whole model (layers, short
+    convolutions), use `sequence_parallel(model)`. See the module docstring for how.
 
     Args:
         cell: a module from `rnnc.build` (its parameters are this module's, under `cell.`).
@@ -318,28 +395,15 @@ class SequenceParallel(torch.nn.Module):
         super().__init__()
         self.cell = cell
         self.group = group
-        self._form = _parallel_form(cell)
+        _parallel_form(cell)
 
     def forward(self, *args, state=None, cu_seqlens=None, **kwargs):
         """The cell's forward on this rank's slice: (outputs of the slice, states at its end)."""
-        if cu_seqlens is not None:
+        if cu_seqlens is not None:  # before any collective: the hook would refuse it on every rank
             raise UnsupportedError("SequenceParallel does not take cu_seqlens (packed sequences)",
                                    hint="split the sequences along time across ranks as a padded batch [B, T, ...]")
-        if torch.compiler.is_compiling():
-            raise UnsupportedError("SequenceParallel does not run under torch.compile or torch.export",
-                                   hint="compile the modules around it, or run it eagerly")
-        if not dist.is_available() or not dist.is_initialized():
-            raise UnsupportedError("SequenceParallel needs torch.distributed initialised",
-                                   hint="call torch.distributed.init_process_group(...) on every rank first")
-        group = self.group if self.group is not None else dist.group.WORLD
-        ranks = _Ranks(group, dist.get_rank(group), dist.get_world_size(group))
-        inputs = _gather_inputs(self.cell.INPUTS, args, kwargs)
-        tracked = [*inputs, *self.cell.parameters(), *(state or {}).values()]
-        grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tracked)
-        _check_slices(ranks, inputs, grad)
-        _install(sys.modules[type(self.cell).__module__])
-        with _sequence_parallel(ranks):
-            return getattr(self.cell, self._form)(*args, state=state, **kwargs)
+        with sequence_parallel(self.cell, self.group):
+            return self.cell(*args, state=state, **kwargs)
 
 
 def _parallel_form(cell) -> str:
@@ -352,7 +416,7 @@ def _parallel_form(cell) -> str:
         return own if callable(getattr(type(cell), own, None)) else "forward"
     what = {"triton": "its Triton kernels", "newton": "Newton's iterations"}.get(backend, f"the {backend} backend")
     raise UnsupportedError(
-        f"SequenceParallel runs cells on their scan or chunk form; this one was built for {what}",
+        f"sequence parallelism runs cells on their scan or chunk form; {type(cell).__name__} was built for {what}",
         hint="build it with backend='chunk' or backend='scan' (rnnc.backends_for(spec) lists its lowerings; "
              "a cell with neither, e.g. an LSTM, has no sequence parallel form)")
 
@@ -364,21 +428,21 @@ def _check_slices(ranks: _Ranks, inputs, grad: bool) -> None:
     rank alike, so all raise together."""
     x = inputs[0] if inputs else None
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise InputError("SequenceParallel needs inputs shaped [B, T, ...]")
+        raise InputError("sequence parallelism needs inputs shaped [B, T, ...]")
     shape = [x.dim(), *x.shape][:16]
     mine = torch.tensor([int(grad)] + shape + [-1] * (17 - len(shape)), dtype=torch.int64)
     every = [torch.empty_like(mine) for _ in range(ranks.world)]
     dist.all_gather(every, mine, group=ranks.group)
     if len({int(e[0]) for e in every}) > 1:
-        raise InputError("SequenceParallel: some ranks record gradients and others do not "
+        raise InputError("sequence parallelism: some ranks record gradients and others do not "
                          f"(per rank: {[bool(e[0]) for e in every]}); every rank must run the same backward, so "
                          "the same tensors must require grad on every rank")
     every = [e[1:] for e in every]
     lengths = [int(e[2]) for e in every]
     if min(lengths) < 1:
-        raise InputError(f"SequenceParallel: every rank needs at least one step; the slices have {lengths} steps")
+        raise InputError(f"sequence parallelism: every rank needs at least one step; the slices have {lengths} steps")
     other = [torch.cat([e[:2], e[3:]]) for e in every]
     if any(not torch.equal(o, other[0]) for o in other):
         shapes = [[int(d) for d in e[1:int(e[0]) + 1]] for e in every]
-        raise InputError(f"SequenceParallel: the ranks' slices must agree on every axis but time; "
+        raise InputError(f"sequence parallelism: the ranks' slices must agree on every axis but time; "
                          f"they are {shapes}")

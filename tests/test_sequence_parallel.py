@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rnnc
-from rnnc.distributed import SequenceParallel
+from rnnc.distributed import SequenceParallel, sequence_parallel
+from rnnc.layers import LM
 
 from helpers import DIMS, library_inputs
 
@@ -120,6 +121,30 @@ def _case(name: str, backend: str, extreme: bool, lengths: list[int], failures: 
         _close(f"{name} gradient of the initial state {k!r}", got[len(mine) + len(params) + i], expected, failures)
 
 
+def _lm(failures: list[str]) -> None:
+    """A model of rnnc layers (short convolutions of width 5, wider than a 3-step slice; auto's chunk form)
+    under sequence_parallel: logits and parameter gradients as one process on the whole sequence."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lengths = LENGTHS[world]
+    lo, hi = sum(lengths[:rank]), sum(lengths[:rank + 1])
+    torch.manual_seed(0)
+    model = LM(11, hidden_size=16, num_layers=2, spec="gated_deltanet", num_heads=2, use_short_conv=True,
+               conv_size=5, dtype=torch.float64)
+    ids = torch.randint(0, 11, (2, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    params = [p for _, p in sorted(model.named_parameters())]
+    logits, _ = model(ids)
+    w = torch.cos(torch.arange(logits.numel(), dtype=logits.dtype)).view_as(logits)
+    want = torch.autograd.grad((logits * w).sum(), params)
+    with sequence_parallel(model):
+        mine, _ = model(ids[:, lo:hi])
+    got = torch.autograd.grad((mine * w[:, lo:hi]).sum(), params)
+    _close("LM logits", mine.detach(), logits[:, lo:hi].detach(), failures)
+    for (name, _), g, expected in zip(sorted(model.named_parameters()), got, want):
+        g = g.clone()
+        dist.all_reduce(g)
+        _close(f"LM gradient of {name}", g, expected, failures)
+
+
 def _refusals(failures: list[str]) -> None:
     """Slices that cannot run are refused on every rank alike (no rank left waiting in a collective),
     and the group still works afterwards."""
@@ -134,7 +159,7 @@ def _refusals(failures: list[str]) -> None:
             sp(*mine)
             failures.append(f"{what} was not refused")
         except rnnc.InputError as e:
-            if "SequenceParallel" not in str(e):
+            if "sequence parallelism" not in str(e):
                 failures.append(f"{what}: unexpected message {e}")
     out, _ = sp(*[t[:, 4 * rank:4 * rank + 4] for t in x])
     _close("gla after the refusals", out.detach(), _build("gla", "chunk")(*x)[0][:, 4 * rank:4 * rank + 4].detach(),
@@ -149,8 +174,8 @@ def _worker(rank: int, world: int, cases: list[tuple], init_file: str, out_dir: 
         for name, backend, *extreme in cases:
             failures: list[str] = []
             try:
-                if name == "refusals":
-                    _refusals(failures)
+                if name in ("refusals", "lm"):
+                    (_refusals if name == "refusals" else _lm)(failures)
                 else:
                     _case(name, backend, bool(extreme and extreme[0]), LENGTHS[world], failures)
             except Exception:  # every rank raises alike (or the parent's timeout catches a hang)
@@ -178,7 +203,7 @@ def _spawn(world: int, cases: list[tuple], tmp_path, timeout: float) -> None:
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    _spawn(2, FAST + [("refusals", "")], tmp_path, 300)
+    _spawn(2, FAST + [("lm", ""), ("refusals", "")], tmp_path, 300)
 
 
 @pytest.mark.slow
@@ -188,7 +213,7 @@ def test_two_ranks_match_one_process_on_every_library_cell(tmp_path):
 
 @pytest.mark.slow
 def test_four_ranks_match_one_process_on_every_library_cell(tmp_path):
-    _spawn(4, _library() + [("gla", "auto"), ("key_value_decays", "chunk")] + EXTREME + [("refusals", "")], tmp_path, 900)
+    _spawn(4, _library() + [("gla", "auto"), ("key_value_decays", "chunk")] + EXTREME + [("lm", ""), ("refusals", "")], tmp_path, 900)
 
 
 def test_cells_without_a_scan_or_chunk_form_are_refused():

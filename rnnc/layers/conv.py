@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import _ACTIVE, _conv_halo
+
 
 class ShortConvolution(nn.Module):
     """Causal depthwise conv1d over time, then SiLU (or nothing): y_t = act(b + Σ_j w[:, 0, j] x_{t-W+1+j}).
@@ -15,7 +17,8 @@ class ShortConvolution(nn.Module):
     inputs before a sequence's first step come from `cache` (zeros without one), and the call
     returns the W - 1 last inputs of every sequence as the next cache, so decoding one token a call
     equals one call over the whole sequence. With `cu_seqlens`, x is a packed batch `[1, total, C]`
-    and no sequence sees another's inputs; a sequence of length 0 keeps its cache.
+    and no sequence sees another's inputs; a sequence of length 0 keeps its cache. Inside
+    `rnnc.distributed.sequence_parallel`, the W - 1 inputs before a rank's slice are the ranks' before it.
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, bias: bool = False, activation: str | None = "silu",
@@ -46,6 +49,8 @@ class ShortConvolution(nn.Module):
         """x: [B, T, C] (or [1, total, C] with cu_seqlens); cache: [N, W - 1, C]. Returns (y like x, cache)."""
         pad, C = self.kernel_size - 1, self.channels
         N = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+        if cu_seqlens is None and pad and _ACTIVE.get() is not None:  # sequence parallel: from the ranks before
+            cache = _conv_halo(x, cache, pad)
         if cache is None:
             cache = x.new_zeros(N, pad, C)
         if x.shape[1] == 0:  # no tokens in this call: every sequence keeps its cache
