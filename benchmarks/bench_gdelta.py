@@ -2,6 +2,9 @@
 the loop, and against fla's pure-PyTorch chunked references where they exist (fp32, forward+backward).
 
     python benchmarks/bench_gdelta.py [--repeats 3] [--warmup 2] [--cells kda,rwkv7,deltaproduct] [--no-peer]
+                                      [--threads 1 --cpu]
+
+On a shared host, `--threads 1 --cpu` (one torch thread, the process's CPU time) is the comparable figure.
 
 Shape from issue 10: B=2, T=2048, H=4, K=V=64 (heads as the extra dim: inputs [B, T, H, ...]).
 Peers (optional: `pip install fla-core`; loaded by file path, so triton is not imported):
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnc
-from common import median_ms
+from common import cpu_ms, median_ms
 
 B, T, H, K = 2, 2048, 4, 64
 CELLS = {"kda": ("kda", None), "rwkv7": ("rwkv7", None), "deltaproduct": ("deltaproduct", None),
@@ -77,20 +80,22 @@ def peer(name: str):
     return None
 
 
-def time_here(name: str, backend: str, repeats: int, warmup: int, chunk_size: int | None) -> float:
+def time_here(name: str, backend: str, repeats: int, warmup: int, chunk_size: int | None,
+              cpu: bool = False) -> float:
+    timer = cpu_ms if cpu else median_ms
     xs = inputs(name)
     if backend == "fla":
         fn = peer(name)
 
         def run():
             fn(*xs).sum().backward()
-        return median_ms(run, repeats, warmup)
+        return timer(run, repeats, warmup)
     spec, cell_name = CELLS[name]
     cell = rnnc.build(spec, cell=cell_name, backend=backend, chunk_size=chunk_size if backend == "chunk" else None)
 
     def run():
         cell(*xs)[0].sum().backward()
-    return median_ms(run, repeats, warmup)
+    return timer(run, repeats, warmup)
 
 
 def time_isolated(name: str, backend: str, args) -> float:
@@ -100,6 +105,10 @@ def time_isolated(name: str, backend: str, args) -> float:
            "--warmup", str(warmup)]
     if args.chunk_size is not None:
         cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    if args.cpu:
+        cmd.append("--cpu")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -131,13 +140,17 @@ def main() -> None:
     ap.add_argument("--cells", default="kda,rwkv7,deltaproduct")
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--cpu", action="store_true", help="time the process's CPU time instead of wall time")
     ap.add_argument("--one", metavar="CELL:BACKEND", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.one:
         name, backend = args.one.split(":")
-        print(f"{time_here(name, backend, args.repeats, args.warmup, args.chunk_size):.3f}")
+        print(f"{time_here(name, backend, args.repeats, args.warmup, args.chunk_size, args.cpu):.3f}")
         return
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; B={B} T={T} H={H} K=V={K}; fp32 fwd+bwd; "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {'CPU' if args.cpu else 'wall'} time; B={B} T={T} H={H} K=V={K}; fp32 fwd+bwd; "
           f"chunk/peer median of {args.repeats} after {args.warmup} warm-ups, loop median of {args.loop_repeats} "
           "after 1; each timing in a fresh process")
     rows = []
