@@ -183,6 +183,48 @@ def _dplr_tril_inverse(A):
     return T.reshape(*lead, C, C)
 
 
+class _DplrPass(torch.autograd.Function):
+    """The pass over chunks, the one sequential part: with S_0 the entering state, per chunk n
+
+        U_n = U0_n + W_n S_n,    S_{n+1} = dec_n S_n + a~_n^T U_n + inc_n
+
+    returning H = (S_0 .. S_{NT-1}), U and S_NT. Its backward is the same pass in reverse (two small
+    matmuls a chunk for the state's gradient); every other gradient is then one batched product over
+    all chunks, where autograd through the loop would run three backward nodes a chunk and restack.
+    U0: [NT, N, C, V]; W, ag (a~): [NT, N, C, K]; inc: [NT, N, K, V]; dec: [NT, N, K, 1] or None (1);
+    S0: [N, K, V].
+    """
+
+    @staticmethod
+    def forward(ctx, U0, W, ag, inc, dec, S0):
+        nt = U0.shape[0]
+        H, U = U0.new_empty(nt, *S0.shape), torch.empty_like(U0)
+        agt, S = ag.transpose(-1, -2), S0
+        for n in range(nt):
+            H[n] = S
+            torch.baddbmm(U0[n], W[n], S, out=U[n])
+            S = torch.baddbmm(inc[n] + S if dec is None else torch.addcmul(inc[n], S, dec[n]), agt[n], U[n])
+        ctx.save_for_backward(W, ag, dec, H, U)
+        return H, U, S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dH, dU, dS):
+        W, ag, dec, H, U = ctx.saved_tensors
+        nt = H.shape[0]
+        dS = torch.zeros_like(H[0]) if dS is None else dS
+        DU, DS = torch.empty_like(U), torch.empty_like(H)                                # DS[n]: dL/dS_{n+1}
+        wt = W.transpose(-1, -2)
+        for n in reversed(range(nt)):
+            DS[n] = dS
+            du = ag[n] @ dS if dU is None else torch.baddbmm(dU[n], ag[n], dS)
+            DU[n] = du
+            back = dS if dec is None else dS * dec[n]
+            dS = torch.baddbmm(back if dH is None else back + dH[n], wt[n], du)
+        ddec = None if dec is None else (H * DS).sum(-1, keepdim=True)
+        return DU, DU @ H.transpose(-1, -2), U @ DS.transpose(-1, -2), DS, ddec, dS
+
+
 def _chunk_dplr_rows(q, k, v, a, b, g, h0, C, read=1):
     """S_r = diag(exp(g_r)) S_{r-1} + a_r (b_r^T S_{r-1}) + k_r v_r^T ; o_r = S_r^T q_r, over rows r,
     read out at every `read`-th row (r = read - 1, 2 read - 1, ...: a token's last micro-step).
@@ -228,19 +270,8 @@ def _chunk_dplr_rows(q, k, v, a, b, g, h0, C, read=1):
     Tinv = _dplr_tril_inverse(Aba)
     U0, W = Tinv @ (Abk @ vc), Tinv @ bg                                                # U = U0 + W S
     inc = kg.transpose(-1, -2) @ vc                                                     # [NT, N, K, V]
-    S = torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0
-    # the pass over chunks: U = U0 + W S, S <- dec S + ag^T U + kg^T V (two [C, K] x [K, V] products a
-    # chunk, not a [K, K] transition). unbind (not x[n]): the backward of per-chunk indexing would add
-    # a full-size zero tensor per chunk
-    U0s, Ws, ags, incs = U0.unbind(0), W.unbind(0), ag.transpose(-1, -2).unbind(0), inc.unbind(0)
-    decs = None if dec is None else dec.unsqueeze(-1).unbind(0)
-    states, us = [], []
-    for n in range(nt):
-        states.append(S)
-        u = torch.baddbmm(U0s[n], Ws[n], S)
-        us.append(u)
-        S = torch.baddbmm(incs[n] + S if decs is None else torch.addcmul(incs[n], S, decs[n]), ags[n], u)
-    H, U = torch.stack(states), torch.stack(us)                                         # entering states
+    S0 = torch.zeros(N, K, V, dtype=dt, device=dev) if h0 is None else h0
+    H, U, S = _DplrPass.apply(U0, W, ag, inc, None if dec is None else dec.unsqueeze(-1), S0)
     o = qg @ H + Aqa @ U + Aqk @ vc
     return _chunk_merge(o, L // read), S
 
