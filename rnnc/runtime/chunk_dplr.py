@@ -157,23 +157,27 @@ def _dplr_shift_down(A):
 
 
 def _dplr_tril_inverse(A):
-    """(I - A)^{-1} for strictly lower-triangular A [..., C, C], by matmuls: blocks of up to 16 rows by
-    forward substitution (row i = e_i + A[i, :i] rows[:i]), then merged pairwise,
-    [[I - A1, 0], [-X, I - A2]]^{-1} = [[T1, 0], [T2 X T1, T2]]. A batched triangular solve costs
-    about thirty matmuls of its size on CPU (one LAPACK call per matrix); this is a few, and its
-    backward is matmuls too."""
+    """(I - A)^{-1} for strictly lower-triangular A [..., C, C], by matmuls: the diagonal blocks of b rows
+    (C halved while even and above 2) directly, I + A for b <= 2, else by forward substitution (row i =
+    e_i + A[i, :i] rows[:i]); then merged pairwise, [[I - A1, 0], [-X, I - A2]]^{-1} = [[T1, 0], [T2 X T1, T2]].
+    A batched triangular solve costs about thirty matmuls of its size on CPU (one LAPACK call per
+    matrix); this is a few, and its backward is matmuls too."""
     C = A.shape[-1]
     lead = A.shape[:-2]
     b = C
-    while b > 16 and b % 2 == 0:
+    while b > 2 and b % 2 == 0:
         b //= 2
     n = C // b
     blocks = A.reshape(*lead, n, b, n, b).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)        # [..., n, b, b]
     eye = torch.eye(b, dtype=A.dtype, device=A.device)
-    rows = [eye[0].expand(*lead, n, b)]
-    for i in range(1, b):
-        rows.append(eye[i] + (blocks[..., i:i + 1, :i] @ torch.stack(rows, -2)).squeeze(-2))
-    T, size = torch.stack(rows, -2), b                                                      # [..., m, size, size]
+    if b <= 2:
+        T = eye + blocks
+    else:
+        rows = [eye[0].expand(*lead, n, b)]
+        for i in range(1, b):
+            rows.append(eye[i] + (blocks[..., i:i + 1, :i] @ torch.stack(rows, -2)).squeeze(-2))
+        T = torch.stack(rows, -2)
+    size = b                                                                                # T: [..., m, size, size]
     while size < C:
         m = T.shape[-3] // 2
         Ta, Tb = T.reshape(*lead, m, 2, size, size).unbind(-3)
