@@ -86,8 +86,11 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
 
         gates = "[" + ", ".join(gate(st) for st in plan.steps) + "]"
         L(f"# {len(plan.steps)} micro-step(s) a step: S <- diag(exp(g)) S + a (b @ S) + outer(k, v) "
-          "(rnnc/runtime/chunk_dplr.py)")
-        L(f"{target} = _chunk_dplr({q}, {steps('k')}, {steps('v')}, {steps('a')}, {steps('b')}, {gates}, "
+          f"(rnnc/runtime/{'triton_dplr' if plan.triton else 'chunk_dplr'}.py)")
+        if plan.triton:
+            L(f"_check_triton_device({h0})")
+        fn = "_triton_chunk_dplr" if plan.triton else "_chunk_dplr"
+        L(f"{target} = {fn}({q}, {steps('k')}, {steps('v')}, {steps('a')}, {steps('b')}, {gates}, "
           f"{h0}, {size}{before})")
     else:
         beta = seq("beta", True) if plan.beta is not None else "torch.ones(T, N, dtype=cdt, device=dev)"

@@ -215,14 +215,13 @@ def recurrent_for_decoding(cell, report: Report):
 
 
 def triton_chunk_plan(report: Report) -> ChunkPlan | None:
-    """The chunk plan when a Triton chunk kernel applies (the additive form, also as several states in
-    one pass after a max-plus scan, mLSTM's; the delta rule; the generalized delta rule has its
-    PyTorch chunk form only)."""
+    """The chunk plan when Triton chunk kernels apply: every chunk plan (the additive form, also as
+    several states in one pass after a max-plus scan, mLSTM's; the delta rule; the generalized delta
+    rule of KDA, RWKV-7 and DeltaProduct)."""
     try:
-        plan = chunk_plan(report.cell.derived(), report.stages, report.classes)
+        return chunk_plan(report.cell.derived(), report.stages, report.classes)
     except NotChunkable:
         return None
-    return None if plan.kind == "dplr" else plan
 
 
 def triton_note(report: Report) -> None:

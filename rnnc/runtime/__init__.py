@@ -16,9 +16,10 @@ here: a cell without Triton never imports triton.
   triton_launch  what the generated Triton kernels' launchers share (device check, grids, warps)
   triton_chunk   chunkwise linear attention as Triton kernels, forward and backward
   triton_delta   the chunkwise delta rule as Triton kernels, forward and backward
+  triton_dplr    the generalized delta rule (KDA, RWKV-7, DeltaProduct) as Triton kernels, forward and backward
 """
 
 #: The modules, in the order a standalone file holds what it vendors from them (a module before those
 #: importing from it).
 MODULES = ("calling", "backward", "opaque", "scan", "newton", "chunk", "chunk_dplr", "triton_launch", "triton_chunk",
-           "triton_delta")
+           "triton_delta", "triton_dplr")

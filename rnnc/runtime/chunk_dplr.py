@@ -49,26 +49,28 @@ def _dplr_gates(gs, T, N, K, like):
     return _dplr_rows(parts, T, N, width, like)
 
 
-def _chunk_dplr(q, ks, vs, as_, bs, gs, h0, chunk, before=False):
+def _chunk_dplr(q, ks, vs, as_, bs, gs, h0, chunk, before=False, rows_fn=None):
     """The generalized delta rule (see the module docstring), M = len(ks) micro-steps a token.
 
     q: [T, N, K]; ks, as_, bs: M tensors [T, N, K] or None (absent); vs: M tensors [T, N, V] or None;
     gs: M log-gates [T, N, K] or [T, N] or None; h0: [N, K, V] or None (zeros); chunk: tokens a chunk.
-    before=True reads the state before the token's update, o_t = S_{t-1}^T q_t.
-    Returns (o [T, N, V], S_T [N, K, V]).
+    before=True reads the state before the token's update, o_t = S_{t-1}^T q_t. rows_fn: what runs
+    the rows (`_chunk_dplr_rows`'s arguments and returns; None: that one, the Triton kernels pass
+    theirs). Returns (o [T, N, V], S_T [N, K, V]).
     """
     T, N, K = q.shape
     V = next(v for v in vs if v is not None).shape[-1]
     M = len(ks)
     if T == 0 or before:
-        return _chunk_empty_or_before(_chunk_dplr, q, h0, V, ks, vs, as_, bs, gs, h0, chunk)
+        return _chunk_empty_or_before(_chunk_dplr, q, h0, V, ks, vs, as_, bs, gs, h0, chunk, False, rows_fn)
     rows = [_dplr_rows(x, T, N, w, q) for x, w in ((ks, K), (vs, V), (as_, K), (bs, K))]
     g = _dplr_gates(gs, T, N, K, q)
+    rows_fn = rows_fn or _chunk_dplr_rows
     if M == 1 or g is None or g.shape[-1] == 1:  # read out at every M-th row only
-        return _chunk_dplr_rows(q, *rows, g, h0, int(chunk) * M, M)
+        return rows_fn(q, *rows, g, h0, int(chunk) * M, M)
     # per-key decays and several micro-steps: the query on each token's last row, zeros before
     q = torch.stack([q.new_zeros(T, N, K)] * (M - 1) + [q], 1).reshape(T * M, N, K)
-    o, S = _chunk_dplr_rows(q, *rows, g, h0, int(chunk) * M)
+    o, S = rows_fn(q, *rows, g, h0, int(chunk) * M)
     return o.reshape(T, M, N, V)[:, -1], S
 
 

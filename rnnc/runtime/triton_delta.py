@@ -67,14 +67,21 @@ def _triton_delta_factors(q, k, b, g, nd, rt, HAS_G: tl.constexpr):
         eG = tl.where(rt >= 0, 1.0, 0.0)                                                # ones
         eL = eG
         Gam = tl.where(tri, 1.0, 0.0)
-    A = tl.where(strict, KK * Gam, 0.0)
+    Ti = _triton_unit_tril_inverse(tl.where(strict, KK * Gam, 0.0), rt, nd)
+    return Ti, Gam, eG, eL, KK, QK
+
+
+@triton.jit
+def _triton_unit_tril_inverse(A, rt, nd):
+    """(I + A)^{-1} for a strictly lower-triangular A [BT, BT] whose rows past nd are zero, by forward
+    substitution row by row (as fla's solve_tril): Ti_i = e_i - sum_{j < i} A_ij Ti_j."""
     Ti = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0)
     for i in range(1, nd):
         sel = rt[:, None] == i
         a = tl.sum(tl.where(sel, A, 0.0), 0)                                           # A_i. (zero for j >= i)
         ti = tl.where(rt == i, 1.0, 0.0) - tl.sum(a[:, None] * Ti, 0)
         Ti = tl.where(sel, ti[None, :], Ti)
-    return Ti, Gam, eG, eL, KK, QK
+    return Ti
 
 
 @triton.jit
