@@ -122,6 +122,9 @@ def test_only_what_the_cell_uses_is_vendored():
     delta = set(_vendored_names(rnnc.compile("deltanet", backend="triton")))
     assert {"_triton_delta_chunk", "_chunk_delta", "_triton_chunk_block"} <= delta
     assert "_triton_chunk_linear" not in delta and "_chunk_linear" not in delta
+    kda = set(_vendored_names(rnnc.compile("kda", backend="triton")))
+    assert {"_triton_chunk_dplr", "_chunk_dplr", "_triton_unit_tril_inverse", "_triton_chunk_tile"} <= kda
+    assert not {n for n in kda if n.startswith(("_triton_delta_", "_triton_chunk_linear"))}
 
 
 def test_generated_files_name_the_spec_not_its_path(tmp_path):
@@ -140,6 +143,10 @@ ENTRY_POINTS = {  # runtime entry point -> arguments (time-major q, k, v, gates,
     "_chunk_delta": lambda q, k, v, g, b: (q, k, v, b, g[..., 0], None, 8),
     "_triton_chunk_linear": lambda q, k, v, g, b: (q, k, v, g, None, None, 16),
     "_triton_delta_chunk": lambda q, k, v, g, b: (q, k, v, b, g[..., 0], None, 16),
+    # KDA's micro-step: a = -b k, b = e^g k
+    "_chunk_dplr": lambda q, k, v, g, b: (q, [k], [v * b[..., None]], [-b[..., None] * k], [g.exp() * k], [g], None, 8),
+    "_triton_chunk_dplr": lambda q, k, v, g, b: (q, [k], [v * b[..., None]], [-b[..., None] * k], [g.exp() * k], [g],
+                                                 None, 16),
 }
 
 

@@ -3,7 +3,7 @@
 tests/aot_compile.py builds each cell's triton module with real @triton.jit kernels, intercepts every
 launch of a forward and backward (nothing runs) and compiles each kernel with its actual argument
 types to a cubin with Triton's bundled ptxas: no GPU needed. The fast path covers one cell per kind of
-kernel (fused recurrent, fused scan, chunkwise with per-key decays, delta rule); `slow` covers every
+kernel (fused recurrent, fused scan, chunkwise with per-key decays, delta rule, generalized delta rule); `slow` covers every
 library cell the triton backend takes.
 """
 import os
@@ -39,12 +39,12 @@ def _compile(names: list[str], tmp_path) -> str:
 
 
 def test_one_cell_per_kernel_kind_compiles_for_sm90(tmp_path):
-    out = _compile(["lstm", "mingru", "gla", "gated_deltanet", ":per-value"], tmp_path)
+    out = _compile(["lstm", "mingru", "gla", "gated_deltanet", "kda", ":per-value"], tmp_path)
     for kernel in ("_rec_fwd", "_rec_bwd", "_scan_h_fwd", "_scan_h_bwd", "_scan_h_sum", "_scan_h_rsum",
                    "_triton_chunk_fwd_vector",
                    "_triton_chunk_bwd_dh", "_triton_chunk_bwd_key", "_triton_chunk_bwd_value",
                    "_triton_delta_fwd", "_triton_delta_bwd_dh",
-                   "_triton_delta_bwd"):
+                   "_triton_delta_bwd", "_triton_dplr_fwd", "_triton_dplr_bwd_dh", "_triton_dplr_bwd"):
         assert f"{kernel}: " in out, (kernel, out)
 
 
