@@ -5,12 +5,12 @@ independent reference) at rel err <= 1e-4 (float32 inputs, relative to the max m
 the gradients of q, every micro-step's k, v, a, b and log-gate, and h0 (the Triton backward kernels);
 the forms of KDA (a = -beta k, b = k, per-key decay), RWKV-7 (a != b), DeltaProduct (two and three
 micro-steps a token, a scalar decay in the first); no, scalar, per-key, extreme (down to -20 a step)
-and -inf gates; T ragged and around the chunk, chunk lengths that are not powers of two; K and V not
-powers of two and V over 64 (two V blocks); readout before the update; absent parts (no low-rank
-term, no update, no decay) and h0 = None; bf16 inputs; the float64 fallback; T == 0; and that a
-library cell built for the triton backend runs these kernels. Without a GPU the kernels run in
-Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small and longer cases
-are `slow`.
+and -inf gates (scalar and per key: the kernels' matmul and row-loop paths); T ragged and around the
+chunk, chunk lengths that are not powers of two; K and V not powers of two and V over 64 (two V
+blocks); readout before the update; absent parts (no low-rank term, no update, no decay) and h0 =
+None; bf16 inputs; the float64 fallback; T == 0; and that a library cell built for the triton backend
+runs these kernels. Without a GPU the kernels run in Triton's CPU interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes stay small and longer cases are `slow`.
 """
 from __future__ import annotations
 
@@ -72,6 +72,19 @@ def test_triton_dplr_matches_loop(monkeypatch, T, gate, M, C):
     got = run(lambda *a: triton_dplr._triton_chunk_dplr(*a, C), inputs, torch.float32, wo, ws)
     assert got[0].dtype == got[1].dtype == torch.float32
     check(got, want, label=f"T={T} gate={gate} M={M} C={C}")
+
+
+@pytest.mark.parametrize("M", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_triton_dplr_scalar_decay_extreme_and_reset(monkeypatch, M):
+    """A scalar decay (the kernels' matmul path) down to -20 a step with some -inf (whole-state resets)."""
+    inputs = case(20, M, "scalar", seed=4, n=N)
+    gen = torch.Generator().manual_seed(4)
+    g = -20 * torch.rand(20, N, generator=gen, dtype=torch.float64)
+    inputs[5][0] = torch.where(torch.rand(20, N, generator=gen) < 0.15, -torch.inf, g)
+    wo, ws = weights(20)
+    want = run(ref_dplr, inputs, torch.float64, wo, ws)
+    no_fallback(monkeypatch)
+    check(run(lambda *a: triton_dplr._triton_chunk_dplr(*a, 8), inputs, torch.float32, wo, ws), want)
 
 
 @pytest.mark.parametrize("M,gate", [(1, "key"), pytest.param(2, "none", marks=pytest.mark.slow)])

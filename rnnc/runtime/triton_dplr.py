@@ -7,8 +7,7 @@ which covers KDA (a = -beta k, b = e^g k), RWKV-7 (a != b, per-key decay) and De
 Householder steps, the scalar decay in the first). `_chunk_dplr` interleaves the micro-steps into rows
 (PyTorch glue, differentiated by autograd) and hands the rows to `_triton_dplr_rows`, this module's
 drop-in for `_chunk_dplr_rows`: one row r is S_r = D_r S_{r-1} + a_r b_r^T S_{r-1} + k_r v_r^T with
-D_r = diag(e^{g_r}), o_r = S_r^T q_r; g is per key [L, N, K] (a scalar decay [L, N, 1] is expanded to
-K here), or None.
+D_r = diag(e^{g_r}), o_r = S_r^T q_r; g is per key [L, N, K], scalar [L, N, 1], or None.
 
 The chunk algorithm (fla's DPLR derivation, as chunk_dplr.py). Inside a chunk entered with S, let G_i
 be the chunk-local cumulative log-decay (per key) and u_i = S_{i-1}^T b_i the pseudo-values. Unrolled,
@@ -22,8 +21,9 @@ with B~ = b e^{G_{i-1}}. With Ti = (I - A_ba)^{-1} (unit lower-triangular, forwa
 With a per-key decay the four pair matrices are formed row by row, element-wise over the keys (fla's
 diagonal sub-chunk blocks; the dplr chunk is 16 rows by default, one such block): for row i the
 exponents X_j = sum_{j < s <= i} g_s are carried from the previous row (X_j += g_i for j < i) and masked
-to -inf for j > i before exp; row i of A_b. uses the previous row's exponentials (G_{i-1} - G_j). Without
-a decay they are masked matmuls. Numerics as chunk.py: every exponent is a direct sum of gates <= 0
+to -inf for j > i before exp; row i of A_b. uses the previous row's exponentials (G_{i-1} - G_j). With a
+scalar or no decay they are matmuls times the masked pair factors e^{G_i - G_j}, e^{G_{i-1} - G_j}
+(DeltaProduct, 32 rows a chunk by default: tensor-core work). Numerics as chunk.py: every exponent is a direct sum of gates <= 0
 (cumsums of the gates, of the gates one row up for G_{i-1}, reverse cumsums of the gates one row down
 for G_last - G_j), never a difference of two cumulative sums; gates clamped at -1e4 on load (exp is
 exactly 0 in float32 there either way), so -inf gates (hard resets) give no NaN; masked rows (ragged
@@ -44,10 +44,10 @@ Every load is upcast to float32 before any arithmetic (the CPU interpreter's bf1
 with input_precision="ieee", outputs are cast to the input dtype, gradients returned in the inputs'
 dtypes. Blocks as triton_delta.py: all of K in one program (BK = next_pow2(max(K, 16))), BV up to 64
 per forward program (all of V in the per-chunk backward), BT = next_pow2(max(C, 16)); any L, K, V, C
-(masks). The row loops make the intra-chunk work O(C^2 K) element-wise plus C sequential substitution
-steps: fine at the per-key default of 16 rows, slower than tensor-core matmuls at 64. Speed on a GPU is
-unmeasured (no GPU here); tested in Triton's CPU interpreter (TRITON_INTERPRET=1). float64 inputs (and
-T == 0) run the PyTorch `_chunk_dplr`.
+(masks). Per-key decays make the intra-chunk pairs O(C^2 K) element-wise (fine at their default of
+16 rows); every chunk also takes C sequential substitution steps. Speed on a GPU is unmeasured (no GPU
+here; the kernels compile for sm_90, tests/test_triton_compile.py); tested in Triton's CPU interpreter
+(TRITON_INTERPRET=1). float64 inputs (and T == 0) run the PyTorch `_chunk_dplr`.
 """
 import torch
 import triton
@@ -60,20 +60,27 @@ from .triton_delta import _triton_unit_tril_inverse
 
 
 @triton.jit
-def _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N, ck, mk, K, HAS_G: tl.constexpr):
+def _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N, ck, mk, K, GATE: tl.constexpr):
     """One chunk's q, k, a, b [BT, BK] (zeros where masked) and its log-decays g with the same gates one
-    row up (gx: g_{i-1}, 0 on the first row) and one row down (g1: g_{j+1}, 0 past the chunk's end), all
-    zeros without HAS_G; float32, gates clamped at -1e4."""
+    row up (gx: g_{i-1}, 0 on the first row) and one row down (g1: g_{j+1}, 0 past the chunk's end):
+    [BT, BK] per key (GATE 2), [BT, 1] scalar (GATE 1, g [L, N]), zeros [BT, 1] without a decay (GATE
+    0); float32, gates clamped at -1e4."""
     q = _triton_chunk_tile(q_ptr, row, m, ck, mk, K)
     k = _triton_chunk_tile(k_ptr, row, m, ck, mk, K)
     a = _triton_chunk_tile(a_ptr, row, m, ck, mk, K)
     b = _triton_chunk_tile(b_ptr, row, m, ck, mk, K)
-    if HAS_G:
+    mx = m & (rt > 0)
+    m1 = (rt + 1 < C) & (t + 1 < T)
+    if GATE == 2:
         g = _triton_chunk_gate(g_ptr, row, m, ck, mk, K)
-        gx = _triton_chunk_gate(g_ptr, row - N, m & (rt > 0), ck, mk, K)
-        g1 = _triton_chunk_gate(g_ptr, row + N, (rt + 1 < C) & (t + 1 < T), ck, mk, K)
+        gx = _triton_chunk_gate(g_ptr, row - N, mx, ck, mk, K)
+        g1 = _triton_chunk_gate(g_ptr, row + N, m1, ck, mk, K)
+    elif GATE == 1:
+        g = tl.maximum(tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32), -1e4)[:, None]
+        gx = tl.maximum(tl.load(g_ptr + row - N, mask=mx, other=0.0).to(tl.float32), -1e4)[:, None]
+        g1 = tl.maximum(tl.load(g_ptr + row + N, mask=m1, other=0.0).to(tl.float32), -1e4)[:, None]
     else:
-        g = q * 0.0
+        g = tl.sum(q, 1)[:, None] * 0.0
         gx = g
         g1 = g
     return q, k, a, b, g, gx, g1
@@ -81,10 +88,28 @@ def _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
 
 @triton.jit
 def _triton_dplr_decays(g, gx, g1):
-    """(e^{G_i}, e^{G_{i-1}}, e^{G_last - G_j}) per row and key, and e^{G_last} per key: cumsums of the
-    gates, of the gates one row up, reverse cumsums of the gates one row down (direct sums, <= 0)."""
+    """(e^{G_i}, e^{G_{i-1}}, e^{G_last - G_j}) per row (and key), and e^{G_last}: cumsums of the gates, of
+    the gates one row up, reverse cumsums of the gates one row down (direct sums, <= 0)."""
     return (tl.exp(tl.cumsum(g, 0)), tl.exp(tl.cumsum(gx, 0)), tl.exp(tl.cumsum(g1, 0, reverse=True)),
             tl.exp(tl.sum(g, 0)))
+
+
+@triton.jit
+def _triton_dplr_gammas(g, gx, rt, GATE: tl.constexpr):
+    """A scalar (or no) decay's pair factors [BT, BT]: Gam_ij = e^{sum_{j < s <= i} g_s} for j <= i and
+    Gamb_ij = e^{sum_{j < s <= i-1} g_s} for j < i, 0 elsewhere; masked cumsums down the rows (of the
+    gates one row up for Gamb: g_{r-1} for j + 1 < r <= i), masked to -inf before exp."""
+    tri = rt[:, None] >= rt[None, :]
+    strict = rt[:, None] > rt[None, :]
+    if GATE == 1:
+        X = tl.cumsum(tl.where(strict, g, 0.0), 0)                                     # g [BT, 1] broadcast
+        Xb = tl.cumsum(tl.where(rt[:, None] > rt[None, :] + 1, gx, 0.0), 0)
+        Gam = tl.exp(tl.where(tri, X, float("-inf")))
+        Gamb = tl.exp(tl.where(strict, Xb, float("-inf")))
+    else:
+        Gam = tl.where(tri, 1.0, 0.0)
+        Gamb = tl.where(strict, 1.0, 0.0)
+    return Gam, Gamb
 
 
 @triton.jit
@@ -94,14 +119,13 @@ def _triton_dplr_row(x, sel):
 
 
 @triton.jit
-def _triton_dplr_pairs(q, k, a, b, g, rt, nd, HAS_G: tl.constexpr):
+def _triton_dplr_pairs(q, k, a, b, g, gx, rt, nd, GATE: tl.constexpr):
     """The chunk's pair matrices [BT, BT]: (A_qk, A_qa) with A_qy[i, j] = sum_c q_ic y_jc e^{G_ic - G_jc}
     for j <= i, and (A_bk, A_ba) with A_by[i, j] = sum_c b_ic y_jc e^{G_{i-1,c} - G_jc} for j < i (0 else).
-    Per-key decays: row by row over the nd valid rows, X_j = sum_{j < s <= i} g_s carried along."""
-    tri = rt[:, None] >= rt[None, :]
-    strict = rt[:, None] > rt[None, :]
-    if HAS_G:
-        Aqk = tl.where(tri, 0.0, 0.0)
+    Per-key decays: row by row over the nd valid rows, X_j = sum_{j < s <= i} g_s carried along; a
+    scalar or no decay: masked matmuls times _triton_dplr_gammas."""
+    if GATE == 2:
+        Aqk = tl.where(rt[:, None] >= rt[None, :], 0.0, 0.0)
         Aqa = Aqk
         Abk = Aqk
         Aba = Aqk
@@ -119,21 +143,24 @@ def _triton_dplr_pairs(q, k, a, b, g, rt, nd, HAS_G: tl.constexpr):
             Aqa = tl.where(sel, tl.sum(a * E * qi[None, :], 1)[None, :], Aqa)
             Ep = E
     else:
-        Aqk = tl.where(tri, tl.dot(q, tl.trans(k), input_precision="ieee"), 0.0)
-        Aqa = tl.where(tri, tl.dot(q, tl.trans(a), input_precision="ieee"), 0.0)
-        Abk = tl.where(strict, tl.dot(b, tl.trans(k), input_precision="ieee"), 0.0)
-        Aba = tl.where(strict, tl.dot(b, tl.trans(a), input_precision="ieee"), 0.0)
+        Gam, Gamb = _triton_dplr_gammas(g, gx, rt, GATE)
+        Aqk = tl.dot(q, tl.trans(k), input_precision="ieee") * Gam
+        Aqa = tl.dot(q, tl.trans(a), input_precision="ieee") * Gam
+        Abk = tl.dot(b, tl.trans(k), input_precision="ieee") * Gamb
+        Aba = tl.dot(b, tl.trans(a), input_precision="ieee") * Gamb
     return Aqk, Aqa, Abk, Aba
 
 
 @triton.jit
-def _triton_dplr_pairs_grad(q, k, a, b, g, dAqk, dAqa, dAbk, dAba, rt, nd, HAS_G: tl.constexpr):
-    """The pair matrices' gradients [BT, BT] pushed to (dq, dk, da, db, dg) [BT, BK]. Per-key decays: the
-    row loop of _triton_dplr_pairs again; row i's terms P_j = (dA_i.k k_j + dA_i.a a_j) q_i e^{G_i - G_j}
-    go to the gates j < s <= i (a matmul with the strictly lower 0/1 matrix sums them over j < s), the b
-    rows' to j < s <= i - 1."""
-    if HAS_G:
-        lower = tl.where(rt[None, :] < rt[:, None], 1.0, 0.0)                         # [s, j]: j < s
+def _triton_dplr_pairs_grad(q, k, a, b, g, gx, dAqk, dAqa, dAbk, dAba, rt, nd, GATE: tl.constexpr):
+    """The pair matrices' gradients [BT, BT] pushed to (dq, dk, da, db) [BT, BK] and the gates (dg, [BT, BK]
+    per key, [BT, 1] scalar). Per-key decays: the row loop of _triton_dplr_pairs again; row i's terms
+    P_j = (dA_i.k k_j + dA_i.a a_j) q_i e^{G_i - G_j} go to the gates j < s <= i (a matmul with the
+    strictly lower 0/1 matrix sums them over j < s), the b rows' to j < s <= i - 1. A scalar decay: the
+    terms Z_ij = sum over keys, summed over i >= s (i > s for the b rows) by a matmul with a 0/1
+    matrix, then over j < s."""
+    lower = tl.where(rt[None, :] < rt[:, None], 1.0, 0.0)                             # [s, j]: j < s
+    if GATE == 2:
         dq = q * 0.0
         dk = dq
         da = dq
@@ -163,17 +190,26 @@ def _triton_dplr_pairs_grad(q, k, a, b, g, dAqk, dAqa, dAbk, dAba, rt, nd, HAS_G
             dg += tl.where(rt[:, None] < i, tl.dot(lower, Zb * bi[None, :], input_precision="ieee"), 0.0)
             Ep = E
     else:
-        dq = tl.dot(dAqk, k, input_precision="ieee") + tl.dot(dAqa, a, input_precision="ieee")
-        db = tl.dot(dAbk, k, input_precision="ieee") + tl.dot(dAba, a, input_precision="ieee")
-        dk = tl.dot(tl.trans(dAqk), q, input_precision="ieee") + tl.dot(tl.trans(dAbk), b, input_precision="ieee")
-        da = tl.dot(tl.trans(dAqa), q, input_precision="ieee") + tl.dot(tl.trans(dAba), b, input_precision="ieee")
-        dg = q * 0.0
+        Gam, Gamb = _triton_dplr_gammas(g, gx, rt, GATE)
+        dQk, dQa, dBk, dBa = dAqk * Gam, dAqa * Gam, dAbk * Gamb, dAba * Gamb
+        dq = tl.dot(dQk, k, input_precision="ieee") + tl.dot(dQa, a, input_precision="ieee")
+        db = tl.dot(dBk, k, input_precision="ieee") + tl.dot(dBa, a, input_precision="ieee")
+        dk = tl.dot(tl.trans(dQk), q, input_precision="ieee") + tl.dot(tl.trans(dBk), b, input_precision="ieee")
+        da = tl.dot(tl.trans(dQa), q, input_precision="ieee") + tl.dot(tl.trans(dBa), b, input_precision="ieee")
+        dg = g * 0.0
+        if GATE == 1:  # Z_ij: the pair (i, j)'s term; its gates j < s <= i (q rows), j < s <= i - 1 (b rows)
+            Zq = tl.where(rt[:, None] > rt[None, :], (dQk * tl.dot(q, tl.trans(k), input_precision="ieee")
+                                                       + dQa * tl.dot(q, tl.trans(a), input_precision="ieee")), 0.0)
+            Zb = dBk * tl.dot(b, tl.trans(k), input_precision="ieee") + dBa * tl.dot(b, tl.trans(a), input_precision="ieee")
+            upto = tl.where(rt[None, :] >= rt[:, None], 1.0, 0.0)                     # [s, i]: i >= s
+            R = tl.dot(upto, Zq, input_precision="ieee") + tl.dot(tl.trans(lower), Zb, input_precision="ieee")
+            dg += tl.sum(tl.where(rt[None, :] < rt[:, None], R, 0.0), 1)[:, None]     # [s, j]: j < s
     return dq, dk, da, db, dg
 
 
 @triton.jit
 def _triton_dplr_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h_ptr, T, N, K, V, C,
-                     HAS_G: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr,
+                     GATE: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """One program per (V block, row n) carries the state [K, BV] over the chunks (module docstring).
     With SAVE_H, the state entering each chunk goes to h [nt, N, K, V] (for the backward)."""
@@ -188,9 +224,9 @@ def _triton_dplr_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_
         m = (rt < C) & (t < T)
         row = t.to(tl.int64) * N + i_n
         q, k, a, b, g, gx, g1 = _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
-                                                  ck, mk, K, HAS_G)
+                                                  ck, mk, K, GATE)
         v = _triton_chunk_tile(v_ptr, row, m, cv, mv, V)
-        Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, rt, tl.minimum(C, T - ic * C), HAS_G)
+        Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, tl.minimum(C, T - ic * C), GATE)
         eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
         Ti = _triton_unit_tril_inverse(-Aba, rt, tl.minimum(C, T - ic * C))           # (I - A_ba)^{-1}
         W = tl.dot(Ti, b * eGx, input_precision="ieee")
@@ -205,7 +241,7 @@ def _triton_dplr_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_
 
 @triton.jit
 def _triton_dplr_bwd_dh(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K, V, C,
-                        HAS_G: tl.constexpr, HAS_DS: tl.constexpr,
+                        GATE: tl.constexpr, HAS_DS: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """The state's adjoint, chunk by chunk in reverse: dh[ic] is the gradient of the state leaving chunk
     ic; dU = A_qa^T dO + (A e^{G_last - G}) dS, dS_prev = e^{G_last} dS + (Q e^G)^T dO + W^T dU. One
@@ -221,9 +257,9 @@ def _triton_dplr_bwd_dh(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, do_ptr, ds_ptr, dh_pt
         m = (rt < C) & (t < T)
         row = t.to(tl.int64) * N + i_n
         q, k, a, b, g, gx, g1 = _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
-                                                  ck, mk, K, HAS_G)
+                                                  ck, mk, K, GATE)
         do = _triton_chunk_tile(do_ptr, row, m, cv, mv, V)
-        Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, rt, tl.minimum(C, T - ic * C), HAS_G)
+        Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, tl.minimum(C, T - ic * C), GATE)
         eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
         Ti = _triton_unit_tril_inverse(-Aba, rt, tl.minimum(C, T - ic * C))
         W = tl.dot(Ti, b * eGx, input_precision="ieee")
@@ -235,7 +271,7 @@ def _triton_dplr_bwd_dh(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, do_ptr, ds_ptr, dh_pt
 
 @triton.jit
 def _triton_dplr_bwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h_ptr, dh_ptr, do_ptr,
-                     dq_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, dg_ptr, T, N, K, V, C, HAS_G: tl.constexpr,
+                     dq_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, dg_ptr, T, N, K, V, C, GATE: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk, dv, da, db (and dg) of one chunk from the state entering it (h) and the adjoint leaving it
     (dh); one program per (chunk, row), all of K and V (module docstring)."""
@@ -250,10 +286,10 @@ def _triton_dplr_bwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h_ptr, dh_ptr, do
     row = t.to(tl.int64) * N + i_n
     nd = tl.minimum(C, T - ic * C)
     q, k, a, b, g, gx, g1 = _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
-                                              ck, mk, K, HAS_G)
+                                              ck, mk, K, GATE)
     v = _triton_chunk_tile(v_ptr, row, m, cv, mv, V)
     do = _triton_chunk_tile(do_ptr, row, m, cv, mv, V)
-    Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, rt, nd, HAS_G)
+    Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, nd, GATE)
     eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
     Ti = _triton_unit_tril_inverse(-Aba, rt, nd)
     bg = b * eGx
@@ -276,20 +312,27 @@ def _triton_dplr_bwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h_ptr, dh_ptr, do
     dqg = tl.dot(do, tl.trans(S), input_precision="ieee")                             # of Q e^G
     dag = tl.dot(U, tl.trans(dS), input_precision="ieee")                             # of A e^{G_last - G}
     dkg = tl.dot(v, tl.trans(dS), input_precision="ieee")                             # of K e^{G_last - G}
-    dq, dk, da, db, dg = _triton_dplr_pairs_grad(q, k, a, b, g, dAqk, dAqa, dAbk, dAba, rt, nd, HAS_G)
+    dq, dk, da, db, dg = _triton_dplr_pairs_grad(q, k, a, b, g, gx, dAqk, dAqa, dAbk, dAba, rt, nd, GATE)
     mqk = m[:, None] & mk[None, :]
     tl.store(dq_ptr + row[:, None] * K + ck[None, :], dq + dqg * eG, mask=mqk)
     tl.store(dk_ptr + row[:, None] * K + ck[None, :], dk + dkg * eL, mask=mqk)
     tl.store(da_ptr + row[:, None] * K + ck[None, :], da + dag * eL, mask=mqk)
     tl.store(db_ptr + row[:, None] * K + ck[None, :], db + dbg * eGx, mask=mqk)
     tl.store(dv_ptr + row[:, None] * V + cv[None, :], dv, mask=m[:, None] & mv[None, :])
-    if HAS_G:
+    if GATE == 2:
         lower = tl.where(rt[None, :] < rt[:, None], 1.0, 0.0)                         # [s, j]: j < s
         dg += tl.cumsum(q * dqg * eG, 0, reverse=True)                                 # e^{G_i}: rows i >= s
         dg += tl.dot(tl.trans(lower), bg * dbg, input_precision="ieee")                # e^{G_{i-1}}: rows i > s
         dg += tl.dot(lower, (a * dag + k * dkg) * eL, input_precision="ieee")          # e^{G_last - G_j}: j < s
         dg += (eC * tl.sum(S * dS, 1))[None, :]                                        # the entering state's decay
         tl.store(dg_ptr + row[:, None] * K + ck[None, :], dg, mask=mqk)
+    if GATE == 1:  # the same terms summed over the keys
+        later = rt[None, :] > rt[:, None]                                              # [s, i]: i > s
+        dgs = tl.sum(dg, 1) + tl.cumsum(tl.sum(q * dqg * eG, 1), 0, reverse=True)
+        dgs += tl.sum(tl.where(later, tl.sum(bg * dbg, 1)[None, :], 0.0), 1)
+        dgs += tl.sum(tl.where(rt[None, :] < rt[:, None], tl.sum((a * dag + k * dkg) * eL, 1)[None, :], 0.0), 1)
+        dgs += tl.sum(eC, 0) * tl.sum(tl.sum(S * dS, 1), 0)
+        tl.store(dg_ptr + row, dgs, mask=m)
 
 
 def _triton_dplr_forward(q, k, v, a, b, g, h0, C, save_h=False):
@@ -303,7 +346,7 @@ def _triton_dplr_forward(q, k, v, a, b, g, h0, C, save_h=False):
     h = torch.empty(triton.cdiv(L, C), N, K, V, dtype=torch.float32, device=q.device) if save_h else None
     h0c = q if h0 is None else h0.contiguous()                                         # a dummy pointer when absent
     _triton_dplr_fwd[(triton.cdiv(V, BV), N)](q, k, v, a, b, q if g is None else g, h0c, o, S, q if h is None else h,
-                                             L, N, K, V, C, HAS_G=g is not None, HAS_H0=h0 is not None,
+                                             L, N, K, V, C, GATE=_triton_dplr_gate(g, K), HAS_H0=h0 is not None,
                                              SAVE_H=save_h, BT=BT, BK=BK, BV=BV)
     return o, S, h
 
@@ -319,13 +362,18 @@ def _triton_dplr_backward(q, k, v, a, b, g, h, do, dS, C):
     f32 = dict(dtype=torch.float32, device=q.device)
     dh, dh0 = torch.empty(nt, N, K, V, **f32), torch.empty(N, K, V, **f32)
     _triton_dplr_bwd_dh[(triton.cdiv(V, BV), N)](q, k, a, b, gc, do, do if dS is None else dS.contiguous(), dh, dh0,
-                                                 L, N, K, V, C, HAS_G=g is not None, HAS_DS=dS is not None,
+                                                 L, N, K, V, C, GATE=_triton_dplr_gate(g, K), HAS_DS=dS is not None,
                                                  BT=BT, BK=BK, BV=BV)
-    dq, dk, da, db, dg = (torch.empty(L, N, K, **f32) for _ in range(5))
-    dv = torch.empty(L, N, V, **f32)
+    dq, dk, da, db = (torch.empty(L, N, K, **f32) for _ in range(4))
+    dv, dg = torch.empty(L, N, V, **f32), torch.empty(gc.shape, **f32)
     _triton_dplr_bwd[(nt, N)](q, k, v, a, b, gc, h, dh, do, dq, dk, dv, da, db, dg, L, N, K, V, C,
-                              HAS_G=g is not None, BT=BT, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))
+                              GATE=_triton_dplr_gate(g, K), BT=BT, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))
     return dq, dk, dv, da, db, None if g is None else dg, dh0
+
+
+def _triton_dplr_gate(g, K):
+    """The kernels' GATE: 0 no decay, 1 a scalar one ([L, N, 1]), 2 per key ([L, N, K])."""
+    return 0 if g is None else 1 if g.shape[-1] == 1 and K > 1 else 2
 
 
 class _triton_dplr_function(torch.autograd.Function):
@@ -351,12 +399,9 @@ class _triton_dplr_function(torch.autograd.Function):
 
 
 def _triton_dplr_rows(q, k, v, a, b, g, h0, C, read=1):
-    """Drop-in for `_chunk_dplr_rows` (same arguments and returns), forward and backward in Triton: a
-    scalar log-decay [L, N, 1] runs as a per-key one (expanded: autograd sums its gradient back); read
+    """Drop-in for `_chunk_dplr_rows` (same arguments and returns), forward and backward in Triton; read
     out at every `read`-th row as a query on each such row, zeros on the others."""
     L, N, K = k.shape
-    if g is not None and g.shape[-1] == 1:
-        g = g.expand(-1, -1, K)
     if read > 1:
         q = torch.stack([q.new_zeros(q.shape)] * (read - 1) + [q], 1).reshape(L, N, K)
     o, S = _triton_dplr_function.apply(q, k, v, a, b, g, h0, int(C))
