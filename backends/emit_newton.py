@@ -6,12 +6,16 @@ outputs for all steps at once from the solved trajectory, as the scan lowering c
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
+from rnnc import autodiff
+from rnnc.ir import Graph, Node
+from rnnc.irbuild import Builder
 from rnnc.plans import NewtonPlan
 
 from .emit_scan import _AllRows
 from .render import Lines, Recurrence
-from .torch_expr import ATOM, shape_text
+from .torch_expr import ATOM, TorchExpr, shape_text
 
 
 def attributes(L: Lines) -> None:
@@ -26,7 +30,8 @@ def attributes(L: Lines) -> None:
 
 
 def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
-    """`_step` (the step over rows lo*N..hi*N of the time-major values), the solve, then the outputs."""
+    """`_step` (the step over rows lo*N..hi*N of the time-major values), `_step_jac` (the step and its
+    Jacobian's blocks, rendered from the step's jvp graph), the solve, then the outputs."""
     cell, r, stages = rec.cell, rec.r, rec.stages
     r.use_deferred = False  # a param @ state is one product over all rows here, not one per step
     if rec.into_loop:
@@ -44,21 +49,17 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
     L('"""The states after steps lo..hi-1, each [(hi-lo)*N, ...], from those before them (prev)."""')
     L(f"{', '.join(step.name(s.node_in) for s in cell.states)}, = prev")
     step.emit(L, [n for n in rec.loop if n in needed], "loop")
-    nxt = []
-    for s in cell.states:
-        if stages.get(s.node_out, "const") == "const":
-            nxt.append(f"{step.tensor(s.node_out, 'const')}.expand((hi - lo) * N, *{shape_text(s.shape)})")
-        else:
-            nxt.append(step.operand(s.node_out, "loop").text)
-    L(f"return ({', '.join(nxt)},)")
+    L(f"return ({', '.join(_next(step, cell.graph, s.node_out, s.shape, stages) for s in cell.states)},)")
     L.dedent()
+    L()
+    _emit_step_jac(L, rec, plan)
     L()
     index = {s.name: i for i, s in enumerate(cell.states)}
     groups = tuple((g.kind, tuple(index[n] for n in g.states)) for g in plan.groups)
     structure = "; ".join(f"{', '.join(g.states)}: {g.describe()}" for g in plan.groups)
     L(f"# Newton's method over time (Jacobian {structure})")
     lhs = ", ".join(f"all_{s.name}" for s in cell.states)
-    L(f"{lhs}, = _newton(self, _step, ({', '.join(f's0_{s.name}' for s in cell.states)},), T, {groups!r})")
+    L(f"{lhs}, = _newton(self, _step, _step_jac, ({', '.join(f's0_{s.name}' for s in cell.states)},), T, {groups!r})")
     if rec.loop_outs:
         rows = _AllRows(cell, r, stages, rec.loop)
         rows.scanned.update(s.name for s in cell.states)
@@ -68,6 +69,155 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
             L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
     L(f"{', '.join(r.name(s.node_in) for s in cell.states)} = "
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
+
+
+def _next(step, graph, nid: int, shape, stages) -> str:
+    """A value of the step as [(hi-lo)*N, *shape] rows (a constant one expanded)."""
+    if stages.get(nid, "const") == "const":
+        return f"{step.tensor(nid, 'const')}.expand((hi - lo) * N, *{shape_text(shape)})"
+    return step.operand(nid, "loop").text
+
+
+@dataclass
+class _Jacobian:
+    """The step's graph with its jvp nodes appended (rnnc/autodiff.py): per group, the tangents of its
+    states' next values. A diagonal or block group's tangent leaves are ones (J·1 is the diagonal of a
+    diagonal J; with ones on the j-th state of a block, column j of every block), so `entries[g][i][j]`
+    is ∂state_i/∂state_j's diagonal (None: zero); a dense group's are `leaves` (input nodes, one per
+    state) and `entries[g][i]` the tangent of state i, linear in them."""
+
+    graph: Graph
+    stages: dict[int, str]
+    entries: dict[int, list]
+    leaves: dict[int, list[int]]
+
+
+def _jacobian(rec: Recurrence, plan: NewtonPlan) -> _Jacobian:
+    cell, stages = rec.cell, rec.stages
+    g = copy.deepcopy(cell.graph)
+    n_cell = len(g)
+    states = {s.name: s for s in cell.states}
+    # forward values the derivative may reuse: those the step computes or reads
+    share = set(rec.loop) | set(rec.into_loop) | {a for n in rec.loop for a in g[n].args
+                                                  if stages.get(a, "const") == "const"}
+    entries: dict[int, list] = {}
+    leaves: dict[int, list[int]] = {}
+    small = [k for k, gr in enumerate(plan.groups) if gr.kind != "dense"]
+    for j in range(max((len(plan.groups[k].states) for k in small), default=0)):
+        live = [k for k in small if j < len(plan.groups[k].states)]
+        ones = Builder(g, share=())
+        ins = [states[plan.groups[k].states[j]].node_in for k in live]
+        tans = [ones.broadcast(1.0, states[plan.groups[k].states[j]].shape) for k in live]
+        outs = [states[n].node_out for k in live for n in plan.groups[k].states]
+        g, ts = autodiff.jvp(g, ins, tans, outs, share=share | set(tans))
+        it = iter(ts)
+        for k in live:
+            rows = entries.setdefault(k, [[None] * len(plan.groups[k].states) for _ in plan.groups[k].states])
+            for i in range(len(plan.groups[k].states)):
+                rows[i][j] = next(it)
+    dense = [k for k, gr in enumerate(plan.groups) if gr.kind == "dense"]
+    if dense:
+        for k in dense:
+            leaves[k] = [g.add(Node("input", (), states[n].shape)) for n in plan.groups[k].states]
+        ins = [states[n].node_in for k in dense for n in plan.groups[k].states]
+        outs = [states[n].node_out for k in dense for n in plan.groups[k].states]
+        g, ts = autodiff.jvp(g, ins, [t for k in dense for t in leaves[k]], outs, share=share)
+        it = iter(ts)
+        for k in dense:
+            entries[k] = [next(it) for _ in plan.groups[k].states]
+    tangent = {t for ts in leaves.values() for t in ts}
+    full = dict(stages)
+    for n in range(n_cell, len(g)):
+        args = g[n].args
+        if n in tangent or any(a in tangent for a in args):
+            tangent.add(n)
+            full[n] = "tangent"
+        else:
+            full[n] = "loop" if any(full.get(a, "const") != "const" for a in args) else "const"
+    return _Jacobian(g, full, entries, leaves)
+
+
+def _emit_step_jac(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
+    """`_step_jac(prev, lo, hi)`: the states after steps lo..hi-1 and each group's Jacobian blocks there,
+    in one pass: a diagonal group's [(hi-lo)*N, *shape], a block group's [(hi-lo)*N, *shape, m, m]
+    (row: the next value's state), a dense group's [(hi-lo)*N, n, n] over its states' entries."""
+    cell, r = rec.cell, rec.r
+    jac = _jacobian(rec, plan)
+    g, n_cell = jac.graph, len(cell.graph)
+    jr = _step_renderer(r)
+    jr.graph, jr.expr, jr.stages = g, TorchExpr(g), jac.stages
+    jr.roots = set(r.roots)
+    rows = "(hi - lo) * N"
+    for k, gr in enumerate(plan.groups):  # readable names for the Jacobian's entries
+        if gr.kind == "dense":
+            for s, leaf in zip(gr.states, jac.leaves[k]):
+                _name(jr, leaf, f"tan_{s}")
+            pairs = [(s, e) for s, e in zip(gr.states, jac.entries[k])]
+        else:
+            pairs = [(f"{si}_{sj}" if len(gr.states) > 1 else si, e)
+                     for si, row in zip(gr.states, jac.entries[k]) for sj, e in zip(gr.states, row)]
+        for label, e in pairs:
+            if e is not None and e >= n_cell:
+                _name(jr, e, f"{'tan_next' if gr.kind == 'dense' else 'jac'}_{label}")
+                jr.roots.add(e)
+    results = [s.node_out for s in cell.states] + [e for row in jac.entries.values() for x in row
+                                                  for e in (x if isinstance(x, list) else [x]) if e is not None]
+    needed = g.ancestors(results)
+    order = g.order(n for n in needed if n in jac.stages and (n in rec.loop or n >= n_cell))
+    consts = [n for n in order if n >= n_cell and jac.stages[n] == "const"]
+    factors = Lines()
+    factors.depth = L.depth
+    jr.emit(factors, consts, "const")
+    if factors.lines:
+        L("# the Jacobian's factors that read no step")
+        L.lines += factors.lines
+    L("def _step_jac(prev, lo, hi):")
+    L.indent()
+    L('"""The states after steps lo..hi-1 (as _step) and the Jacobian of each group of states at prev, for')
+    L('all those steps at once: rendered from the jvp of the step with respect to its states."""')
+    L(f"{', '.join(jr.name(s.node_in) for s in cell.states)}, = prev")
+    jr.emit(L, [n for n in order if jac.stages[n] == "loop"], "loop")
+    blocks = []
+    by_name = {s.name: s for s in cell.states}
+    for k, gr in enumerate(plan.groups):
+        shapes = [by_name[n].shape for n in gr.states]
+
+        def entry(e, shape):
+            if e is None:
+                return f"torch.zeros({rows}, *{shape_text(shape)}, dtype=cdt, device=dev)"
+            return _next(jr, g, e, shape, jac.stages)
+
+        if gr.kind == "diagonal":
+            blocks.append(entry(jac.entries[k][0][0], shapes[0]))
+        elif gr.kind == "block":
+            cols = [f"torch.stack([{', '.join(entry(e, shapes[i]) for e in row)}], -1)"
+                    for i, row in enumerate(jac.entries[k])]
+            blocks.append(f"torch.stack([{', '.join(cols)}], -2)")
+        else:
+            fn = f"_tangent_{'_'.join(gr.states)}"
+            L(f"def {fn}({', '.join(jr.name(t) for t in jac.leaves[k])}):")
+            L.indent()
+            L(f'"""The change of {", ".join(gr.states)} after the step for a change of them before it (one column)."""')
+            mine = g.ancestors([e for e in jac.entries[k] if e is not None])
+            jr.emit(L, [n for n in order if jac.stages[n] == "tangent" and n in mine], "tangent")
+            outs = [f"torch.zeros({rows}, *{shape_text(sh)}, dtype=cdt, device=dev)" if e is None
+                    else jr.operand(e, "tangent").text for e, sh in zip(jac.entries[k], shapes)]
+            L(f"return ({', '.join(outs)},)")
+            L.dedent()
+            prev = ", ".join(jr.name(by_name[n].node_in) for n in gr.states)
+            blocks.append(f"_newton_dense_jacobian({fn}, ({prev},))")
+    states = ", ".join(_next(jr, g, s.node_out, s.shape, jac.stages) for s in cell.states)
+    L(f"return ({states},), ({', '.join(blocks)},)")
+    L.dedent()
+    r.used_names |= {jr.names[n] for n in consts if n in jr.names}  # bound in the forward
+
+
+def _name(r, nid: int, base: str) -> None:
+    name, k = base, 2
+    while name in r.used_names:
+        name, k = f"{base}_{k}", k + 1
+    r.used_names.add(name)
+    r.names[nid] = name
 
 
 def _step_renderer(r):

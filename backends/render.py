@@ -81,7 +81,7 @@ class Renderer:
         if nid in self.inline:
             return self.inline[nid]
         batched = self.batched(nid)
-        if stage == "loop" and self.stages.get(nid) == "hoist":
+        if stage not in ("const", "hoist") and self.stages.get(nid) == "hoist":  # read per step
             return Operand(self.step_ref[nid], ATOM, True, len(node.shape), False)
         return Operand(self.name(nid), ATOM, batched, len(node.shape), node.scalar)
 

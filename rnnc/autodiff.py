@@ -63,13 +63,13 @@ def vjp(graph: Graph, outputs: Sequence[int], cotangents: Sequence[int | None], 
 
 
 def jvp(graph: Graph, inputs: Sequence[int], tangents: Sequence[int | None],
-        outputs: Sequence[int]) -> tuple[Graph, list[int | None]]:
+        outputs: Sequence[int], share: Iterable[int] | None = None) -> tuple[Graph, list[int | None]]:
     """The tangent of each of `outputs` given the `tangents` of the `inputs` (node ids in `graph`,
-    each shaped like its input)."""
+    each shaped like its input). `share` as for vjp."""
     if len(inputs) != len(tangents):
         raise ValueError("one tangent per input")
     g = copy.deepcopy(graph)
-    b, n0 = Builder(g), len(g)
+    b, n0 = Builder(g, share), len(g)
     tan: dict[int, int] = {}
     for x, t in zip(inputs, tangents):
         if t is not None:

@@ -107,6 +107,7 @@ class Builder:
             except ZeroDivisionError:
                 return None
         same = lambda i: D.shapes_equal(self.shape(args[i]), self._bshape(args))  # noqa: E731
+        vals = [self._splat(a) for a in args]  # the identities below keep `same`'s shape: a splat acts as its number
         if op == "add":
             for i in (0, 1):
                 if vals[1 - i] == 0 and same(i):
@@ -135,6 +136,11 @@ class Builder:
         elif op == "pow" and vals[1] == 1:
             return args[0]
         return None
+
+    def _splat(self, nid: int) -> float | None:
+        """The value of a `const` node or of a `const` broadcast to a shape (a tangent of ones)."""
+        n = self.graph[nid]
+        return self.number(n.args[0]) if n.op == "broadcast" else self.number(nid)
 
     def _bshape(self, args: list[int]) -> D.Shape:
         shape: D.Shape = ()

@@ -112,6 +112,59 @@ def test_the_structure_holds_numerically(name):
                 assert off.abs().max() == 0
 
 
+@pytest.mark.parametrize("name", APPLIES)
+def test_the_generated_jacobian_is_autograds(name, monkeypatch):
+    """The Jacobian blocks `_step_jac` computes (rendered from the step's jvp graph, with F in one pass)
+    equal torch.autograd's Jacobian of `_step` at the same states (float64), at the first iteration's
+    iterate (not a solution): every block entry, and F itself."""
+    import rnnc.runtime.newton as runtime
+
+    seen = {}
+    call, linearize = runtime._newton_call, runtime._newton_linearize
+
+    def record_call(step, prev, lo, hi):
+        seen.setdefault("step", step)
+        return call(step, prev, lo, hi)
+
+    def record_linearize(step_jac, prev, lo, hi):
+        out = linearize(step_jac, prev, lo, hi)
+        seen.setdefault("linearized", (tuple(p.clone() for p in prev), lo, hi, out))  # the solver updates prev
+        return out
+
+    monkeypatch.setattr(runtime, "_newton_call", record_call)
+    monkeypatch.setattr(runtime, "_newton_linearize", record_linearize)
+    _, newton = _pair(name)
+    inputs, state = _inputs_and_state(name, 2, 5, torch.float64)
+    with torch.no_grad():
+        newton(*inputs, state=state)
+    prev, lo, hi, (F, J) = seen["linearized"]
+    t, n = prev[0].shape[:2]
+    rows = t * n
+    flat = tuple(p.reshape(rows, *p.shape[2:]).clone() for p in prev)
+    step = seen["step"]
+    want_F = step(flat, lo, hi)
+    full = torch.autograd.functional.jacobian(lambda *p: step(p, lo, hi), flat)  # [i][j]: [rows, *s_i, rows, *s_j]
+    states = [s.name for s in rnnc.load(name).cell().states]
+    for f, w in zip(F, want_F):
+        assert torch.allclose(f.reshape(w.shape), w.expand(w.shape), rtol=1e-12, atol=1e-12)
+
+    def block(i, j):  # [rows, entries of state i, entries of state j]: each row's own Jacobian
+        a = full[i][j].reshape(rows, -1, rows, flat[j][0].numel())
+        return torch.stack([a[r, :, r] for r in range(rows)])
+
+    for group, got in zip(REPORTS[name].jacobian, J):
+        idx = [states.index(s) for s in group.states]
+        if group.kind == "dense":
+            want = torch.cat([torch.cat([block(i, j) for j in idx], 2) for i in idx], 1)
+            assert torch.allclose(got.reshape(want.shape), want, rtol=1e-12, atol=1e-12), group
+            continue
+        for a, i in enumerate(idx):
+            for b, j in enumerate(idx):
+                entry = got if group.kind == "diagonal" else got[..., a, b]
+                want = torch.diagonal(block(i, j), dim1=1, dim2=2)
+                assert torch.allclose(entry.reshape(want.shape), want, rtol=1e-12, atol=1e-12), (group, a, b)
+
+
 def test_analyze_reports_the_structure():
     assert "jacobian diagonal" in rnnc.analyze("paragru").summary()
     assert rnnc.analyze("paralstm").to_dict()["states"]["c"]["jacobian"].startswith("block-diagonal, 2×2")

@@ -15,6 +15,8 @@ steps at once, which autograd takes through one more evaluation of f on the conv
 
 `step(prev, lo, hi)` is the generated cell's step for steps lo..hi-1 at once: prev is a tuple of
 [(hi-lo)*N, *shape] states before those steps, the result a tuple of their next values.
+`step_jac(prev, lo, hi)` returns those and each group's Jacobian blocks (see _newton_linearize), both
+from one generated pass: the step's jvp, derived from the IR (backends/emit_newton.py), not autograd.
 """
 import math
 import warnings
@@ -40,7 +42,7 @@ def _newton_tolerance(dtype):
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def _newton(cell, step, s0, T, groups):
+def _newton(cell, step, step_jac, s0, T, groups):
     """The states after each of T steps, each [T, N, *shape], from initial states s0 (a tuple of
     [N, *shape]); `groups` is the Jacobian's structure: (kind, state indices) per coupled group, kind
     "diagonal", "block" or "dense". Differentiable with respect to s0 and whatever `step` reads.
@@ -59,7 +61,7 @@ def _newton(cell, step, s0, T, groups):
         while done < T and its < max_its:
             its += 1
             prev = tuple(h[done - 1:T - 1] for h in H)
-            F, J = _newton_jacobians(step, prev, done, T, groups)
+            F, J = _newton_linearize(step_jac, prev, done, T)
             delta = _newton_solve(J, tuple(f - h[done:] for f, h in zip(F, H)), groups)
             worst = None  # per step, the largest |δ| - tol |h| (|δ| <= tol (1 + |h|) is converged)
             for h, d in zip(H, delta):
@@ -87,7 +89,7 @@ def _newton(cell, step, s0, T, groups):
     F = _newton_call(step, prev, 0, T)  # one more step on the solution: the path gradients take
     if not any(f.requires_grad for f in F):
         return tuple(H)
-    return _NewtonAdjoint.apply((step, tuple(p.detach() for p in prev), groups), *F)
+    return _NewtonAdjoint.apply((step_jac, tuple(p.detach() for p in prev), groups), *F)
 
 
 def _newton_call(step, prev, lo, hi):
@@ -97,62 +99,36 @@ def _newton_call(step, prev, lo, hi):
     return tuple(o.expand(t * n, *o.shape[1:]).reshape(t, n, *o.shape[1:]) for o in out)
 
 
-def _newton_jacobians(step, prev, lo, hi, groups):
-    """f at prev (each [t, N, *shape]) and each group's Jacobian block there: a diagonal group's
+def _newton_linearize(step_jac, prev, lo, hi):
+    """f at prev (each [t, N, *shape]) and each group's Jacobian there, from the generated `step_jac`
+    (one pass over all rows: the step and its jvp, rendered from the IR): a diagonal group's
     [t, N, *shape]; an m-state block's [t, N, *shape, m, m] (row: output state); a dense group's
-    [t, N, n, n] over its states' entries flattened in order.
-
-    Diagonal and block groups take m reverse-mode products of one evaluation of f (ParaRNN's trick: with
-    a cotangent of ones on the i-th state of every block, the gradient is row i of every block, as the
-    blocks do not mix entries); reverse mode is ~3x cheaper here than torch.func.jvp, which runs several
-    ops through Python decompositions. A dense group takes n forward-mode products, vmapped."""
-    small = [idx for kind, idx in groups if kind != "dense"]
-    J = {}
-    with torch.enable_grad():
-        leaves = tuple(p.detach().requires_grad_() for p in prev)
-        F = _newton_call(step, leaves, lo, hi)
-        live = [i for i, f in enumerate(F) if f.requires_grad]
-        for row in range(max((len(idx) for idx in small), default=0)):
-            ones = {idx[row] for idx in small if row < len(idx)}
-            cot = [torch.ones_like(F[i]) if i in ones else torch.zeros_like(F[i]) for i in live]
-            grads = torch.autograd.grad([F[i] for i in live], leaves, cot, retain_graph=True, allow_unused=True,
-                                        materialize_grads=True) if live else [torch.zeros_like(p) for p in prev]
-            for g, (kind, idx) in enumerate(groups):
-                if kind == "diagonal" and row == 0:  # later rows' cotangents leave this group at zero
-                    J[g] = grads[idx[0]]
-                elif kind == "block" and row < len(idx):
-                    J.setdefault(g, []).append(torch.stack([grads[j] for j in idx], -1))
-    F = tuple(f.detach() for f in F)
-    for g, (kind, idx) in enumerate(groups):
-        if kind == "block":
-            J[g] = torch.stack(J[g], -2)  # [..., rows, cols]
-        elif kind == "dense":
-            J[g] = _newton_dense(lambda *p: _newton_call(step, p, lo, hi), prev, idx)  # noqa: E731
-    return F, [J[g] for g in range(len(groups))]
-
-
-def _newton_dense(f, prev, idx):
-    """The dense block over states idx: one product per basis vector of their flattened entries, vmapped
-    in chunks that keep each batch of products near 2^24 numbers."""
+    [t, N, n, n] over its states' entries flattened in order."""
     t, n = prev[0].shape[:2]
-    sizes = [prev[i][0, 0].numel() for i in idx]
+    F, J = step_jac(tuple(p.reshape(t * n, *p.shape[2:]) for p in prev), lo, hi)
+    return (tuple(f.reshape(t, n, *f.shape[1:]) for f in F), [j.reshape(t, n, *j.shape[1:]) for j in J])
+
+
+def _newton_dense_jacobian(tangent, prev):
+    """A dense group's [rows, n, n] Jacobian from `tangent` (the generated jvp of its states' next values,
+    linear in its arguments, one per state, each [rows, *shape]) applied to every basis vector of the
+    states' n flattened entries, vmapped in chunks that keep each batch of columns near 2^24 numbers."""
+    rows = prev[0].shape[0]
+    sizes = [p[0].numel() for p in prev]
     width = sum(sizes)
-    if t * n * width * width > _NEWTON_DENSE_MAX:
-        raise InputError(f"newton: a dense {width}x{width} Jacobian for each of {t} steps x {n} rows is "
-                         f"{t * n * width * width:,} numbers, over the limit of {_NEWTON_DENSE_MAX:,}; use "
+    if rows * width * width > _NEWTON_DENSE_MAX:
+        raise InputError(f"newton: a dense {width}x{width} Jacobian for each of {rows} (steps x sequences) is "
+                         f"{rows * width * width:,} numbers, over the limit of {_NEWTON_DENSE_MAX:,}; use "
                          "backend='loop' for this size (dense Newton pays only for small states)")
 
     def column(e):
-        tangent = [torch.zeros_like(p) for p in prev]
-        for i, part in zip(idx, e.split(sizes)):
-            tangent[i] = part.reshape(prev[i].shape[2:]).expand(prev[i].shape)
-        out = torch.func.jvp(f, tuple(prev), tuple(tangent))[1]
-        return torch.cat([out[i].reshape(t, n, -1) for i in idx], -1)
+        tangents = [part.reshape(p.shape[1:]).expand(p.shape) for part, p in zip(e.split(sizes), prev)]
+        return torch.cat([o.reshape(rows, -1) for o in tangent(*tangents)], -1)
 
-    chunk = max(1, (1 << 24) // max(1, t * n * width))
+    chunk = max(1, (1 << 24) // max(1, rows * width))
     eye = torch.eye(width, dtype=prev[0].dtype, device=prev[0].device)
-    cols = torch.func.vmap(column, chunk_size=chunk)(eye)  # [cols, t, N, rows]
-    return cols.permute(1, 2, 3, 0)
+    cols = torch.func.vmap(column, chunk_size=chunk)(eye)  # [cols, rows, rows of J]
+    return cols.permute(1, 2, 0)
 
 
 def _newton_solve(J, rhs, groups, reverse=False):
@@ -195,12 +171,12 @@ class _NewtonAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        step, prev, groups = ctx.solved
+        step_jac, prev, groups = ctx.solved
         grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, prev))
         T = prev[0].shape[0]
         if T == 1:
             return (None, *grads)
         with torch.no_grad():
-            _, J = _newton_jacobians(step, tuple(p[1:] for p in prev), 1, T, groups)
+            _, J = _newton_linearize(step_jac, tuple(p[1:] for p in prev), 1, T)
             lam = _newton_solve(J, grads, groups, reverse=True)
         return (None, *lam)
