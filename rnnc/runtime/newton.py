@@ -25,7 +25,7 @@ import torch
 
 from rnnc.errors import InputError
 
-from .scan import _linear_scan, _matrix_scan
+from .scan import _matrix_scan
 
 #: The most numbers a dense group's Jacobians may hold (for all steps at once): 2^28, 1 GiB in float32.
 _NEWTON_DENSE_MAX = 1 << 28
@@ -65,9 +65,10 @@ def _newton(cell, step, step_jac, s0, T, groups):
             delta = _newton_solve(J, tuple(f - h[done:] for f, h in zip(F, H)), groups)
             worst = None  # per step, the largest |δ| - tol |h| (|δ| <= tol (1 + |h|) is converged)
             for h, d in zip(H, delta):
-                h[done:] += d
-                excess = (d.abs() - tol * h[done:].abs()).reshape(T - done, -1).amax(1)  # NaN stays NaN
-                worst = excess if worst is None else torch.maximum(worst, excess)
+                h = h[done:]
+                h += d
+                excess = d.abs_().sub_(h.abs().mul_(tol)).reshape(T - done, -1).amax(1)  # in place: δ is ours
+                worst = excess if worst is None else torch.maximum(worst, excess)  # NaN stays NaN
             still = torch.nonzero(~(worst <= tol))  # NaN compares False: never converged
             done = T if still.numel() == 0 else done + max(1, int(still[0]))
         sequential_from = done if done < T else None
@@ -132,32 +133,50 @@ def _newton_dense_jacobian(tangent, prev):
 
 
 def _newton_solve(J, rhs, groups, reverse=False):
-    """Per group, x_t = J_t x_{t-1} + rhs_t from x = 0 (rhs: a tuple of [t, N, *shape] per state).
-    With `reverse`, the adjoint x_t = J_{t+1}ᵀ x_{t+1} + rhs_t instead (J then holds J_1..J_{t-1})."""
+    """Per group, x_t = J_t x_{t-1} + rhs_t from x = 0 (rhs: a tuple of [t, N, *shape] per state, which a
+    diagonal group's solve overwrites). With `reverse`, the adjoint x_t = J_{t+1}ᵀ x_{t+1} + rhs_t instead
+    (J then holds J_1..J_{t-1})."""
     out = list(rhs)
     for (kind, idx), a in zip(groups, J):
-        if kind == "diagonal":
-            b = rhs[idx[0]]
-        elif kind == "block":
+        if kind == "diagonal":  # in place, without the copies and stacks of the autograd-friendly scans
+            i = idx[0]
+            out[i] = (_diagonal_scan_(a.flip(0), rhs[i].flip(0)).flip(0) if reverse
+                      else _diagonal_scan_(a[1:], rhs[i]))
+            continue
+        if kind == "block":
             b = torch.stack([rhs[i] for i in idx], -1)
         else:
             b = torch.cat([rhs[i].reshape(*rhs[i].shape[:2], -1) for i in idx], -1)
         if reverse:
-            a = a if kind == "diagonal" else a.transpose(-1, -2)
-            a = torch.cat([torch.zeros_like(a[:1]), a.flip(0)])
+            a = torch.cat([torch.zeros_like(a[:1]), a.transpose(-1, -2).flip(0)])
             b = b.flip(0)
-        x0 = torch.zeros_like(b[0])
-        x = _linear_scan(a, b, x0) if kind == "diagonal" else _matrix_scan(a, b, x0)
+        x = _matrix_scan(a, b, torch.zeros_like(b[0]))
         x = x.flip(0) if reverse else x
-        if kind == "diagonal":
-            out[idx[0]] = x
-        elif kind == "block":
+        if kind == "block":
             for j, i in enumerate(idx):
                 out[i] = x[..., j]
         else:
             for i, part in zip(idx, x.split([rhs[i][0, 0].numel() for i in idx], -1)):
                 out[i] = part.reshape(rhs[i].shape)
     return tuple(out)
+
+
+def _diagonal_scan_(a, b):
+    """x_0 = b_0, x_t = a_{t-1} x_{t-1} + b_t (a: [T-1, ...], the factors of steps 1..T-1), written over
+    b (returned); a is only read. O(T) work in O(log T) rounds, as rnnc/runtime/scan.py's _linear_scan,
+    but on strided views of b in place: each pair's second step absorbs the first, the odd steps are
+    scanned recursively (their factors, the pairs' products, the only new tensor), then the even steps
+    are filled in from them. No autograd (Newton's solves run without it)."""
+    T = b.shape[0]
+    if T < 2:
+        return b
+    n = T // 2
+    odd = b[1::2]
+    odd.addcmul_(a[0::2][:n], b[0::2][:n])  # x_{2k+1} given x_{2k-1}: the pair (2k, 2k+1) combined
+    _diagonal_scan_(a[2::2][:n - 1] * a[1::2][:n - 1], odd)
+    even = b[2::2]
+    even.addcmul_(a[1::2][:even.shape[0]], odd[:even.shape[0]])
+    return b
 
 
 class _NewtonAdjoint(torch.autograd.Function):
