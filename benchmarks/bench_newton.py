@@ -12,11 +12,12 @@ the loop's T steps against Newton's few iterations of all-steps-at-once evaluati
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 import rnnc
-from common import fwd_bwd, median_ms
+from common import cpu_ms, fwd_bwd
 
 
 def _ints(text: str) -> list[int]:
@@ -34,10 +35,11 @@ def main() -> None:
                     help="torch threads (default 1: on a shared 2-core machine, 2 threads made every op ~20x slower)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={args.batch}, fp32")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={args.batch}, fp32, CPU time of this "
+          f"process (median of {args.repeats}), load average {os.getloadavg()[0]:.1f}")
     print("| cell | H | T | loop fwd (ms) | newton fwd (ms) | speed-up | loop fwd+bwd (ms) | newton fwd+bwd (ms) "
-          "| speed-up | iterations |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| speed-up | iterations | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.cells.split(","):
         for H in args.hidden:
             torch.manual_seed(0)
@@ -53,12 +55,12 @@ def main() -> None:
                     def forward(cell=cell):
                         with torch.no_grad():
                             cell(x)
-                    row.append(median_ms(forward, args.repeats, warm))
+                    row.append(cpu_ms(forward, args.repeats, warm))
                 its = newton.newton_info["iterations"]
                 for cell in (loop, newton):
-                    row.append(median_ms(fwd_bwd(cell, xs), args.repeats, warm))
+                    row.append(cpu_ms(fwd_bwd(cell, xs), args.repeats, warm))
                 print(f"| {name} | {H} | {T} | {row[0]:.0f} | {row[1]:.0f} | {row[0] / row[1]:.1f}× | {row[2]:.0f} "
-                      f"| {row[3]:.0f} | {row[2] / row[3]:.1f}× | {its} |", flush=True)
+                      f"| {row[3]:.0f} | {row[2] / row[3]:.1f}× | {its} | {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
