@@ -149,7 +149,10 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
     parallel = "chunk" if chunk is not None else "scan" if scan is not None else None
     short = "recurrent" if recurrent is not None and parallel is not None else "loop"
     dispatch = parallel is not None and loop_below is not None
-    if dispatch:
+    if newton is not None and newton.auto_from is not None:  # auto: Newton only where it measured faster
+        parallel, dispatch = "newton", True
+        emit_newton.auto_attributes(L, newton)
+    elif dispatch:
         why = ("the fused recurrent kernel, as fla's layers do" if short == "recurrent"
                else "the loop is faster there; rnnc's benchmarks")
         L(f"#: sequences shorter than this run step by step ({why})")
@@ -157,7 +160,9 @@ def emit_module(cell: Cell, report: Report, defaults: dict[str, int] | None = No
         L()
     _emit_init(L, cell)
     _emit_reset(L, cell)
-    if dispatch:
+    if dispatch and parallel == "newton":
+        emit_newton.dispatch(L, cell)
+    elif dispatch:
         _emit_dispatch(L, parallel, short)
     loop_plan = LoopPlan(generated_backward)
     plan = next(p for p in (chunk, scan, recurrent, newton, loop_plan) if p is not None)

@@ -9,6 +9,7 @@ import copy
 from dataclasses import dataclass
 
 from rnnc import autodiff
+from rnnc import dims as D
 from rnnc.ir import Graph, Node
 from rnnc.irbuild import Builder
 from rnnc.plans import NewtonPlan
@@ -27,6 +28,39 @@ def attributes(L: Lines) -> None:
     L("NEWTON_TOL = None")
     L("NEWTON_DEBUG = False")
     L()
+
+
+def auto_attributes(L: Lines, plan: NewtonPlan) -> None:
+    """Where a module built with backend "auto" runs Newton (rnnc/schedule.py, NEWTON_FROM)."""
+    L("#: backend 'auto': Newton's method runs when a gradient is taken, for sequences of NEWTON_FROM steps or")
+    L("#: more with at most NEWTON_MAX_ENTRIES state entries per step (all sequences); the loop otherwise,")
+    L("#: where it measured faster (rnnc's benchmarks)")
+    L(f"NEWTON_FROM = {plan.auto_from}")
+    L(f"NEWTON_MAX_ENTRIES = {plan.auto_max_entries}")
+    L()
+
+
+def dispatch(L: Lines, cell) -> None:
+    """`forward` of an auto-built module: Newton where it pays (rnnc/runtime/newton.py, _newton_pays)."""
+    entries = " + ".join(f"math.prod({shape_text(s.shape)})" for s in cell.states)
+    rank = len(cell.inputs[0].shape) if cell.inputs else 0
+    L("def forward(self, /, *args, state=None, cu_seqlens=None, **kwargs):")
+    L.indent()
+    L('"""Run the cell over [B, T, *extra, ...] inputs; returns (outputs, final states): by Newton\'s method')
+    L("over time where it pays (see NEWTON_FROM), else step by step; the same results either way.")
+    L('cu_seqlens: see _forward_loop."""')
+    names = _dims(cell)
+    L(f"if cu_seqlens is None and _newton_pays(self, args, kwargs, {rank}, {tuple(names)!r}, "
+      f"lambda {', '.join(f'd_{n}' for n in names)}: {entries}):")
+    L("    return self._forward_newton(*args, state=state, **kwargs)")
+    L("return self._forward_loop(*args, state=state, cu_seqlens=cu_seqlens, **kwargs)")
+    L.dedent()
+    L()
+
+
+def _dims(cell) -> list[str]:
+    """The dims the states' shapes name, in order."""
+    return sorted({n for s in cell.states for d in s.shape for n in D.free_names(d)})
 
 
 def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:

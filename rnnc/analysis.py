@@ -101,7 +101,7 @@ class Report:
             if s.get("after"):
                 detail.append(f"a parallel stage after {', '.join(s['after'])}")
             if "jacobian" in s:
-                detail.append(f"jacobian {s['jacobian']}")
+                detail.append(f"jacobian {s['jacobian']}" + (" -> newton" if self.backend == "newton" else ""))
             if "transition" in s:
                 detail.append(f"transition {s['transition']}, decay {s['decay']}")
             if "readout" in s:

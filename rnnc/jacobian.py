@@ -14,13 +14,14 @@ of size m (m = 1: diagonal); any mixing makes the whole coupled group dense.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import sympy
 
 from . import dims as D
 from . import registry
-from .ir import Cell
+from .ir import Cell, Node
 
 DIAG, DENSE = "diag", "dense"
 
@@ -34,13 +35,16 @@ class JacobianGroup:
     kind: str  # "diagonal" | "block" | "dense"
     states: tuple[str, ...]
     size: str  # the block's side: "1", "2", or the dense group's total entries ("2*H")
+    jumps: str | None = None  # the op whose derivative jumps with the states (relu, maximum, ...), if any
 
     def describe(self) -> str:
         if self.kind == "diagonal":
-            return "diagonal"
-        if self.kind == "block":
-            return f"block-diagonal, {self.size}×{self.size} blocks ({', '.join(self.states)})"
-        return f"dense, {self.size}×{self.size}" + (f" ({', '.join(self.states)})" if len(self.states) > 1 else "")
+            out = "diagonal"
+        elif self.kind == "block":
+            out = f"block-diagonal, {self.size}×{self.size} blocks ({', '.join(self.states)})"
+        else:
+            out = f"dense, {self.size}×{self.size}" + (f" ({', '.join(self.states)})" if len(self.states) > 1 else "")
+        return out if self.jumps is None else f"{out}, piecewise ({self.jumps})"
 
 
 def dependence(cell: Cell) -> dict[str, dict[str, str]]:
@@ -103,15 +107,48 @@ def jacobian_groups(cell: Cell, classes: dict[str, dict] | None = None) -> tuple
     for members in groups.values():
         single = all(all(D.equal(d, D.const(1)) for d in shapes[n]) for n in members)  # one entry each
         dense = not single and any(how == DENSE for n in members for how in dep[n].values())
+        jump = jumps(cell, members)
         if dense:
             total = sum((sympy.Mul(*shapes[n]) if shapes[n] else sympy.Integer(1) for n in members), sympy.Integer(0))
-            out.append(JacobianGroup("dense", tuple(members), D.fmt(sympy.simplify(total))))
+            out.append(JacobianGroup("dense", tuple(members), D.fmt(sympy.simplify(total)), jump))
         elif len(members) == 1:
-            out.append(JacobianGroup("diagonal", tuple(members), "1"))
+            out.append(JacobianGroup("diagonal", tuple(members), "1", jump))
         else:
-            out.append(JacobianGroup("block", tuple(members), str(len(members))))
+            out.append(JacobianGroup("block", tuple(members), str(len(members)), jump))
     return tuple(out)
 
 
-def group_of(groups: tuple[JacobianGroup, ...], state: str) -> JacobianGroup:
-    return next(gr for gr in groups if state in gr.states)
+def jumps(cell: Cell, names: list[str]) -> str | None:
+    """The op (of the step) whose derivative makes the group's Jacobian jump as its states change, or
+    None when the Jacobian is smooth in them: read from the jvp graph (rnnc/autodiff.py), where such
+    an op's rule selects by a comparison (relu's `x > 0`, maximum's ties), here one that reads a state.
+    Newton's method then becomes an active-set iteration, which converges in many more iterations
+    (benchmarks/RESULTS.md: IndRNN)."""
+    from .autodiff import differentiable, jvp
+
+    g = cell.graph
+    if not all(differentiable(g[n]) for n in g.ancestors([s.node_out for s in cell.states])):
+        return None
+    states = [s for s in cell.states if s.name in names]
+    graph = copy.deepcopy(g)
+    leaves = [graph.add(Node("input", (), s.shape)) for s in states]
+    out, tangents = jvp(graph, [s.node_in for s in states], leaves, [s.node_out for s in states])
+    reads_state = {s.node_in for s in cell.states}
+    for nid in out.order(out.ancestors([t for t in tangents if t is not None])):
+        node = out[nid]
+        if nid in reads_state or any(a in reads_state for a in node.args):
+            reads_state.add(nid)
+            if nid >= len(g) and registry.get(node).kind == "compare":
+                return _source_op(g, out, nid)
+    return None
+
+
+def _source_op(g, out, nid: int) -> str:
+    """The forward op a derivative comparison came from: the op both its operands feed (maximum's
+    `x0 > x1`), else the op that computed the value compared (relu's `y > 0`)."""
+    args = [a for a in out[nid].args if a < len(g) and g[a].op != "const"]
+    common = set.intersection(*(set(g.users(a)) for a in args)) if len(args) > 1 else set()
+    for u in sorted(common):
+        if registry.get(g[u]).kind != "compare":
+            return g[u].op
+    return g[args[0]].op if args else out[nid].op

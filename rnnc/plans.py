@@ -30,6 +30,10 @@ class NewtonPlan:
     coupled through the step, each with its Jacobian block's structure (rnnc/jacobian.py)."""
 
     groups: tuple = ()  # of jacobian.JacobianGroup
+    # chosen by backend "auto": the module runs Newton only from `auto_from` steps on, for training, with
+    # at most `auto_max_entries` state entries per step, and the loop otherwise (rnnc/schedule.py)
+    auto_from: int | None = None
+    auto_max_entries: int | None = None
 
     def nodes(self) -> list[int]:
         return []
@@ -168,8 +172,13 @@ def scan_plan(cell: Cell, report: Report, triton: bool = False) -> ScanPlan:
     return ScanPlan(fused=fused, folds=folds)
 
 
-def newton_plan(report: Report) -> NewtonPlan:
-    """Newton's plan: the Jacobian's structure, per group of coupled states."""
+def newton_plan(report: Report, auto: bool = False) -> NewtonPlan:
+    """Newton's plan: the Jacobian's structure, per group of coupled states; with `auto`, where the
+    module runs it rather than the loop (rnnc/schedule.py's measured thresholds)."""
+    from .schedule import NEWTON_FROM, NEWTON_MAX_ENTRIES
+
+    if auto:
+        return NewtonPlan(tuple(report.jacobian), NEWTON_FROM, NEWTON_MAX_ENTRIES)
     return NewtonPlan(tuple(report.jacobian))
 
 

@@ -32,6 +32,15 @@ MATRIX_AUTO_CONSTANT = 64
 MATRIX_AUTO_PER_STEP = 16
 #: With backend="auto", sequences shorter than this run on the loop (measured: benchmarks/RESULTS.md).
 LOOP_BELOW = {"scan": 64, "chunk": 8}
+#: `auto` takes Newton's method over time (backend "newton") for a nonlinear cell whose every group of
+#: states has a diagonal Jacobian that is smooth in them (no relu or maximum on a state: those make Newton
+#: an active-set iteration, IndRNN's 15-32 iterations), and the built module runs it only where it
+#: measured faster than the loop on CPU (benchmarks/RESULTS.md, bench_newton.py, paragru, 1 thread):
+#: forward+backward 2.8× at B·H = 256 state entries per step (T = 1024..16384), 0.8-1.0× at 1024; the
+#: forward alone 0.9× or less everywhere. So: when a gradient is being taken, from NEWTON_FROM steps,
+#: with at most NEWTON_MAX_ENTRIES entries per step (all sequences); the loop otherwise.
+NEWTON_FROM = 1024
+NEWTON_MAX_ENTRIES = 256
 #: On the triton backend, sequences shorter than this (and `step`) run the fused recurrent kernel
 #: when the cell also has a parallel form: fla's layers switch to fused_recurrent at T <= 64 too.
 RECURRENT_BELOW = 65
@@ -116,6 +125,13 @@ def newton_why(report: Report) -> str | None:
     return None
 
 
+def newton_pays(report: Report) -> bool:
+    """Whether `auto` takes Newton's method for the cell (see NEWTON_FROM): it applies, some state is
+    nonlinear, and every group's Jacobian is diagonal and smooth in the states."""
+    return (newton_why(report) is None and any(info["class"] == "nonlinear" for info in report.classes.values())
+            and all(g.kind == "diagonal" and g.jumps is None for g in report.jacobian))
+
+
 def triton_kind(report: Report) -> tuple[str | None, str]:
     """Which Triton lowering takes the cell: "chunk" (matrix states, chunkwise), "scan"
     (elementwise-affine states and elementwise folds) or "recurrent" (any other cell whose step
@@ -175,8 +191,8 @@ def pick(backend: str, report: Report | None = None, device=None) -> str:
         # Chunk and scan beat the loop on CPU from short lengths on (benchmarks/RESULTS.md); the
         # scan of a matrix state would materialise every step's state, so those take the chunk
         # form or the loop. Below LOOP_BELOW steps the built module runs the loop itself.
-        # Newton (nonlinear cells) is never auto's choice yet: on CPU its forward measured no faster
-        # than the loop, only forward+backward faster (benchmarks/RESULTS.md, bench_newton.py).
+        # Newton for smooth diagonal nonlinear cells, which the module runs where it measured faster
+        # (training, long sequences, few entries per step: NEWTON_FROM), the loop elsewhere.
         if report is not None and report.classes:
             if why_not("chunk", report) is None:
                 return "chunk"
@@ -184,6 +200,8 @@ def pick(backend: str, report: Report | None = None, device=None) -> str:
                     info["class"] in SCAN_FIRST or ("matrix" in info and auto_matrix(info["matrix"]))
                     for info in report.classes.values()):
                 return "scan"
+            if newton_pays(report):
+                return "newton"
         return "loop"
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend '{backend}'", hint=f"choose one of: auto, {', '.join(BACKENDS)}")
@@ -247,6 +265,10 @@ def triton_note(report: Report) -> None:
 
 def loop_below(backend: str, report: Report) -> int | None:
     """With auto and a parallel lowering: the length below which the module runs the loop (noted)."""
+    if backend == "auto" and report.backend == "newton":
+        report.notes.append(f"auto: newton runs when a gradient is taken, from {NEWTON_FROM} steps, with at most "
+                            f"{NEWTON_MAX_ENTRIES} state entries per step; the loop otherwise (faster there)")
+        return None
     n = LOOP_BELOW.get(report.backend) if backend == "auto" else None
     if n:
         report.notes.append(f"auto: sequences shorter than {n} steps run on the loop (faster there)")

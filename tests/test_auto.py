@@ -3,12 +3,13 @@ import pytest
 import torch
 
 import rnnc
-from rnnc.schedule import LOOP_BELOW
+from rnnc.schedule import LOOP_BELOW, NEWTON_FROM, NEWTON_MAX_ENTRIES
 
 
 @pytest.mark.parametrize("name,expected", [
     ("lstm", "loop"), ("gru", "loop"), ("mingru", "scan"), ("hgrn", "scan"), ("aaren", "scan"),
     ("gla", "chunk"), ("simple_gla", "chunk"), ("gated_deltanet", "chunk"),
+    ("paragru", "newton"), ("indrnn", "loop"),  # newton: smooth diagonal Jacobians only (relu: piecewise)
 ])
 def test_auto_picks_the_parallel_lowering_that_applies(name, expected):
     assert rnnc.analyze(name).backend == expected
@@ -93,13 +94,13 @@ LOWERINGS = {
     "s4d": ("loop scan triton newton", "scan"), "lstm": ("loop triton newton", "loop"),
     "mamba": ("loop scan triton newton", "loop"),
     "mingru": ("loop scan triton newton", "scan"), "minlstm": ("loop scan triton newton", "scan"),
-    "paragru": ("loop triton newton", "loop"), "paralstm": ("loop triton newton", "loop"),
+    "paragru": ("loop triton newton", "newton"), "paralstm": ("loop triton newton", "loop"),
     "running_logsumexp": ("loop scan triton newton", "scan"), "running_max": ("loop scan triton newton", "scan"),
     "rwkv6": ("loop scan chunk triton newton", "chunk"), "simple_gla": ("loop scan chunk triton newton", "chunk"),
     "hgrn2": ("loop scan chunk triton newton", "chunk"), "mamba2": ("loop scan chunk triton newton", "chunk"),
     "mlstm": ("loop chunk triton", "chunk"), "qrnn": ("loop scan triton newton", "scan"),
     "retnet": ("loop scan chunk triton newton", "chunk"), "rglru": ("loop scan triton newton", "scan"),
-    "slstm": ("loop triton newton", "loop"), "sru": ("loop triton newton", "loop"),
+    "slstm": ("loop triton newton", "loop"), "sru": ("loop triton newton", "newton"),
     "gsa": ("loop scan triton newton", "loop"),
     "deltanet_neg": ("loop chunk triton", "chunk"), "deltaproduct": ("loop chunk triton", "chunk"),
     "kda": ("loop chunk triton", "chunk"), "rwkv7": ("loop chunk triton", "chunk"),
@@ -117,3 +118,31 @@ def test_library_lowerings(name):
 
 def test_every_library_cell_has_expected_lowerings():
     assert set(LOWERINGS) == set(rnnc.library())
+
+
+def test_auto_runs_newton_only_where_it_measured_faster():
+    """A smooth diagonal cell under auto: Newton for a long sequence when a gradient is taken and the
+    steps hold few state entries; the loop for a short sequence, without a gradient, or with many
+    entries per step. Both give the loop's values and gradients."""
+    cell = rnnc.build("paragru", H=8, I=3)
+    loop = rnnc.build("paragru", backend="loop", H=8, I=3)
+    loop.load_state_dict(cell.state_dict())
+    assert cell.backend == "newton" and "jacobian diagonal -> newton" in rnnc.analyze("paragru").summary()
+    newton, stepwise = _counting(cell, "_forward_newton"), _counting(cell, "_forward_loop")
+    gen = torch.Generator().manual_seed(0)
+    wide = NEWTON_MAX_ENTRIES // 8 + 1  # sequences in a batch with more entries per step than that
+    for B, T, grad in [(2, NEWTON_FROM, True), (2, NEWTON_FROM - 1, True), (2, NEWTON_FROM, False),
+                       (wide, NEWTON_FROM, True)]:
+        x = torch.randn(B, T, 3, generator=gen).requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y, final = cell(x)
+            y_ref, final_ref = loop(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(final["h"], final_ref["h"], rtol=1e-4, atol=1e-5)
+        if grad:
+            w = torch.randn(y.shape, generator=gen)
+            g, = torch.autograd.grad((y * w).sum(), x)
+            g_ref, = torch.autograd.grad((y_ref * w).sum(), x)
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    assert newton == [NEWTON_FROM]
+    assert stepwise == [NEWTON_FROM - 1, NEWTON_FROM, NEWTON_FROM]

@@ -25,6 +25,7 @@ import torch
 
 from rnnc.errors import InputError
 
+from .calling import _gather_inputs
 from .scan import _matrix_scan
 
 #: The most numbers a dense group's Jacobians may hold (for all steps at once): 2^28, 1 GiB in float32.
@@ -91,6 +92,26 @@ def _newton(cell, step, step_jac, s0, T, groups):
     if not any(f.requires_grad for f in F):
         return tuple(H)
     return _NewtonAdjoint.apply((step_jac, tuple(p.detach() for p in prev), groups), *F)
+
+
+def _newton_pays(cell, args, kwargs, rank, dims, entries):
+    """Whether a module built with backend "auto" runs this call by Newton's method (rnnc/schedule.py,
+    NEWTON_FROM): a gradient is being taken (of an input or a param), the sequences have NEWTON_FROM
+    steps or more, and all of them together hold at most NEWTON_MAX_ENTRIES state entries per step
+    (`entries` of the built `dims`' sizes, per sequence). Never when compiling or exporting (the
+    iterations stop on the data), nor when the dims are not known yet (the loop reports what is missing)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or not torch.is_grad_enabled():
+        return False
+    inputs = _gather_inputs(cell.INPUTS, args, kwargs)
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 + rank or x.shape[1] < cell.NEWTON_FROM:
+        return False
+    if not any(t.requires_grad for t in (*inputs, *cell.parameters()) if isinstance(t, torch.Tensor)):
+        return False
+    if any(d not in cell.dims for d in dims):
+        return False
+    rows = x.shape[0] * math.prod(x.shape[2:x.dim() - rank])
+    return rows * entries(*(cell.dims[d] for d in dims)) <= cell.NEWTON_MAX_ENTRIES
 
 
 def _newton_call(step, prev, lo, hi):
