@@ -126,9 +126,11 @@ def test_the_generated_jacobian_is_autograds(name, monkeypatch):
         seen.setdefault("step", step)
         return call(step, prev, lo, hi)
 
-    def record_linearize(step_jac, prev, lo, hi):
-        out = linearize(step_jac, prev, lo, hi)
-        seen.setdefault("linearized", (tuple(p.clone() for p in prev), lo, hi, out))  # the solver updates prev
+    def record_linearize(step_jac, prev, lo, hi, minus=None, out=None):
+        before = [p.clone() for p in prev], None if minus is None else [m.clone() for m in minus]
+        out = linearize(step_jac, prev, lo, hi, minus, out)
+        F = [f.clone() if m is None else f + m for f, m in zip(out[0], before[1] or [None] * len(prev))]
+        seen.setdefault("linearized", (before[0], lo, hi, (F, [j.clone() for j in out[1]])))  # buffers are reused
         return out
 
     monkeypatch.setattr(runtime, "_newton_call", record_call)

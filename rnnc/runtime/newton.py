@@ -53,23 +53,25 @@ def _newton(cell, step, step_jac, s0, T, groups):
     if torch.compiler.is_exporting():  # the iterations stop on the data: no graph holds them
         raise InputError("the newton backend cannot be exported: its number of iterations depends on the "
                          "data; export the cell built with backend='loop' (one op for every length)")
+    for kind, idx in groups:
+        width = sum(s0[i][0].numel() for i in idx)
+        if kind == "dense" and T * s0[0].shape[0] * width * width > _NEWTON_DENSE_MAX:
+            raise InputError(f"newton: a dense {width}x{width} Jacobian for each of {T} steps x {s0[0].shape[0]} "
+                             f"rows is {T * s0[0].shape[0] * width * width:,} numbers, over the limit of "
+                             f"{_NEWTON_DENSE_MAX:,}; use backend='loop' for this size (dense Newton pays only "
+                             "for small states)")
     max_its = cell.NEWTON_MAX_ITERS
     tol = cell.NEWTON_TOL if cell.NEWTON_TOL is not None else _newton_tolerance(s0[0].dtype)
     with torch.no_grad():
-        first = tuple(s.detach().unsqueeze(0).expand(T, *s.shape) for s in s0)
-        H = [h.clone() for h in _newton_call(step, first, 0, T)]  # every step from s0: step 0 exact
-        done, its = 1, 0  # the steps before `done` are final
+        H = _newton_guess(step, s0, T)
+        done, its, bufs = 1, 0, None  # the steps before `done` are final
         while done < T and its < max_its:
             its += 1
             prev = tuple(h[done - 1:T - 1] for h in H)
-            F, J = _newton_linearize(step_jac, prev, done, T)
-            delta = _newton_solve(J, tuple(f - h[done:] for f, h in zip(F, H)), groups)
-            worst = None  # per step, the largest |δ| - tol |h| (|δ| <= tol (1 + |h|) is converged)
-            for h, d in zip(H, delta):
-                h = h[done:]
-                h += d
-                excess = d.abs_().sub_(h.abs().mul_(tol)).reshape(T - done, -1).amax(1)  # in place: δ is ours
-                worst = excess if worst is None else torch.maximum(worst, excess)  # NaN stays NaN
+            bufs = _newton_linearize(step_jac, prev, done, T, minus=tuple(h[done:] for h in H), out=bufs)
+            R, J = bufs
+            delta = _newton_solve(J, R, groups)  # over R (the residuals F - H, then δ)
+            worst = _newton_update(H, delta, done, tol)
             still = torch.nonzero(~(worst <= tol))  # NaN compares False: never converged
             done = T if still.numel() == 0 else done + max(1, int(still[0]))
         sequential_from = done if done < T else None
@@ -92,6 +94,38 @@ def _newton(cell, step, step_jac, s0, T, groups):
     if not any(f.requires_grad for f in F):
         return tuple(H)
     return _NewtonAdjoint.apply((step_jac, tuple(p.detach() for p in prev), groups), *F)
+
+
+def _newton_guess(step, s0, T):
+    """The first iterate, [T, N, *shape] per state: every step from s0 (step 0 is then exact), a chunk of
+    steps at a time (see _NEWTON_CHUNK)."""
+    n = s0[0].shape[0]
+    chunk = max(1, _NEWTON_CHUNK // max(1, n * sum(s[0].numel() for s in s0)))
+    H = [s.new_empty((T, *s.shape)) for s in s0]
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        first = tuple(s.detach().unsqueeze(0).expand(c1 - c0, *s.shape) for s in s0)
+        for h, f in zip(H, _newton_call(step, first, c0, c1)):
+            h[c0:c1] = f
+    return H
+
+
+def _newton_update(H, delta, done, tol):
+    """H[done:] += δ, and per step the largest |δ| - tol |h| (|δ| <= tol (1 + |h|) is converged; NaN stays
+    NaN), a chunk of steps at a time; δ is overwritten."""
+    t, n = delta[0].shape[:2]
+    chunk = max(1, _NEWTON_CHUNK // max(1, n * sum(d[0, 0].numel() for d in delta)))
+    worst = delta[0].new_empty(t)
+    for c0 in range(0, t, chunk):
+        c1 = min(t, c0 + chunk)
+        part = None
+        for h, d in zip(H, delta):
+            h, d = h[done + c0:done + c1], d[c0:c1]
+            h += d
+            excess = d.abs_().sub_(h.abs().mul_(tol)).reshape(c1 - c0, -1).amax(1)
+            part = excess if part is None else torch.maximum(part, excess)
+        worst[c0:c1] = part
+    return worst
 
 
 def _newton_pays(cell, args, kwargs, rank, dims, entries):
@@ -121,14 +155,36 @@ def _newton_call(step, prev, lo, hi):
     return tuple(o.expand(t * n, *o.shape[1:]).reshape(t, n, *o.shape[1:]) for o in out)
 
 
-def _newton_linearize(step_jac, prev, lo, hi):
-    """f at prev (each [t, N, *shape]) and each group's Jacobian there, from the generated `step_jac`
-    (one pass over all rows: the step and its jvp, rendered from the IR): a diagonal group's
-    [t, N, *shape]; an m-state block's [t, N, *shape, m, m] (row: output state); a dense group's
-    [t, N, n, n] over its states' entries flattened in order."""
+#: Steps x rows x entries per chunk of the linearization: each chunk's temporaries (~1 MiB) stay in cache
+#: and are reused by the allocator, instead of page-faulting in fresh T*N-sized tensors for every op.
+_NEWTON_CHUNK = 1 << 18
+
+
+def _newton_linearize(step_jac, prev, lo, hi, minus=None, out=None):
+    """f at prev (each [t, N, *shape]) minus `minus` (the residuals, when given) and each group's Jacobian
+    there, from the generated `step_jac` (the step and its jvp, rendered from the IR: one pass over the
+    rows): a diagonal group's [t, N, *shape]; an m-state block's [t, N, *shape, m, m] (row: output state);
+    a dense group's [t, N, n, n] over its states' entries flattened in order. Computed a chunk of steps
+    at a time into `out` (the buffers an earlier call returned, at least t steps long; new when None)."""
     t, n = prev[0].shape[:2]
-    F, J = step_jac(tuple(p.reshape(t * n, *p.shape[2:]) for p in prev), lo, hi)
-    return (tuple(f.reshape(t, n, *f.shape[1:]) for f in F), [j.reshape(t, n, *j.shape[1:]) for j in J])
+    width = sum(p[0, 0].numel() for p in prev)
+    chunk = max(1, _NEWTON_CHUNK // max(1, n * width))
+    for c0 in range(0, t, chunk):
+        c1 = min(t, c0 + chunk)
+        F, J = step_jac(tuple(p[c0:c1].reshape((c1 - c0) * n, *p.shape[2:]) for p in prev), lo + c0, lo + c1)
+        if c0 == 0:
+            if out is None or out[0][0].shape[0] < t:
+                out = ([f.new_empty((t, n, *f.shape[1:])) for f in F], [j.new_empty((t, n, *j.shape[1:])) for j in J])
+            out = ([o[:t] for o in out[0]], [o[:t] for o in out[1]])
+        for i, f in enumerate(F):
+            f = f.expand((c1 - c0) * n, *f.shape[1:]).reshape(c1 - c0, n, *f.shape[1:])
+            if minus is None:
+                out[0][i][c0:c1] = f
+            else:
+                torch.sub(f, minus[i][c0:c1], out=out[0][i][c0:c1])
+        for o, j in zip(out[1], J):
+            o[c0:c1] = j.reshape(c1 - c0, n, *j.shape[1:])
+    return out
 
 
 def _newton_dense_jacobian(tangent, prev):
@@ -138,10 +194,6 @@ def _newton_dense_jacobian(tangent, prev):
     rows = prev[0].shape[0]
     sizes = [p[0].numel() for p in prev]
     width = sum(sizes)
-    if rows * width * width > _NEWTON_DENSE_MAX:
-        raise InputError(f"newton: a dense {width}x{width} Jacobian for each of {rows} (steps x sequences) is "
-                         f"{rows * width * width:,} numbers, over the limit of {_NEWTON_DENSE_MAX:,}; use "
-                         "backend='loop' for this size (dense Newton pays only for small states)")
 
     def column(e):
         tangents = [part.reshape(p.shape[1:]).expand(p.shape) for part, p in zip(e.split(sizes), prev)]
