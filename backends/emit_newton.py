@@ -32,9 +32,9 @@ def attributes(L: Lines) -> None:
 
 def auto_attributes(L: Lines, plan: NewtonPlan) -> None:
     """Where a module built with backend "auto" runs Newton (rnnc/schedule.py, NEWTON_FROM)."""
-    L("#: backend 'auto': Newton's method runs when a gradient is taken, for sequences of NEWTON_FROM steps or")
-    L("#: more with at most NEWTON_MAX_ENTRIES state entries per step (all sequences); the loop otherwise,")
-    L("#: where it measured faster (rnnc's benchmarks)")
+    L("#: backend 'auto': Newton's method runs for sequences of NEWTON_FROM steps or more with at most")
+    L("#: NEWTON_MAX_ENTRIES state entries per step (all sequences); the loop otherwise, where it measured")
+    L("#: faster (rnnc's benchmarks)")
     L(f"NEWTON_FROM = {plan.auto_from}")
     L(f"NEWTON_MAX_ENTRIES = {plan.auto_max_entries}")
     L()

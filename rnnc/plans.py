@@ -30,7 +30,7 @@ class NewtonPlan:
     coupled through the step, each with its Jacobian block's structure (rnnc/jacobian.py)."""
 
     groups: tuple = ()  # of jacobian.JacobianGroup
-    # chosen by backend "auto": the module runs Newton only from `auto_from` steps on, for training, with
+    # chosen by backend "auto": the module runs Newton only from `auto_from` steps on, with
     # at most `auto_max_entries` state entries per step, and the loop otherwise (rnnc/schedule.py)
     auto_from: int | None = None
     auto_max_entries: int | None = None

@@ -35,10 +35,11 @@ LOOP_BELOW = {"scan": 64, "chunk": 8}
 #: `auto` takes Newton's method over time (backend "newton") for a nonlinear cell whose every group of
 #: states has a diagonal Jacobian that is smooth in them (no relu or maximum on a state: those make Newton
 #: an active-set iteration, IndRNN's 15-32 iterations), and the built module runs it only where it
-#: measured faster than the loop on CPU (benchmarks/RESULTS.md, bench_newton.py, paragru, 1 thread):
-#: forward+backward 2.8× at B·H = 256 state entries per step (T = 1024..16384), 0.8-1.0× at 1024; the
-#: forward alone 0.9× or less everywhere. So: when a gradient is being taken, from NEWTON_FROM steps,
-#: with at most NEWTON_MAX_ENTRIES entries per step (all sequences); the loop otherwise.
+#: measured faster than the loop on CPU (benchmarks/RESULTS.md, bench_newton.py, paragru, 1 thread): at
+#: B·H = 256 state entries per step, forward 1.2-1.6× and forward+backward 2.6-4.7× (T = 1024..16384);
+#: at 1024 entries, forward 0.5× and forward+backward 1.0-1.2×. So: sequences of NEWTON_FROM steps or
+#: more (the shortest measured) with at most NEWTON_MAX_ENTRIES entries per step (all sequences together);
+#: the loop otherwise.
 NEWTON_FROM = 1024
 NEWTON_MAX_ENTRIES = 256
 #: On the triton backend, sequences shorter than this (and `step`) run the fused recurrent kernel
@@ -192,7 +193,7 @@ def pick(backend: str, report: Report | None = None, device=None) -> str:
         # scan of a matrix state would materialise every step's state, so those take the chunk
         # form or the loop. Below LOOP_BELOW steps the built module runs the loop itself.
         # Newton for smooth diagonal nonlinear cells, which the module runs where it measured faster
-        # (training, long sequences, few entries per step: NEWTON_FROM), the loop elsewhere.
+        # (long sequences, few entries per step: NEWTON_FROM), the loop elsewhere.
         if report is not None and report.classes:
             if why_not("chunk", report) is None:
                 return "chunk"
@@ -266,8 +267,8 @@ def triton_note(report: Report) -> None:
 def loop_below(backend: str, report: Report) -> int | None:
     """With auto and a parallel lowering: the length below which the module runs the loop (noted)."""
     if backend == "auto" and report.backend == "newton":
-        report.notes.append(f"auto: newton runs when a gradient is taken, from {NEWTON_FROM} steps, with at most "
-                            f"{NEWTON_MAX_ENTRIES} state entries per step; the loop otherwise (faster there)")
+        report.notes.append(f"auto: newton runs from {NEWTON_FROM} steps with at most {NEWTON_MAX_ENTRIES} state "
+                            "entries per step; the loop otherwise (faster there)")
         return None
     n = LOOP_BELOW.get(report.backend) if backend == "auto" else None
     if n:
