@@ -83,7 +83,7 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
     L('"""The states after steps lo..hi-1, each [(hi-lo)*N, ...], from those before them (prev)."""')
     L(f"{', '.join(step.name(s.node_in) for s in cell.states)}, = prev")
     step.emit(L, [n for n in rec.loop if n in needed], "loop")
-    L(f"return ({', '.join(_next(step, cell.graph, s.node_out, s.shape, stages) for s in cell.states)},)")
+    L(f"return ({', '.join(_next(step, s.node_out, s.shape, stages) for s in cell.states)},)")
     L.dedent()
     L()
     _emit_step_jac(L, rec, plan)
@@ -105,7 +105,7 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
 
 
-def _next(step, graph, nid: int, shape, stages) -> str:
+def _next(step, nid: int, shape, stages) -> str:
     """A value of the step as [(hi-lo)*N, *shape] rows (a constant one expanded)."""
     if stages.get(nid, "const") == "const":
         return f"{step.tensor(nid, 'const')}.expand((hi - lo) * N, *{shape_text(shape)})"
@@ -186,7 +186,7 @@ def _emit_step_jac(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
         if gr.kind == "dense":
             for s, leaf in zip(gr.states, jac.leaves[k]):
                 _name(jr, leaf, f"tan_{s}")
-            pairs = [(s, e) for s, e in zip(gr.states, jac.entries[k])]
+            pairs = list(zip(gr.states, jac.entries[k]))
         else:
             pairs = [(f"{si}_{sj}" if len(gr.states) > 1 else si, e)
                      for si, row in zip(gr.states, jac.entries[k]) for sj, e in zip(gr.states, row)]
@@ -219,7 +219,7 @@ def _emit_step_jac(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
         def entry(e, shape):
             if e is None:
                 return f"torch.zeros({rows}, *{shape_text(shape)}, dtype=cdt, device=dev)"
-            return _next(jr, g, e, shape, jac.stages)
+            return _next(jr, e, shape, jac.stages)
 
         if gr.kind == "diagonal":
             blocks.append(entry(jac.entries[k][0][0], shapes[0]))
@@ -240,13 +240,14 @@ def _emit_step_jac(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
             L.dedent()
             prev = ", ".join(jr.name(by_name[n].node_in) for n in gr.states)
             blocks.append(f"_newton_dense_jacobian({fn}, ({prev},))")
-    states = ", ".join(_next(jr, g, s.node_out, s.shape, jac.stages) for s in cell.states)
+    states = ", ".join(_next(jr, s.node_out, s.shape, jac.stages) for s in cell.states)
     L(f"return ({states},), ({', '.join(blocks)},)")
     L.dedent()
     r.used_names |= {jr.names[n] for n in consts if n in jr.names}  # bound in the forward
 
 
 def _name(r, nid: int, base: str) -> None:
+    """Name a node of the Jacobian's graph `base` (or base_2, ...: unused so far)."""
     name, k = base, 2
     while name in r.used_names:
         name, k = f"{base}_{k}", k + 1

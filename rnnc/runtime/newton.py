@@ -131,9 +131,9 @@ def _newton_update(H, delta, done, tol):
 def _newton_pays(cell, args, kwargs, rank, dims, entries):
     """Whether a module built with backend "auto" runs this call by Newton's method (rnnc/schedule.py,
     NEWTON_FROM): the sequences have NEWTON_FROM steps or more, and all of them together hold at most
-    NEWTON_MAX_ENTRIES state entries per step
-    (`entries` of the built `dims`' sizes, per sequence). Never when compiling or exporting (the
-    iterations stop on the data), nor when the dims are not known yet (the loop reports what is missing)."""
+    NEWTON_MAX_ENTRIES state entries per step (`entries` of the built `dims`' sizes, per sequence). Never
+    when compiling or exporting (the iterations stop on the data), nor when the dims are not known yet
+    (the loop reports what is missing)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
     inputs = _gather_inputs(cell.INPUTS, args, kwargs)
