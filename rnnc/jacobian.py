@@ -107,7 +107,8 @@ def jacobian_groups(cell: Cell, classes: dict[str, dict] | None = None) -> tuple
     for members in groups.values():
         single = all(all(D.equal(d, D.const(1)) for d in shapes[n]) for n in members)  # one entry each
         dense = not single and any(how == DENSE for n in members for how in dep[n].values())
-        jump = jumps(cell, members)
+        nonlinear = classes is None or any(classes.get(n, {}).get("class") == "nonlinear" for n in members)
+        jump = jumps(cell, members) if nonlinear else None  # only Newton's choice reads it (rnnc/schedule.py)
         if dense:
             total = sum((sympy.Mul(*shapes[n]) if shapes[n] else sympy.Integer(1) for n in members), sympy.Integer(0))
             out.append(JacobianGroup("dense", tuple(members), D.fmt(sympy.simplify(total)), jump))
