@@ -23,11 +23,12 @@ diagonal sub-chunk blocks; the dplr chunk is 16 rows by default, one such block)
 exponents X_j = sum_{j < s <= i} g_s are carried from the previous row (X_j += g_i for j < i) and masked
 to -inf for j > i before exp; row i of A_b. uses the previous row's exponentials (G_{i-1} - G_j). With a
 scalar or no decay they are matmuls times the masked pair factors e^{G_i - G_j}, e^{G_{i-1} - G_j}
-(DeltaProduct, 32 rows a chunk by default: tensor-core work). Numerics as chunk.py: every exponent is a direct sum of gates <= 0
-(cumsums of the gates, of the gates one row up for G_{i-1}, reverse cumsums of the gates one row down
-for G_last - G_j), never a difference of two cumulative sums; gates clamped at -1e4 on load (exp is
-exactly 0 in float32 there either way), so -inf gates (hard resets) give no NaN; masked rows (ragged
-tail, rows of the power-of-two block past the chunk) load zeros and change nothing.
+(DeltaProduct, 32 rows a chunk by default: tensor-core work). Numerics as chunk.py: every exponent is
+a direct sum of gates <= 0 (cumsums of the gates, of the gates one row up for G_{i-1}, reverse cumsums
+of the gates one row down for G_last - G_j), never a difference of two cumulative sums; gates clamped
+at -1e4 on load (exp is exactly 0 in float32 there either way), so -inf gates (hard resets) give no
+NaN; masked rows (ragged tail, rows of the power-of-two block past the chunk) load zeros and change
+nothing.
 
 Backward: the forward saves the state entering each chunk; `_triton_dplr_bwd_dh` carries the state's
 adjoint back over the chunks (per V block),
@@ -36,9 +37,10 @@ adjoint back over the chunks (per V block),
 K and V), recomputing the pair matrices, Ti, W and U from the saved state, and runs the chain above in
 reverse: dTi = dU (A_bk V)^T + dW B~^T and dA_ba = Ti^T dTi Ti^T (strictly lower), dA_bk = (Ti^T dU)
 V^T, dA_q. = dO U^T, dO V^T (lower). The pair matrices' gradients reach q, k, a, b by the same row
-loop, and the log-decays term by term (each exponent's gates get the gradient of the terms whose
-exponent contains them: pairs j < s <= i, rows i >= s of Q e^G, i > s of B~, j < s of the tails, and the
-entering state's e^{G_last} at every row), so nothing cancels: a gate behind a -inf gate gets exactly 0.
+loop (per-key decays) or matmuls, and the log-decays term by term (each exponent's gates get the
+gradient of the terms whose exponent contains them: pairs j < s <= i, rows i >= s of Q e^G, i > s of
+B~, j < s of the tails, and the entering state's e^{G_last} at every row; a scalar decay sums them over
+the keys), so nothing cancels: a gate behind a -inf gate gets exactly 0.
 
 Every load is upcast to float32 before any arithmetic (the CPU interpreter's bf16 rule), tl.dot runs
 with input_precision="ieee", outputs are cast to the input dtype, gradients returned in the inputs'
@@ -152,8 +154,9 @@ def _triton_dplr_pairs(q, k, a, b, g, gx, rt, nd, GATE: tl.constexpr):
 
 
 @triton.jit
-def _triton_dplr_pairs_grad(q, k, a, b, g, gx, dAqk, dAqa, dAbk, dAba, rt, nd, GATE: tl.constexpr):
-    """The pair matrices' gradients [BT, BT] pushed to (dq, dk, da, db) [BT, BK] and the gates (dg, [BT, BK]
+def _triton_dplr_pairs_grad(q, k, a, b, g, gx, Aqk, Aqa, Abk, Aba, dAqk, dAqa, dAbk, dAba, rt, nd,
+                            GATE: tl.constexpr):
+    """The pair matrices' (A) gradients (dA) [BT, BT] pushed to (dq, dk, da, db) [BT, BK] and the gates (dg, [BT, BK]
     per key, [BT, 1] scalar). Per-key decays: the row loop of _triton_dplr_pairs again; row i's terms
     P_j = (dA_i.k k_j + dA_i.a a_j) q_i e^{G_i - G_j} go to the gates j < s <= i (a matmul with the
     strictly lower 0/1 matrix sums them over j < s), the b rows' to j < s <= i - 1. A scalar decay: the
@@ -198,9 +201,8 @@ def _triton_dplr_pairs_grad(q, k, a, b, g, gx, dAqk, dAqa, dAbk, dAba, rt, nd, G
         da = tl.dot(tl.trans(dQa), q, input_precision="ieee") + tl.dot(tl.trans(dBa), b, input_precision="ieee")
         dg = g * 0.0
         if GATE == 1:  # Z_ij: the pair (i, j)'s term; its gates j < s <= i (q rows), j < s <= i - 1 (b rows)
-            Zq = tl.where(rt[:, None] > rt[None, :], (dQk * tl.dot(q, tl.trans(k), input_precision="ieee")
-                                                       + dQa * tl.dot(q, tl.trans(a), input_precision="ieee")), 0.0)
-            Zb = dBk * tl.dot(b, tl.trans(k), input_precision="ieee") + dBa * tl.dot(b, tl.trans(a), input_precision="ieee")
+            Zq = tl.where(rt[:, None] > rt[None, :], dAqk * Aqk + dAqa * Aqa, 0.0)
+            Zb = dAbk * Abk + dAba * Aba
             upto = tl.where(rt[None, :] >= rt[:, None], 1.0, 0.0)                     # [s, i]: i >= s
             R = tl.dot(upto, Zq, input_precision="ieee") + tl.dot(tl.trans(lower), Zb, input_precision="ieee")
             dg += tl.sum(tl.where(rt[None, :] < rt[:, None], R, 0.0), 1)[:, None]     # [s, j]: j < s
@@ -230,7 +232,8 @@ def _triton_dplr_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_
         eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
         Ti = _triton_unit_tril_inverse(-Aba, rt, tl.minimum(C, T - ic * C))           # (I - A_ba)^{-1}
         W = tl.dot(Ti, b * eGx, input_precision="ieee")
-        U = tl.dot(Ti, tl.dot(Abk, v, input_precision="ieee"), input_precision="ieee") + tl.dot(W, S, input_precision="ieee")
+        U = (tl.dot(Ti, tl.dot(Abk, v, input_precision="ieee"), input_precision="ieee")
+             + tl.dot(W, S, input_precision="ieee"))
         o = (tl.dot(q * eG, S, input_precision="ieee") + tl.dot(Aqa, U, input_precision="ieee")
              + tl.dot(Aqk, v, input_precision="ieee"))
         S = (S * eC[:, None] + tl.dot(tl.trans(a * eL), U, input_precision="ieee")
@@ -312,7 +315,8 @@ def _triton_dplr_bwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h_ptr, dh_ptr, do
     dqg = tl.dot(do, tl.trans(S), input_precision="ieee")                             # of Q e^G
     dag = tl.dot(U, tl.trans(dS), input_precision="ieee")                             # of A e^{G_last - G}
     dkg = tl.dot(v, tl.trans(dS), input_precision="ieee")                             # of K e^{G_last - G}
-    dq, dk, da, db, dg = _triton_dplr_pairs_grad(q, k, a, b, g, gx, dAqk, dAqa, dAbk, dAba, rt, nd, GATE)
+    dq, dk, da, db, dg = _triton_dplr_pairs_grad(q, k, a, b, g, gx, Aqk, Aqa, Abk, Aba, dAqk, dAqa, dAbk, dAba, rt,
+                                                 nd, GATE)
     mqk = m[:, None] & mk[None, :]
     tl.store(dq_ptr + row[:, None] * K + ck[None, :], dq + dqg * eG, mask=mqk)
     tl.store(dk_ptr + row[:, None] * K + ck[None, :], dk + dkg * eL, mask=mqk)
