@@ -204,6 +204,16 @@ def test_newton_solves_linear_cells_too(name):
     assert newton.newton_info["converged"] and newton.newton_info["iterations"] <= (layers + 1 if linear else 12)
 
 
+@pytest.mark.parametrize("name", ["paragru", "paralstm", "gru", "indrnn"])
+def test_newton_in_chunks_of_steps_matches_the_loop(name, monkeypatch):
+    """The guess, the linearization and the update run a chunk of steps at a time (at library sizes one
+    chunk holds every step): with chunks of 1-3 steps, the same values and gradients."""
+    import rnnc.runtime.newton as runtime
+
+    monkeypatch.setattr(runtime, "_NEWTON_CHUNK", 24)
+    _compare(name, 65)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NONLINEAR)
 def test_newton_matches_the_loop_long(name):
