@@ -137,8 +137,8 @@ def _dplr_key_parts(xs, ys, g):
     for d in range(1, b):
         ed = blocks(e_offsets[d - 1], nb, b - d)
         yd = [blocks(y, nb, b)[..., :b - d, :] * ed for y in ys]
-        D = D + torch.diag_embed(combos([[(blocks(x, nb, b)[..., d:, :] * y).sum(-1) for y in yd] for x in xs]),
-                                 offset=-d)
+        xd = [blocks(x, nb, b)[..., d:, :] for x in xs]  # sliced once each (a slice's backward is full-size)
+        D = D + torch.diag_embed(combos([[(x * y).sum(-1) for y in yd] for x in xd]), offset=-d)
     # halving levels, smallest blocks first: a block of h rows is [[D_lo, 0], [cross, D_hi]], the cross
     # pairs of every x and y in one matmul (operands side by side: rows [nx * m], columns [ny * m])
     for h, e in zip(reversed(levels), reversed(e_levels)):
