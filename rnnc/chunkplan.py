@@ -256,12 +256,13 @@ def _per_head(cell: Cell, stages: dict[int, str]) -> ChunkPlan:
     except NotPerHead as e:
         raise NotChunkable(f"its heads are not independent ({e})") from None
     plan = chunk_plan(one, stages, classify(one, stages))
-    if plan.kind == "dplr":
-        raise NotChunkable("the generalized delta rule with heads declared as a dim is not chunked yet")
     lift = Lift(cell, one.graph, headed)
+    fields = ("q", "k", "v", "gk", "gv", "g", "beta")
     try:
         return replace(plan, heads=cell.states[0].shape[0],
-                       **{key: lift.full(getattr(plan, key)) for key in ("q", "k", "v", "gk", "gv", "g", "beta")},
+                       **{key: lift.full(getattr(plan, key)) for key in fields},
+                       steps=tuple(replace(st, **{key: lift.full(getattr(st, key)) for key in ("a", "b", "k", "v", "gk", "g")})
+                                   for st in plan.steps),
                        scale=tuple(lift.full(n) for n in plan.scale),
                        extra=tuple((lift.node(n), sign) for n, sign in plan.extra),
                        positive=tuple(lift.node(n) for n in plan.positive))

@@ -169,13 +169,16 @@ def _split(t: Term) -> tuple[tuple[Atom, ...], Atom, Atom, tuple[Atom, ...]]:
 
 
 def _scaled(g: Graph, vec: int, diags: tuple[Atom, ...], scalars=(), num=1) -> int:
-    """vec ⊙ Π diags · Π scalars · num, as nodes (a diagonal or scalar that divides: a division)."""
+    """vec ⊙ Π diags · Π scalars · num, as nodes (a diagonal or scalar that divides: a division); a
+    scalar with unit axes (`beta[None, None]`, one head's β) is taken without them, so vec keeps its shape."""
+    from .chunkplan import _unexpanded
+
     out = vec
     for atom in diags:
         factor = _vector(g, atom.node)
         out = _binary(g, "div" if atom.inv else "mul", out, _oriented(g, atom, False, 2) if factor is None else factor)
     for n, inv in scalars:
-        out = _binary(g, "div" if inv else "mul", out, n)
+        out = _binary(g, "div" if inv else "mul", out, _unexpanded(g, n))
     if num != 1:
         value = float(num)
         out = _binary(g, "mul", _const(g, int(value) if value == int(value) else value), out)

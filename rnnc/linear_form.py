@@ -278,6 +278,11 @@ class _Builder:
                 return replace(t, orient="col", left=(Atom("col", f),) + t.left)
             if t.orient == "row" and len(fs) == 2 and D.equal(fs[1], D.ONE) and len(ys) == 1:
                 return replace(t, orient="mat", left=(Atom("col", f),) + t.left)
+            if t.orient == "mat" and len(ys) == 2 and len(fs) == 2:  # a row as [1, n] times a column [m, 1]
+                if D.equal(ys[0], D.ONE) and D.equal(fs[1], D.ONE):  # (per head: `k[:, None] * kS[None, :]`)
+                    return replace(t, left=(Atom("col", f),) + t.left)
+                if D.equal(ys[1], D.ONE) and D.equal(fs[0], D.ONE):
+                    return replace(t, right=t.right + (Atom("row", f),))
             return None
 
         return self.each(a, one, "a broadcasting product")

@@ -197,7 +197,7 @@ def _peeled(g: Graph, t: Term) -> Term:
 
 
 def _peel(g: Graph, atom: Atom) -> Term:
-    """A row or column atom with its scalar factors moved to the coefficient: col(β k) = β col(k)."""
+    """A row or column atom with its scalar factors and unit axes moved out: col(β k[:, None]) = β col(k)."""
     node, sign, num, scalars = atom.node, 1, 1, []
     while True:
         n = g[node]
@@ -214,6 +214,10 @@ def _peel(g: Graph, atom: Atom) -> Term:
                 node = vec
                 continue
         break
+    if atom.kind == "col":  # k[:, None] is the column k (and b[None, :] the row b): one atom for both writings
+        node = strip_newaxis(g, node)[0]
+    elif (row := _row_vector(g, node)) is not None:
+        node = row
     return Term("", "mat", sign, num, tuple(sorted(scalars)), left=(replace(atom, node=node),))
 
 

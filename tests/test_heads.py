@@ -15,7 +15,7 @@ from rnnc.analysis import analyze_cell
 from rnnc.optimize import optimize
 from rnnc.plans import chunk_plan
 
-from helpers import DIMS, library_inputs
+from helpers import DIMS, library_inputs, outputs_and_grads
 
 RETNET_HEAD = "cell r(q: [NH, K], k: [NH, K], v: [NH, V]) -> (o: [NH, V]) {\n    state S: [NH, K, V] = 0\n"
 
@@ -91,6 +91,67 @@ def _agree(spec, dims, T, heads, chunk_size=16, tol=1e-9):
 def test_chunk_matches_loop(name, T, heads):
     dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
     _agree(name, dims, T, heads)
+
+
+# The delta rule with heads declared as a dim, as fla's layers hold it: per-head params (Gated
+# DeltaNet's A_log and dt_bias, a per-head scale of KDA's per-key gate), every product written per head.
+DELTA_HEADS = {
+    "delta": """cell gated_deltanet_heads(q: [NH, K], k: [NH, K], v: [NH, V], a: [NH], beta: [NH]) -> (o: [NH, V]) {
+    param A_log: [NH] = 0
+    param dt_bias: [NH] = 0
+    state S: [NH, K, V] = 0
+    let g = -exp(A_log) * softplus(a + dt_bias)
+    let kS = sum(k[:, :, None] * S, axis=1)
+    S = exp(g)[:, None, None] * (S - beta[:, None, None] * k[:, :, None] * kS[:, None, :]) + beta[:, None, None] * k[:, :, None] * v[:, None, :]
+    o = sum(q[:, :, None] * S, axis=1) / sqrt(K)
+}
+""",
+    "dplr": """cell kda_heads(q: [NH, K], k: [NH, K], v: [NH, V], g: [NH, K], beta: [NH]) -> (o: [NH, V]) {
+    param A_log: [NH] = 0
+    state S: [NH, K, V] = 0
+    let D = exp(g * exp(A_log)[:, None])[:, :, None] * S
+    let kD = sum(k[:, :, None] * D, axis=1)
+    S = D - beta[:, None, None] * k[:, :, None] * kD[:, None, :] + beta[:, None, None] * k[:, :, None] * v[:, None, :]
+    o = sum(q[:, :, None] * S, axis=1) / sqrt(K)
+}
+""",
+}
+
+
+@pytest.mark.parametrize("kind", ["delta", "dplr"])
+def test_delta_rule_heads_plan_and_auto(kind):
+    """The heads of the delta rule (scalar gate: kind "delta"; per-key gate: the generalized form,
+    "dplr") are batch rows of the chunk form, as the additive form's; auto takes it."""
+    spec = DELTA_HEADS[kind]
+    cell, plan = _plan(spec)
+    assert (plan.kind, str(plan.heads)) == (kind, "NH")
+    for nid in [plan.q] + ([plan.k, plan.v, plan.beta, plan.g] if kind == "delta" else
+                           [n for st in plan.steps for n in st.nodes()]):
+        assert str(cell.graph[nid].shape[0]) == "NH"
+    report = rnnc.analyze(spec)
+    (state,) = report.to_dict()["states"].values()
+    assert (report.backend, state["transition"], state["heads"]) == ("chunk", "identity_minus_low_rank", "NH")
+
+
+@pytest.mark.parametrize("kind", ["delta", "dplr"])
+@pytest.mark.parametrize("T,heads", [(1, 1), (15, 2), (16, 1), (37, 1)])
+def test_delta_rule_heads_chunk_matches_loop(kind, T, heads):
+    _agree(DELTA_HEADS[kind], {"NH": 2, "K": 4, "V": 3}, T, heads, chunk_size=8)
+
+
+def test_delta_rule_heads_triton_chunk_matches_loop():
+    """On the triton backend the heads are batch rows of the chunkwise delta-rule kernels (the
+    interpreter on CPU), values and gradients as the loop's."""
+    pytest.importorskip("triton")
+    spec, dims = DELTA_HEADS["delta"], {"NH": 2, "K": 4, "V": 3}
+    assert "triton: chunkwise kernels" in rnnc.analyze(spec, backend="triton").notes
+    ref = rnnc.build(spec, backend="loop", **dims)
+    cell = rnnc.build(spec, backend="triton", chunk_size=16, **dims)
+    cell.load_state_dict(ref.state_dict())
+    inputs = [x.float().detach().requires_grad_() for x in library_inputs(spec, 2, 70, 1, False, torch.float64, seed=3)]
+    res = [outputs_and_grads(c, inputs) for c in (cell, ref)]
+    for a, b in zip(*[[*ys, final["S"], *grads] for ys, final, grads in res]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _rwkv6_heads() -> str:
