@@ -114,10 +114,11 @@ def emit(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
 
 def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     """Several states in one chunk pass (rnnc/chunkplan.py, staged_plan): the max-plus states by
-    `_maxplus_scan`, then, from their sequences, the decay and values of every step; the matrix state
-    and the vector states sharing its decay as one state [S | n] with values [c v | c'] by
-    `_chunk_linear` (`_triton_chunk_linear` on the triton backend; the max-plus scan and the
-    elementwise rows stay PyTorch); the output for all steps from the columns of its readout q @ [S | n]."""
+    `_maxplus_scan`, then, from their sequences, the decay and values of every step; the states
+    sharing the matrix state's decay and keys as one state [S | S2 | n] with values [c v | c2 v2 | c']
+    by `_chunk_linear` (`_triton_chunk_linear` on the triton backend; the max-plus scan and the
+    elementwise rows stay PyTorch), on the transposes for o = S @ q; the output for all steps from the
+    columns of its readout q @ [S | S2 | n]."""
     cell, r, stages = rec.cell, rec.r, rec.stages
     by_name = {s.name: s for s in cell.states}
     size = plan.chunk_size or default_chunk_size(plan)
@@ -146,26 +147,35 @@ def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
         rows.emit(L, [n for n in needs if stages.get(n) == "loop"])
     S = by_name[plan.state]
     names = [S.name] + [n for n, _ in plan.columns]
-    L(f"# {', '.join(names)} share their decay: one chunk pass over [{' | '.join(names)}], the vector "
-      f"state{'s' if len(plan.columns) > 1 else ''} as extra value columns (rnnc/runtime/chunk.py)")
-    v = seq(plan.v, 1)
-    cols = ", ".join(f"{seq(c, 0)}.unsqueeze(-1)" for _, c in plan.columns)
-    L(f"v_all = torch.cat([{v}, {cols}], -1)" if plan.columns else f"v_all = {v}")
-    h0 = ", ".join([f"s0_{S.name}"] + [f"s0_{n}.unsqueeze(-1)" for n, _ in plan.columns])
-    L(f"s0_all = torch.cat([{h0}], -1)" if plan.columns else f"s0_all = {h0}")
+    L(f"# {', '.join(names)} share their decay and keys: one chunk pass over [{' | '.join(names)}], "
+      f"the other states as extra value columns{' (on the transposes: o = S @ q)' if plan.transposed else ''} "
+      "(rnnc/runtime/chunk.py)")
+    flip = ".transpose(-1, -2)" if plan.transposed else ""
+    vs, h0s = [seq(plan.v, 1)], [f"s0_{S.name}{flip}"]
+    for n, c in plan.columns:  # a matrix state: its values [V2]; a vector state: one column
+        vec = len(by_name[n].shape) == 1
+        vs.append(f"{seq(c, 0)}.unsqueeze(-1)" if vec else seq(c, 1))
+        h0s.append(f"s0_{n}.unsqueeze(-1)" if vec else f"s0_{n}{flip}")
+    L(f"v_parts = [{', '.join(vs)}]")
+    L("widths = [x.shape[-1] for x in v_parts]")
+    L(f"s0_all = torch.cat([{', '.join(h0s)}], -1)")
     gk = seq(plan.gk, 1) if plan.gk is not None else (f"{seq(plan.g, 0)}.unsqueeze(-1)" if plan.g is not None
                                                       else "None")
     before = ", before=True" if plan.before else ""
     if plan.triton:  # the joined pass by the Triton chunk kernels (any number of value columns)
         L("_check_triton_device(s0_all)")
     fn = "_triton_chunk_linear" if plan.triton else "_chunk_linear"
-    L(f"o_all, s_all = {fn}({seq(plan.q, 1)}, {seq(plan.k, 1)}, v_all, {gk}, None, s0_all, {size}{before})")
-    ncol = len(plan.columns)
-    part = {S.name: f"[..., :{-ncol}]" if ncol else ""}
-    part.update({n: f"[..., {i - ncol}]" for i, (n, _) in enumerate(plan.columns)})
+    L(f"o_all, s_all = {fn}({seq(plan.q, 1)}, {seq(plan.k, 1)}, torch.cat(v_parts, -1), {gk}, None, "
+      f"s0_all, {size}{before})")
+    L("o_parts, s_parts = o_all.split(widths, -1), s_all.split(widths, -1)")
+    part, final = {}, []
+    for i, n in enumerate(names):
+        vec = len(by_name[n].shape) == 1
+        part[n] = f"o_parts[{i}]{'[..., 0]' if vec else ''}"
+        final.append(f"s_parts[{i}]{'[..., 0]' if vec else flip}")
     L("# the output's reads of the states: columns of the joined readout")
     for nid, name, sign, rest in plan.reads:
-        value = f"{'-' if sign < 0 else ''}o_all{part[name]}.flatten(0, 1)"
+        value = f"{'-' if sign < 0 else ''}{part[name]}.flatten(0, 1)"
         if rest is not None and stages.get(rest) == "loop":
             rows.emit(L, [rest])
             value = f"{value} + {r.operand(rest, 'loop').at(ATOM)}"
@@ -177,5 +187,5 @@ def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
     rows.emit(L, [o.node for o in rec.loop_outs])
     for o in rec.loop_outs:
         L(f"out_{o.name} = {r.operand(o.node, 'loop').at(ATOM)}.reshape(T, N, *{shape_text(o.shape)})")
-    final = [f"s_all{part[n]}" for n in names] + [f"all_{m.state}[-1]" for m in plan.maxplus]
+    final += [f"all_{m.state}[-1]" for m in plan.maxplus]
     L(f"{', '.join(r.name(by_name[n].node_in) for n in names + [m.state for m in plan.maxplus])} = {', '.join(final)}")

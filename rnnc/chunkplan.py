@@ -296,10 +296,10 @@ def _dot_read(cell: Cell, stages: dict[int, str], s, nid: int) -> tuple[str, int
     return t.state, t.left[0].node, t.sign
 
 
-def _reads(cell: Cell, stages: dict[int, str], states: list, out: int) -> list[tuple[int, str, int, int, str]]:
-    """The values nearest the output that are ± q @ S (matrix S) or ± q · n (vector n) of one of
-    `states`, plus state-free terms: (node, state, sign, q, "old" | "new"). NotChunkable when the
-    output reaches a state other than through such a read."""
+def _reads(cell: Cell, stages: dict[int, str], states: list, out: int) -> list[tuple]:
+    """The values nearest the output that are ± q @ S or ± S @ q (matrix S) or ± q · n (vector n) of
+    one of `states`, plus state-free terms: (node, state, sign, q, "old" | "new", "left" | "right" |
+    None). NotChunkable when the output reaches a state other than through such a read."""
     g = cell.graph
     touched = {n: s for s in states for n in (s.node_in, s.node_out)}
     found, seen, stack = [], set(), [out]
@@ -313,8 +313,8 @@ def _reads(cell: Cell, stages: dict[int, str], states: list, out: int) -> list[t
         if len(hits) == 1:
             (s,) = hits.values()
             read = contraction(cell, stages, s.name, nid) if len(s.shape) == 2 else _dot_read(cell, stages, s, nid)
-            if read is not None and (len(s.shape) == 1 or read[3] == "left"):
-                found.append((nid, s.name, read[2], read[1], read[0]))
+            if read is not None and (len(s.shape) == 1 or read.num == 1 and not read.scalars):
+                found.append((nid, s.name, read[2], read[1], read[0], read[3] if len(s.shape) == 2 else None))
                 continue
         if nid in touched:
             raise NotChunkable(f"an output reads state '{touched[nid].name}' other than as q @ {touched[nid].name}")
@@ -322,13 +322,24 @@ def _reads(cell: Cell, stages: dict[int, str], states: list, out: int) -> list[t
     return found
 
 
+def _outer_update(g: Graph, st: dict[int, str], s) -> tuple[int, int, int | None]:
+    """(col, row, c) of a matrix state's update c · col rowᵀ; NotChunkable otherwise."""
+    update = _update_of(g, st, s.node_out)
+    terms = matrix_terms(g, update) if update is not None else None
+    if not terms or len(terms) != 1 or [a.kind for a in terms[0].left] != ["col", "row"] or terms[0].dots \
+            or terms[0].elem or terms[0].right:
+        raise NotChunkable(f"the update of state '{s.name}' is not c k vᵀ")
+    return terms[0].left[0].node, terms[0].left[1].node, _scale(g, terms[0])
+
+
 def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> ChunkPlan:
     """Several states in one chunk pass: max-plus states (xLSTM's stabiliser m) by a max-plus scan
-    first; then, with their values known for every step, one matrix state with an additive update
-    c k vᵀ and any vector states n' = decay · n + c' k sharing its decay and k (mLSTM's normaliser,
-    C's "ones column"), joined into one state [S | n] with values [c v | c']; the output is
-    computed for all steps from its reads q @ S and q · n (the columns of the joined readout) and
-    the scanned sequences. NotChunkable with the reason when the cell is not of this shape."""
+    first; then, with their values known for every step, matrix states with additive updates c k vᵀ
+    sharing one decay and one k (Mamba-2 with extra states), and vector states n' = decay · n + c' k
+    sharing them too (mLSTM's normaliser, C's "ones column"), joined into one state [S | S2 | n] with
+    values [c v | c2 v2 | c']; the output is computed for all steps from its reads q @ S (or S @ q: then
+    the pass runs on the transposes, k the states' columns), q · n (the columns of the joined readout)
+    and the scanned sequences. NotChunkable with the reason when the cell is not of this shape."""
     from .maxplus import maxplus_form
 
     g = cell.graph
@@ -336,41 +347,56 @@ def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) ->
     early = {m.state for m in first}
     rest = [s for s in cell.states if s.name not in early]
     mats = [s for s in rest if len(s.shape) == 2]
-    if len(mats) != 1:
-        raise NotChunkable("the chunk backend handles one matrix state (with vector states sharing its decay, "
+    if not mats:
+        raise NotChunkable("the chunk backend needs a matrix state (with states sharing its decay and keys, "
                            "and max-plus states scanned first)")
-    (S,) = mats
-    vecs = [s for s in rest if s is not S]
+    S = mats[0]
     for s in rest:
         info = classes[s.name]
         if info["class"] not in ("matrix_affine", "elementwise_affine") or info.get("coupled") \
-                or not set(info.get("after", ())) <= early or (s in vecs and len(s.shape) != 1):
+                or not set(info.get("after", ())) <= early or len(s.shape) not in (1, 2):
             raise NotChunkable(f"state '{s.name}' is {info['class']}: {info['why']}")
     for m in first:
         if any(stage_of(g, stages, n) == "loop" for n in (m.a, *m.b) if n is not None):
             raise NotChunkable(f"state '{m.state}' is max-plus, but its coefficients read other states")
     st = group_stages(cell, stages, [s.name for s in rest])  # the max-plus states known for every step
     found = transitions(cell, st, [s.name for s in rest])
+    outs = [o for o in cell.outputs if g.ancestors([o.node]) & {s.node_in for s in rest}]
+    if len(outs) != 1:
+        raise NotChunkable("exactly one output must read the states")
+    (out,) = outs
+    reads = _reads(cell, st, rest, out.node)
+    if len({r[3] for r in reads}) != 1 or len({r[4] for r in reads}) != 1:
+        raise NotChunkable(f"output '{out.name}' reads the states with different queries, or before and after "
+                           "the update")
+    sides = {r[5] for r in reads if r[5] is not None}
+    if len(sides) > 1:
+        raise NotChunkable(f"output '{out.name}' reads some matrix states as q @ S and others as S @ q")
+    transposed = sides == {"right"}  # o = S @ q: the pass runs on Sᵀ, whose rows are S's columns
     t = found[S.name]
-    K, V = S.shape
     if isinstance(t, str) or t.kind != "identity":
-        raise NotChunkable(f"state '{S.name}' shares its pass with vector states only with an additive update")
+        raise NotChunkable(f"state '{S.name}' shares its pass with other states only with an additive update")
     positive: list[int] = []  # constant decays taken by their log
+    K, V = S.shape
     gates = _decay_gates(g, st, t.decay, K, V, positive)
+    if transposed:
+        gates["k"], gates["v"] = gates["v"], gates["k"]
     if gates["v"] or (gates["s"] and gates["k"]):
-        raise NotChunkable(f"state '{S.name}' has a per-value decay, which the joined vector states cannot share")
-    update = _update_of(g, st, S.node_out)
-    terms = matrix_terms(g, update) if update is not None else None
-    if not terms or len(terms) != 1 or [a.kind for a in terms[0].left] != ["col", "row"] or terms[0].dots \
-            or terms[0].elem or terms[0].right:
-        raise NotChunkable(f"the update of state '{S.name}' is not c k vᵀ")
-    k, v = terms[0].left[0].node, terms[0].left[1].node
-    c = _scale(g, terms[0])
+        raise NotChunkable(f"state '{S.name}' has a decay along its values, which the joined states cannot share")
+    col, row, c = _outer_update(g, st, S)
+    k, v = (row, col) if transposed else (col, row)
     columns = []
-    for n in vecs:
+    for n in (s for s in rest if s is not S):
         tn = found[n.name]
         if isinstance(tn, str) or tn.kind not in ("identity", "diagonal") or tn.decay != t.decay:
             raise NotChunkable(f"state '{n.name}' does not share the decay of state '{S.name}'")
+        if len(n.shape) == 2:  # a matrix state with the same keys: more value columns
+            ncol, nrow, cn = _outer_update(g, st, n)
+            nk, nv = (nrow, ncol) if transposed else (ncol, nrow)
+            if nk != k:
+                raise NotChunkable(f"state '{n.name}' does not share the keys of state '{S.name}'")
+            columns.append((n.name, nv if cn is None else _binary(g, "mul", cn, nv)))
+            continue
         un = _update_of(g, st, n.node_out)
         tu = matrix_terms(g, un) if un is not None else None
         if not tu or len(tu) != 1 or len(tu[0].left) != 1 or tu[0].left[0].node != k or tu[0].left[0].inv \
@@ -378,16 +404,8 @@ def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) ->
             raise NotChunkable(f"the update of state '{n.name}' is not c k with the k of state '{S.name}'")
         cn = _scale(g, tu[0])
         columns.append((n.name, cn if cn is not None else _const(g, 1)))
-    outs = [o for o in cell.outputs if g.ancestors([o.node]) & {s.node_in for s in rest}]
-    if len(outs) != 1:
-        raise NotChunkable("exactly one output must read the states")
-    (out,) = outs
-    reads = _reads(cell, st, rest, out.node)
-    if len({q for *_, q, _ in reads}) != 1 or len({w for *_, w in reads}) != 1:
-        raise NotChunkable(f"output '{out.name}' reads the states with different queries, or before and after "
-                           "the update")
     rests, zero = [], {n: None for s in rest for n in (s.node_in, s.node_out)}  # the states' values set to 0
-    for nid, name, sign, q, _ in reads:
+    for nid, name, sign, q, *_ in reads:
         try:
             rests.append((nid, name, sign, zero_state(g, st, nid, dict(zero))))
         except ValueError as e:
@@ -397,5 +415,5 @@ def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) ->
             raise NotChunkable(f"its {key} reads a state")
     v = v if c is None else _binary(g, "mul", c, v)
     return ChunkPlan("linear", S.name, out.name, reads[0][3], k, v, gk=(gates["k"] or [None])[0],
-                     g=(gates["s"] or [None])[0], before=reads[0][4] == "old", maxplus=tuple(first),
-                     columns=tuple(columns), reads=tuple(rests), positive=tuple(positive))
+                     g=(gates["s"] or [None])[0], before=reads[0][4] == "old", transposed=transposed,
+                     maxplus=tuple(first), columns=tuple(columns), reads=tuple(rests), positive=tuple(positive))

@@ -223,7 +223,7 @@ def test_states_in_layers():
     assert rep.backend == "loop"  # m is sequential whatever the layers
     with pytest.raises(rnnc.BuildError, match="state 'm' is nonlinear"):
         rnnc.build(text, backend="scan")
-    with pytest.raises(rnnc.BuildError, match="the chunk backend handles one matrix state"):
+    with pytest.raises(rnnc.BuildError, match="the chunk backend needs a matrix state"):
         rnnc.build(text.replace("relu(m) + s", "m + s"), backend="chunk")
 
 

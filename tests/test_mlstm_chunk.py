@@ -270,3 +270,93 @@ def test_triton_note_says_what_runs_in_pytorch():
     notes = rnnc.analyze("mlstm", backend="triton").notes
     assert "triton: chunkwise kernels" in notes
     assert any("max-plus scan" in n and "PyTorch" in n for n in notes)
+
+
+# Mamba-2 (one head; heads as a leading axis of the call) with a second state sharing h's decay
+# exp(dt * A) and its keys B, read as h @ C: the pass runs on the transposes, u's values z as more
+# columns of [hᵀ | uᵀ] (and a normaliser n' = a n + B, read as n · C, as one more column).
+P, N = 3, 4
+MAMBA2_TWO = """
+cell mamba2_two(x: [P], z: [P], dt: [], B: [N], C: [N]) -> (y: [P]) {
+    param A_log: [] = 0.5
+    param D: [] = 1
+    state h: [P, N] = 0
+    state u: [P, N] = 0
+    let a = exp(-dt * exp(A_log))
+    h = a * h + (dt * x)[:, None] * B[None, :]
+    u = a * u + outer(z, B)
+    y = h @ C - 0.5 * (u @ C) + D * x
+}
+"""
+MAMBA2_NORM = MAMBA2_TWO.replace("    let a", "    state n: [N] = 0\n    let a").replace(
+    "    y = h @ C", "    n = a * n + B\n    y = (h @ C) / (1 + abs(n @ C))")
+SHARED_KEYS = """
+cell two(q: [K], k: [K], v: [V], w: [V], g: [K]) -> (o: [V]) {
+    state S: [K, V] = 0
+    state R: [K, V] = 0
+    S = exp(g)[:, None] * S + outer(k, v)
+    R = exp(g)[:, None] * R + 2 * outer(k, w)
+    o = q @ S + (q @ R) / sqrt(K)
+}
+"""
+
+
+def _run_all(cell, inputs, state):
+    """(output, final states, gradients of a weighted loss w.r.t. inputs, initial states and params)."""
+    xs = [x.detach().requires_grad_() for x in inputs]
+    s0 = {k: v.detach().requires_grad_() for k, v in state.items()}
+    y, final = cell(*xs, state=s0)
+    w = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
+    loss = (y * w).sum() + sum((f * (1 + i)).sum() for i, f in enumerate(final.values()))
+    return y, final, torch.autograd.grad(loss, xs + list(s0.values()) + list(cell.parameters()))
+
+
+def _joined_inputs(text, T, gen):
+    cell = rnnc.parse(text).cell()
+    sizes = {"K": K, "V": V, "P": P, "N": N}
+    xs = []
+    for p in cell.inputs:
+        x = torch.randn(2, T, 2, *[sizes[str(d)] for d in p.shape], generator=gen, dtype=torch.float64)
+        xs.append(torch.nn.functional.softplus(x) if p.name == "dt" else
+                  torch.nn.functional.logsigmoid(x + 2) if p.name == "g" else x)
+    state = {s.name: torch.randn(2, 2, *[sizes[str(d)] for d in s.shape], generator=gen, dtype=torch.float64)
+             for s in cell.states}
+    return xs, state
+
+
+@pytest.mark.parametrize("text,columns,transposed", [(MAMBA2_TWO, ["u"], True), (MAMBA2_NORM, ["u", "n"], True),
+                                                     (SHARED_KEYS, ["R"], False)], ids=["mamba2", "mamba2_norm", "gla"])
+def test_matrix_states_sharing_decay_and_keys_join(text, columns, transposed):
+    cell = optimize(rnnc.parse(text).cell())
+    plan = chunk_plan(cell.derived(), analyze_cell(cell))
+    assert plan.staged and [n for n, _ in plan.columns] == columns and plan.transposed == transposed
+    assert rnnc.analyze(text).backend == "chunk"
+
+
+@pytest.mark.parametrize("text", [MAMBA2_TWO, MAMBA2_NORM, SHARED_KEYS], ids=["mamba2", "mamba2_norm", "gla"])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 40])
+def test_joined_matrix_states_chunk_matches_loop(text, T):
+    gen = torch.Generator().manual_seed(T)
+    xs, state = _joined_inputs(text, T, gen)
+    loop = rnnc.build(text, backend="loop", dtype=torch.float64)
+    with torch.no_grad():
+        for p in loop.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    chunk = rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64)
+    chunk.load_state_dict(loop.state_dict())
+    got, want = _run_all(chunk, xs, state), _run_all(loop, xs, state)
+    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
+        _close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("change,why", [
+    (("outer(z, B)", "outer(z, C)"), "does not share the keys of state 'h'"),
+    (("u = a * u", "u = exp(-dt) * u"), "does not share the decay of state 'h'"),
+    (("y = h @ C - 0.5 * (u @ C)", "y = h @ C - 0.5 * (x @ u @ C) * x"), "different queries"),
+])
+def test_matrix_states_that_do_not_share_are_refused(change, why):
+    text = MAMBA2_TWO.replace(*change)
+    assert text != MAMBA2_TWO
+    assert "chunk" not in rnnc.backends_for(text)
+    with pytest.raises(rnnc.BuildError, match=why):
+        rnnc.build(text, backend="chunk")
