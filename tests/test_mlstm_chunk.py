@@ -360,3 +360,19 @@ def test_matrix_states_that_do_not_share_are_refused(change, why):
     assert "chunk" not in rnnc.backends_for(text)
     with pytest.raises(rnnc.BuildError, match=why):
         rnnc.build(text, backend="chunk")
+
+
+def test_a_scaled_read_of_a_joined_state_keeps_its_scale():
+    """`(q @ S) / sqrt(K)` in a joined pass: the read is q @ S under the scale (the scale was once
+    dropped there: chunk and loop differed by 2 at T=20)."""
+    text = NLA.replace("o = (q @ S)", "o = (q @ S) / sqrt(K)")
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 20, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 20, V, generator=gen, dtype=torch.float64)
+    g = -torch.rand(2, 20, generator=gen, dtype=torch.float64)
+    state = {"S": torch.randn(2, K, V, generator=gen, dtype=torch.float64),
+             "z": torch.randn(2, K, generator=gen, dtype=torch.float64)}
+    want = _run(rnnc.build(text, backend="loop", dtype=torch.float64), [q, k, v, g], state)
+    got = _run(rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64), [q, k, v, g], state)
+    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
+        _close(a, b, 1e-10)
