@@ -2,6 +2,7 @@
 and `mkdocs build --strict` succeeds (skipped where mkdocs and mkdocstrings are not installed)."""
 from __future__ import annotations
 
+import html
 import importlib.util
 import re
 import subprocess
@@ -85,5 +86,12 @@ def test_mkdocs_build_strict(tmp_path):
     api = (site / "api" / "index.html").read_text()
     for function in ("build", "compile", "analyze", "backends_for", "parse", "load"):
         assert re.search(rf">{function}<", api), f"the API reference documents rnnc.{function}"
+    # long signatures wrap (mkdocs.yml's line_length, formatted by Black from the docs extra): a
+    # parameter a line, no line past 80 characters
+    signatures = [html.unescape(re.sub(r"<[^>]+>", "", b)).strip()
+                  for b in re.findall(r'<div class="doc-signature[^"]*"[^>]*>(.*?)</div>', api, flags=re.S)]
+    assert signatures and max(len(line) for sig in signatures for line in sig.splitlines()) <= 80
+    build = next(sig for sig in signatures if sig.startswith("build("))
+    assert [line.strip() for line in build.splitlines()][1:3] == ["spec: Spec,", "cell: str | None = None,"]
     home = (site / "index.html").read_text()
     assert 'href="language/"' in home  # README's link into docs/ resolved
