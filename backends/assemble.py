@@ -431,7 +431,8 @@ KINDS: dict[type, str] = {LoopPlan: "loop", ScanPlan: "scan", ChunkPlan: "chunk"
 
 def _emit_region(L: Lines, top: Lines, rec: Recurrence, plan: Plan, locals_: set[str]) -> None:
     """The fragment as a function and custom op differentiated by recomputing it (rnnc/runtime/opaque.py),
-    called through `_run_region`; inline where the fragment reads a local no op can take."""
+    called through `_run_region` (the Triton chunk kernels' region: `_run_traced_region`); inline where the
+    fragment reads a local no op can take."""
     body = Lines()
     body.depth = 1
     FRAGMENTS[type(plan)](body, rec, plan)
@@ -441,7 +442,10 @@ def _emit_region(L: Lines, top: Lines, rec: Recurrence, plan: Plan, locals_: set
     shapes = ([opaque.result_shape("T, N", o.shape, cell.graph[o.node].dtype) for o in rec.loop_outs]
               + [opaque.result_shape("N", s.shape, "float") for s in cell.states])
     region = opaque.Region(KINDS[type(plan)], body, results, shapes, returned)
-    if not opaque.emit(top, L, region, locals_, r, cell):
+    # the Triton chunk kernels are ops themselves (rnnc/runtime/triton_launch.py, _kernel_op): their region
+    # is traced, so a compiled graph holds those ops (and on a GPU inductor the kernels), not one opaque node
+    traced = isinstance(plan, ChunkPlan) and plan.triton and not plan.staged
+    if not opaque.emit(top, L, region, locals_, r, cell, traced):
         L.lines += [("    " * (L.depth - 1)) + line if line else line for line in body.lines]
 
 

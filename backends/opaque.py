@@ -82,10 +82,11 @@ def result_shape(lead: str, shape, dtype: str) -> tuple[str, str]:
     return f"({lead}, *{shape_text(shape)})", "torch.bool" if dtype == "bool" else "cdt"
 
 
-def emit(top: Lines, L: Lines, region: Region, locals_: set[str], r: Renderer, cell: Cell) -> bool:
+def emit(top: Lines, L: Lines, region: Region, locals_: set[str], r: Renderer, cell: Cell, traced: bool = False) -> bool:
     """Write the region's functions and op at the top of the module (`top`) and its call into the
     forward (`L`); False (nothing written) when the body reads a local an op cannot take or rebinds
-    one of the forward's names."""
+    one of the forward's names. `traced`: a region whose kernels are ops of their own (the Triton
+    chunk launchers), which torch.compile traces and torch.export takes as one op (`_run_traced_region`)."""
     reads, assigned = _reads(region.body)
     if region.backward is not None:
         more, assigned_too = _reads(region.backward)
@@ -132,7 +133,7 @@ def emit(top: Lines, L: Lines, region: Region, locals_: set[str], r: Renderer, c
     if region.backward is not None:
         L(f"{lhs} = {op}({args})[:{len(region.results)}]")
     else:
-        L(f"{lhs} = _run_region({op}, {fn}, {args})")
+        L(f"{lhs} = {'_run_traced_region' if traced else '_run_region'}({op}, {fn}, {args})")
     return True
 
 

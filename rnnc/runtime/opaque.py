@@ -151,3 +151,12 @@ def _run_region(op, impl, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     return impl(*args)
+
+
+def _run_traced_region(op, impl, *args):
+    """A region whose kernels are ops of their own (the Triton chunk launchers, rnnc/runtime/triton_launch.py):
+    traced while compiling, so the compiled graph holds those ops (and on a GPU inductor sees their kernels),
+    one op while exporting (a dynamic length's shape guards stay inside it), the function itself otherwise."""
+    if torch.compiler.is_exporting():
+        return op(*args)
+    return impl(*args)

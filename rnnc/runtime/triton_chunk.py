@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .chunk import _chunk_empty_or_before, _chunk_fold_scalar, _chunk_linear, _chunk_recompute_backward
+from .triton_launch import _kernel_op
 
 
 def _triton_chunk_blocks(C, K, V):
@@ -586,14 +587,14 @@ def _triton_chunk_channel_backward(q, k, v, g, h, do, dS, C, key):
     do = do.contiguous()
     f32 = dict(dtype=torch.float32, device=q.device)
     dh, dh0 = torch.empty(nt, N, K, V, **f32), torch.empty(N, K, V, **f32)
-    _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
+    torch.library.wrap_triton(_triton_chunk_bwd_dh)[(triton.cdiv(V, BV), N)](
         q, g, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
         HAS_G=True, GK=key, GV=not key, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
     dq, dk, dv = torch.empty(T, N, K, **f32), torch.empty(T, N, K, **f32), torch.empty(T, N, V, **f32)
     dg = torch.empty(g.shape, **f32)
     kernel = _triton_chunk_bwd_key if key else _triton_chunk_bwd_value
-    kernel[(nt, N)](q, k, v, g, h, dh, do, dq, dk, dv, dg, T, N, K, V, C,
-                    BT=BT, BC=16, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))                   # all of V
+    torch.library.wrap_triton(kernel)[(nt, N)](q, k, v, g, h, dh, do, dq, dk, dv, dg, T, N, K, V, C, BT=BT, BC=16,
+                                               BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))   # all of V
     return dq, dk, dv, dg, dh0
 
 
@@ -607,15 +608,15 @@ def _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C):
     dh = torch.empty(nt, N, K, V, dtype=torch.float32, device=q.device)
     dh0 = torch.empty(N, K, V, dtype=torch.float32, device=q.device)
     gc = q if g is None else g
-    _triton_chunk_bwd_dh[(triton.cdiv(V, BV), N)](
+    torch.library.wrap_triton(_triton_chunk_bwd_dh)[(triton.cdiv(V, BV), N)](
         q, gc, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
         HAS_G=g is not None, GK=False, GV=False, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
     dq, dk = (torch.empty(T, N, K, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(T, N, V, dtype=torch.float32, device=q.device)
     dg = torch.empty(T, N, dtype=torch.float32, device=q.device)
     BVF = triton.next_power_of_2(max(int(V), 16))                                      # all of V in one program
-    _triton_chunk_bwd_scalar[(nt, N)](q, k, v, gc, h, dh, do, dq, dk, dv, dg, T, N, K, V, C,
-                                      HAS_G=g is not None, BT=BT, BK=BK, BV=BVF)
+    torch.library.wrap_triton(_triton_chunk_bwd_scalar)[(nt, N)](q, k, v, gc, h, dh, do, dq, dk, dv, dg, T, N, K, V, C,
+                                                             HAS_G=g is not None, BT=BT, BK=BK, BV=BVF)
     return dq, dk, dv, dg, dh0
 
 
@@ -633,15 +634,15 @@ def _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=False):
     grid = (triton.cdiv(V, BV), N)
     if _triton_chunk_is_scalar(gk, gv):
         g = q if gk is None else gk.contiguous()
-        _triton_chunk_fwd_scalar[grid](q, k, v, g, h0c, o, S, q if h is None else h, T, N, K, V, C,
-                                       HAS_G=gk is not None, HAS_H0=h0 is not None, SAVE_H=save_h,
-                                       BT=BT, BK=BK, BV=BV)
+        torch.library.wrap_triton(_triton_chunk_fwd_scalar)[grid](
+            q, k, v, g, h0c, o, S, q if h is None else h, T, N, K, V, C,
+            HAS_G=gk is not None, HAS_H0=h0 is not None, SAVE_H=save_h, BT=BT, BK=BK, BV=BV)
     else:
         gkc = q if gk is None else gk.contiguous()
         gvc = q if gv is None else gv.contiguous()
-        _triton_chunk_fwd_vector[grid](q, k, v, gkc, gvc, h0c, o, S, q if h is None else h, T, N, K, V, C,
-                                       GK=gk is not None, GV=gv is not None, HAS_H0=h0 is not None,
-                                       SAVE_H=save_h, BT=BT, BC=16, BK=BK, BV=BV)
+        torch.library.wrap_triton(_triton_chunk_fwd_vector)[grid](
+            q, k, v, gkc, gvc, h0c, o, S, q if h is None else h, T, N, K, V, C,
+            GK=gk is not None, GV=gv is not None, HAS_H0=h0 is not None, SAVE_H=save_h, BT=BT, BC=16, BK=BK, BV=BV)
     return o, S, h
 
 
@@ -650,41 +651,80 @@ def _triton_chunk_is_scalar(gk, gv):
     return gv is None and (gk is None or gk.shape[-1] == 1)
 
 
-class _triton_chunk_function(torch.autograd.Function):
-    """Forward and backward in Triton (the forward saves the state entering each chunk) for no decay, a
-    scalar decay, per-key or per-value decays; per-key and per-value decays together recompute with the
-    PyTorch `_chunk_linear`."""
+def _triton_chunk_kind(gk, gv):
+    """Which Triton backward a forward's decays take: "scalar" (none or scalar), "key", "value", or None
+    (per-key and per-value together: recomputed with the PyTorch `_chunk_linear`)."""
+    if gk is not None and gv is not None:
+        return None
+    return "value" if gv is not None else "scalar" if _triton_chunk_is_scalar(gk, gv) else "key"
 
-    @staticmethod
-    def forward(ctx, q, k, v, gk, gv, h0, C):
-        if gk is not None and gv is not None:
-            ctx.kind = None
-        else:
-            ctx.kind = "value" if gv is not None else "scalar" if _triton_chunk_is_scalar(gk, gv) else "key"
-        save = ctx.kind is not None and any(ctx.needs_input_grad)
-        o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h=save)
-        ctx.save_for_backward(q, k, v, gk, gv, h0, h)
-        ctx.chunk = C
-        return o, S
 
-    @staticmethod
-    def backward(ctx, do, dS):
-        if ctx.kind is None:
-            return _chunk_recompute_backward(_chunk_linear, ctx, do, dS)
-        q, k, v, gk, gv, h0, h = ctx.saved_tensors
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dgk = dgv = None
-        if ctx.kind == "key":
-            dq, dk, dv, dgk, dh0 = _triton_chunk_channel_backward(q, k, v, gk.contiguous(), h, do, dS, ctx.chunk, True)
-        elif ctx.kind == "value":
-            dq, dk, dv, dgv, dh0 = _triton_chunk_channel_backward(q, k, v, gv.contiguous(), h, do, dS, ctx.chunk, False)
-        else:
-            g = None if gk is None else gk.reshape(gk.shape[0], -1).contiguous()
-            dq, dk, dv, dg, dh0 = _triton_chunk_scalar_backward(q, k, v, g, h, do, dS, ctx.chunk)
-            dgk = None if gk is None else dg.view_as(gk)
-        grads = (dq, dk, dv, dgk, dgv, None if h0 is None else dh0)
-        return (*[None if d is None or not n else d.to(x.dtype)
-                  for d, n, x in zip(grads, ctx.needs_input_grad, (q, k, v, gk, gv, h0))], None)
+def _triton_chunk_forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor | None,
+                                 gv: torch.Tensor | None, h0: torch.Tensor | None, C: int,
+                                 save_h: bool) -> list[torch.Tensor]:
+    """The op rnnc::triton_chunk_forward: [o, S_T, the state entering each chunk (empty unless save_h)]."""
+    o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h)
+    return [o, S, q.new_empty(0, dtype=torch.float32) if h is None else h]
+
+
+def _triton_chunk_forward_fake(q, k, v, gk, gv, h0, C, save_h):
+    T, N, K = q.shape
+    V = v.shape[-1]
+    h = q.new_empty(((T + C - 1) // C, N, K, V) if save_h else (0,), dtype=torch.float32)
+    return [q.new_empty(T, N, V), q.new_empty(N, K, V), h]
+
+
+def _triton_chunk_backward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                                  h: torch.Tensor, do: torch.Tensor, dS: torch.Tensor | None, C: int,
+                                  kind: str) -> list[torch.Tensor]:
+    """The op rnnc::triton_chunk_backward: [dq, dk, dv, dg, dh0] in float32 for `kind` "scalar" (g [T, N]
+    or None), "key" (g = gk) or "value" (g = gv)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = None if g is None else g.contiguous()
+    if kind == "scalar":
+        return list(_triton_chunk_scalar_backward(q, k, v, g, h, do, dS, C))
+    return list(_triton_chunk_channel_backward(q, k, v, g, h, do, dS, C, kind == "key"))
+
+
+def _triton_chunk_backward_fake(q, k, v, g, h, do, dS, C, kind):
+    T, N, K = q.shape
+    V = v.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    dg = q.new_empty((T, N) if kind == "scalar" else g.shape, **f32)
+    return [q.new_empty(T, N, K, **f32), q.new_empty(T, N, K, **f32), q.new_empty(T, N, V, **f32), dg,
+            q.new_empty(N, K, V, **f32)]
+
+
+def _triton_chunk_setup(ctx, inputs, output):
+    q, k, v, gk, gv, h0, C, _ = inputs
+    ctx.chunk, ctx.kind = C, _triton_chunk_kind(gk, gv)
+    ctx.save_for_backward(q, k, v, gk, gv, h0, *([] if ctx.kind is None else [output[2]]))
+
+
+def _triton_chunk_gradient(ctx, grads):
+    """The forward op's backward: the Triton backward kernels (through rnnc::triton_chunk_backward), or
+    for per-key and per-value decays together the PyTorch chunk form recomputed under autograd."""
+    do, dS, _ = grads
+    if ctx.kind is None:
+        return (*_chunk_recompute_backward(_chunk_linear, ctx, do, dS), None)
+    q, k, v, gk, gv, h0, h = ctx.saved_tensors
+    g = gv if ctx.kind == "value" else None if gk is None else gk.reshape(gk.shape[0], -1) \
+        if ctx.kind == "scalar" else gk
+    dq, dk, dv, dg, dh0 = _TRITON_CHUNK_BACKWARD(q, k, v, g, h, do.contiguous(), dS, ctx.chunk, ctx.kind)
+    dgk = dgv = None
+    if ctx.kind == "value":
+        dgv = dg
+    elif gk is not None:
+        dgk = dg.view_as(gk)
+    grads = (dq, dk, dv, dgk, dgv, None if h0 is None else dh0)
+    return (*[None if d is None or not n else d.to(x.dtype)
+              for d, n, x in zip(grads, ctx.needs_input_grad, (q, k, v, gk, gv, h0))], None, None)
+
+
+#: The launchers as ops (rnnc/runtime/triton_launch.py, _kernel_op): torch.compile records one node each.
+_TRITON_CHUNK_BACKWARD = _kernel_op("triton_chunk_backward", _triton_chunk_backward_launch, _triton_chunk_backward_fake)
+_TRITON_CHUNK_FORWARD = _kernel_op("triton_chunk_forward", _triton_chunk_forward_launch, _triton_chunk_forward_fake,
+                                   _triton_chunk_gradient, _triton_chunk_setup)
 
 
 def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
@@ -697,4 +737,7 @@ def _triton_chunk_linear(q, k, v, gk, gv, h0, chunk, before=False):
     if before:
         return _chunk_empty_or_before(_triton_chunk_linear, q, h0, v.shape[-1], k, v, gk, gv, h0, C)
     gk, gv = _chunk_fold_scalar(gk, gv)
-    return _triton_chunk_function.apply(q, k, v, gk, gv, h0, C)
+    save = torch.is_grad_enabled() and _triton_chunk_kind(gk, gv) is not None and any(
+        x is not None and x.requires_grad for x in (q, k, v, gk, gv, h0))
+    o, S, _ = _TRITON_CHUNK_FORWARD(q, k, v, gk, gv, h0, C, save)
+    return o, S

@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .chunk import _chunk_delta, _chunk_empty_or_before
-from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks
+from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks, _triton_chunk_forward_fake
+from .triton_launch import _kernel_op
 
 
 @triton.jit
@@ -235,8 +236,9 @@ def _triton_delta_forward(q, k, v, beta, g, h0, C, save_h=False):
     h0c = q if h0 is None else h0.contiguous()                                         # a dummy pointer when absent
     gc = q if g is None else g.contiguous()
     grid = (triton.cdiv(V, BV), N)
-    _triton_delta_fwd[grid](q, k, v, beta, gc, h0c, o, S, q if h is None else h, T, N, K, V, C,
-                            HAS_G=g is not None, HAS_H0=h0 is not None, SAVE_H=save_h, BT=BT, BK=BK, BV=BV)
+    torch.library.wrap_triton(_triton_delta_fwd)[grid](
+        q, k, v, beta, gc, h0c, o, S, q if h is None else h, T, N, K, V, C,
+        HAS_G=g is not None, HAS_H0=h0 is not None, SAVE_H=save_h, BT=BT, BK=BK, BV=BV)
     return o, S, h
 
 
@@ -250,34 +252,65 @@ def _triton_delta_backward(q, k, v, beta, g, h, do, dS, C):
     gc = q if g is None else g.contiguous()
     f32 = dict(dtype=torch.float32, device=q.device)
     dh, dh0 = torch.empty(nt, N, K, V, **f32), torch.empty(N, K, V, **f32)
-    _triton_delta_bwd_dh[(triton.cdiv(V, BV), N)](q, k, v, beta, gc, do, do if dS is None else dS.contiguous(),
-                                                  dh, dh0, T, N, K, V, C, HAS_G=g is not None,
-                                                  HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
+    torch.library.wrap_triton(_triton_delta_bwd_dh)[(triton.cdiv(V, BV), N)](
+        q, k, v, beta, gc, do, do if dS is None else dS.contiguous(), dh, dh0, T, N, K, V, C,
+        HAS_G=g is not None, HAS_DS=dS is not None, BT=BT, BK=BK, BV=BV)
     dq, dk, dv = torch.empty(T, N, K, **f32), torch.empty(T, N, K, **f32), torch.empty(T, N, V, **f32)
     db, dg = torch.empty(T, N, **f32), torch.empty(T, N, **f32)
-    _triton_delta_bwd[(nt, N)](q, k, v, beta, gc, h, dh, do, dq, dk, dv, db, dg, T, N, K, V, C,
-                               HAS_G=g is not None, BT=BT, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))
+    torch.library.wrap_triton(_triton_delta_bwd)[(nt, N)](
+        q, k, v, beta, gc, h, dh, do, dq, dk, dv, db, dg, T, N, K, V, C,
+        HAS_G=g is not None, BT=BT, BK=BK, BV=triton.next_power_of_2(max(int(V), 16)))
     return dq, dk, dv, db, None if g is None else dg, dh0
 
 
-class _triton_delta_function(torch.autograd.Function):
-    """Forward and backward in Triton: the forward saves the state entering each chunk, the backward
-    carries the state's adjoint back over the chunks and then differentiates every chunk in parallel."""
+def _triton_delta_forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                                 g: torch.Tensor | None, h0: torch.Tensor | None, C: int,
+                                 save_h: bool) -> list[torch.Tensor]:
+    """The op rnnc::triton_delta_forward: [o, S_T, the state entering each chunk (empty unless save_h)]."""
+    o, S, h = _triton_delta_forward(q, k, v, beta, g, h0, C, save_h)
+    return [o, S, q.new_empty(0, dtype=torch.float32) if h is None else h]
 
-    @staticmethod
-    def forward(ctx, q, k, v, beta, g, h0, C):
-        o, S, h = _triton_delta_forward(q, k, v, beta, g, h0, C, save_h=any(ctx.needs_input_grad))
-        ctx.save_for_backward(q, k, v, beta, g, h0, h)
-        ctx.chunk = C
-        return o, S
 
-    @staticmethod
-    def backward(ctx, do, dS):
-        q, k, v, beta, g, h0, h = ctx.saved_tensors
-        dq, dk, dv, db, dg, dh0 = _triton_delta_backward(q, k, v, beta, g, h, do, dS, ctx.chunk)
-        grads = (dq, dk, dv, db, dg, None if h0 is None else dh0)
-        return (*[None if d is None or not n else d.to(x.dtype)
-                  for d, n, x in zip(grads, ctx.needs_input_grad, (q, k, v, beta, g, h0))], None)
+def _triton_delta_backward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                                  g: torch.Tensor | None, h: torch.Tensor, do: torch.Tensor,
+                                  dS: torch.Tensor | None, C: int) -> list[torch.Tensor]:
+    """The op rnnc::triton_delta_backward: [dq, dk, dv, dbeta, dg (empty without a decay), dh0], float32."""
+    dq, dk, dv, db, dg, dh0 = _triton_delta_backward(q, k, v, beta, g, h, do, dS, C)
+    return [dq, dk, dv, db, q.new_empty(0, dtype=torch.float32) if dg is None else dg, dh0]
+
+
+def _triton_delta_forward_fake(q, k, v, beta, g, h0, C, save_h):
+    return _triton_chunk_forward_fake(q, k, v, None, None, h0, C, save_h)
+
+
+def _triton_delta_backward_fake(q, k, v, beta, g, h, do, dS, C):
+    T, N, K = q.shape
+    V = v.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    return [q.new_empty(T, N, K, **f32), q.new_empty(T, N, K, **f32), q.new_empty(T, N, V, **f32),
+            q.new_empty(T, N, **f32), q.new_empty((T, N) if g is not None else (0,), **f32), q.new_empty(N, K, V, **f32)]
+
+
+def _triton_delta_setup(ctx, inputs, output):
+    q, k, v, beta, g, h0, C, _ = inputs
+    ctx.chunk = C
+    ctx.save_for_backward(q, k, v, beta, g, h0, output[2])
+
+
+def _triton_delta_gradient(ctx, grads):
+    """The forward op's backward: the Triton backward kernels (through rnnc::triton_delta_backward)."""
+    do, dS, _ = grads
+    q, k, v, beta, g, h0, h = ctx.saved_tensors
+    dq, dk, dv, db, dg, dh0 = _TRITON_DELTA_BACKWARD(q, k, v, beta, g, h, do, dS, ctx.chunk)
+    grads = (dq, dk, dv, db, None if g is None else dg, None if h0 is None else dh0)
+    return (*[None if d is None or not n else d.to(x.dtype)
+              for d, n, x in zip(grads, ctx.needs_input_grad, (q, k, v, beta, g, h0))], None, None)
+
+
+#: The launchers as ops (rnnc/runtime/triton_launch.py, _kernel_op): torch.compile records one node each.
+_TRITON_DELTA_BACKWARD = _kernel_op("triton_delta_backward", _triton_delta_backward_launch, _triton_delta_backward_fake)
+_TRITON_DELTA_FORWARD = _kernel_op("triton_delta_forward", _triton_delta_forward_launch, _triton_delta_forward_fake,
+                                   _triton_delta_gradient, _triton_delta_setup)
 
 
 def _triton_delta_chunk(q, k, v, beta, g, h0, chunk, before=False):
@@ -289,4 +322,6 @@ def _triton_delta_chunk(q, k, v, beta, g, h0, chunk, before=False):
         return _chunk_delta(q, k, v, beta, g, h0, C, before)
     if before:
         return _chunk_empty_or_before(_triton_delta_chunk, q, h0, v.shape[-1], k, v, beta, g, h0, C)
-    return _triton_delta_function.apply(q, k, v, beta, g, h0, C)
+    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, g, h0))
+    o, S, _ = _TRITON_DELTA_FORWARD(q, k, v, beta, g, h0, C, save)
+    return o, S

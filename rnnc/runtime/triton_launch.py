@@ -1,5 +1,7 @@
 """What the launchers of generated Triton kernels share: the device check, how the fused scans cut time
-into chunks, and the fused recurrent kernel's warps and register limit."""
+into chunks, the fused recurrent kernel's warps and register limit, and how a launcher becomes a
+`torch.library.triton_op` (the chunkwise kernels' forward and backward launchers, triton_chunk.py and
+triton_delta.py)."""
 import os
 
 import torch
@@ -7,6 +9,8 @@ import triton
 import triton.language as tl
 
 from rnnc.errors import InputError
+
+from .opaque import _existing_op
 
 #: The Triton dtype of a compute dtype (the recurrent kernel's DT constexpr).
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -47,3 +51,30 @@ def _recurrent_warps(largest):
         err.tiles_too_large = True
         raise err
     return 4 if largest <= 4096 else 8 if largest <= 16384 else 16
+
+
+def _kernel_op(name, launch, fake, backward=None, setup_context=None):
+    """`launch` (tensors, ints, bools and strs in, a list of new tensors out, every kernel launched through
+    `torch.library.wrap_triton`) registered as the op `rnnc::<name>`, a `torch.library.triton_op`:
+    torch.compile records one node per call (no graph break), and on a GPU inductor sees the kernels
+    inside (the op is decomposed into them while tracing). `fake` gives the outputs' shapes and dtypes
+    without launching anything; `backward`/`setup_context` are its autograd (torch.library's
+    register_autograd). Under Triton's CPU interpreter (TRITON_INTERPRET=1) a kernel is plain
+    Python that no tracer can capture, so there the op stays whole while tracing (an opaque custom op
+    that launches when run). Registered once per process: a standalone copy of this runtime (`rnnc
+    compile`) reuses the op already registered by the same code."""
+    op = _existing_op(name)
+    if op is not None:
+        return op
+    op = torch.library.triton_op(f"rnnc::{name}", launch, mutates_args=())
+    op.register_fake(fake)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        op.register_torch_dispatch(torch._subclasses.functional_tensor.FunctionalTensorMode, _kept_whole)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return _existing_op(name)  # the OpOverload, which torch.compile records as one node
+
+
+def _kept_whole(mode, op, types, args, kwargs):
+    """While tracing under the interpreter: the op itself, not the kernels inside it (see _kernel_op)."""
+    return mode.__torch_dispatch__(op, types, args, kwargs)
