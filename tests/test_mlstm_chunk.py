@@ -376,3 +376,17 @@ def test_a_scaled_read_of_a_joined_state_keeps_its_scale():
     got = _run(rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64), [q, k, v, g], state)
     for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
         _close(a, b, 1e-10)
+
+
+def test_joined_matrix_states_on_the_triton_chunk_kernels():
+    """Mamba-2 with a second state on the triton backend: [hᵀ | uᵀ] by the Triton chunk kernels
+    (interpreter), float32, against the loop: values, final states and every gradient."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(3)
+    xs, state = _joined_inputs(MAMBA2_TWO, 70, gen)
+    xs, state = [x.float() for x in xs], {k: v.float() for k, v in state.items()}
+    assert "triton: chunkwise kernels" in rnnc.analyze(MAMBA2_TWO, backend="triton").notes
+    got = _run_all(rnnc.build(MAMBA2_TWO, backend="triton", chunk_size=32), xs, state)
+    want = _run_all(rnnc.build(MAMBA2_TWO, backend="loop"), xs, state)
+    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
+        _close(a, b, 1e-5)
