@@ -151,28 +151,37 @@ def emit_staged(L: Lines, rec: Recurrence, plan: ChunkPlan) -> None:
       f"the other states as extra value columns{' (on the transposes: o = S @ q)' if plan.transposed else ''} "
       "(rnnc/runtime/chunk.py)")
     flip = ".transpose(-1, -2)" if plan.transposed else ""
-    vs, h0s = [seq(plan.v, 1)], [f"s0_{S.name}{flip}"]
+    heads = plan.heads is not None  # heads declared as a dim: NH more rows of the pass ([T, N·NH, ...])
+
+    def rows_of(nid: int, rank: int) -> str:
+        """What the pass reads of a node, [T, N, *shape] (with heads [T, N·NH, *shape])."""
+        return f"{seq(nid, rank + 1)}.flatten(1, 2)" if heads else seq(nid, rank)
+
+    rank = {n: len(by_name[n].shape) - heads for n in [S.name] + [c for c, _ in plan.columns]}
+    s0 = {n: f"s0_{n}.flatten(0, 1)" if heads else f"s0_{n}" for n in rank}
+    vs, h0s = [rows_of(plan.v, 1)], [f"{s0[S.name]}{flip}"]
     for n, c in plan.columns:  # a matrix state: its values [V2]; a vector state: one column
-        vec = len(by_name[n].shape) == 1
-        vs.append(f"{seq(c, 0)}.unsqueeze(-1)" if vec else seq(c, 1))
-        h0s.append(f"s0_{n}.unsqueeze(-1)" if vec else f"s0_{n}{flip}")
+        vec = rank[n] == 1
+        vs.append(f"{rows_of(c, 0)}.unsqueeze(-1)" if vec else rows_of(c, 1))
+        h0s.append(f"{s0[n]}.unsqueeze(-1)" if vec else f"{s0[n]}{flip}")
     L(f"v_parts = [{', '.join(vs)}]")
     L("widths = [x.shape[-1] for x in v_parts]")
     L(f"s0_all = torch.cat([{', '.join(h0s)}], -1)")
-    gk = seq(plan.gk, 1) if plan.gk is not None else (f"{seq(plan.g, 0)}.unsqueeze(-1)" if plan.g is not None
-                                                      else "None")
+    gk = rows_of(plan.gk, 1) if plan.gk is not None else (f"{rows_of(plan.g, 0)}.unsqueeze(-1)" if plan.g is not None
+                                                          else "None")
     before = ", before=True" if plan.before else ""
     if plan.triton:  # the joined pass by the Triton chunk kernels (any number of value columns)
         L("_check_triton_device(s0_all)")
     fn = "_triton_chunk_linear" if plan.triton else "_chunk_linear"
-    L(f"o_all, s_all = {fn}({seq(plan.q, 1)}, {seq(plan.k, 1)}, torch.cat(v_parts, -1), {gk}, None, "
+    L(f"o_all, s_all = {fn}({rows_of(plan.q, 1)}, {rows_of(plan.k, 1)}, torch.cat(v_parts, -1), {gk}, None, "
       f"s0_all, {size}{before})")
     L("o_parts, s_parts = o_all.split(widths, -1), s_all.split(widths, -1)")
     part, final = {}, []
+    by_head, state_by_head = (".unflatten(1, (N, -1))", ".unflatten(0, (N, -1))") if heads else ("", "")
     for i, n in enumerate(names):
-        vec = len(by_name[n].shape) == 1
-        part[n] = f"o_parts[{i}]{'[..., 0]' if vec else ''}"
-        final.append(f"s_parts[{i}]{'[..., 0]' if vec else flip}")
+        vec = rank[n] == 1
+        part[n] = f"o_parts[{i}]{'[..., 0]' if vec else ''}{by_head}"
+        final.append(f"s_parts[{i}]{'[..., 0]' if vec else flip}{state_by_head}")
     L("# the output's reads of the states: columns of the joined readout")
     for nid, name, sign, rest in plan.reads:
         value = f"{'-' if sign < 0 else ''}{part[name]}.flatten(0, 1)"

@@ -189,11 +189,13 @@ def _linear_or_delta(cell: Cell, stages: dict[int, str], s, t, transposed: bool,
 
 def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> ChunkPlan:
     """The chunk plan of a cell, or NotChunkable with the reason."""
+    from .heads import heads_dim
+
+    if heads_dim(cell) is not None:  # heads declared as a dim: plan one head (rnnc/heads.py)
+        return _per_head(cell, stages)
     if len(cell.states) != 1:
         return staged_plan(cell, stages, classes)
     s = cell.states[0]
-    if len(s.shape) == 3:  # heads declared as a dim: plan one head (rnnc/heads.py)
-        return _per_head(cell, stages)
     info = classes[s.name]
     if info["class"] != "matrix_affine" or len(s.shape) != 2 or info.get("coupled"):
         raise NotChunkable(f"state '{s.name}' is {info['class']}")
@@ -246,16 +248,19 @@ def chunk_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) -> 
 
 
 def _per_head(cell: Cell, stages: dict[int, str]) -> ChunkPlan:
-    """The plan of a state [NH, K, V] whose heads never mix: one head's plan, its values written back
+    """The plan of states [NH, ...] whose heads never mix: one head's plan, its values written back
     into the cell with the head axis in front (rnnc/heads.py); the runtime runs heads as batch rows."""
     from .heads import Lift, NotPerHead, head_slice
     from .linearity import classify
+    from .maxplus import classify_maxplus
 
     try:
         one, headed = head_slice(cell)
     except NotPerHead as e:
         raise NotChunkable(f"its heads are not independent ({e})") from None
-    plan = chunk_plan(one, stages, classify(one, stages))
+    classes = classify(one, stages)
+    classify_maxplus(one, stages, classes)  # (a stabiliser per head, scanned first)
+    plan = chunk_plan(one, stages, classes)
     lift = Lift(cell, one.graph, headed)
     fields = ("q", "k", "v", "gk", "gv", "g", "beta")
     try:
@@ -265,7 +270,12 @@ def _per_head(cell: Cell, stages: dict[int, str]) -> ChunkPlan:
                                    for st in plan.steps),
                        scale=tuple(lift.full(n) for n in plan.scale),
                        extra=tuple((lift.node(n), sign) for n, sign in plan.extra),
-                       positive=tuple(lift.node(n) for n in plan.positive))
+                       positive=tuple(lift.node(n) for n in plan.positive),
+                       maxplus=tuple(replace(m, a=lift.full(m.a), b=tuple(lift.full(b) for b in m.b))
+                                     for m in plan.maxplus),
+                       columns=tuple((name, lift.full(c)) for name, c in plan.columns),
+                       reads=tuple((lift.node(n), name, sign, None if rest is None else lift.node(rest))
+                                   for n, name, sign, rest in plan.reads))
     except NotPerHead as e:
         raise NotChunkable(str(e)) from None
 
@@ -273,9 +283,10 @@ def _per_head(cell: Cell, stages: dict[int, str]) -> ChunkPlan:
 # ---- several states in one pass (mLSTM) ----------------------------------------------------------
 
 def _scale(g: Graph, t) -> int | None:
-    """sign · num · Π scalars of a term as one node (None: 1)."""
+    """sign · num · Π scalars of a term as one node (None: 1), each scalar without unit axes."""
     node = None
     for n, inv in t.scalars:
+        n = _unexpanded(g, n)  # one head's `c[None, None]`: the scalar c
         node = (_binary(g, "div", _const(g, 1), n) if inv else n) if node is None else \
             _binary(g, "div" if inv else "mul", node, n)
     try:
@@ -320,6 +331,16 @@ def _reads(cell: Cell, stages: dict[int, str], states: list, out: int) -> list[t
             raise NotChunkable(f"an output reads state '{touched[nid].name}' other than as q @ {touched[nid].name}")
         stack.extend(g[nid].args)
     return found
+
+
+def _same_decay(g: Graph, a, b) -> bool:
+    """Whether two states' decays are one: equal up to unit axes on their factors (one head's `f[None]`
+    of a vector state and `f[None, None]` of a matrix state are both the scalar f)."""
+    def canon(d):
+        flat = lambda pairs: tuple(sorted((_unexpanded(g, n), inv) for n, inv in pairs))  # noqa: E731
+        atoms = lambda xs: tuple(replace(x, node=None if x.node is None else _unexpanded(g, x.node)) for x in xs)  # noqa: E731
+        return d.num, flat(d.scalars), atoms(d.left), atoms(d.right), flat(d.elem)
+    return canon(a) == canon(b)
 
 
 def _outer_update(g: Graph, st: dict[int, str], s) -> tuple[int, int, int | None]:
@@ -388,7 +409,7 @@ def staged_plan(cell: Cell, stages: dict[int, str], classes: dict[str, dict]) ->
     columns = []
     for n in (s for s in rest if s is not S):
         tn = found[n.name]
-        if isinstance(tn, str) or tn.kind not in ("identity", "diagonal") or tn.decay != t.decay:
+        if isinstance(tn, str) or tn.kind not in ("identity", "diagonal") or not _same_decay(g, tn.decay, t.decay):
             raise NotChunkable(f"state '{n.name}' does not share the decay of state '{S.name}'")
         if len(n.shape) == 2:  # a matrix state with the same keys: more value columns
             ncol, nrow, cn = _outer_update(g, st, n)

@@ -34,11 +34,23 @@ def _new_axis_in_front(node: Node) -> bool:
     return node.op == "index" and bool(node.attrs["items"]) and node.attrs["items"][0][0] == "new"
 
 
+def heads_dim(cell: Cell):
+    """The heads dim of a cell whose states all lead with one dim and one of which is [NH, K, V] (the
+    candidates head_slice takes), or None."""
+    states = cell.states
+    if not states or not any(len(s.shape) == 3 for s in states) or any(not s.shape for s in states):
+        return None
+    heads = states[0].shape[0]
+    return heads if all(D.equal(s.shape[0], heads) for s in states) else None
+
+
 def head_slice(cell: Cell) -> tuple[Cell, dict[int, bool]]:
-    """The one-head step of a cell whose single state is [NH, *shape], and which nodes have the head
+    """The one-head step of a cell whose states are all [NH, *shape], and which nodes have the head
     axis (node id -> True). NotPerHead when an op mixes heads."""
-    (s,) = cell.states
-    heads = s.shape[0]
+    heads = heads_dim(cell)
+    if heads is None:
+        raise NotPerHead("the states do not all lead with the heads")
+    ranks = {len(st.shape) for st in cell.states}
     g = cell.graph
     sliced = g.extensible()
     headed: dict[int, bool] = {}
@@ -48,16 +60,17 @@ def head_slice(cell: Cell) -> tuple[Cell, dict[int, bool]]:
         if not node.args:
             headed[nid] = _headed_shape(node.shape, heads)
         elif not any(flags):
-            headed[nid] = _new_axis_in_front(node) and len(node.shape) == len(s.shape)
+            headed[nid] = _new_axis_in_front(node) and len(node.shape) in ranks
         else:
             headed[nid] = True
             if not _lead_ok(node.shape, heads):
                 raise NotPerHead(f"{node.op} drops the heads axis")
         if headed[nid]:
             sliced.nodes[nid] = replace(node, shape=tuple(node.shape[1:]), attrs=_sliced_attrs(g, node, flags))
-    if not all(headed[n] for n in (s.node_in, s.node_out)) or not all(headed[o.node] for o in cell.outputs):
-        raise NotPerHead("an output or the state's next value is not per head")
-    one = replace(cell, graph=sliced, states=[replace(s, shape=tuple(s.shape[1:]))],
+    if not all(headed[n] for st in cell.states for n in (st.node_in, st.node_out)) \
+            or not all(headed[o.node] for o in cell.outputs):
+        raise NotPerHead("an output or a state's next value is not per head")
+    one = replace(cell, graph=sliced, states=[replace(st, shape=tuple(st.shape[1:])) for st in cell.states],
                   outputs=[replace(o, shape=tuple(o.shape[1:])) for o in cell.outputs])
     return one, headed
 

@@ -100,9 +100,9 @@ def _per_head(cell: Cell, stages: dict[int, str], out: dict[str, dict]) -> None:
     is NH one-head states: its verdict is one head's (a scalar decay per head is "scalar", `q @ S`
     per head a contraction), with `heads` naming the dim. Read on the whole state, a per-head decay
     looks like a per-value one and the per-head readout like no contraction at all."""
-    from .heads import NotPerHead, head_slice
+    from .heads import NotPerHead, head_slice, heads_dim
 
-    if len(cell.states) != 1 or len(cell.states[0].shape) != 3:
+    if heads_dim(cell) is None:
         return
     try:
         one, _ = head_slice(cell)

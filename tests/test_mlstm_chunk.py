@@ -313,7 +313,7 @@ def _run_all(cell, inputs, state):
 
 def _joined_inputs(text, T, gen):
     cell = rnnc.parse(text).cell()
-    sizes = {"K": K, "V": V, "P": P, "N": N}
+    sizes = {"K": K, "V": V, "P": P, "N": N, "NH": 2}
     xs = []
     for p in cell.inputs:
         x = torch.randn(2, T, 2, *[sizes[str(d)] for d in p.shape], generator=gen, dtype=torch.float64)
@@ -390,3 +390,65 @@ def test_joined_matrix_states_on_the_triton_chunk_kernels():
     want = _run_all(rnnc.build(MAMBA2_TWO, backend="loop"), xs, state)
     for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
         _close(a, b, 1e-5)
+
+
+# The same cells with heads declared as a dim (the library's mamba2 writing; mLSTM with a stabiliser per
+# head): one head's plan (rnnc/heads.py), the heads as more rows of the joined pass.
+MAMBA2_TWO_HEADS = """
+cell mamba2_two_heads(x: [NH, P], z: [NH, P], dt: [NH], B: [N], C: [N]) -> (y: [NH, P]) {
+    param A_log: [NH] = log(arange(1, NH + 1))
+    param D:     [NH] = 1
+    state h: [NH, P, N] = 0
+    state u: [NH, P, N] = 0
+    let a = exp(dt * -exp(A_log))[:, None, None]
+    h = a * h + (dt[:, None] * x)[:, :, None] * B
+    u = a * u + z[:, :, None] * B
+    y = sum(h * C, axis=2) - 0.5 * sum(u * C, axis=2) + D[:, None] * x
+}
+"""
+MLSTM_HEADS = """
+cell mlstm_heads(q: [NH, K], k: [NH, K], v: [NH, V], igate: [NH], fgate: [NH]) -> (h: [NH, V]) {
+    state C: [NH, K, V] = 0
+    state n: [NH, K] = 0
+    state m: [NH] = 0
+    let log_f = logsigmoid(fgate)
+    let m_new = maximum(log_f + m, igate)
+    let i_s = exp(igate - m_new)
+    let f_s = exp(log_f + m - m_new)
+    let k_s = k / sqrt(K)
+    C = f_s[:, None, None] * C + i_s[:, None, None] * k_s[:, :, None] * v[:, None, :]
+    n = f_s[:, None] * n + i_s[:, None] * k_s
+    m = m_new
+    h = sum(q[:, :, None] * C, axis=1) / maximum(abs(sum(n * q, axis=1)), exp(-m))[:, None]
+}
+"""
+
+
+@pytest.mark.parametrize("text,columns,maxplus", [(MAMBA2_TWO_HEADS, ["u"], []), (MLSTM_HEADS, ["n"], ["m"])],
+                         ids=["mamba2", "mlstm"])
+def test_heads_declared_as_a_dim_join_per_head(text, columns, maxplus):
+    cell = optimize(rnnc.parse(text).cell())
+    plan = chunk_plan(cell.derived(), analyze_cell(cell))
+    assert str(plan.heads) == "NH" and [n for n, _ in plan.columns] == columns
+    assert [m.state for m in plan.maxplus] == maxplus
+    report = rnnc.analyze(text)
+    assert report.backend == "chunk" and all(s["heads"] == "NH" for s in report.to_dict()["states"].values())
+
+
+@pytest.mark.parametrize("text", [MAMBA2_TWO_HEADS, MLSTM_HEADS], ids=["mamba2", "mlstm"])
+@pytest.mark.parametrize("T", [1, 15, 17, 40])
+def test_heads_declared_as_a_dim_joined_chunk_matches_loop(text, T):
+    gen = torch.Generator().manual_seed(T)
+    xs, state = _joined_inputs(text, T, gen)
+    if "igate" in text:  # input gates up to ~+30 (the stabiliser's case), forget gates down to -1e3
+        xs[3], xs[4] = 10 * xs[3], torch.where(xs[4] < -1, torch.full_like(xs[4], -1e3), xs[4] + 2)
+        state["n"] = state["n"].abs() + 0.5
+    loop = rnnc.build(text, backend="loop", dtype=torch.float64, NH=2)
+    with torch.no_grad():
+        for p in loop.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    chunk = rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64, NH=2)
+    chunk.load_state_dict(loop.state_dict())
+    got, want = _run_all(chunk, xs, state), _run_all(loop, xs, state)
+    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
+        _close(a, b, 1e-10)
