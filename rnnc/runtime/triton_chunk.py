@@ -662,15 +662,17 @@ def _triton_chunk_kind(gk, gv):
 def _triton_chunk_forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor | None,
                                  gv: torch.Tensor | None, h0: torch.Tensor | None, C: int,
                                  save_h: bool) -> list[torch.Tensor]:
-    """The op rnnc::triton_chunk_forward: [o, S_T, the state entering each chunk (empty unless save_h)]."""
+    """The op rnnc::triton_chunk_forward: [o, S_T, the state entering each chunk, flat (empty unless
+    save_h): a [ceil(T / C), ...] shape would make a compiler specialise T to one chunk when it traces
+    a short sequence (its size-1 guard); the backward kernels read it by pointer]."""
     o, S, h = _triton_chunk_forward(q, k, v, gk, gv, h0, C, save_h)
-    return [o, S, q.new_empty(0, dtype=torch.float32) if h is None else h]
+    return [o, S, q.new_empty(0, dtype=torch.float32) if h is None else h.view(-1)]
 
 
 def _triton_chunk_forward_fake(q, k, v, gk, gv, h0, C, save_h):
     T, N, K = q.shape
     V = v.shape[-1]
-    h = q.new_empty(((T + C - 1) // C, N, K, V) if save_h else (0,), dtype=torch.float32)
+    h = q.new_empty((((T + C - 1) // C) * N * K * V,) if save_h else (0,), dtype=torch.float32)
     return [q.new_empty(T, N, V), q.new_empty(N, K, V), h]
 
 

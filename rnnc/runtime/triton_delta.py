@@ -266,9 +266,10 @@ def _triton_delta_backward(q, k, v, beta, g, h, do, dS, C):
 def _triton_delta_forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                                  g: torch.Tensor | None, h0: torch.Tensor | None, C: int,
                                  save_h: bool) -> list[torch.Tensor]:
-    """The op rnnc::triton_delta_forward: [o, S_T, the state entering each chunk (empty unless save_h)]."""
+    """The op rnnc::triton_delta_forward: [o, S_T, the state entering each chunk, flat (empty unless
+    save_h; as rnnc::triton_chunk_forward's)]."""
     o, S, h = _triton_delta_forward(q, k, v, beta, g, h0, C, save_h)
-    return [o, S, q.new_empty(0, dtype=torch.float32) if h is None else h]
+    return [o, S, q.new_empty(0, dtype=torch.float32) if h is None else h.view(-1)]
 
 
 def _triton_delta_backward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
