@@ -42,7 +42,7 @@ CLASS_ATTRS = frozenset({
     "DIMS", "INPUTS", "OUTPUTS", "STATES", "DEFAULTS", "REQUIRED", "LOOP_BELOW", "SHADOWED", "dims", "step",
     "forward", "reset_parameters", "extra_repr", "source", "backend", "_forward_loop", "_forward_scan",
     "_forward_chunk", "_forward_recurrent", "_forward_newton", "__setattr__", "NEWTON_MAX_ITERS", "NEWTON_TOL",
-    "NEWTON_DEBUG", "newton_info",
+    "NEWTON_DEBUG", "NEWTON_TRITON", "newton_info",
 })
 #: torch.nn.Module's attributes, class and instance (torch 2.13; tests/test_hostile.py checks the installed torch
 #: adds none): a fixed list, so that emitting a module neither imports torch nor depends on its version.

@@ -17,9 +17,10 @@ here: a cell without Triton never imports triton.
   triton_chunk   chunkwise linear attention as Triton kernels, forward and backward
   triton_delta   the chunkwise delta rule as Triton kernels, forward and backward
   triton_dplr    the generalized delta rule (KDA, RWKV-7, DeltaProduct) as Triton kernels, forward and backward
+  triton_newton  Newton's linear step for diagonal Jacobians as a Triton kernel (newton.py dispatches to it)
 """
 
 #: The modules, in the order a standalone file holds what it vendors from them (a module before those
 #: importing from it).
 MODULES = ("calling", "backward", "opaque", "scan", "newton", "chunk", "chunk_dplr", "triton_launch", "triton_chunk",
-           "triton_delta", "triton_dplr")
+           "triton_delta", "triton_dplr", "triton_newton")

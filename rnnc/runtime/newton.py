@@ -17,8 +17,12 @@ steps at once, which autograd takes through one more evaluation of f on the conv
 [(hi-lo)*N, *shape] states before those steps, the result a tuple of their next values.
 `step_jac(prev, lo, hi)` returns those and each group's Jacobian blocks (see _newton_linearize), both
 from one generated pass: the step's jvp, derived from the IR (backends/emit_newton.py), not autograd.
+
+A diagonal group's linear solves (every iteration's, and the backward's reverse one) run as a Triton kernel
+(rnnc/runtime/triton_newton.py) where one applies: see _newton_use_triton and the cell's NEWTON_TRITON.
 """
 import math
+import os
 import warnings
 
 import torch
@@ -61,6 +65,7 @@ def _newton(cell, step, step_jac, s0, T, groups):
                              f"{_NEWTON_DENSE_MAX:,}; use backend='loop' for this size (dense Newton pays only "
                              "for small states)")
     max_its = cell.NEWTON_MAX_ITERS
+    use_triton = _newton_use_triton(getattr(cell, "NEWTON_TRITON", None), s0[0])
     tol = cell.NEWTON_TOL if cell.NEWTON_TOL is not None else _newton_tolerance(s0[0].dtype)
     with torch.no_grad():
         H = _newton_guess(step, s0, T)
@@ -70,7 +75,7 @@ def _newton(cell, step, step_jac, s0, T, groups):
             prev = tuple(h[done - 1:T - 1] for h in H)
             bufs = _newton_linearize(step_jac, prev, done, T, minus=tuple(h[done:] for h in H), out=bufs)
             R, J = bufs
-            delta = _newton_solve(J, R, groups)  # over R (the residuals F - H, then δ)
+            delta = _newton_solve(J, R, groups, triton=use_triton)  # over R (the residuals F - H, then δ)
             worst = _newton_update(H, delta, done, tol)
             still = torch.nonzero(~(worst <= tol))  # NaN compares False: never converged
             done = T if still.numel() == 0 else done + max(1, int(still[0]))
@@ -93,7 +98,7 @@ def _newton(cell, step, step_jac, s0, T, groups):
     F = _newton_call(step, prev, 0, T)  # one more step on the solution: the path gradients take
     if not any(f.requires_grad for f in F):
         return tuple(H)
-    return _NewtonAdjoint.apply((step_jac, tuple(p.detach() for p in prev), groups), *F)
+    return _NewtonAdjoint.apply((step_jac, tuple(p.detach() for p in prev), groups, use_triton), *F)
 
 
 def _newton_guess(step, s0, T):
@@ -203,12 +208,38 @@ def _newton_dense_jacobian(tangent, prev):
     return cols.permute(1, 2, 0)
 
 
-def _newton_solve(J, rhs, groups, reverse=False):
+def _newton_use_triton(setting, like):
+    """Whether a diagonal group's solves run in Triton (triton_newton.py) for states like `like`: with the
+    cell's NEWTON_TRITON None (the default), on CUDA tensors when triton is installed; True also asks for
+    it on CPU tensors, which then need Triton's interpreter (TRITON_INTERPRET=1: tests); False never. On
+    CPU the PyTorch solve is the default: the interpreter is orders of magnitude slower. Not in a
+    standalone file (`rnnc compile` vendors no Triton kernel into a Newton cell): PyTorch there."""
+    if setting is False or (setting is None and like.device.type != "cuda"):
+        return False
+    if like.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError("NEWTON_TRITON = True on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 "
+                         "before the cell is built); leave NEWTON_TRITON = None to solve in PyTorch on CPU")
+    try:
+        from .triton_newton import _triton_newton_diagonal  # noqa: F401 (triton is an optional extra)
+    except ImportError:
+        if setting:
+            raise InputError("NEWTON_TRITON = True needs triton (pip install 'rnnc[triton]'), and a module "
+                             "built by rnnc.build (a standalone file carries no Triton kernel for Newton)")
+        return False
+    return True
+
+
+def _newton_solve(J, rhs, groups, reverse=False, triton=False):
     """Per group, x_t = J_t x_{t-1} + rhs_t from x = 0 (rhs: a tuple of [t, N, *shape] per state, which a
     diagonal group's solve overwrites). With `reverse`, the adjoint x_t = J_{t+1}ᵀ x_{t+1} + rhs_t instead
-    (J then holds J_1..J_{t-1})."""
+    (J then holds J_1..J_{t-1}). With `triton` (_newton_use_triton), diagonal groups run the Triton kernel
+    of triton_newton.py; blocks and dense groups the PyTorch matrix scan either way."""
     out = list(rhs)
     for (kind, idx), a in zip(groups, J):
+        if kind == "diagonal" and triton:
+            from .triton_newton import _triton_newton_diagonal
+            out[idx[0]] = _triton_newton_diagonal(a, rhs[idx[0]], reverse)
+            continue
         if kind == "diagonal":  # in place, without the copies and stacks of the autograd-friendly scans
             i = idx[0]
             out[i] = (_diagonal_scan_(a.flip(0), rhs[i].flip(0)).flip(0) if reverse
@@ -261,12 +292,12 @@ class _NewtonAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        step_jac, prev, groups = ctx.solved
+        step_jac, prev, groups, use_triton = ctx.solved
         grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, prev))
         T = prev[0].shape[0]
         if T == 1:
             return (None, *grads)
         with torch.no_grad():
             _, J = _newton_linearize(step_jac, tuple(p[1:] for p in prev), 1, T)
-            lam = _newton_solve(J, grads, groups, reverse=True)
+            lam = _newton_solve(J, grads, groups, reverse=True, triton=use_triton)
         return (None, *lam)
