@@ -23,9 +23,9 @@ def attributes(L: Lines) -> None:
     """The solver's settings, as class attributes an instance (or subclass) may override."""
     L("#: Newton's method over time: the iteration cap (then the rest runs step by step, with a warning),")
     L("#: the threshold on |update| / (1 + |state|) (None: sqrt(eps) of the compute dtype), and whether")
-    L("#: each call prints what happened (always kept in self.newton_info); where diagonal Jacobians'")
-    L("#: linear solves run in Triton (None: on CUDA tensors when triton is installed; True: on CPU too,")
-    L("#: under TRITON_INTERPRET=1; False: never)")
+    L("#: each call prints what happened (always kept in self.newton_info); where diagonal and 2x2-block Jacobians'")
+    L("#: linear solves run in Triton (None: on CUDA tensors when triton was installed at build time;")
+    L("#: True: on CPU tensors too, under TRITON_INTERPRET=1; False: never)")
     L("NEWTON_MAX_ITERS = 32")
     L("NEWTON_TOL = None")
     L("NEWTON_DEBUG = False")
@@ -96,7 +96,9 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
     structure = "; ".join(f"{', '.join(g.states)}: {g.describe()}" for g in plan.groups)
     L(f"# Newton's method over time (Jacobian {structure})")
     lhs = ", ".join(f"all_{s.name}" for s in cell.states)
-    L(f"{lhs}, = _newton(self, _step, _step_jac, ({', '.join(f's0_{s.name}' for s in cell.states)},), T, {groups!r})")
+    solvers = ", (_triton_newton_diagonal, _triton_newton_block2)" if plan.triton else ""
+    L(f"{lhs}, = _newton(self, _step, _step_jac, ({', '.join(f's0_{s.name}' for s in cell.states)},), T, "
+      f"{groups!r}{solvers})")
     if rec.loop_outs:
         rows = _AllRows(cell, r, stages, rec.loop)
         rows.scanned.update(s.name for s in cell.states)

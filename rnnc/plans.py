@@ -34,6 +34,9 @@ class NewtonPlan:
     # at most `auto_max_entries` state entries per step, and the loop otherwise (rnnc/schedule.py)
     auto_from: int | None = None
     auto_max_entries: int | None = None
+    # the module hands the runtime the Triton solves of diagonal and 2x2-block groups (triton is
+    # installed and such a group exists); it runs them on CUDA tensors (rnnc/runtime/triton_newton.py)
+    triton: bool = False
 
     def nodes(self) -> list[int]:
         return []
@@ -175,11 +178,15 @@ def scan_plan(cell: Cell, report: Report, triton: bool = False) -> ScanPlan:
 def newton_plan(report: Report, auto: bool = False) -> NewtonPlan:
     """Newton's plan: the Jacobian's structure, per group of coupled states; with `auto`, where the
     module runs it rather than the loop (rnnc/schedule.py's measured thresholds)."""
+    import importlib.util
+
     from .schedule import NEWTON_FROM, NEWTON_MAX_ENTRIES
 
+    triton = importlib.util.find_spec("triton") is not None and any(
+        g.kind == "diagonal" or (g.kind == "block" and len(g.states) == 2) for g in report.jacobian)
     if auto:
-        return NewtonPlan(tuple(report.jacobian), NEWTON_FROM, NEWTON_MAX_ENTRIES)
-    return NewtonPlan(tuple(report.jacobian))
+        return NewtonPlan(tuple(report.jacobian), NEWTON_FROM, NEWTON_MAX_ENTRIES, triton)
+    return NewtonPlan(tuple(report.jacobian), triton=triton)
 
 
 def chunk_plan(cell: Cell, report: Report, chunk_size: int | None = None, triton: bool = False) -> ChunkPlan:

@@ -18,8 +18,9 @@ steps at once, which autograd takes through one more evaluation of f on the conv
 `step_jac(prev, lo, hi)` returns those and each group's Jacobian blocks (see _newton_linearize), both
 from one generated pass: the step's jvp, derived from the IR (backends/emit_newton.py), not autograd.
 
-A diagonal group's linear solves (every iteration's, and the backward's reverse one) run as a Triton kernel
-(rnnc/runtime/triton_newton.py) where one applies: see _newton_use_triton and the cell's NEWTON_TRITON.
+A diagonal group's or 2x2 block's linear solves (every iteration's, and the backward's reverse one) run
+in Triton (rnnc/runtime/triton_newton.py, handed over by a module built with triton installed) on CUDA
+tensors: see _newton_use_triton and the cell's NEWTON_TRITON.
 """
 import math
 import os
@@ -47,10 +48,12 @@ def _newton_tolerance(dtype):
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def _newton(cell, step, step_jac, s0, T, groups):
+def _newton(cell, step, step_jac, s0, T, groups, solvers=None):
     """The states after each of T steps, each [T, N, *shape], from initial states s0 (a tuple of
     [N, *shape]); `groups` is the Jacobian's structure: (kind, state indices) per coupled group, kind
     "diagonal", "block" or "dense". Differentiable with respect to s0 and whatever `step` reads.
+    `solvers`: the Triton solves (diagonal, 2x2 block) from triton_newton.py, which a module built where
+    triton is installed hands over (None otherwise: this module never imports triton itself).
 
     The cell's NEWTON_MAX_ITERS and NEWTON_TOL (None: by dtype) control the iterations; what happened is
     left in `cell.newton_info` (iterations, whether they converged, where the sequential finish began)."""
@@ -65,7 +68,7 @@ def _newton(cell, step, step_jac, s0, T, groups):
                              f"{_NEWTON_DENSE_MAX:,}; use backend='loop' for this size (dense Newton pays only "
                              "for small states)")
     max_its = cell.NEWTON_MAX_ITERS
-    use_triton = _newton_use_triton(getattr(cell, "NEWTON_TRITON", None), s0[0])
+    use_triton = solvers if _newton_use_triton(getattr(cell, "NEWTON_TRITON", None), s0[0], solvers) else None
     tol = cell.NEWTON_TOL if cell.NEWTON_TOL is not None else _newton_tolerance(s0[0].dtype)
     with torch.no_grad():
         H = _newton_guess(step, s0, T)
@@ -208,37 +211,38 @@ def _newton_dense_jacobian(tangent, prev):
     return cols.permute(1, 2, 0)
 
 
-def _newton_use_triton(setting, like):
-    """Whether a diagonal group's solves run in Triton (triton_newton.py) for states like `like`: with the
-    cell's NEWTON_TRITON None (the default), on CUDA tensors when triton is installed; True also asks for
-    it on CPU tensors, which then need Triton's interpreter (TRITON_INTERPRET=1: tests); False never. On
-    CPU the PyTorch solve is the default: the interpreter is orders of magnitude slower. Not in a
-    standalone file (`rnnc compile` vendors no Triton kernel into a Newton cell): PyTorch there."""
+def _newton_use_triton(setting, like, solvers):
+    """Whether diagonal groups' and 2x2 blocks' solves run in Triton (the `solvers` from triton_newton.py;
+    None when the module was built without triton) for states like `like`: with the cell's NEWTON_TRITON
+    None (the default), on CUDA tensors; True also asks for it on CPU tensors, which then need Triton's
+    interpreter (TRITON_INTERPRET=1: tests); False never. On CPU the PyTorch solve is the default: the
+    interpreter is orders of magnitude slower."""
     if setting is False or (setting is None and like.device.type != "cuda"):
+        return False
+    if solvers is None:
+        if setting:
+            raise InputError("NEWTON_TRITON = True needs a module built where triton is installed "
+                             "(pip install 'rnnc[triton]', then build or compile the cell again)")
         return False
     if like.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InputError("NEWTON_TRITON = True on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 "
                          "before the cell is built); leave NEWTON_TRITON = None to solve in PyTorch on CPU")
-    try:
-        from .triton_newton import _triton_newton_diagonal  # noqa: F401 (triton is an optional extra)
-    except ImportError:
-        if setting:
-            raise InputError("NEWTON_TRITON = True needs triton (pip install 'rnnc[triton]'), and a module "
-                             "built by rnnc.build (a standalone file carries no Triton kernel for Newton)")
-        return False
     return True
 
 
-def _newton_solve(J, rhs, groups, reverse=False, triton=False):
+def _newton_solve(J, rhs, groups, reverse=False, triton=None):
     """Per group, x_t = J_t x_{t-1} + rhs_t from x = 0 (rhs: a tuple of [t, N, *shape] per state, which a
     diagonal group's solve overwrites). With `reverse`, the adjoint x_t = J_{t+1}ᵀ x_{t+1} + rhs_t instead
-    (J then holds J_1..J_{t-1}). With `triton` (_newton_use_triton), diagonal groups run the Triton kernel
-    of triton_newton.py; blocks and dense groups the PyTorch matrix scan either way."""
+    (J then holds J_1..J_{t-1}). With `triton` (the Triton solves for diagonal groups and 2x2 blocks from
+    triton_newton.py, where _newton_use_triton says so), those groups run them (overwriting rhs too);
+    larger blocks and dense groups the PyTorch matrix scan either way."""
     out = list(rhs)
     for (kind, idx), a in zip(groups, J):
-        if kind == "diagonal" and triton:
-            from .triton_newton import _triton_newton_diagonal
-            out[idx[0]] = _triton_newton_diagonal(a, rhs[idx[0]], reverse)
+        if kind == "diagonal" and triton is not None:
+            out[idx[0]] = triton[0](a, rhs[idx[0]], reverse)
+            continue
+        if kind == "block" and len(idx) == 2 and triton is not None:
+            out[idx[0]], out[idx[1]] = triton[1](a, rhs[idx[0]], rhs[idx[1]], reverse)
             continue
         if kind == "diagonal":  # in place, without the copies and stacks of the autograd-friendly scans
             i = idx[0]
@@ -250,7 +254,7 @@ def _newton_solve(J, rhs, groups, reverse=False, triton=False):
         else:
             b = torch.cat([rhs[i].reshape(*rhs[i].shape[:2], -1) for i in idx], -1)
         if reverse:
-            a = torch.cat([torch.zeros_like(a[:1]), a.transpose(-1, -2).flip(0)])
+            a = torch.cat([a.new_zeros((1, *a.shape[1:])), a.transpose(-1, -2).flip(0)])  # (T = 1: no J)
             b = b.flip(0)
         x = _matrix_scan(a, b, torch.zeros_like(b[0]))
         x = x.flip(0) if reverse else x
