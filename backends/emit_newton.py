@@ -23,9 +23,9 @@ def attributes(L: Lines) -> None:
     """The solver's settings, as class attributes an instance (or subclass) may override."""
     L("#: Newton's method over time: the iteration cap (then the rest runs step by step, with a warning),")
     L("#: the threshold on |update| / (1 + |state|) (None: sqrt(eps) of the compute dtype), and whether")
-    L("#: each call prints what happened (always kept in self.newton_info); where diagonal and 2x2-block Jacobians'")
-    L("#: linear solves run in Triton (None: on CUDA tensors when triton was installed at build time;")
-    L("#: True: on CPU tensors too, under TRITON_INTERPRET=1; False: never)")
+    L("#: each call prints what happened (always kept in self.newton_info); where the linear solves of")
+    L("#: diagonal and 2x2-block Jacobians run in Triton (None: on CUDA tensors, when triton was installed")
+    L("#: at build time; True: on CPU tensors too, under TRITON_INTERPRET=1; False: never)")
     L("NEWTON_MAX_ITERS = 32")
     L("NEWTON_TOL = None")
     L("NEWTON_DEBUG = False")

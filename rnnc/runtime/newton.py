@@ -68,7 +68,7 @@ def _newton(cell, step, step_jac, s0, T, groups, solvers=None):
                              f"{_NEWTON_DENSE_MAX:,}; use backend='loop' for this size (dense Newton pays only "
                              "for small states)")
     max_its = cell.NEWTON_MAX_ITERS
-    use_triton = solvers if _newton_use_triton(getattr(cell, "NEWTON_TRITON", None), s0[0], solvers) else None
+    kernels = solvers if _newton_use_triton(getattr(cell, "NEWTON_TRITON", None), s0[0], solvers) else None
     tol = cell.NEWTON_TOL if cell.NEWTON_TOL is not None else _newton_tolerance(s0[0].dtype)
     with torch.no_grad():
         H = _newton_guess(step, s0, T)
@@ -78,7 +78,7 @@ def _newton(cell, step, step_jac, s0, T, groups, solvers=None):
             prev = tuple(h[done - 1:T - 1] for h in H)
             bufs = _newton_linearize(step_jac, prev, done, T, minus=tuple(h[done:] for h in H), out=bufs)
             R, J = bufs
-            delta = _newton_solve(J, R, groups, triton=use_triton)  # over R (the residuals F - H, then δ)
+            delta = _newton_solve(J, R, groups, triton=kernels)  # over R (the residuals F - H, then δ)
             worst = _newton_update(H, delta, done, tol)
             still = torch.nonzero(~(worst <= tol))  # NaN compares False: never converged
             done = T if still.numel() == 0 else done + max(1, int(still[0]))
@@ -101,7 +101,7 @@ def _newton(cell, step, step_jac, s0, T, groups, solvers=None):
     F = _newton_call(step, prev, 0, T)  # one more step on the solution: the path gradients take
     if not any(f.requires_grad for f in F):
         return tuple(H)
-    return _NewtonAdjoint.apply((step_jac, tuple(p.detach() for p in prev), groups, use_triton), *F)
+    return _NewtonAdjoint.apply((step_jac, tuple(p.detach() for p in prev), groups, kernels), *F)
 
 
 def _newton_guess(step, s0, T):
@@ -296,12 +296,12 @@ class _NewtonAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        step_jac, prev, groups, use_triton = ctx.solved
+        step_jac, prev, groups, kernels = ctx.solved
         grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, prev))
         T = prev[0].shape[0]
         if T == 1:
             return (None, *grads)
         with torch.no_grad():
             _, J = _newton_linearize(step_jac, tuple(p[1:] for p in prev), 1, T)
-            lam = _newton_solve(J, grads, groups, reverse=True, triton=use_triton)
+            lam = _newton_solve(J, grads, groups, reverse=True, triton=kernels)
         return (None, *lam)

@@ -1,4 +1,8 @@
-"""Newton's linear step for a diagonal or 2x2-block Jacobian as Triton kernels (rnnc/runtime/newton.py, _newton_solve).
+"""Newton's linear step for diagonal and 2x2-block Jacobians as Triton kernels (newton.py's _newton_solve).
+
+Why: on a GPU, the PyTorch solves (the strided in-place tree scan, the matrix scan) launch a few small
+kernels per round over O(log T) rounds, every iteration; a fused kernel reads J and the residuals once
+and writes the update once, the state in registers.
 
 Each Newton iteration solves δ_t = J_t δ_{t-1} + r_t over the whole remaining sequence, and the backward
 solves the adjoint λ_t = J_{t+1} λ_{t+1} + g_t once; for a diagonal J both are an elementwise linear
