@@ -1,7 +1,8 @@
 """Compile every Triton kernel a cell's triton module launches, for a real GPU, on a machine without one.
 
 Usage: python tests/aot_compile.py CELL [CELL ...]   (TRITON_INTERPRET must be unset)
-       CELL may also be `:per-value`: the chunk kernels for per-value decays, which no library cell uses.
+       CELL may also be `:per-value`: the chunk kernels for per-value decays, which no library cell uses;
+       or `:newton`: Newton's linear-step kernels (rnnc/runtime/triton_newton.py), every variant.
 
 The interpreter (how the test suite runs kernels on CPU) accepts code that the compiler may reject, so
 this builds each cell's triton module with real @triton.jit kernels, runs a forward and backward at a
@@ -86,6 +87,22 @@ def _per_value() -> None:
     (o.sum() + S.sum()).backward()
 
 
+def _newton() -> None:
+    """Each variant of the Newton solves: diagonal and 2x2 blocks, forward and reverse, float32 and
+    float64, one chunk of time and several (the summaries)."""
+    from rnnc.runtime import triton_newton
+
+    T, N, H = 40, 2, 3
+    for dtype in (torch.float32, torch.float64):
+        for reverse in (False, True):
+            for steps in (None, 16):
+                a = torch.randn(T - reverse, N, H, dtype=dtype)
+                triton_newton._triton_newton_diagonal(a, torch.randn(T, N, H, dtype=dtype), reverse, steps)
+                J = torch.randn(T - reverse, N, H, 2, 2, dtype=dtype)
+                b0, b1 = torch.randn(T, N, H, dtype=dtype), torch.randn(T, N, H, dtype=dtype)
+                triton_newton._triton_newton_block2(J, b0, b1, reverse, steps)
+
+
 def main(names: list[str]) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the kernels must be real @triton.jit functions")
@@ -93,6 +110,9 @@ def main(names: list[str]) -> None:
     for name in names:
         if name == ":per-value":
             _per_value()
+            continue
+        if name == ":newton":
+            _newton()
             continue
         dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
         cell = rnnc.build(name, backend="triton", **dims)

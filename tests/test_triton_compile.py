@@ -53,3 +53,10 @@ def test_every_triton_cell_compiles_for_sm90(tmp_path):
     names = [n for n in rnnc.library() if "triton" in rnnc.backends_for(n)]
     out = _compile(names, tmp_path)
     assert "_fold_0_fwd: " in out and "_triton_chunk_bwd_scalar: " in out
+
+
+def test_newton_kernels_compile_for_sm90(tmp_path):
+    """Newton's linear-step kernels (diagonal, 2x2 blocks; forward, reverse; float32, float64; one chunk
+    of time and several): 16 specialisations."""
+    out = _compile([":newton"], tmp_path)
+    assert out.count("_triton_newton_diag: ") == 8 and out.count("_triton_newton_blk2: ") == 8, out
