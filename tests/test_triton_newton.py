@@ -1,7 +1,8 @@
-"""Newton's diagonal linear step in Triton (rnnc/runtime/triton_newton.py), in Triton's CPU interpreter:
-the kernel against the PyTorch solve it replaces and a plain sequential reference (forward and reverse,
-float32 and float64, one chunk and many, zero and large negative factors), and a newton cell solving
-through it against the loop, values and gradients. Small sizes: the interpreter is slow."""
+"""Newton's linear step in Triton (rnnc/runtime/triton_newton.py: diagonal and 2x2-block Jacobians), in
+Triton's CPU interpreter: the kernels against the PyTorch solves they replace and a plain sequential
+reference (forward and reverse, float32 and float64, T = 1, 7, 65, one chunk of time and many, zero and
+large negative factors), and paragru (diagonal) and paralstm (2x2 blocks) solving through them against
+the loop, values and gradients. Small sizes: the interpreter is slow."""
 from __future__ import annotations
 
 import os
@@ -11,11 +12,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import rnnc  # noqa: E402
 from rnnc.errors import InputError  # noqa: E402
 from rnnc.runtime import newton as newton_runtime  # noqa: E402
 from rnnc.runtime.newton import _newton_solve, _newton_use_triton  # noqa: E402
 from rnnc.runtime.triton_newton import _triton_newton_block2, _triton_newton_diagonal  # noqa: E402
-import rnnc  # noqa: E402
 from test_newton import _dims, _inputs_and_state, _pair, _run  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
