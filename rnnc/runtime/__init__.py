@@ -17,7 +17,7 @@ here: a cell without Triton never imports triton.
   triton_chunk   chunkwise linear attention as Triton kernels, forward and backward
   triton_delta   the chunkwise delta rule as Triton kernels, forward and backward
   triton_dplr    the generalized delta rule (KDA, RWKV-7, DeltaProduct) as Triton kernels, forward and backward
-  triton_newton  Newton's linear step for diagonal Jacobians as a Triton kernel (newton.py dispatches to it)
+  triton_newton  Newton's linear step for diagonal and 2x2-block Jacobians as Triton kernels (handed to newton.py)
 """
 
 #: The modules, in the order a standalone file holds what it vendors from them (a module before those
