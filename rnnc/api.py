@@ -104,7 +104,7 @@ def _lower(ir, backend: str, backward: str, defaults: dict | None = None,
     elif chosen in ("scan", "triton"):
         scan = plans.scan_plan(lowered, report, triton=chosen == "triton")
     elif chosen == "newton":
-        newton = plans.newton_plan(report, auto=backend == "auto")
+        newton = plans.newton_plan(report, auto=backend == "auto", kernels=not standalone)
     lowered.extra_roots = (scan or chunk).nodes() if scan or chunk else []
     cell = lowered
     report = analyze_cell(cell, chosen)  # the values the plan reads are hoisted like any other

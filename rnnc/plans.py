@@ -175,14 +175,15 @@ def scan_plan(cell: Cell, report: Report, triton: bool = False) -> ScanPlan:
     return ScanPlan(fused=fused, folds=folds)
 
 
-def newton_plan(report: Report, auto: bool = False) -> NewtonPlan:
+def newton_plan(report: Report, auto: bool = False, kernels: bool = True) -> NewtonPlan:
     """Newton's plan: the Jacobian's structure, per group of coupled states; with `auto`, where the
-    module runs it rather than the loop (rnnc/schedule.py's measured thresholds)."""
+    module runs it rather than the loop (rnnc/schedule.py's measured thresholds). Without `kernels`
+    (a standalone module, which needs only torch outside the triton backend) no Triton solves."""
     import importlib.util
 
     from .schedule import NEWTON_FROM, NEWTON_MAX_ENTRIES
 
-    triton = importlib.util.find_spec("triton") is not None and any(
+    triton = kernels and importlib.util.find_spec("triton") is not None and any(
         g.kind == "diagonal" or (g.kind == "block" and len(g.states) == 2) for g in report.jacobian)
     if auto:
         return NewtonPlan(tuple(report.jacobian), NEWTON_FROM, NEWTON_MAX_ENTRIES, triton)
