@@ -59,6 +59,15 @@ def _triton_chunk_blocks(C, K, V):
 
 
 @triton.jit
+def _triton_chunk_steps(ic, rt, C, T, N, i_n):
+    """Chunk ic's steps t, their mask (inside the chunk and the sequence) and their rows in a
+    time-major [T, N, ...] tensor (row n), int64 so that large T * N cannot overflow."""
+    t = ic * C + rt
+    m = (rt < C) & (t < T)
+    return t, m, t.to(tl.int64) * N + i_n
+
+
+@triton.jit
 def _triton_chunk_block(ptr, i_n, i_v, K, V, LOAD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """A (V block i_v, row i_n) program's [BK, BV] block of a [N, K, V] state: its columns, masks and
     offsets, and the block read from `ptr` in float32 (zeros without LOAD)."""
@@ -89,9 +98,7 @@ def _triton_chunk_fwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h
     for ic in range(nt):
         if SAVE_H:
             tl.store(h_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, S, mask=s_msk)
-        t = ic * C + rt
-        m = (rt < C) & (t < T)
-        row = t.to(tl.int64) * N + i_n
+        t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
         q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
         k = tl.load(k_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + row[:, None] * V + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0).to(tl.float32)
@@ -339,9 +346,7 @@ def _triton_chunk_bwd_dh(q_ptr, g_ptr, do_ptr, ds_ptr, dh_ptr, dh0_ptr, T, N, K,
     for i in range(nt):
         ic = nt - 1 - i
         tl.store(dh_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, dS, mask=s_msk)
-        t = ic * C + rt
-        m = (rt < C) & (t < T)
-        row = t.to(tl.int64) * N + i_n
+        t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
         q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=m[:, None] & mk[None, :], other=0.0).to(tl.float32)
         do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0).to(tl.float32)
         if GK:
@@ -376,9 +381,7 @@ def _triton_chunk_bwd_scalar(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, 
     ck, cv, mk, mv, S, dS = _triton_chunk_saved(h_ptr, dh_ptr, ic * N + i_n, K, V, BK, BV)
     rt = tl.arange(0, BT)
     tri = rt[:, None] >= rt[None, :]
-    t = ic * C + rt
-    m = (rt < C) & (t < T)
-    row = t.to(tl.int64) * N + i_n
+    t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
     mqk = m[:, None] & mk[None, :]
     mvv = m[:, None] & mv[None, :]
     q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=mqk, other=0.0).to(tl.float32)

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .chunk import _chunk_delta, _chunk_empty_or_before
-from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks, _triton_chunk_forward_fake
+from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks, _triton_chunk_forward_fake, _triton_chunk_steps
 from .triton_launch import _kernel_op
 
 
@@ -113,9 +113,7 @@ def _triton_delta_fwd(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h
     for ic in range(nt):
         if SAVE_H:
             tl.store(h_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, S, mask=s_msk)
-        t = ic * C + rt
-        m = (rt < C) & (t < T)
-        row = t.to(tl.int64) * N + i_n
+        t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
         q, k, v, b, g = _triton_delta_load(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, row, m, ck, mk, cv, mv, K, V, HAS_G)
         Ti, Gam, eG, eL, KK, QK = _triton_delta_factors(q, k, b, g, tl.minimum(C, T - ic * C), rt, HAS_G)
         W = tl.dot(Ti, k * (b * eG)[:, None], input_precision="ieee")                 # [BT, BK]
@@ -143,9 +141,7 @@ def _triton_delta_bwd_dh(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, do_ptr, ds_ptr, dh_p
     for i in range(nt):
         ic = nt - 1 - i
         tl.store(dh_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, dS, mask=s_msk)
-        t = ic * C + rt
-        m = (rt < C) & (t < T)
-        row = t.to(tl.int64) * N + i_n
+        t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
         q, k, v, b, g = _triton_delta_load(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, row, m, ck, mk, cv, mv, K, V, HAS_G)
         do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0).to(tl.float32)
         Ti, Gam, eG, eL, KK, QK = _triton_delta_factors(q, k, b, g, tl.minimum(C, T - ic * C), rt, HAS_G)
@@ -175,9 +171,7 @@ def _triton_delta_bwd(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, h_ptr, dh_ptr, do_ptr, 
     rt = tl.arange(0, BT)
     tri = rt[:, None] >= rt[None, :]
     strict = rt[:, None] > rt[None, :]
-    t = ic * C + rt
-    m = (rt < C) & (t < T)
-    row = t.to(tl.int64) * N + i_n
+    t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
     mqk = m[:, None] & mk[None, :]
     mvv = m[:, None] & mv[None, :]
     q, k, v, b, g = _triton_delta_load(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, row, m, ck, mk, cv, mv, K, V, HAS_G)

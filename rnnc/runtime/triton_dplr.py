@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from .chunk_dplr import _chunk_dplr
-from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks, _triton_chunk_gate, _triton_chunk_saved, \
-    _triton_chunk_tile
+from .triton_chunk import _triton_chunk_block, _triton_chunk_blocks, _triton_chunk_gate, _triton_chunk_steps, \
+    _triton_chunk_saved, _triton_chunk_tile
 from .triton_delta import _triton_unit_tril_inverse
 
 
@@ -210,6 +210,17 @@ def _triton_dplr_pairs_grad(q, k, a, b, g, gx, Aqk, Aqa, Abk, Aba, dAqk, dAqa, d
 
 
 @triton.jit
+def _triton_dplr_factors(q, k, a, b, g, gx, g1, rt, nd, GATE: tl.constexpr):
+    """What every kernel needs of one chunk (nd valid rows): the pair matrices, the decays, the inverse
+    Ti = (I - A_ba)^{-1} and W = Ti (b e^{G_{i-1}})."""
+    Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, nd, GATE)
+    eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
+    Ti = _triton_unit_tril_inverse(-Aba, rt, nd)
+    W = tl.dot(Ti, b * eGx, input_precision="ieee")
+    return Aqk, Aqa, Abk, Aba, eG, eGx, eL, eC, Ti, W
+
+
+@triton.jit
 def _triton_dplr_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_ptr, h_ptr, T, N, K, V, C,
                      GATE: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -222,16 +233,12 @@ def _triton_dplr_fwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h0_ptr, o_ptr, s_
     for ic in range(nt):
         if SAVE_H:
             tl.store(h_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, S, mask=s_msk)
-        t = ic * C + rt
-        m = (rt < C) & (t < T)
-        row = t.to(tl.int64) * N + i_n
+        t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
         q, k, a, b, g, gx, g1 = _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
                                                   ck, mk, K, GATE)
         v = _triton_chunk_tile(v_ptr, row, m, cv, mv, V)
-        Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, tl.minimum(C, T - ic * C), GATE)
-        eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
-        Ti = _triton_unit_tril_inverse(-Aba, rt, tl.minimum(C, T - ic * C))           # (I - A_ba)^{-1}
-        W = tl.dot(Ti, b * eGx, input_precision="ieee")
+        Aqk, Aqa, Abk, Aba, eG, eGx, eL, eC, Ti, W = _triton_dplr_factors(q, k, a, b, g, gx, g1, rt,
+                                                                          tl.minimum(C, T - ic * C), GATE)
         U = (tl.dot(Ti, tl.dot(Abk, v, input_precision="ieee"), input_precision="ieee")
              + tl.dot(W, S, input_precision="ieee"))
         o = (tl.dot(q * eG, S, input_precision="ieee") + tl.dot(Aqa, U, input_precision="ieee")
@@ -256,16 +263,12 @@ def _triton_dplr_bwd_dh(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, do_ptr, ds_ptr, dh_pt
     for i in range(nt):
         ic = nt - 1 - i
         tl.store(dh_ptr + tl.cast(ic * N, tl.int64) * K * V + s_off, dS, mask=s_msk)
-        t = ic * C + rt
-        m = (rt < C) & (t < T)
-        row = t.to(tl.int64) * N + i_n
+        t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
         q, k, a, b, g, gx, g1 = _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
                                                   ck, mk, K, GATE)
         do = _triton_chunk_tile(do_ptr, row, m, cv, mv, V)
-        Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, tl.minimum(C, T - ic * C), GATE)
-        eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
-        Ti = _triton_unit_tril_inverse(-Aba, rt, tl.minimum(C, T - ic * C))
-        W = tl.dot(Ti, b * eGx, input_precision="ieee")
+        Aqk, Aqa, Abk, Aba, eG, eGx, eL, eC, Ti, W = _triton_dplr_factors(q, k, a, b, g, gx, g1, rt,
+                                                                          tl.minimum(C, T - ic * C), GATE)
         dU = tl.dot(tl.trans(Aqa), do, input_precision="ieee") + tl.dot(a * eL, dS, input_precision="ieee")
         dS = (dS * eC[:, None] + tl.dot(tl.trans(q * eG), do, input_precision="ieee")
               + tl.dot(tl.trans(W), dU, input_precision="ieee"))
@@ -284,19 +287,14 @@ def _triton_dplr_bwd(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, h_ptr, dh_ptr, do
     rt = tl.arange(0, BT)
     tri = rt[:, None] >= rt[None, :]
     strict = rt[:, None] > rt[None, :]
-    t = ic * C + rt
-    m = (rt < C) & (t < T)
-    row = t.to(tl.int64) * N + i_n
+    t, m, row = _triton_chunk_steps(ic, rt, C, T, N, i_n)
     nd = tl.minimum(C, T - ic * C)
     q, k, a, b, g, gx, g1 = _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
                                               ck, mk, K, GATE)
     v = _triton_chunk_tile(v_ptr, row, m, cv, mv, V)
     do = _triton_chunk_tile(do_ptr, row, m, cv, mv, V)
-    Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, nd, GATE)
-    eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
-    Ti = _triton_unit_tril_inverse(-Aba, rt, nd)
+    Aqk, Aqa, Abk, Aba, eG, eGx, eL, eC, Ti, W = _triton_dplr_factors(q, k, a, b, g, gx, g1, rt, nd, GATE)
     bg = b * eGx
-    W = tl.dot(Ti, bg, input_precision="ieee")
     Y = tl.dot(Abk, v, input_precision="ieee")
     U = tl.dot(Ti, Y, input_precision="ieee") + tl.dot(W, S, input_precision="ieee")
     # the chain of the forward, in reverse
