@@ -69,6 +69,16 @@ def _state(B, H, gen):
             "m": torch.randn(B, H, generator=gen, dtype=torch.float64)}
 
 
+def _nla_inputs(T, gen, gate):
+    """NLA's inputs q, k, v, g (g = gate(shape)) and initial states S, z, float64, batch 2."""
+    q, k = (torch.randn(2, T, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, T, V, generator=gen, dtype=torch.float64)
+    g = gate((2, T))
+    state = {"S": torch.randn(2, K, V, generator=gen, dtype=torch.float64),
+             "z": torch.randn(2, K, generator=gen, dtype=torch.float64)}
+    return [q, k, v, g], state
+
+
 def _run(cell, inputs, state, dtype=torch.float64):
     """(outputs, final states, gradients of a weighted loss w.r.t. every input and initial state)."""
     xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
@@ -84,6 +94,13 @@ def _close(a, b, tol):
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all()
     assert (a - b).abs().max().item() <= tol * (b.abs().max().item() + 1e-30)
+
+
+def _all_close(got, want, tol):
+    """Every part of two (output, final states, gradients) results within `tol` of each other."""
+    assert got[1].keys() == want[1].keys() and len(got[2]) == len(want[2])
+    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in want[1]] + list(zip(got[2], want[2])):
+        _close(a, b, tol)
 
 
 def test_the_stabiliser_is_max_plus_and_the_states_share_one_pass():
@@ -197,15 +214,11 @@ def test_another_cell_with_a_normaliser_joins_the_same_way(text):
     assert plan.before == (text is BEFORE)
     assert rnnc.analyze(text).backend == "chunk"
     gen = torch.Generator().manual_seed(5)
-    q, k = (torch.randn(2, 70, K, generator=gen, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(2, 70, V, generator=gen, dtype=torch.float64)
-    g = torch.nn.functional.logsigmoid(torch.randn(2, 70, generator=gen, dtype=torch.float64) + 2)
-    state = {"S": torch.randn(2, K, V, generator=gen, dtype=torch.float64),
-             "z": torch.randn(2, K, generator=gen, dtype=torch.float64)}
-    want = _run(rnnc.build(text, backend="loop", dtype=torch.float64), [q, k, v, g], state)
-    got = _run(rnnc.build(text, backend="chunk", chunk_size=16, dtype=torch.float64), [q, k, v, g], state)
-    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
-        _close(a, b, 1e-10)
+    xs, state = _nla_inputs(70, gen, lambda shape: torch.nn.functional.logsigmoid(
+        torch.randn(shape, generator=gen, dtype=torch.float64) + 2))
+    want = _run(rnnc.build(text, backend="loop", dtype=torch.float64), xs, state)
+    got = _run(rnnc.build(text, backend="chunk", chunk_size=16, dtype=torch.float64), xs, state)
+    _all_close(got, want, 1e-10)
 
 
 def test_states_that_do_not_share_the_decay_are_refused():
@@ -311,6 +324,17 @@ def _run_all(cell, inputs, state):
     return y, final, torch.autograd.grad(loss, xs + list(s0.values()) + list(cell.parameters()))
 
 
+def _loop_and_chunk(text, gen, **dims):
+    """The cell on the loop (params moved off their initial values) and on chunks of 8 with its params."""
+    loop = rnnc.build(text, backend="loop", dtype=torch.float64, **dims)
+    with torch.no_grad():
+        for p in loop.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    chunk = rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64, **dims)
+    chunk.load_state_dict(loop.state_dict())
+    return loop, chunk
+
+
 def _joined_inputs(text, T, gen):
     cell = rnnc.parse(text).cell()
     sizes = {"K": K, "V": V, "P": P, "N": N, "NH": 2}
@@ -338,15 +362,9 @@ def test_matrix_states_sharing_decay_and_keys_join(text, columns, transposed):
 def test_joined_matrix_states_chunk_matches_loop(text, T):
     gen = torch.Generator().manual_seed(T)
     xs, state = _joined_inputs(text, T, gen)
-    loop = rnnc.build(text, backend="loop", dtype=torch.float64)
-    with torch.no_grad():
-        for p in loop.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    chunk = rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64)
-    chunk.load_state_dict(loop.state_dict())
+    loop, chunk = _loop_and_chunk(text, gen)
     got, want = _run_all(chunk, xs, state), _run_all(loop, xs, state)
-    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
-        _close(a, b, 1e-10)
+    _all_close(got, want, 1e-10)
 
 
 @pytest.mark.parametrize("change,why", [
@@ -367,15 +385,10 @@ def test_a_scaled_read_of_a_joined_state_keeps_its_scale():
     dropped there: chunk and loop differed by 2 at T=20)."""
     text = NLA.replace("o = (q @ S)", "o = (q @ S) / sqrt(K)")
     gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(2, 20, K, generator=gen, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(2, 20, V, generator=gen, dtype=torch.float64)
-    g = -torch.rand(2, 20, generator=gen, dtype=torch.float64)
-    state = {"S": torch.randn(2, K, V, generator=gen, dtype=torch.float64),
-             "z": torch.randn(2, K, generator=gen, dtype=torch.float64)}
-    want = _run(rnnc.build(text, backend="loop", dtype=torch.float64), [q, k, v, g], state)
-    got = _run(rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64), [q, k, v, g], state)
-    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
-        _close(a, b, 1e-10)
+    xs, state = _nla_inputs(20, gen, lambda shape: -torch.rand(shape, generator=gen, dtype=torch.float64))
+    want = _run(rnnc.build(text, backend="loop", dtype=torch.float64), xs, state)
+    got = _run(rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64), xs, state)
+    _all_close(got, want, 1e-10)
 
 
 def test_joined_matrix_states_on_the_triton_chunk_kernels():
@@ -388,8 +401,7 @@ def test_joined_matrix_states_on_the_triton_chunk_kernels():
     assert "triton: chunkwise kernels" in rnnc.analyze(MAMBA2_TWO, backend="triton").notes
     got = _run_all(rnnc.build(MAMBA2_TWO, backend="triton", chunk_size=32), xs, state)
     want = _run_all(rnnc.build(MAMBA2_TWO, backend="loop"), xs, state)
-    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
-        _close(a, b, 1e-5)
+    _all_close(got, want, 1e-5)
 
 
 # The same cells with heads declared as a dim (the library's mamba2 writing; mLSTM with a stabiliser per
@@ -443,12 +455,6 @@ def test_heads_declared_as_a_dim_joined_chunk_matches_loop(text, T):
     if "igate" in text:  # input gates up to ~+30 (the stabiliser's case), forget gates down to -1e3
         xs[3], xs[4] = 10 * xs[3], torch.where(xs[4] < -1, torch.full_like(xs[4], -1e3), xs[4] + 2)
         state["n"] = state["n"].abs() + 0.5
-    loop = rnnc.build(text, backend="loop", dtype=torch.float64, NH=2)
-    with torch.no_grad():
-        for p in loop.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    chunk = rnnc.build(text, backend="chunk", chunk_size=8, dtype=torch.float64, NH=2)
-    chunk.load_state_dict(loop.state_dict())
+    loop, chunk = _loop_and_chunk(text, gen, NH=2)
     got, want = _run_all(chunk, xs, state), _run_all(loop, xs, state)
-    for a, b in [(got[0], want[0])] + [(got[1][s], want[1][s]) for s in state] + list(zip(got[2], want[2])):
-        _close(a, b, 1e-10)
+    _all_close(got, want, 1e-10)
