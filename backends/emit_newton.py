@@ -67,8 +67,9 @@ def _dims(cell) -> list[str]:
 
 
 def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
-    """`_step` (the step over rows lo*N..hi*N of the time-major values), `_step_jac` (the step and its
-    Jacobian's blocks, rendered from the step's jvp graph), the solve, then the outputs."""
+    """`_step` (the step over steps lo, lo + every, ... below hi: rows `at` of the time-major values),
+    `_step_jac` (the step and its Jacobian's blocks over steps lo..hi-1, rendered from the step's jvp
+    graph), the solve, then the outputs."""
     cell, r, stages = rec.cell, rec.r, rec.stages
     r.use_deferred = False  # a param @ state is one product over all rows here, not one per step
     if rec.into_loop:
@@ -77,16 +78,20 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
         name = f"tm_{r.name(nid)}"
         L(f"{name} = _time_major({r.operand(nid, 'hoist').text}, B, T).flatten(0, 1)")
         r.step_ref[nid] = name
-    step = _step_renderer(r)
+    step = _step_renderer(r, "at")
     outs = [s.node_out for s in cell.states]
     needed = r.graph.ancestors(outs)
     L()
-    L("def _step(prev, lo, hi):")
+    L("def _step(prev, lo, hi, every=1):")
     L.indent()
-    L('"""The states after steps lo..hi-1, each [(hi-lo)*N, ...], from those before them (prev)."""')
+    L('"""The states after steps lo, lo + every, ... below hi (every > 1: one step of each segment of the')
+    L('initial guess), each [steps*N, ...], from those before them (prev)."""')
     L(f"{', '.join(step.name(s.node_in) for s in cell.states)}, = prev")
+    if rec.into_loop:
+        L("at = _step_rows(lo, hi, every, N, dev)  # those steps' rows of the time-major values")
     step.emit(L, [n for n in rec.loop if n in needed], "loop")
-    L(f"return ({', '.join(_next(step, s.node_out, s.shape, stages) for s in cell.states)},)")
+    rows = "len(range(lo, hi, every)) * N"
+    L(f"return ({', '.join(_next(step, s.node_out, s.shape, stages, rows) for s in cell.states)},)")
     L.dedent()
     L()
     _emit_step_jac(L, rec, plan)
@@ -110,10 +115,10 @@ def emit(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
       f"{', '.join(f'all_{s.name}[-1]' for s in cell.states)}")
 
 
-def _next(step, nid: int, shape, stages) -> str:
-    """A value of the step as [(hi-lo)*N, *shape] rows (a constant one expanded)."""
+def _next(step, nid: int, shape, stages, rows: str = "(hi - lo) * N") -> str:
+    """A value of the step as [rows, *shape] (a constant one expanded)."""
     if stages.get(nid, "const") == "const":
-        return f"{step.tensor(nid, 'const')}.expand((hi - lo) * N, *{shape_text(shape)})"
+        return f"{step.tensor(nid, 'const')}.expand({rows}, *{shape_text(shape)})"
     return step.operand(nid, "loop").text
 
 
@@ -183,7 +188,7 @@ def _emit_step_jac(L: Lines, rec: Recurrence, plan: NewtonPlan) -> None:
     cell, r = rec.cell, rec.r
     jac = _jacobian(rec, plan)
     g, n_cell = jac.graph, len(cell.graph)
-    jr = _step_renderer(r)
+    jr = _step_renderer(r, "lo * N:hi * N")
     jr.graph, jr.expr, jr.stages = g, TorchExpr(g), jac.stages
     jr.roots = set(r.roots)
     rows = "(hi - lo) * N"
@@ -260,11 +265,11 @@ def _name(r, nid: int, base: str) -> None:
     r.names[nid] = name
 
 
-def _step_renderer(r):
+def _step_renderer(r, rows: str):
     """A renderer for `_step`'s body: the forward's names so far (constants, hoisted values) and its
-    own for the step's values, hoisted values read as their rows lo*N..hi*N."""
+    own for the step's values, hoisted values read as their rows `rows` (an index expression)."""
     step = copy.copy(r)
     step.names, step.inline, step.used_names = dict(r.names), dict(r.inline), set(r.used_names)
-    step.step_ref = {n: f"{ref}[lo * N:hi * N]" for n, ref in r.step_ref.items()}
+    step.step_ref = {n: f"{ref}[{rows}]" for n, ref in r.step_ref.items()}
     step.deferred, step.use_deferred, step.keep = {}, False, set()
     return step

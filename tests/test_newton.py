@@ -262,13 +262,20 @@ def test_iteration_cap_finishes_sequentially_with_a_warning():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_a_chaotic_cell_converges_or_falls_back_and_matches_the_loop():
+@pytest.mark.parametrize("segment", [None, 8])
+def test_a_chaotic_cell_converges_or_falls_back_and_matches_the_loop(segment, monkeypatch):
     """Elman with recurrent weights ×6 (strongly expanding tanh dynamics, Newton's linearisations
     far from the truth): either the iterations converge or the sequential finish takes over with
-    the warning; never a silent wrong answer."""
+    the warning; never a silent wrong answer. From the guess of every step run from s0 (48 steps are
+    too few for segments), and from 8-step segments run side by side and swept once from the
+    segments' previous ends (such dynamics do not forget a wrong start)."""
+    import rnnc.runtime.newton as runtime
+
+    if segment:
+        monkeypatch.setattr(runtime, "_NEWTON_SEGMENT", segment)
+        monkeypatch.setattr(runtime, "_NEWTON_SWEEPS", 1)  # more passes would run all 48 steps in order
     loop, newton = _pair("elman", scale={"weight_hh": 6.0}, H=8, I=3)
     newton.NEWTON_MAX_ITERS = 6
-    inputs, state = _inputs_and_state("elman", 2, 48, torch.float64)
     state = {"h": torch.zeros(2, 1, 8, dtype=torch.float64, requires_grad=True)}
     inputs = [torch.randn(2, 48, 1, 3, dtype=torch.float64, requires_grad=True)]
     want = _run(loop, inputs, state)
@@ -276,10 +283,51 @@ def test_a_chaotic_cell_converges_or_falls_back_and_matches_the_loop():
         warnings.simplefilter("always")
         got = _run(newton, inputs, state)
     info = newton.newton_info
+    assert info["guess"] == ({"segment": 8, "passes": 2} if segment else {"segment": None, "passes": 1})
     assert info["converged"] or any(issubclass(w.category, NewtonWarning) for w in caught)
     assert not info["converged"]  # with this cap, these dynamics do need the fallback
     for a, b in zip(want, got):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-8), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("name", ["paragru", "paralstm", "gru", "indrnn", "lstm"])
+def test_the_guess_in_segments_matches_the_loop(name, monkeypatch):
+    """The initial guess runs segments of steps side by side, then passes from the segments' previous
+    ends (rnnc/runtime/newton.py, _newton_guess): with 5-step segments (the last one 2 steps) a few per
+    batch, the same values and gradients; the first segment is exact, so the iterations start after it."""
+    import rnnc.runtime.newton as runtime
+
+    monkeypatch.setattr(runtime, "_NEWTON_SEGMENT", 5)
+    monkeypatch.setattr(runtime, "_NEWTON_CHUNK", 24)
+    newton = _compare(name, 67)
+    info = newton.newton_info
+    assert info["guess"]["segment"] == 5 and 2 <= info["guess"]["passes"] <= runtime._NEWTON_SWEEPS + 1, info
+    assert info["converged"] and info["iterations"] <= 3, info
+
+
+@pytest.mark.parametrize("name, before, after", [("paragru", 4, 1), ("indrnn", 15, 3)])
+def test_the_guess_in_segments_leaves_one_iteration_or_few(name, before, after, monkeypatch):
+    """The benchmark's case (B=4, H=64, T=2048, float32): from the segmented guess, ParaGRU's Newton
+    converges in 1 iteration and IndRNN's in at most 3, where from every step started at s0 they took
+    4 and 15 or more; the results are the loop's either way."""
+    import rnnc.runtime.newton as runtime
+
+    torch.manual_seed(0)
+    loop = rnnc.build(name, backend="loop", H=64, I=64)
+    newton = rnnc.build(name, backend="newton", H=64, I=64)
+    newton.load_state_dict(loop.state_dict())
+    x = torch.randn(4, 2048, 64)
+    with torch.no_grad():
+        want = loop(x)[0]
+        got = newton(x)[0]
+        info = newton.newton_info
+        assert info["converged"] and info["iterations"] <= after and info["guess"]["segment"] >= 64, info
+        assert torch.allclose(got, want, atol=2e-4)
+        monkeypatch.setattr(runtime, "_NEWTON_SEGMENT", 2048)  # one segment: every step from s0
+        got = newton(x)[0]
+        info = newton.newton_info
+        assert info["guess"]["segment"] is None and info["converged"] and info["iterations"] >= before, info
+        assert torch.allclose(got, want, atol=2e-4)
 
 
 def test_packed_batches_and_state_passing():
