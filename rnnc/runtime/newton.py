@@ -233,7 +233,10 @@ _NEWTON_CHUNK = 1 << 18
 
 #: The initial guess (_newton_guess, _newton_segment): segments of at least _NEWTON_SEGMENT steps, longer
 #: (up to 4x) where each batched step still holds _NEWTON_SEGMENT_ENTRIES entries, and at most
-#: _NEWTON_SWEEPS passes after the first. Measured: TODO
+#: _NEWTON_SWEEPS passes after the first. Measured (CPU, 1 thread, B=4, forward): ParaGRU converges in 1
+#: iteration after 2 passes from 32-step segments on (H=64, T=16384: 202-216 ms for 32-256 steps; T=1024:
+#: 14, 17, 24, 38 ms for 32, 64, 128, 256: short sequences want short segments); IndRNN (H=256, T=16384)
+#: needs long ones: 64 steps 24 iterations, 3.3 s; 256 steps 12 (4 passes) or 3 (8 passes), 1.2 or 0.8 s.
 _NEWTON_SEGMENT = 64
 _NEWTON_SEGMENT_ENTRIES = 1 << 14
 _NEWTON_SWEEPS = 8
