@@ -110,15 +110,16 @@ def _newton_guess(step, s0, T, tol):
     was made ({"segment": steps per segment (None: every step from s0), "passes": how many}).
 
     The steps run one after another within segments of _newton_segment steps, all segments at once as
-    one batch: segment 0 from s0 (so it is exact), every later one from s0 as well. Then up to
-    _NEWTON_SWEEPS more such passes (block Jacobi), each segment from the state the previous pass ended
-    the segment before it on. A contracting cell forgets a wrong start geometrically, so each pass
-    leaves the segments' first states far closer to the truth (and one more segment exact), and
-    Newton's iterations have little left to do (B=4, float32: ParaGRU 1 iteration instead of 4; IndRNN,
-    whose relu makes Newton an active-set iteration, 1 at H=64 and 2-11 at H=256 instead of 15-32). The
-    passes stop once no segment's last state moved by more than `tol` (as Newton's test), or once they
-    stop moving less than in the pass before (dynamics that do not forget their start, where Newton
-    does better). Sequences shorter than two segments get every step from s0 instead (step 0 exact)."""
+    one batch: segment 0 from s0 (so it is exact), every later one from the state reached by running
+    the _NEWTON_WARMUP steps before it from s0 (a batch of its own). A contracting cell forgets a wrong
+    start geometrically, so those starts are already close to the truth. Then up to _NEWTON_SWEEPS more
+    such passes (block Jacobi), each segment from the state the previous pass ended the segment before
+    it on (and one more segment exact each time), while a segment's last state still moves by more
+    than `tol` (as Newton's test) from the estimate the segment after it started from, and moves less
+    than in the pass before (dynamics that do not forget their start stop there: Newton does better).
+    Newton's iterations then have little left to do (B=4, float32: ParaGRU 1 iteration instead of 4;
+    IndRNN, whose relu makes Newton an active-set iteration, 1 at H=64 and 2-11 at H=256 instead of
+    15-32). Sequences shorter than two segments get every step from s0 instead (step 0 exact)."""
     n = s0[0].shape[0]
     width = sum(s[0].numel() for s in s0)
     length = _newton_segment(T, n * width)
@@ -127,17 +128,25 @@ def _newton_guess(step, s0, T, tol):
     H = [s.new_empty((T, *s.shape)) for s in s0]
     segments = -(-T // length)
     group = max(1, _NEWTON_CHUNK // max(1, n * width))  # segments per batch
+    warmup = min(_NEWTON_WARMUP, length)
+    for g0 in range(1, segments, group):  # the starts of segments 1.. (in the tails of the ones before)
+        g1 = min(segments, g0 + group)
+        cur = tuple(s.detach().repeat(g1 - g0, *[1] * (s.dim() - 1)) for s in s0)
+        for i in range(warmup):
+            lo = g0 * length - warmup + i
+            cur = step(cur, lo, (g1 - 1) * length + 1 - warmup + i, length)
+            for h, c in zip(H, cur):
+                h[lo::length][:g1 - g0] = c.expand((g1 - g0) * n, *c.shape[1:]).reshape(g1 - g0, n, *c.shape[1:])
     moved = math.inf
     for sweep in range(min(_NEWTON_SWEEPS + 1, segments)):  # the segments before `sweep` are exact already
         # the last states of the segments a later one starts from (views), and before this pass
         ends = [h[(sweep + 1) * length - 1:(segments - 1) * length:length] for h in H]
-        before = [e.clone() for e in ends] if sweep else None
+        before = [e.clone() for e in ends]
         for g0 in range(sweep, segments, group):
             g1 = min(segments, g0 + group)
-            if sweep == 0:
-                cur = tuple(s.detach().repeat(g1 - g0, *[1] * (s.dim() - 1)) for s in s0)
-            else:  # each segment from where the last pass ended the one before it
-                cur = tuple(h[g0 * length - 1:g1 * length - 1:length].flatten(0, 1) for h in H)
+            cur = tuple(h[max(1, g0) * length - 1:g1 * length - 1:length].flatten(0, 1) for h in H)
+            if g0 == 0:
+                cur = tuple(torch.cat([s.detach(), c]) for s, c in zip(s0, cur))
             for i in range(length):
                 lo, hi = g0 * length + i, min(T, g1 * length)
                 if lo >= hi:
@@ -146,11 +155,10 @@ def _newton_guess(step, s0, T, tol):
                 cur = step(tuple(c[:rows] for c in cur), lo, hi, length)
                 for h, c in zip(H, cur):
                     h[lo:hi:length] = c.expand(rows, *c.shape[1:]).reshape(rows // n, n, *c.shape[1:])
-        if sweep:
-            last, moved = moved, max((float(((e - b).abs() / (1 + b.abs())).max()) if e.numel() else 0.0)
-                                     for e, b in zip(ends, before))
-            if not moved > tol or moved >= last:  # converged, or not forgetting (NaN: stop too)
-                break
+        last, moved = moved, max((float(((e - b).abs() / (1 + b.abs())).max()) if e.numel() else 0.0)
+                                 for e, b in zip(ends, before))
+        if not moved > tol or moved >= last:  # converged, or not forgetting (NaN: stop too)
+            break
     return H, min(T, (sweep + 1) * length), {"segment": length, "passes": sweep + 1}
 
 
@@ -232,14 +240,18 @@ def _newton_call(step, prev, lo, hi):
 _NEWTON_CHUNK = 1 << 18
 
 #: The initial guess (_newton_guess, _newton_segment): segments of at least _NEWTON_SEGMENT steps, longer
-#: (up to 4x) where each batched step still holds _NEWTON_SEGMENT_ENTRIES entries, and at most
-#: _NEWTON_SWEEPS passes after the first. Measured (CPU, 1 thread, B=4, forward): ParaGRU converges in 1
-#: iteration after 2 passes from 32-step segments on (H=64, T=16384: 202-216 ms for 32-256 steps; T=1024:
-#: 14, 17, 24, 38 ms for 32, 64, 128, 256: short sequences want short segments); IndRNN (H=256, T=16384)
-#: needs long ones: 64 steps 24 iterations, 3.3 s; 256 steps 12 (4 passes) or 3 (8 passes), 1.2 or 0.8 s.
+#: (up to 4x) where each batched step still holds _NEWTON_SEGMENT_ENTRIES entries, each started from
+#: _NEWTON_WARMUP steps run from s0 before it, and at most _NEWTON_SWEEPS passes after the first.
+#: Measured (CPU, 1 thread, B=4, forward; before the warm-up, segments started from s0 and took 2 passes):
+#: ParaGRU converges in 1 iteration after 2 passes from 32-step segments on (H=64, T=16384: 202-216 ms for
+#: 32-256 steps; T=1024: 14, 17, 24, 38 ms for 32, 64, 128, 256: short sequences want short segments);
+#: IndRNN (H=256, T=16384) needs long ones: 64 steps 24 iterations, 3.3 s; 256 steps 12 (4 passes) or 3
+#: (8 passes), 1.2 or 0.8 s. Warm-up (ParaGRU H=64, T=16384 / 4096): 16 steps 209 / 47 ms (2 passes), 32
+#: steps 172 / 38 ms (1 pass), 64 steps 167 / 45, 256 steps 218 / 44.
 _NEWTON_SEGMENT = 64
 _NEWTON_SEGMENT_ENTRIES = 1 << 14
 _NEWTON_SWEEPS = 8
+_NEWTON_WARMUP = 32
 
 
 def _newton_linearize(step_jac, prev, lo, hi, minus=None, out=None):
