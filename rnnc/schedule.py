@@ -34,14 +34,14 @@ MATRIX_AUTO_PER_STEP = 16
 LOOP_BELOW = {"scan": 64, "chunk": 8}
 #: `auto` takes Newton's method over time (backend "newton") for a nonlinear cell whose every group of
 #: states has a diagonal Jacobian that is smooth in them (no relu or maximum on a state: those make Newton
-#: an active-set iteration, IndRNN's 2-11 iterations at H=256, and its loop is cheap), and the built module
+#: an active-set iteration, IndRNN's 2-23 iterations at H=256, and its loop is cheap), and the built module
 #: runs it only where it measured faster than the loop on CPU (benchmarks/RESULTS.md, bench_newton.py,
 #: paragru, B=4, 1 thread, with the segmented initial guess: 1 iteration): at B·H = 256 state entries per
-#: step, forward 1.4-2.2× and forward+backward 3.2-4.8× (T = 1024..16384; 1.0× and 2.0-2.5× at T=512);
-#: at 512 entries, forward 0.8-1.0× at T=1024 and 1.2-2.0× from 2048, forward+backward 1.4-2.1×; at 1024
-#: entries, forward 0.8-0.9× and forward+backward 1.3-1.4×. So: sequences of NEWTON_FROM steps or more
-#: with at most NEWTON_MAX_ENTRIES entries per step (all sequences together); the loop otherwise.
-NEWTON_FROM = 1024
+#: step, forward 1.3× at T=512, 1.5-2.8× from 1024 (0.9× at 256), forward+backward 3.5-5.7×; at 512
+#: entries, forward 1.0-1.2× from T=512, forward+backward 1.8-2.8×; at 1024 entries, forward 0.8-1.1× and
+#: forward+backward 1.3-1.5× (no forward gain). So: sequences of NEWTON_FROM steps or more with at most
+#: NEWTON_MAX_ENTRIES entries per step (all sequences together); the loop otherwise.
+NEWTON_FROM = 512
 NEWTON_MAX_ENTRIES = 512
 #: On the triton backend, sequences shorter than this (and `step`) run the fused recurrent kernel
 #: when the cell also has a parallel form: fla's layers switch to fused_recurrent at T <= 64 too.
