@@ -118,7 +118,7 @@ def _newton_guess(step, s0, T, tol):
     than `tol` (as Newton's test) from the estimate the segment after it started from, and moves less
     than in the pass before (dynamics that do not forget their start stop there: Newton does better).
     Newton's iterations then have little left to do (B=4, float32: ParaGRU 1 iteration instead of 4;
-    IndRNN, whose relu makes Newton an active-set iteration, 1 at H=64 and 2-11 at H=256 instead of
+    IndRNN, whose relu makes Newton an active-set iteration, 1 at H=64 and 2-23 at H=256 instead of
     15-32). Sequences shorter than two segments get every step from s0 instead (step 0 exact)."""
     n = s0[0].shape[0]
     width = sum(s[0].numel() for s in s0)
