@@ -2,7 +2,8 @@
 
 Usage: python tests/aot_compile.py CELL [CELL ...]   (TRITON_INTERPRET must be unset)
        CELL may also be `:per-value`: the chunk kernels for per-value decays, which no library cell uses;
-       or `:newton`: Newton's linear-step kernels (rnnc/runtime/triton_newton.py), every variant.
+       or `:newton`: Newton's linear-step kernels (rnnc/runtime/triton_newton.py), every variant;
+       `NAME@C` builds the cell with chunk_size C instead of its default.
 
 The interpreter (how the test suite runs kernels on CPU) accepts code that the compiler may reject, so
 this builds each cell's triton module with real @triton.jit kernels, runs a forward and backward at a
@@ -114,8 +115,9 @@ def main(names: list[str]) -> None:
         if name == ":newton":
             _newton()
             continue
+        name, _, chunk = name.partition("@")
         dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
-        cell = rnnc.build(name, backend="triton", **dims)
+        cell = rnnc.build(name, backend="triton", chunk_size=int(chunk) if chunk else None, **dims)
         module = sys.modules[type(cell).__module__]
         if hasattr(module, "SCAN_CHUNK"):  # the fused scans' time-chunked variant too
             module.SCAN_CHUNK = 16

@@ -3,8 +3,10 @@
 tests/aot_compile.py builds each cell's triton module with real @triton.jit kernels, intercepts every
 launch of a forward and backward (nothing runs) and compiles each kernel with its actual argument
 types to a cubin with Triton's bundled ptxas: no GPU needed. The fast path covers one cell per kind of
-kernel (fused recurrent, fused scan, chunkwise with per-key decays, delta rule, generalized delta rule); `slow` covers every
-library cell the triton backend takes.
+kernel (fused recurrent, fused scan, chunkwise with per-key decays, delta rule, generalized delta rule),
+the delta rule's at 16-step chunks: its backward kernel at the default 64 steps (BT = 64) takes ptxas
+over a minute (a 2.7 MB cubin; 2 s at BT = 16). `slow` covers every library cell the triton backend
+takes, at its default chunk size (so the delta rule's kernels at BT = 64 too).
 """
 import os
 import subprocess
@@ -39,7 +41,7 @@ def _compile(names: list[str], tmp_path) -> str:
 
 
 def test_one_cell_per_kernel_kind_compiles_for_sm90(tmp_path):
-    out = _compile(["lstm", "mingru", "gla", "gated_deltanet", "kda", ":per-value"], tmp_path)
+    out = _compile(["lstm", "mingru", "gla", "gated_deltanet@16", "kda", ":per-value"], tmp_path)
     for kernel in ("_rec_fwd", "_rec_bwd", "_scan_h_fwd", "_scan_h_bwd", "_scan_h_sum", "_scan_h_rsum",
                    "_triton_chunk_fwd_vector",
                    "_triton_chunk_bwd_dh", "_triton_chunk_bwd_key", "_triton_chunk_bwd_value",
@@ -53,6 +55,7 @@ def test_every_triton_cell_compiles_for_sm90(tmp_path):
     names = [n for n in rnnc.library() if "triton" in rnnc.backends_for(n)]
     out = _compile(names, tmp_path)
     assert "_fold_0_fwd: " in out and "_triton_chunk_bwd_scalar: " in out
+    assert "_triton_delta_bwd: " in out  # at BT = 64 here (the fast test compiles it at 16)
 
 
 def test_newton_kernels_compile_for_sm90(tmp_path):
