@@ -1,9 +1,11 @@
-"""Shared test helpers: random inputs for a cell, and a loss whose gradients reach everything."""
+"""Shared test helpers: random inputs for a cell, a loss whose gradients reach everything, and the fast
+suite's subsets of parametrized grids."""
 from __future__ import annotations
 
 import sys
 import zlib
 
+import pytest
 import sympy
 
 import torch
@@ -103,3 +105,11 @@ def count_calls(monkeypatch, cell, name: str) -> list:
 
     monkeypatch.setattr(module, name, counted)
     return calls
+
+
+def slow_except(cases, fast) -> list:
+    """pytest params for `cases` (tuples of arguments), those not in `fast` marked `slow`: the fast suite
+    (CI, -m "not slow") keeps a subset of a grid that still reaches each path, `-m slow` runs the rest."""
+    cases, fast = [tuple(c) for c in cases], {tuple(c) for c in fast}
+    assert fast <= set(cases), f"fast cases outside the grid: {sorted(fast - set(cases))}"
+    return [pytest.param(*c, marks=[] if c in fast else [pytest.mark.slow]) for c in cases]

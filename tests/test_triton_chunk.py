@@ -20,6 +20,8 @@ pytest.importorskip("triton")
 import rnnc.runtime.chunk as chunk_ops  # noqa: E402
 import rnnc.runtime.triton_chunk as triton_chunk  # noqa: E402
 
+from helpers import slow_except  # noqa: E402
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N = 2
 TOL = 1e-4
@@ -85,9 +87,12 @@ def check(T, K, V, chunk, decay, gate, h0=True, before=False, grads=True, seed=0
 
 # ---------------------------------------------------------------- the cheap path: no decay, scalar decay
 
-@pytest.mark.parametrize("T", [1, 17, 64, 70])
-@pytest.mark.parametrize("chunk", [16, 32])
-@pytest.mark.parametrize("decay,gate", [("none", "mild"), ("scalar", "mild"), ("scalar", "extreme")])
+SCALAR_GATES = [("none", "mild"), ("scalar", "mild"), ("scalar", "extreme")]
+
+
+@pytest.mark.parametrize("T,chunk,decay,gate", slow_except(  # fast: every pair of length, chunk and gate
+    [(T, c, *g) for T in (1, 17, 64, 70) for c in (16, 32) for g in SCALAR_GATES],
+    [(T, (16, 32)[(t + i) % 2], *g) for t, T in enumerate((1, 17, 64, 70)) for i, g in enumerate(SCALAR_GATES)]))
 def test_no_or_scalar_decay(T, chunk, decay, gate):
     check(T, 24, 24, chunk, decay, gate)
 
@@ -105,11 +110,17 @@ def test_scalar_backward_runs_in_triton(monkeypatch, T, chunk, h0):
     check(T, 16, 80, chunk, "none", "mild", h0=h0)
 
 
-@pytest.mark.parametrize("decay", ["key", "value", "scalar+value"])
-@pytest.mark.parametrize("T,chunk,gate", [(5, 16, "extreme"), (40, 32, "mild"), (33, 24, "reset")])
+@pytest.mark.parametrize("T,chunk,gate,decay", slow_except(
+    [(T, c, g, d) for T, c, g in ((5, 16, "extreme"), (40, 32, "mild"), (33, 24, "reset"))
+     for d in ("key", "value", "scalar+value")],
+    [(5, 16, "extreme", "key"), (5, 16, "extreme", "value"), (5, 16, "extreme", "scalar+value"),
+     (40, 32, "mild", "key"), (40, 32, "mild", "scalar+value"), (33, 24, "reset", "value")]))
 def test_channel_decay_backward_runs_in_triton(monkeypatch, T, chunk, gate, decay):
     """Per-key (GLA) or per-value decays: the dh kernel, the secondary-chunked dq/dk/dv kernel and the
-    gate's gradient, no recompute (its element-wise accuracy at extreme gates: test_gate_grad_numerics)."""
+    gate's gradient, no recompute (its element-wise accuracy at extreme gates: test_gate_grad_numerics).
+    Fast: every decay at one short extreme chunk; the key and value kernels at chunk 32 (two sub-chunks;
+    scalar+value runs the value kernel) and the value kernel at chunk 24 with resets (the key kernel's
+    resets and unaligned chunks: test_hard_resets_no_nan, test_key_decay_chunk_not_pow2)."""
     monkeypatch.setattr(triton_chunk, "_chunk_recompute_backward", _no_recompute)
     check(T, 24, 20, chunk, decay, gate, h0=gate != "mild")
     check(T, 16, 80, chunk, decay, "mild")
@@ -122,8 +133,9 @@ def test_shapes_scalar(K, V):
 
 # ---------------------------------------------------------------- per-key decay (GLA): secondary chunking
 
-@pytest.mark.parametrize("T", [1, 17, 64, 70])
-@pytest.mark.parametrize("gate", ["mild", "extreme"])
+@pytest.mark.parametrize("T,gate", slow_except(
+    [(T, g) for T in (1, 17, 64, 70) for g in ("mild", "extreme")],
+    [(1, "mild"), (1, "extreme"), (17, "mild"), (17, "extreme"), (64, "extreme"), (70, "mild")]))
 def test_key_decay_chunk16(T, gate):
     check(T, 24, 24, 16, "key", gate)
 
