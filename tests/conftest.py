@@ -1,11 +1,20 @@
 """Without a GPU, generated Triton kernels run in Triton's CPU interpreter.
 
 The variable is read when a kernel is decorated (when a generated module is imported), so
-setting it here, before any test builds a module, is enough. CI sets it too (.ci/run)."""
+setting it here, before any test builds a module, is enough. CI sets it too (.ci/run).
+
+One intra-op thread per test process (OMP_NUM_THREADS overrides): the tests' tensors are tiny, and
+under `pytest -n 2` on two cores each worker's two OpenMP threads wait on each other whenever the
+other worker holds a core (tests/test_chunk_ops.py and test_equivalent_writings.py with -n 2 on the
+2-core host: 39-42 s with two threads, 22-24 s with one)."""
 import os
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads its OpenMP runtime
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
