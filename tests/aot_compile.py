@@ -23,6 +23,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 import rnnc
+from helpers import sizes  # tests/helpers.py: this script's directory is on sys.path
 
 TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
@@ -65,10 +66,15 @@ def _intercept(self, grid):
     return lambda *args, **kwargs: _compile(self, args, dict(kwargs))
 
 
-def _inputs(name: str, cell) -> list[torch.Tensor]:
+def _dims(ir) -> dict[str, int]:
+    """The cell's dims: DIMS's by name, 3 for any other without a default (the rest keep their defaults)."""
+    return {d: DIMS.get(d, 3) for d, info in ir.dims.items() if d in DIMS or info.default is None}
+
+
+def _inputs(ir, dims: dict[str, int]) -> list[torch.Tensor]:
     out = []
-    for p in rnnc.load(name).cell().inputs:
-        shape = [2, 70, 2] + [DIMS.get(str(d), int(d) if str(d).isdigit() else 3) for d in p.shape]
+    for p in ir.inputs:
+        shape = [2, 70, 2] + sizes(ir, p.shape, dims)  # expressions too (lsrl_vec2vec: 1 + DIN + DOUT)
         x = torch.randn(*shape)
         if p.name in ("g", "w"):
             x = torch.nn.functional.logsigmoid(x)
@@ -116,14 +122,15 @@ def main(names: list[str]) -> None:
             _newton()
             continue
         name, _, chunk = name.partition("@")
-        dims = {k: v for k, v in DIMS.items() if k in rnnc.load(name).cell().dims}
+        ir = rnnc.load(name).cell()
+        dims = _dims(ir)
         cell = rnnc.build(name, backend="triton", chunk_size=int(chunk) if chunk else None, **dims)
         module = sys.modules[type(cell).__module__]
         if hasattr(module, "SCAN_CHUNK"):  # the fused scans' time-chunked variant too
             module.SCAN_CHUNK = 16
         os.environ["TRITON_INTERPRET"] = "1"  # only for the module's device check: CPU tensors are fine here
         for T in (70, 3):  # the parallel form, and the recurrent kernel where short sequences take it
-            xs = [x[:, :T] for x in _inputs(name, cell)]
+            xs = [x[:, :T] for x in _inputs(ir, dims)]
             y, final = cell(*xs)
             ys = y if isinstance(y, tuple) else (y,)
             (sum(v.float().sum() for v in ys) + sum(f.sum() for f in final.values())).backward()
