@@ -34,6 +34,10 @@ def _compile(names: list[str], tmp_path) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["RNNC_CACHE_DIR"] = str(tmp_path / "modules")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    # the rnnc this test imported (a worktree's, not the installed checkout's): the script's own
+    # directory, not the working directory, heads its sys.path
+    root = str(Path(rnnc.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     done = subprocess.run([sys.executable, str(SCRIPT), *names], env=env, capture_output=True, text=True,
                           timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
