@@ -215,3 +215,26 @@ def test_kda_matches_fla_naive_chunk_kda():
                                          initial_state=h0.unsqueeze(0), output_final_state=True, chunk_size=64)
     o, S = _chunk_dplr(q, [k], [v * beta[..., None]], [-beta[..., None] * k], [torch.exp(g) * k], [g], h0, 16)
     assert rel_err(o_ref[0], o) < 1e-5 and rel_err(S_ref[0], S) < 1e-5  # fla computes in float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dplr_direct_pairs_match_halving_up_to_the_gate_bound(dtype):
+    """Bounded per-key gates (a chunk's sum down to just inside -log(max)/2) take the one-matmul factored
+    pairs; they agree with the recursive-halving pairs, and anything past the bound (or -inf, NaN) does not
+    take them."""
+    from rnnc.runtime.chunk_dplr import _dplr_gates_bounded, _dplr_key_direct, _dplr_key_parts
+    gen = torch.Generator().manual_seed(4)
+    C, limit = 16, 0.5 * math.log(torch.finfo(dtype).max)
+    g = -torch.rand(5, C, K, generator=gen, dtype=torch.float64)
+    g = (g / g.sum(-2, keepdim=True) * (-0.99 * limit)).to(dtype)     # every chunk and key sums to -0.99 limit
+    xs = [torch.randn(5, C, K, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2)]
+    ys = [torch.randn(5, C, K, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2)]
+    assert _dplr_gates_bounded(g)
+    for got, want in zip(_dplr_key_direct(xs, ys, g), _dplr_key_parts(xs, ys, g)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) < TOL[dtype] / 10
+    assert not _dplr_gates_bounded(g * 1.02)
+    for bad in (-math.inf, math.nan):
+        g2 = g.clone()
+        g2[2, 3, 1] = bad
+        assert not _dplr_gates_bounded(g2)

@@ -22,8 +22,12 @@ rnnc/runtime/chunk.py: every exponent is a direct sum of gates <= 0 (pair sums, 
 cumulative sums from the chunk start), masked to -inf (scalar gates) or clamped at -1e4 (per-key
 gates, as _chunk_linear_key) before exponentiating; per-key pairs factor through recursive halving
 of the chunk (_dplr_key_parts), so there is no exp of a positive number, no 0 * inf, and -inf gates
-(hard resets) give no NaN. Backward: autograd through these ops (the inverse is matmuls).
+(hard resets) give no NaN. When every chunk's gates sum to more than -log(max)/2 of the dtype (the
+common case; _dplr_gates_bounded), the pairs are one matmul of x exp(G) and y exp(-G) instead
+(_dplr_key_direct): both factors stay normal numbers there, so it is exact to rounding and faster. Backward: autograd through these ops (the inverse is matmuls).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -153,6 +157,38 @@ def _dplr_key_parts(xs, ys, g):
     return A, e_start, e_prev, e_tail, e_all
 
 
+def _dplr_gates_bounded(g):
+    """Whether every chunk's per-key gates sum to at least -log(max)/2 of their dtype (-44 in float32;
+    g: [..., C, K] per row): then exp(G_i) and exp(-G_j) are both normal numbers and _dplr_key_direct's
+    factored products are exact to rounding. Bounded gates are the common case (RWKV-7's decay is at
+    least exp(-exp(-0.5)) a step: -9.7 over 16 rows; fla's KDA clamps its gates at a lower bound for its
+    fast path); -inf or strongly negative gates take _dplr_key_parts. Never under torch.compile, where a
+    data-dependent branch would break the graph."""
+    if torch.compiler.is_compiling():
+        return False
+    limit = 0.5 * math.log(torch.finfo(g.dtype).max)
+    return bool(g.sum(-2).min() >= -limit)
+
+
+def _dplr_key_direct(xs, ys, g):
+    """_dplr_key_parts (same returns) for gates bounded as _dplr_gates_bounded checks: with G the chunk-local
+    cumulative sum, x_ic y_jc exp(G_ic - G_jc) = (x_ic exp(G_ic)) (y_jc exp(-G_jc)), each term the true term's
+    value up to rounding (no cancellation: the bound keeps both factors finite and normal), so all pairs of
+    all xs and ys are one matmul of the scaled rows, masked to j <= i."""
+    C = g.shape[-2]
+    lead = g.shape[:-2]
+    G = g.cumsum(-2)
+    e_start, e_inv = G.exp(), (-G).exp()
+    e_prev = F.pad(e_start[..., :-1, :], (0, 0, 1, 0), value=1.0)
+    e_all = e_start[..., -1:, :]
+    e_tail = (G[..., -1:, :] - G).exp()
+    X = torch.cat([x * e_start for x in xs], -2)
+    Y = torch.cat([y * e_inv for y in ys], -2)
+    A = (X @ Y.transpose(-1, -2)).reshape(*lead, len(xs), C, len(ys), C).transpose(-3, -2)
+    tri = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    return torch.where(tri, A, 0.0), e_start, e_prev, e_tail, e_all
+
+
 def _dplr_shift_down(A):
     """Row i of the result is row i - 1 of A (row 0 zero): a pair matrix for b_{i+1} as one for b_i."""
     return F.pad(A[..., :-1, :], (0, 0, 1, 0))
@@ -269,7 +305,8 @@ def _chunk_dplr_rows(q, k, v, a, b, g, h0, C, read=1):
             dec = torch.exp(G[..., -1, :])                                              # [NT, N, 1]
         else:
             bnext = F.pad(bc[..., 1:, :], (0, 0, 0, 1))                                 # row i holds b_{i+1}
-            A, eG, eGx, tail, dec = _dplr_key_parts([qc, bnext], [kc, ac], gc)
+            key_parts = _dplr_key_direct if _dplr_gates_bounded(gc) else _dplr_key_parts
+            A, eG, eGx, tail, dec = key_parts([qc, bnext], [kc, ac], gc)
             (Aqk, Aqa), (Ynk, Yna) = (x.unbind(-3) for x in A.unbind(-4))
             Abk, Aba = _dplr_shift_down(Ynk), _dplr_shift_down(Yna)
             qg, bg, kg, ag, dec = qc * eG, bc * eGx, kc * tail, ac * tail, dec.squeeze(-2)
