@@ -1,6 +1,6 @@
 """GPU benchmark for issues 10 and 11: the generalized delta rule and mLSTM chunkwise, and Newton over time.
 
-    python benchmarks/gpu_families.py [--part gdelta,newton] [--dtype bf16|fp32] [--quick]
+    python benchmarks/gpu_families.py [--part newton,gdelta] [--dtype bf16|fp32] [--quick] [--no-peer]
 
 gdelta: kda, rwkv7, deltaproduct, mlstm at the issue's shape (B=2, T=2048, H=4, K=V=64) and at a GPU
 training shape (B=8, T=4096, H=16, K=V=128), forward+backward of the output's sum, on the loop, chunk
@@ -99,7 +99,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
-def part_gdelta(dtype, repeats: int, shapes) -> None:
+def part_gdelta(dtype, repeats: int, shapes, peers: bool = True) -> None:
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-3
     print(f"\n### generalized delta rule and mLSTM, {str(dtype)[6:]} inputs, fwd+bwd ms (median of {repeats})\n")
     print("| cell | B, T, H, K | loop | chunk | triton | fla | best rnnc speed-up over loop | over fla | notes |")
@@ -111,10 +111,11 @@ def part_gdelta(dtype, repeats: int, shapes) -> None:
                 xs = gdelta_inputs(name, shape, dtype)
                 cells = {b: rnnc.build(spec, cell=cell_name, backend=b, device=DEV)
                          for b in ("loop", "chunk", "triton")}
+                print(f"  {name} {shape}: built", flush=True)
                 with torch.no_grad():
                     ref = cells["loop"](*xs)[0]
                     fns = {b: (lambda *a, c=c: c(*a)[0]) for b, c in cells.items()}
-                    peer, note = fla_peer(name)
+                    peer, note = fla_peer(name) if peers else (None, "fla not asked for (--no-peer)")
                     if peer is not None:
                         fns["fla"] = peer
                     elif name != "mlstm":
@@ -135,6 +136,7 @@ def part_gdelta(dtype, repeats: int, shapes) -> None:
                     def run(fn=fn):
                         fn(*xs).float().sum().backward()
                     ms[b] = cuda_ms(run, 1 if b == "loop" else repeats, 1 if b == "loop" else 2)
+                    print(f"  {name} {shape} {b}: {ms[b]:.2f} ms", flush=True)  # progress, if a later one hangs
             except Exception as e:  # noqa: BLE001 - report and go on to the next row
                 notes.append(f"{type(e).__name__}: {str(e)[:160]}")
                 traceback.print_exc()
@@ -178,6 +180,7 @@ def part_newton(repeats: int, hidden, lengths) -> None:
                             c(x)[0].sum().backward()
                         f[b] = cuda_ms(fwd, n)
                         fb[b] = cuda_ms(train, n)
+                        print(f"  {name} H={H} T={T} {b}: fwd {f[b]:.1f} ms, fwd+bwd {fb[b]:.1f} ms", flush=True)
                 except Exception as e:  # noqa: BLE001
                     notes.append(f"{type(e).__name__}: {str(e)[:160]}")
                     traceback.print_exc()
@@ -193,6 +196,7 @@ def main() -> None:
     ap.add_argument("--part", default="gdelta,newton")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="gdelta inputs (newton: fp32)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-peer", action="store_true", help="skip fla's ops (their autotuning takes minutes)")
     ap.add_argument("--quick", action="store_true", help="the first gdelta shape, H=64 and T<=4096 for newton")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run of the script's logic
     args = ap.parse_args()
@@ -202,12 +206,12 @@ def main() -> None:
         print("no CUDA device: nothing timed (this benchmark needs a GPU)")
         return
     print(f"{torch.cuda.get_device_name() if DEV == 'cuda' else DEV}, torch {torch.__version__}")
-    if "gdelta" in args.part:
-        shapes = [(1, 128, 2, 16)] if DEV == "cpu" else GDELTA_SHAPES[:1] if args.quick else GDELTA_SHAPES
-        part_gdelta(torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.repeats, shapes)
     if "newton" in args.part:
         part_newton(args.repeats, [64] if args.quick or DEV == "cpu" else [64, 256],
                     [100] if DEV == "cpu" else [1024, 4096] if args.quick else [1024, 4096, 16384])
+    if "gdelta" in args.part:
+        shapes = [(1, 128, 2, 16)] if DEV == "cpu" else GDELTA_SHAPES[:1] if args.quick else GDELTA_SHAPES
+        part_gdelta(torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.repeats, shapes, not args.no_peer)
 
 
 if __name__ == "__main__":

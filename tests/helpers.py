@@ -24,19 +24,21 @@ def sizes(cell, shape, dims=None) -> list[int]:
     return [int(sympy.sympify(d).subs(env).subs(env)) for d in shape]
 
 
-def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=None) -> list[torch.Tensor]:
+def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=None, dims=None,
+                   device="cpu") -> list[torch.Tensor]:
     """Inputs [B, T, heads, *shape] for the cell `spec` (name, path, source or Program), each
     drawn from the range its name implies in the library: log-space decays `g`/`w` mild or down
     to -20, mamba's positive `delta` and mamba2's `dt`, mLSTM's gate pre-activations (ten times wider
     when extreme, for its stabiliser), the delta rule's `beta` and RWKV-7's `a` in (0, 1) (1 when
-    extreme) and unit keys `k` for delta-rule cells (`kk` for RWKV-7)."""
+    extreme) and unit keys `k` for delta-rule cells (`kk` for RWKV-7). `dims`: sizes (default DIMS).
+    Drawn on the CPU in float64 (the same values on every machine), then moved to `device`."""
     prog = spec if isinstance(spec, rnnc.Program) else rnnc.parse(spec) if "{" in spec else rnnc.load(spec)
     cell = prog.cell()
     # crc32, not hash(): the inputs must not depend on PYTHONHASHSEED (a failure must reproduce anywhere)
     g = torch.Generator().manual_seed(zlib.crc32(repr((cell.name, T, extreme)).encode()) if seed is None else seed)
     out = []
     for p in cell.inputs:
-        shape = [B, T, heads] + sizes(cell, p.shape)
+        shape = [B, T, heads] + sizes(cell, p.shape, dims)
         x = torch.randn(*shape, generator=g, dtype=torch.float64)
         if p.name in ("g", "w"):
             x = -20 * torch.rand(*shape, generator=g, dtype=torch.float64) if extreme else F.logsigmoid(x + 3)
@@ -51,7 +53,7 @@ def library_inputs(spec, B: int, T: int, heads: int, extreme: bool, dtype, seed=
         elif (p.name == "k" and ("delta" in cell.name or cell.name == "kda")) \
                 or (p.name == "kk" and cell.name == "rwkv7"):
             x = F.normalize(x, dim=-1)
-        out.append(x.to(dtype).requires_grad_())
+        out.append(x.to(device, dtype).requires_grad_())
     return out
 
 
@@ -59,7 +61,7 @@ def outputs_and_grads(cell, inputs):
     """(outputs, final states, gradients of a weighted loss w.r.t. the inputs and the params)."""
     y, final = cell(*inputs)
     ys = y if isinstance(y, tuple) else (y,)
-    w = [torch.cos(torch.arange(v.numel(), dtype=v.dtype)).view_as(v) for v in ys]
+    w = [torch.cos(torch.arange(v.numel(), dtype=v.dtype, device=v.device)).view_as(v) for v in ys]
     loss = sum((v * wi).sum() for v, wi in zip(ys, w)) + sum(f.sum() for f in final.values())
     params = [p for _, p in sorted(cell.named_parameters())]
     grads = torch.autograd.grad(loss, list(inputs) + params)

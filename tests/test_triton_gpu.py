@@ -6,31 +6,16 @@ on CPU the same kernels are checked in Triton's interpreter (test_backends_agree
 Run on a GPU machine with `python -m pytest -q tests/test_triton_gpu.py`."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rnnc
 
+from helpers import library_inputs, outputs_and_grads
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-DIMS = {"K": 32, "V": 32, "D": 64, "N": 16, "H": 64, "I": 48}
+#: GPU-sized dims (the CPU tests' DIMS are tiny): large enough for the kernels' real tile shapes.
+DIMS = {"K": 32, "V": 32, "D": 64, "N": 16, "H": 64, "I": 48, "NH": 4, "P": 16, "M": 8}
 CELLS = [n for n in rnnc.library() if "triton" in rnnc.backends_for(n)]
-
-
-def _inputs(name: str, T: int, dtype) -> list[torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(T)
-    out = []
-    for p in rnnc.load(name).cell().inputs:
-        x = torch.randn(2, T, 3, *[DIMS[str(d)] for d in p.shape], generator=gen, device="cuda")
-        if p.name in ("g", "w"):
-            x = F.logsigmoid(x + 3)
-        elif p.name == "delta":
-            x = F.softplus(x)
-        elif p.name == "beta":
-            x = torch.sigmoid(x)
-        elif p.name == "k" and "delta" in name:
-            x = F.normalize(x, dim=-1)
-        out.append(x.to(dtype).requires_grad_())
-    return out
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -41,15 +26,12 @@ def test_triton_on_cuda_matches_the_loop(name, T, dtype):
     loop = rnnc.build(name, backend="loop", device="cuda", **dims)
     tri = rnnc.build(name, backend="triton", device="cuda", **dims)
     tri.load_state_dict(loop.state_dict())
-    xs = _inputs(name, T, dtype)
+    # the library's input ranges (unit delta-rule keys, log-space decays, ...), on the GPU
+    xs = library_inputs(name, 2, T, 3, False, dtype, dims=DIMS, device="cuda")
     outs = []
     for cell in (loop, tri):
-        y, final = cell(*xs)
-        loss = (y.float() * torch.cos(torch.arange(y.numel(), device="cuda")).view_as(y)).sum()
-        params = [p for _, p in sorted(cell.named_parameters())]
-        grads = torch.autograd.grad(loss, xs + params, allow_unused=True)
-        outs.append([y.float(), *[f.float() for f in final.values()],
-                     *[g.float() for g in grads if g is not None]])
+        ys, final, grads = outputs_and_grads(cell, xs)
+        outs.append([y.float() for y in ys] + [f.float() for f in final.values()] + [g.float() for g in grads])
     # fp32 matmuls on the GPU may use TF32 in the loop's PyTorch ops: a looser bound than on CPU
     tol = 2e-3 if dtype == torch.float32 else 3e-2
     for a, b in zip(outs[1], outs[0]):
