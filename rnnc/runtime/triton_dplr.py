@@ -89,11 +89,23 @@ def _triton_dplr_load(q_ptr, k_ptr, a_ptr, b_ptr, g_ptr, row, m, rt, t, C, T, N,
 
 
 @triton.jit
-def _triton_dplr_decays(g, gx, g1):
+def _triton_dplr_cumsum(x, REVERSE: tl.constexpr, GATE: tl.constexpr):
+    """Cumulative sum down the rows of a gate tile: [BT, BK] per key (GATE 2), else [BT, 1] summed as a
+    vector and widened again. Triton's GPU lowering of a scan over a [BT, 1] tile whose result meets a
+    wider tile fails an assertion in ScanOpToLLVM (triton-lang/triton#7817, seen with Triton 3.6 on an
+    H200; the CPU interpreter has no such limit)."""
+    if GATE == 2:
+        return tl.cumsum(x, 0, reverse=REVERSE)
+    else:
+        return tl.cumsum(tl.sum(x, 1), 0, reverse=REVERSE)[:, None]
+
+
+@triton.jit
+def _triton_dplr_decays(g, gx, g1, GATE: tl.constexpr):
     """(e^{G_i}, e^{G_{i-1}}, e^{G_last - G_j}) per row (and key), and e^{G_last}: cumsums of the gates, of
     the gates one row up, reverse cumsums of the gates one row down (direct sums, <= 0)."""
-    return (tl.exp(tl.cumsum(g, 0)), tl.exp(tl.cumsum(gx, 0)), tl.exp(tl.cumsum(g1, 0, reverse=True)),
-            tl.exp(tl.sum(g, 0)))
+    return (tl.exp(_triton_dplr_cumsum(g, False, GATE)), tl.exp(_triton_dplr_cumsum(gx, False, GATE)),
+            tl.exp(_triton_dplr_cumsum(g1, True, GATE)), tl.exp(tl.sum(g, 0)))
 
 
 @triton.jit
@@ -214,7 +226,7 @@ def _triton_dplr_factors(q, k, a, b, g, gx, g1, rt, nd, GATE: tl.constexpr):
     """What every kernel needs of one chunk (nd valid rows): the pair matrices, the decays, the inverse
     Ti = (I - A_ba)^{-1} and W = Ti (b e^{G_{i-1}})."""
     Aqk, Aqa, Abk, Aba = _triton_dplr_pairs(q, k, a, b, g, gx, rt, nd, GATE)
-    eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1)
+    eG, eGx, eL, eC = _triton_dplr_decays(g, gx, g1, GATE)
     Ti = _triton_unit_tril_inverse(-Aba, rt, nd)
     W = tl.dot(Ti, b * eGx, input_precision="ieee")
     return Aqk, Aqa, Abk, Aba, eG, eGx, eL, eC, Ti, W
