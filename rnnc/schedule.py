@@ -134,6 +134,14 @@ def newton_pays(report: Report) -> bool:
             and all(g.kind == "diagonal" and g.jumps is None for g in report.jacobian))
 
 
+def diagonal_nonlinear(report: Report) -> bool:
+    """Whether some state is nonlinear (no parallel PyTorch form: Newton or the loop otherwise) and every
+    state group's Jacobian is diagonal: each state entry reads only itself across a step, so the fused
+    recurrent kernel needs no weight tile over the states."""
+    return (any(info["class"] == "nonlinear" for info in report.classes.values())
+            and bool(report.jacobian) and all(g.kind == "diagonal" for g in report.jacobian))
+
+
 def triton_kind(report: Report) -> tuple[str | None, str]:
     """Which Triton lowering takes the cell: "chunk" (matrix states, chunkwise), "scan"
     (elementwise-affine states and elementwise folds) or "recurrent" (any other cell whose step
@@ -184,12 +192,17 @@ def triton_scan_why(report: Report) -> str | None:
 
 def pick(backend: str, report: Report | None = None, device=None) -> str:
     if backend == "auto":
-        # On CUDA, generated Triton kernels where a parallel form applies (issue 4; not yet
-        # measured on a GPU). Cells only the fused recurrent kernel takes (LSTM, GRU) keep the
-        # loop: that kernel holds whole weight tiles in registers and refuses large ones.
+        # On CUDA, generated Triton kernels where a parallel form applies, and the fused recurrent
+        # kernel for nonlinear cells whose state Jacobian is diagonal (no [H, H] weight tile):
+        # measured on an H200 (benchmarks/RESULTS.md, gpu_families.py), paragru's and indrnn's
+        # recurrent kernel runs 5-13x faster than Newton and 60-340x faster than the loop, B=4,
+        # H=64-256, T=1024-16384. Other cells only that kernel takes (LSTM, GRU) keep the loop:
+        # it holds whole weight tiles in registers and refuses large ones.
         if on_cuda(device) and report is not None and report.classes \
-                and importlib.util.find_spec("triton") is not None and triton_kind(report)[0] in ("chunk", "scan"):
-            return "triton"
+                and importlib.util.find_spec("triton") is not None:
+            kind = triton_kind(report)[0]
+            if kind in ("chunk", "scan") or (kind == "recurrent" and diagonal_nonlinear(report)):
+                return "triton"
         # Chunk and scan beat the loop on CPU from short lengths on (benchmarks/RESULTS.md); the
         # scan of a matrix state would materialise every step's state, so those take the chunk
         # form or the loop. Below LOOP_BELOW steps the built module runs the loop itself.

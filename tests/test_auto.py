@@ -76,6 +76,8 @@ def test_an_explicit_backend_has_no_dispatch():
 @pytest.mark.parametrize("name,expected", [
     ("mingru", "triton"), ("gla", "triton"), ("simple_gla", "triton"), ("lstm", "loop"),
     ("kda", "triton"), ("rwkv7", "triton"), ("deltaproduct", "triton"), ("mlstm", "triton"),
+    # nonlinear with a diagonal Jacobian: the fused recurrent kernel (measured faster than Newton on a GPU)
+    ("paragru", "triton"), ("indrnn", "triton"), ("sru", "triton"), ("gru", "loop"), ("paralstm", "loop"),
 ])
 def test_auto_on_cuda_takes_the_triton_kernels_where_they_apply(name, expected):
     assert rnnc.analyze(name, device="cuda").backend == expected

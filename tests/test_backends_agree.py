@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rnnc
+from rnnc.schedule import triton_kind
 
 from helpers import DIMS, library_inputs as _inputs, outputs_and_grads as _grads  # noqa: E402
 
@@ -15,9 +16,9 @@ CASES = [(name, backend) for name in rnnc.library() for backend in rnnc.backends
 
 
 LENGTHS = [1, 7, 63, 64, 65, 300]
-# Cells whose triton lowering is the fused recurrent kernel (auto on CUDA keeps the loop for them).
+# Cells whose triton lowering is the fused recurrent kernel.
 RECURRENT = {name for name, backend in CASES
-             if backend == "triton" and rnnc.analyze(name, device="cuda").backend != "triton"}
+             if backend == "triton" and triton_kind(rnnc.analyze(name))[0] == "recurrent"}
 
 
 #: Triton cells whose 65-step case runs long in the interpreter (per-key decays' row loops: 6-21 s each
