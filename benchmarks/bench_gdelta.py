@@ -22,10 +22,9 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import rnnc
-from common import cpu_ms, median_ms
+from common import cpu_ms, gdelta_inputs, median_ms
 
 B, T, H, K = 2, 2048, 4, 64
 CELLS = {"kda": ("kda", None), "rwkv7": ("rwkv7", None), "deltaproduct": ("deltaproduct", None),
@@ -34,19 +33,7 @@ CELLS = {"kda": ("kda", None), "rwkv7": ("rwkv7", None), "deltaproduct": ("delta
 
 def inputs(name: str, seed: int = 0) -> list[torch.Tensor]:
     """[B, T, H, *shape] inputs in each cell's range: log-decays, beta and RWKV-7's a in (0, 1), unit keys."""
-    spec, cell = CELLS[name]
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for port in rnnc.load(spec).cell(cell).inputs:
-        x = torch.randn(B, T, H, *[K if str(d) in ("K", "V") else int(d) for d in port.shape], generator=gen)
-        if port.name in ("g", "w"):
-            x = F.logsigmoid(x + 3)
-        elif port.name in ("beta", "a"):
-            x = torch.sigmoid(x)
-        elif port.name in ("k", "kk"):
-            x = F.normalize(x, dim=-1)
-        out.append(x.requires_grad_())
-    return out
+    return gdelta_inputs(*CELLS[name], B, T, H, K, seed=seed)
 
 
 def _fla_naive(family: str):

@@ -53,3 +53,25 @@ def head_inputs(spec: str, B: int, T: int, H: int, K: int, seed: int = 0) -> lis
             x = F.normalize(x, dim=-1)
         out.append(x.requires_grad_())
     return out
+
+
+def gdelta_inputs(spec: str, cell: str | None, B: int, T: int, H: int, K: int, device="cpu",
+                  dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    """[B, T, H, *shape] inputs of a generalized-delta-rule (or mLSTM) cell, each in its range: log-decays
+    g/w, beta and RWKV-7's a in (0, 1), unit keys k/kk, mLSTM's forget-gate pre-activations about 3
+    (K = V; a literal size in a shape, DeltaProduct's n_h, as written)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for port in rnnc.load(spec).cell(cell).inputs:
+        dims = [K if str(d) in ("K", "V") else int(d) for d in port.shape]
+        x = torch.randn(B, T, H, *dims, generator=gen, device=device)
+        if port.name in ("g", "w"):
+            x = F.logsigmoid(x + 3)
+        elif port.name in ("beta", "a"):
+            x = torch.sigmoid(x)
+        elif port.name in ("k", "kk"):
+            x = F.normalize(x, dim=-1)
+        elif port.name == "fgate":
+            x = x + 3
+        out.append(x.to(dtype).requires_grad_())
+    return out

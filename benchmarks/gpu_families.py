@@ -23,9 +23,9 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 import rnnc
+from common import gdelta_inputs
 
 GDELTA_SHAPES = [(2, 2048, 4, 64), (8, 4096, 16, 128)]  # the loop is timed at the first only
 DEV = "cuda"
@@ -49,26 +49,6 @@ def cuda_ms(fn, repeats: int, warmup: int = 1) -> float:
         sync()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
-
-
-def gdelta_inputs(name: str, shape: tuple, dtype) -> list[torch.Tensor]:
-    B, T, H, K = shape
-    spec, cell = GDELTA_CELLS[name]
-    gen = torch.Generator(device=DEV).manual_seed(0)
-    out = []
-    for port in rnnc.load(spec).cell(cell).inputs:
-        dims = [K if str(d) in ("K", "V") else int(d) for d in port.shape]
-        x = torch.randn(B, T, H, *dims, generator=gen, device=DEV)
-        if port.name in ("g", "w"):
-            x = F.logsigmoid(x + 3)
-        elif port.name in ("beta", "a"):
-            x = torch.sigmoid(x)
-        elif port.name in ("k", "kk"):
-            x = F.normalize(x, dim=-1)
-        elif port.name == "fgate":
-            x = x + 3
-        out.append(x.to(dtype).requires_grad_())
-    return out
 
 
 def fla_peer(name: str):
@@ -108,7 +88,7 @@ def part_gdelta(dtype, repeats: int, shapes, peers: bool = True) -> None:
         for name, (spec, cell_name) in GDELTA_CELLS.items():
             notes, ms = [], {}
             try:
-                xs = gdelta_inputs(name, shape, dtype)
+                xs = gdelta_inputs(spec, cell_name, *shape, device=DEV, dtype=dtype)
                 cells = {b: rnnc.build(spec, cell=cell_name, backend=b, device=DEV)
                          for b in ("loop", "chunk", "triton")}
                 print(f"  {name} {shape}: built", flush=True)
