@@ -18,37 +18,28 @@ timed call). Without a CUDA device it prints a note and exits 0.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import traceback
 
 import torch
 
 import rnnc
-from common import gdelta_inputs
+from common import gdelta_inputs, median_ms
 
 GDELTA_SHAPES = [(2, 2048, 4, 64), (8, 4096, 16, 128)]  # the loop is timed at the first only
 DEV = "cuda"
-GDELTA_CELLS = {"kda": ("kda", None), "rwkv7": ("rwkv7", None), "deltaproduct": ("deltaproduct", None),
-                "mlstm": ("mlstm", None)}
+GDELTA_CELLS = ("kda", "rwkv7", "deltaproduct", "mlstm")
 
 
-def sync() -> None:
+def synced_clock() -> float:
+    """time.perf_counter once the device has finished what was queued (CUDA runs asynchronously)."""
     if DEV == "cuda":
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def cuda_ms(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, repeats, warmup, clock=synced_clock)
 
 
 def fla_peer(name: str):
@@ -85,11 +76,11 @@ def part_gdelta(dtype, repeats: int, shapes, peers: bool = True) -> None:
     print("| cell | B, T, H, K | loop | chunk | triton | fla | best rnnc speed-up over loop | over fla | notes |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for shape in shapes:
-        for name, (spec, cell_name) in GDELTA_CELLS.items():
+        for name in GDELTA_CELLS:
             notes, ms = [], {}
             try:
-                xs = gdelta_inputs(spec, cell_name, *shape, device=DEV, dtype=dtype)
-                cells = {b: rnnc.build(spec, cell=cell_name, backend=b, device=DEV)
+                xs = gdelta_inputs(name, None, *shape, device=DEV, dtype=dtype)
+                cells = {b: rnnc.build(name, backend=b, device=DEV)
                          for b in ("loop", "chunk", "triton")}
                 print(f"  {name} {shape}: built", flush=True)
                 with torch.no_grad():

@@ -130,8 +130,8 @@ def newton_why(report: Report) -> str | None:
 def newton_pays(report: Report) -> bool:
     """Whether `auto` takes Newton's method for the cell (see NEWTON_FROM): it applies, some state is
     nonlinear, and every group's Jacobian is diagonal and smooth in the states."""
-    return (newton_why(report) is None and any(info["class"] == "nonlinear" for info in report.classes.values())
-            and all(g.kind == "diagonal" and g.jumps is None for g in report.jacobian))
+    return (newton_why(report) is None and diagonal_nonlinear(report)
+            and all(g.jumps is None for g in report.jacobian))
 
 
 def diagonal_nonlinear(report: Report) -> bool:

@@ -24,7 +24,8 @@ gates, as _chunk_linear_key) before exponentiating; per-key pairs factor through
 of the chunk (_dplr_key_parts), so there is no exp of a positive number, no 0 * inf, and -inf gates
 (hard resets) give no NaN. When every chunk's gates sum to more than -log(max)/2 of the dtype (the
 common case; _dplr_gates_bounded), the pairs are one matmul of x exp(G) and y exp(-G) instead
-(_dplr_key_direct): both factors stay normal numbers there, so it is exact to rounding and faster. Backward: autograd through these ops (the inverse is matmuls).
+(_dplr_key_direct): both factors stay normal numbers there, so it is exact to rounding and faster.
+Backward: autograd through these ops (the inverse is matmuls).
 """
 import math
 
